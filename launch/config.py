@@ -1,0 +1,290 @@
+"""Typed configs: dataclass schemas filled by OmegaConf from `config=path.yaml` plus `a.b=c` overrides.
+
+Precedence: dataclass defaults <- YAML (and the files it names under `_base_`) <- command line.
+Unknown keys and wrong types fail with one line naming the key, where it came from, and what
+was expected. The resolved config is saved with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from launch.errors import ConfigError
+from launch.model import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    name: str | None = None
+
+
+@dataclass
+class MemoryConfig:
+    layers: list[int] = field(default_factory=list)  # block indices whose FFN becomes a memory layer
+    n_keys: int = 128  # sub-keys per half: n_keys**2 value slots
+    heads: int = 4
+    k_dim: int = 128
+    knn: int = 32
+    v_dim: int | None = None  # None: model.dim
+    gated: bool = True  # Memory+ silu input gate
+    qk_norm: bool = False
+    shared: bool = True  # one value pool for every memory layer (False: one per layer)
+    value_lr: float = 1e-3
+    value_weight_decay: float = 0.0
+    value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam
+    lookup_impl: str = "auto"  # auto | torch | triton | cpu
+
+
+@dataclass
+class GrowConfig:
+    """How this model was grown (scalenet). Empty `strategy`: not grown."""
+
+    strategy: str | None = None  # scalenet | stack_copy | interleave_copy | llama_pro | solar_dus
+    base_layers: int | None = None  # depth before growing (model.n_layers is the grown depth)
+    depth: int | None = None
+    mapping: Any = "stack"  # stack | interleave | explicit list of source indices
+    adapter_rank: int = 8
+    targets: list[str] | None = None
+    untie_norms: bool = False
+    spec: Any = None  # the exact structure recorded by scalenet (rebuilds the tie pattern on load)
+
+
+@dataclass
+class DataConfig:
+    train: str = "shakespeare"  # "shakespeare" (bundled) or a local file / directory / glob
+    val: str | None = "shakespeare"  # None: no validation
+    format: str = "auto"  # auto | text | jsonl | parquet
+    text_field: str = "text"
+    tokenizer: str | None = None  # path to a sentencepiece .model; None: train one with the run
+    seq_len: int = 256
+    batch_size: int = 32  # GLOBAL batch in sequences per optimizer step
+    val_sequences: int = 128  # validation sequences evaluated each time
+    mix: list[Any] = field(default_factory=list)  # extra sources: [{path: ..., ratio: 0.1}, ...]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant | linear
+    weight_decay: float = 0.1  # matrices only; norms, biases and embeddings are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # total optimizer steps
+    grad_accum: int = 1
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 2
+    val_every: int = 200
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+    tensorboard: bool = False
+    init_from: str | None = None  # checkpoint to start from (weights only; fresh optimizer)
+    reset_data: bool = False  # with init_from: restart the data stream instead of continuing it
+
+
+@dataclass
+class ParallelConfig:
+    data: str = "ddp"  # ddp | fsdp
+    memory: int = 1  # memory-parallel group size (values sharded by embedding dim)
+    tensor: int = 1
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # run `tasks` every N training steps (0: never)
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    shots: int = 0
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    sample_prompt: str = "ROMEO.\n"
+    sample_tokens: int = 64
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _schema_fields(schema: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def check_keys(data: Any, schema: type, source: str, prefix: str = "") -> None:
+    """Fail on the first key of `data` the dataclass `schema` does not declare."""
+    if not isinstance(data, dict | DictConfig):
+        return
+    fields = _schema_fields(schema)
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+            raise ConfigError(f"unknown key '{full}' in {source}; valid keys {where}: {', '.join(fields)}")
+        sub = fields[key]
+        if dataclasses.is_dataclass(sub):
+            if value is not None and not isinstance(value, dict | DictConfig):
+                raise ConfigError(f"'{full}' in {source} must be a mapping of {', '.join(_schema_fields(sub))}")
+            check_keys(value, sub, source, prefix=f"{full}.")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Load a YAML file, first merging the files it lists under `_base_` (paths relative to it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through _base_")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors carry line/column in their message
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(node).__name__}")
+    bases = node.pop("_base_", None)
+    if bases is None:
+        return node
+    merged = OmegaConf.create()
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(base), (*seen, path.resolve())))
+    return OmegaConf.merge(merged, node)
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for '{key}' in {source}: {msg}") from None
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split argv into the `config=` path and `key=value` overrides."""
+    config_path, overrides = None, []
+    for arg in argv:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"expected key=value arguments (e.g. config=configs/tiny.yaml train.steps=10), got {arg!r}")
+        key, value = arg.split("=", 1)
+        if key == "config":
+            config_path = value
+        else:
+            overrides.append(f"{key}={value}")
+    return config_path, overrides
+
+
+def load_config(argv: list[str], schema: type = Config, base: Any = None) -> Any:
+    """Build a `schema` instance from defaults, an optional `base` (dict/DictConfig, e.g. the config
+    stored in a checkpoint), `config=FILE` and dotted overrides in `argv`."""
+    config_path, overrides = parse_overrides(argv)
+    cfg = OmegaConf.structured(schema)
+    if base is not None:
+        check_keys(base, schema, "the checkpoint's config")
+        cfg = _merge(cfg, base, "the checkpoint's config")
+    if config_path:
+        node = _read_yaml(Path(config_path))
+        check_keys(node, schema, config_path)
+        cfg = _merge(cfg, node, config_path)
+    if overrides:
+        try:
+            cli = OmegaConf.from_dotlist(overrides)
+        except Exception as e:
+            raise ConfigError(f"cannot parse command-line overrides: {str(e).splitlines()[0]}") from None
+        check_keys(cli, schema, "the command line")
+        cfg = _merge(cfg, cli, "the command line")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from None
+    return obj
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_container(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_container(data: dict, schema: type = Config) -> Any:
+    return load_config([], schema, base=data)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a schema cannot express; raise ConfigError naming the keys."""
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    choices = {
+        "train.dtype": (cfg.train.dtype, ("fp32", "bf16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "parallel.data": (cfg.parallel.data, ("ddp", "fsdp")),
+        "parallel.backend": (cfg.parallel.backend, ("auto", "gloo", "nccl")),
+        "optim.schedule": (cfg.optim.schedule, ("cosine", "constant", "linear")),
+        "data.format": (cfg.data.format, ("auto", "text", "jsonl", "parquet")),
+        "memory.value_optimizer": (cfg.memory.value_optimizer, ("adamw", "row_sparse_adam")),
+        "memory.lookup_impl": (cfg.memory.lookup_impl, ("auto", "torch", "triton", "cpu")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.log_every": cfg.train.log_every,
+        "train.keep_last": cfg.train.keep_last,
+        "data.seq_len": cfg.data.seq_len,
+        "data.batch_size": cfg.data.batch_size,
+        "parallel.memory": cfg.parallel.memory,
+        "parallel.tensor": cfg.parallel.tensor,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.data.batch_size % cfg.train.grad_accum:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} (global sequences per step) must be divisible by "
+            f"train.grad_accum={cfg.train.grad_accum}"
+        )
+
+
+def as_list(value: Any) -> list:
+    if isinstance(value, ListConfig):
+        return list(value)
+    return value if isinstance(value, list) else [value]

@@ -1,0 +1,201 @@
+"""Data: local text/JSONL/Parquet through `datasets`, tokenised, packed, and served as a
+deterministic, resumable, rank-sharded stream of global batches.
+
+The stream's position is one integer: the number of global sequences consumed. Epoch e visits
+the packed sequences in a permutation seeded by (seed, e). Global batch s is sequences
+[s·B, (s+1)·B) of that endless order; rank r of W takes rows [r·B/W, (r+1)·B/W) and splits them
+into `grad_accum` micro-batches. So the data a step sees does not depend on the number of
+ranks, and a checkpoint saved at one world size resumes exactly at another.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launch.corpus import shakespeare_files
+from launch.errors import UserError
+from launch.tokenizer import Tokenizer
+
+_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def resolve_files(source: str, split: str) -> list[Path]:
+    """'shakespeare' (bundled corpus) or a local file, directory or glob."""
+    if source == "shakespeare":
+        return shakespeare_files(split)
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FORMATS)
+    else:
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    if not files:
+        if "/" in source and not path.parent.exists() and not any(c in source for c in "*?["):
+            raise UserError(
+                f"data source {source!r} is not a local path. This machine is offline: download the "
+                f"dataset and point data.train/data.val at the local files (.txt, .jsonl, .parquet)"
+            )
+        raise UserError(f"data source {source!r} matches no files (expected .txt, .jsonl or .parquet)")
+    return files
+
+
+def _builder(files: list[Path], fmt: str) -> str:
+    if fmt != "auto":
+        return {"text": "text", "jsonl": "json", "parquet": "parquet"}[fmt]
+    kinds = {_FORMATS.get(p.suffix) for p in files}
+    if None in kinds or len(kinds) != 1:
+        raise UserError(
+            f"cannot infer data.format from {sorted({p.suffix for p in files})}: use one of .txt, "
+            f".jsonl, .parquet or set data.format"
+        )
+    return kinds.pop()
+
+
+def load_documents(source: str, split: str, fmt: str = "auto", text_field: str = "text") -> list[str]:
+    """Documents (one string each) of a source. Text files are one document per file."""
+    files = resolve_files(source, split)
+    builder = _builder(files, fmt)
+    if builder == "text":  # a whole file is a document; reading directly keeps its exact bytes
+        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except Exception as e:
+        raise UserError(f"cannot read {', '.join(map(str, files[:3]))} as {builder}: {str(e).splitlines()[0]}") from None
+    if text_field not in ds.column_names:
+        raise UserError(
+            f"{files[0]}: no column {text_field!r} (data.text_field); columns are {', '.join(ds.column_names)}"
+        )
+    return [t for t in ds[text_field] if t]
+
+
+def _fingerprint(files: list[Path], tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.path.read_bytes())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_source(
+    source: str, split: str, tokenizer: Tokenizer, cache_dir: Path | None, fmt="auto", text_field="text"
+) -> np.ndarray:
+    """All documents of a source as one int32 token stream, each document followed by EOS.
+    Cached under `cache_dir` keyed by the files and the tokenizer."""
+    files = resolve_files(source, split)
+    cache = cache_dir / f"{split}-{_fingerprint(files, tokenizer)}.npy" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return np.load(cache)
+    docs = load_documents(source, split, fmt, text_field)
+    ids: list[int] = []
+    for doc_ids in tokenizer.encode_batch(docs):
+        ids.extend(doc_ids)
+        ids.append(tokenizer.eos_id)
+    tokens = np.asarray(ids, dtype=np.int32)
+    if len(tokens) < 2:
+        raise UserError(f"data source {source!r} ({split}) is empty after tokenisation")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, tokens)
+        os.replace(tmp, cache)
+    return tokens
+
+
+class PackedSequences:
+    """Non-overlapping windows of seq_len+1 tokens (inputs and shifted targets) over a stream."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+        if self.n < 1:
+            raise UserError(f"corpus has {len(tokens)} tokens: fewer than one sequence of data.seq_len={seq_len}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        starts = indices.astype(np.int64)[:, None] * self.seq_len
+        return torch.from_numpy(self.tokens[starts + np.arange(self.seq_len + 1)].astype(np.int64))
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (b, T)
+    targets: torch.Tensor  # (b, T)
+
+
+class BatchStream:
+    """Endless seeded stream of global batches; this rank's micro-batches of each."""
+
+    def __init__(self, data: PackedSequences, global_batch: int, rank: int, world: int, grad_accum: int, seed: int):
+        if global_batch % (world * grad_accum):
+            raise UserError(
+                f"data.batch_size={global_batch} must be divisible by data-parallel ranks ({world}) × "
+                f"train.grad_accum ({grad_accum})"
+            )
+        self.data, self.B, self.rank, self.world, self.accum, self.seed = data, global_batch, rank, world, grad_accum, seed
+        self.consumed = 0  # global sequences consumed: the whole iterator state
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _indices(self, start: int, count: int) -> np.ndarray:
+        out, n = [], len(self.data)
+        while count > 0:
+            epoch, pos = divmod(start, n)
+            take = min(count, n - pos)
+            out.append(self._order(epoch)[pos : pos + take])
+            start, count = start + take, count - take
+        return np.concatenate(out)
+
+    def next(self) -> list[Batch]:
+        """This rank's `grad_accum` micro-batches of the next global batch."""
+        per_rank = self.B // self.world
+        idx = self._indices(self.consumed + self.rank * per_rank, per_rank)
+        self.consumed += self.B
+        seqs = self.data.get(idx)
+        return [Batch(c[:, :-1], c[:, 1:]) for c in seqs.chunk(self.accum)]
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / len(self.data)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed, "n_sequences": len(self.data), "seq_len": self.data.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seq_len", self.data.seq_len) != self.data.seq_len or state.get("n_sequences", len(self.data)) != len(self.data):
+            raise UserError(
+                f"checkpoint data position was recorded for {state.get('n_sequences')} sequences of "
+                f"{state.get('seq_len')} tokens, but the configured data gives {len(self.data)} of "
+                f"{self.data.seq_len}: the corpus or data.seq_len changed (set train.reset_data=true to restart the stream)"
+            )
+        self.consumed = int(state["consumed"])
+
+
+def validation_batches(data: PackedSequences, n_sequences: int, batch: int, rank: int, world: int) -> Iterator[torch.Tensor]:
+    """The first `n_sequences` validation sequences (fixed, unshuffled), this rank's share."""
+    idx = np.arange(min(n_sequences, len(data)))[rank::world]
+    for i in range(0, len(idx), batch):
+        yield data.get(idx[i : i + batch])
+
+
+def describe(tokens: np.ndarray, seq_len: int) -> str:
+    return json.dumps({"tokens": int(len(tokens)), "sequences": int((len(tokens) - 1) // seq_len)})

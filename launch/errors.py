@@ -1,0 +1,36 @@
+"""User-facing errors: one line that names the culprit, no traceback wall."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad config, missing file, mismatched checkpoint).
+
+    Entry points print it as a single line and exit with status 2; anything else is a bug and
+    keeps its traceback."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+class TrainingError(UserError):
+    """The run cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = main(argv)
+    except UserError as e:
+        rank = os.environ.get("RANK", "0")
+        prefix = "error" if rank == "0" else f"error (rank {rank})"
+        print(f"{prefix}: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("LAUNCH_TRACEBACK"):
+            raise
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,102 @@
+"""Named parameter groups (built here and only here), optimizers and the learning-rate schedule.
+
+Groups:
+  decay          2-D weight matrices of linear layers (and adapters): AdamW weight decay
+  no_decay       norms, biases, embeddings, memory keys
+  memory_values  the shared value pools: their own learning rate (`memory.value_lr`) and decay,
+                 and optionally their own row-sparse optimizer
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from launch.config import Config
+
+
+def memory_value_params(model: nn.Module) -> list[nn.Parameter]:
+    try:
+        from memlayers import MemoryPool
+    except ImportError:
+        return []
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, MemoryPool) and id(m.values) not in seen:
+            seen.add(id(m.values))
+            out.append(m.values)
+    return out
+
+
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    values = {id(p) for p in memory_value_params(model)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "memory_values": []}
+    seen: set[int] = set()
+    for p in model.parameters():  # deduplicated: tied and shared tensors once
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if id(p) in values:
+            groups["memory_values"].append(p)
+        elif p.ndim == 2 and id(p) not in embeddings:
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    return groups
+
+
+def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
+    """The main AdamW over every group, or AdamW plus a row-sparse Adam that owns the values."""
+    o, mem = cfg.optim, cfg.memory
+    groups = param_groups(model)
+    adamw_groups = [
+        {"name": "decay", "params": groups["decay"], "lr": o.lr, "weight_decay": o.weight_decay},
+        {"name": "no_decay", "params": groups["no_decay"], "lr": o.lr, "weight_decay": 0.0},
+    ]
+    optimizers: list[torch.optim.Optimizer] = []
+    if groups["memory_values"]:
+        if mem.value_optimizer == "row_sparse_adam":
+            from memlayers import RowSparseAdam
+
+            optimizers.append(
+                RowSparseAdam(
+                    [{"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr}],
+                    lr=mem.value_lr,
+                    betas=(o.beta1, o.beta2),
+                    eps=o.eps,
+                    weight_decay=mem.value_weight_decay,
+                )
+            )
+        else:
+            adamw_groups.append(
+                {"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr, "weight_decay": mem.value_weight_decay}
+            )
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    optimizers.insert(0, torch.optim.AdamW(adamw_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps))
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, cfg: Config) -> float:
+    """Linear warmup over optim.warmup_steps, then cosine/linear decay to optim.min_lr_ratio (or constant)."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps > 0 and step <= o.warmup_steps:
+        return step / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> float:
+    """Scale every group's base LR; returns the main (non-value) LR for logging."""
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * multiplier
+    return optimizers[0].param_groups[0]["lr"]

@@ -1,0 +1,137 @@
+"""Weighted bag lookup into a value table: the memory layer's hot path.
+
+``lookup(values, indices, weights)`` computes, for every bag b,
+
+    out[b] = sum_k weights[b, k] * values[indices[b, k]]
+
+with autograd to both ``values`` and ``weights``. Implementations:
+
+- ``"torch"``:  ``F.embedding_bag(mode="sum", per_sample_weights=...)``; runs anywhere.
+- ``"cpu"``:    the CPU fast path (see ``_cpu_lookup``, the dispatch point owned by the perf work).
+- ``"triton"``: the Triton kernels in ``memlayers/triton_lookup.py`` (CUDA, or CPU tensors under
+                ``TRITON_INTERPRET=1`` for testing).
+- ``"auto"``:   Triton on CUDA when triton imports, the CPU fast path on CPU, torch otherwise.
+
+The ``MEMLAYERS_LOOKUP_IMPL`` environment variable overrides ``impl="auto"`` (handy for forcing a
+path in tests and benchmarks without touching model code).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMPLS = ("auto", "torch", "cpu", "triton")
+ENV_VAR = "MEMLAYERS_LOOKUP_IMPL"
+
+
+def lookup(
+    values: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    *,
+    sparse: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """Weighted sum of value rows per bag.
+
+    Args:
+        values:  (N_slots, Dv) float table.
+        indices: (B, K) integer slot ids in [0, N_slots).
+        weights: (B, K) float weights; cast to ``values.dtype`` (the lookup runs in the values' dtype).
+        sparse:  produce a sparse (row) gradient for ``values`` instead of a dense one.
+        impl:    "auto" | "torch" | "cpu" | "triton" (see module docstring).
+
+    Returns:
+        (B, Dv) tensor in ``values.dtype``: ``out[b] = sum_k weights[b, k] * values[indices[b, k]]``.
+    """
+    _check_inputs(values, indices, weights)
+    impl = _resolve_impl(impl, values)
+    weights = weights.to(values.dtype)
+    if indices.shape[1] == 0:
+        # embedding_bag rejects empty bags of width 0; the gather form gives zeros that stay in the graph.
+        return torch.einsum("bk,bkd->bd", weights, values[indices])
+    if impl == "triton":
+        from memlayers.triton_lookup import triton_lookup
+
+        return triton_lookup(values, indices, weights, sparse=sparse)
+    if impl == "cpu":
+        return _cpu_lookup(values, indices, weights, sparse)
+    return torch_lookup(values, indices, weights, sparse=sparse)
+
+
+def torch_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bool = False) -> Tensor:
+    """The stock path: ``F.embedding_bag`` in sum mode with per-sample weights."""
+    return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights, sparse=sparse)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU DISPATCH POINT. The perf work (memlayers/lookup_cpu.py) plugs its kernel in here by changing
+# the body of this one function; everything else in this file stays as is.
+# ---------------------------------------------------------------------------------------------------
+def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool) -> Tensor:
+    return torch_lookup(values, indices, weights, sparse=sparse)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton imports (the kernels themselves are only imported on first use)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken triton install must not break the torch path
+        return False
+    return True
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _resolve_impl(impl: str, values: Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"lookup: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get(ENV_VAR, "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"lookup: ${ENV_VAR} must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if values.is_cuda:
+            return "triton" if triton_available() else "torch"
+        return "cpu" if values.device.type == "cpu" else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("lookup: impl='triton' but triton is not installed (pip install triton)")
+        if not values.is_cuda and not _triton_interpreting():
+            raise RuntimeError(
+                "lookup: impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                f"imported to run on CPU; got values on {values.device}"
+            )
+    if impl == "cpu" and values.device.type != "cpu":
+        raise RuntimeError(f"lookup: impl='cpu' needs CPU tensors, got values on {values.device}")
+    return impl
+
+
+def _check_inputs(values: Tensor, indices: Tensor, weights: Tensor) -> None:
+    if values.dim() != 2:
+        raise ValueError(f"lookup: values must be 2-D (N_slots, Dv), got shape {tuple(values.shape)}")
+    if not values.is_floating_point():
+        raise ValueError(f"lookup: values must be a float tensor, got {values.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(f"lookup: indices must be 2-D (B, K), got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"lookup: indices must be int64 (or int32), got {indices.dtype}")
+    if weights.shape != indices.shape:
+        raise ValueError(
+            f"lookup: weights shape {tuple(weights.shape)} must equal indices shape {tuple(indices.shape)}"
+        )
+    if not weights.is_floating_point():
+        raise ValueError(f"lookup: weights must be a float tensor, got {weights.dtype}")
+    if indices.device != values.device or weights.device != values.device:
+        raise ValueError(
+            "lookup: values, indices and weights must be on one device, got "
+            f"{values.device}, {indices.device}, {weights.device}"
+        )

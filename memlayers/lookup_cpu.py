@@ -1,0 +1,273 @@
+"""Fast CPU weighted-bag lookup with coalesced row-sparse value gradients.
+
+    out[b] = sum_k weights[b, k] * values[indices[b, k]]
+
+`F.embedding_bag` computes the same forward, but its sparse backward writes one gradient
+row per *read* (524k rows for 4096 bags of 128 slots), uncoalesced, and the weight
+gradient gathers every row again into a (B, K, Dv) temporary. Here the backward groups
+the reads by slot (one stable sort of the indices) and makes ONE pass over the unique
+rows: each value row is read once, its dot products with the bag gradients give
+grad_weights, and its summed gradient row is written once. The value gradient comes out
+as a coalesced `torch.sparse_coo_tensor` (sorted unique rows, summed row grads), which is
+what `RowSparseAdam` consumes, or dense on request.
+
+The kernels are C++ (memlayers/csrc/lookup_cpu.cpp, parallel over the torch intra-op
+thread pool), built on first use with `torch.utils.cpp_extension` and cached in
+TORCH_EXTENSIONS_DIR (~10 s on a 2-core machine). Without a compiler, or with
+MEMLAYERS_NO_CPP_EXT=1, a pure-torch path computes the same thing (stable sort + one
+`embedding_bag` over the bag gradients per unique row) and a warning says so.
+
+Dtypes: values fp32/bf16/fp16, weights any float dtype; accumulation is always fp32. The
+output has dtype `promote_types(values.dtype, weights.dtype)`, so bf16 values read with
+fp32 softmax weights give an fp32 read.
+
+Accumulating sparse gradients: when two backward passes add into `values.grad`, autograd
+sums two coalesced sparse tensors into an UNcoalesced one (indices concatenated).
+`RowSparseAdam` coalesces such a gradient before its step; stock `torch.optim.SparseAdam`
+does the same. Stock dense optimizers (AdamW) reject sparse gradients: use
+`sparse_grad=False` with them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lookup_cpu", "native_ops", "native_available"]
+
+_CSRC = Path(__file__).parent / "csrc" / "lookup_cpu.cpp"
+_DISABLE_ENV = "MEMLAYERS_NO_CPP_EXT"
+_IMPLS = ("auto", "cpp", "torch")
+# Upper bound on the (bags, K, Dv) fp32 temporary of the torch fallback's gathers.
+_FALLBACK_CHUNK_BYTES = 32 << 20
+
+_lock = threading.Lock()
+_native: dict[str, object] = {}
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """Vector ISA to compile for. Part of the extension name, so a cache directory shared
+    between machines never hands an AVX2 build to a CPU without AVX2."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic", []
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "generic", []
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        return "avx2", ["-mavx2", "-mfma", "-mf16c"]
+    return "generic", []
+
+
+def native_ops():
+    """The compiled `torch.ops.memlayers_cpu` namespace, or None when unavailable.
+
+    Builds the extension on first call (once per machine; later processes load the cached
+    .so). Failure to build is reported once as a warning, then the torch path is used.
+    """
+    with _lock:
+        if "ops" in _native:
+            return _native["ops"]
+        ops = None
+        if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
+            pass
+        else:
+            isa, isa_flags = _isa_flags()
+            try:
+                from torch.utils.cpp_extension import load
+
+                load(
+                    name=f"memlayers_cpu_{isa}",
+                    sources=[str(_CSRC)],
+                    extra_cflags=["-O3", "-fopenmp", "-fopenmp-simd", *isa_flags],
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                    verbose=False,
+                )
+                ops = torch.ops.memlayers_cpu
+            except Exception as err:  # any build/load failure: compiler missing, headers, linker
+                warnings.warn(
+                    f"memlayers: could not build the C++ CPU lookup kernels ({type(err).__name__}: {err}); "
+                    f"using the slower pure-torch path. Set {_DISABLE_ENV}=1 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        _native["ops"] = ops
+        return ops
+
+
+def native_available() -> bool:
+    return native_ops() is not None
+
+
+# ----------------------------------------------------------------------------- torch path
+
+
+def _bag_chunk(n_bags: int, k: int, dim: int) -> int:
+    return max(1, min(n_bags, _FALLBACK_CHUNK_BYTES // max(1, k * dim * 4)))
+
+
+def _torch_forward(values: torch.Tensor, indices: torch.Tensor, weights32: torch.Tensor) -> torch.Tensor:
+    if values.dtype == torch.float32:
+        return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights32)
+    # embedding_bag needs weights in the table's dtype; gather in fp32 instead.
+    n_bags, k = indices.shape
+    out = values.new_empty(n_bags, values.shape[1], dtype=torch.float32)
+    step = _bag_chunk(n_bags, k, values.shape[1])
+    for s in range(0, n_bags, step):
+        rows = values[indices[s : s + step]].float()
+        torch.bmm(weights32[s : s + step, None, :], rows, out=out[s : s + step, None, :])
+    return out
+
+
+def _torch_backward(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights32: torch.Tensor,
+    grad_out32: torch.Tensor,
+    need_values_grad: bool,
+    need_weights_grad: bool,
+    dense: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    n_bags, k = indices.shape
+    dim = values.shape[1]
+    rows = grad_rows = grad_w = None
+    if need_weights_grad:
+        # Gather-dot in chunks: never the whole (B, K, Dv) gather at once.
+        grad_w = weights32.new_empty(n_bags, k)
+        step = _bag_chunk(n_bags, k, dim)
+        for s in range(0, n_bags, step):
+            gathered = values[indices[s : s + step]].float()
+            torch.bmm(gathered, grad_out32[s : s + step, :, None], out=grad_w[s : s + step, :, None])
+    if need_values_grad:
+        sorted_rows, perm = indices.reshape(-1).sort(stable=True)
+        rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+        # Row u's gradient is sum over its reads e of w[e] * grad_out[bag(e)]: itself a
+        # weighted bag over the table grad_out, one bag per unique row.
+        offsets = counts.cumsum(0) - counts
+        summed = F.embedding_bag(
+            perm // k, grad_out32, offsets, mode="sum", per_sample_weights=weights32.reshape(-1)[perm]
+        ).to(values.dtype)
+        if dense:
+            grad_rows = torch.zeros_like(values).index_copy_(0, rows, summed)
+            rows = None
+        else:
+            grad_rows = summed
+    return rows, grad_rows, grad_w
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _BagSumCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, weights, sparse_grad: bool, use_native: bool):
+        weights32 = weights.float().contiguous()
+        ops = native_ops() if use_native else None
+        if ops is not None:
+            out32 = ops.bag_forward(values, indices, weights32)
+        else:
+            out32 = _torch_forward(values, indices, weights32)
+        ctx.save_for_backward(values, indices, weights32)
+        ctx.sparse_grad = sparse_grad
+        ctx.use_native = ops is not None
+        ctx.weights_dtype = weights.dtype
+        return out32.to(torch.promote_types(values.dtype, weights.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, weights32 = ctx.saved_tensors
+        need_v, _, need_w = ctx.needs_input_grad[:3]
+        if not (need_v or need_w):
+            return None, None, None, None, None
+        grad_out32 = grad_out.float().contiguous()
+        dense = not ctx.sparse_grad
+        if ctx.use_native:
+            rows, grad_rows, grad_w = native_ops().bag_backward(
+                values, indices, weights32, grad_out32, need_v, need_w, dense
+            )
+        else:
+            rows, grad_rows, grad_w = _torch_backward(
+                values, indices, weights32, grad_out32, need_v, need_w, dense
+            )
+        grad_values = None
+        if need_v:
+            if dense:
+                grad_values = grad_rows
+            else:
+                grad_values = torch.sparse_coo_tensor(
+                    rows.unsqueeze(0), grad_rows, values.shape, is_coalesced=True, check_invariants=False
+                )
+        grad_weights = grad_w.to(ctx.weights_dtype) if need_w else None
+        return grad_values, None, grad_weights, None, None
+
+
+def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str) -> None:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if values.dim() != 2:
+        raise ValueError(f"values must be a 2-D (n_slots, v_dim) table, got shape {tuple(values.shape)}")
+    if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be a (bags, K) tensor, got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}")
+    if weights.shape != indices.shape:
+        raise ValueError(
+            f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}"
+        )
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+    for name, t in (("values", values), ("indices", indices), ("weights", weights)):
+        if t.device.type != "cpu":
+            raise ValueError(f"lookup_cpu needs CPU tensors; {name} is on {t.device}")
+    if indices.numel():
+        lo, hi = torch.aminmax(indices)
+        if lo.item() < 0 or hi.item() >= values.shape[0]:
+            raise IndexError(
+                f"indices must lie in [0, {values.shape[0]}) (the rows of values); "
+                f"got min {lo.item()}, max {hi.item()}"
+            )
+
+
+def lookup_cpu(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    sparse_grad: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Weighted bag sum over rows of `values` on CPU: out[b] = sum_k w[b,k] * values[idx[b,k]].
+
+    Args:
+        values: (n_slots, v_dim) table, fp32/bf16/fp16.
+        indices: (bags, K) int64 slot ids; repeats within and across bags are fine.
+        weights: (bags, K) per-read weights (any float dtype; used in fp32).
+        sparse_grad: give `values` a coalesced sparse COO gradient (unique sorted rows)
+            instead of a dense (n_slots, v_dim) one. Needs a sparse-aware optimizer
+            (`RowSparseAdam`, `torch.optim.SparseAdam`, SGD).
+        impl: "auto" (C++ kernels if they build, else torch), "cpp" (error if they do
+            not build), or "torch" (the pure-torch path).
+
+    Returns:
+        (bags, v_dim) tensor of dtype promote_types(values.dtype, weights.dtype).
+    """
+    _check_inputs(values, indices, weights, impl)
+    if impl == "cpp" and not native_available():
+        raise RuntimeError(
+            f"impl='cpp' but the C++ extension is unavailable (see the earlier warning, or unset {_DISABLE_ENV})"
+        )
+    indices = indices.long().contiguous()
+    values_c = values if values.is_contiguous() else values.contiguous()
+    if values_c is not values and values.requires_grad:
+        # A strided view would be copied every call and its gradient routed through the copy.
+        warnings.warn("lookup_cpu: values is not contiguous; copying it on every call", stacklevel=2)
+    return _BagSumCPU.apply(values_c, indices, weights, sparse_grad, impl != "torch")
