@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from launch.errors import UserError
+from launch.faults import fault
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MODEL_FILE = "model.safetensors"
@@ -155,6 +156,8 @@ def write_checkpoint(run_dir: str | Path, step: int, payload: CheckpointPayload,
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model_file(model, tmp / MODEL_FILE, payload.model_state, metadata={"step": step})
+    if fault("crash_in_save", step):
+        os.kill(os.getpid(), 9)  # simulates a node dying halfway through the write
     torch.save(payload.optimizer_state, tmp / "optimizer.pt")
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "config.yaml").write_text(payload.config_yaml)

@@ -40,7 +40,10 @@ def resolve_files(source: str, split: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
     if not files:
-        if "/" in source and not path.parent.exists() and not any(c in source for c in "*?["):
+        looks_like_hub_name = (
+            source.count("/") == 1 and not source.startswith((".", "/", "~")) and not path.suffix and not path.parent.exists()
+        )
+        if looks_like_hub_name:
             raise UserError(
                 f"data source {source!r} is not a local path. This machine is offline: download the "
                 f"dataset and point data.train/data.val at the local files (.txt, .jsonl, .parquet)"

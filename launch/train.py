@@ -34,6 +34,7 @@ from launch.distributed import (
     wrap_data_parallel,
 )
 from launch.errors import ConfigError, TrainingError, UserError, run_cli
+from launch.faults import fault
 from launch.metrics import MetricsLogger
 from launch.optim import build_optimizers, lr_multiplier, set_lr
 from launch.tokenizer import Tokenizer, train_tokenizer
@@ -258,6 +259,8 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         loss_sum = all_reduce_sum(loss_sum) / self.info.world
+        if fault("nan", self.step + 1):
+            loss_sum = loss_sum * float("nan")
         loss_value = float(loss_sum)
         if not math.isfinite(loss_value):
             raise TrainingError(
@@ -294,6 +297,10 @@ class Trainer:
         last_val = None
         try:
             while self.step < cfg.train.steps:
+                if fault("kill", self.step + 1):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fault("sigterm", self.step + 1):
+                    os.kill(os.getpid(), signal.SIGTERM)
                 lr = set_lr(self.optimizers, lr_multiplier(self.step + 1, cfg))
                 loss, gnorm = self.train_step()
                 self.step += 1

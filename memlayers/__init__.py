@@ -5,8 +5,22 @@
 Imports only torch (triton optionally, on first use of the Triton lookup).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from memlayers.lookup import lookup
 from memlayers.memory import ProductKeyMemory
 from memlayers.pool import MemoryPool
 
-__all__ = ["MemoryPool", "ProductKeyMemory", "lookup"]
+__all__ = ["MemoryPool", "ProductKeyMemory", "RowSparseAdam", "lookup"]
+
+
+def __getattr__(name: str) -> Any:
+    # The optimizer pulls in the CPU kernel module; resolve it on first use so `import memlayers`
+    # stays cheap for users who only want the layer.
+    if name == "RowSparseAdam":
+        from memlayers.row_sparse_adam import RowSparseAdam
+
+        return RowSparseAdam
+    raise AttributeError(f"module 'memlayers' has no attribute {name!r}")

@@ -101,8 +101,9 @@ def bag_forward(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         return out.zero_()
     block = _block_d(D)
     _bag_forward_kernel[(B, triton.cdiv(D, block))](
-        values, indices, weights, out, K, D, values.stride(0), out.stride(0), BLOCK_D=block, ACC=_acc(values.dtype)
-    )
+        values, indices, weights, out, K, D, values.stride(0), out.stride(0),
+        BLOCK_D=block, ACC=_acc(values.dtype),
+    )  # fmt: skip
     return out
 
 
@@ -116,8 +117,9 @@ def bag_grad_weights(values: Tensor, indices: Tensor, grad_out: Tensor, dtype: t
     if D == 0:
         return gw.zero_()
     _grad_weights_kernel[(B * K,)](
-        values, indices, grad_out, gw, K, D, values.stride(0), grad_out.stride(0), BLOCK_D=_block_d(D), ACC=_acc(values.dtype)
-    )
+        values, indices, grad_out, gw, K, D, values.stride(0), grad_out.stride(0),
+        BLOCK_D=_block_d(D), ACC=_acc(values.dtype),
+    )  # fmt: skip
     return gw
 
 
@@ -135,8 +137,9 @@ def bag_grad_values_rows(indices: Tensor, weights: Tensor, grad_out: Tensor) -> 
         return unique.to(torch.int64), rows
     block = _block_d(D)
     _grad_values_kernel[(unique.numel(), triton.cdiv(D, block))](
-        perm, seg, weights, grad_out, rows, K, D, grad_out.stride(0), rows.stride(0), BLOCK_D=block, ACC=_acc(grad_out.dtype)
-    )
+        perm, seg, weights, grad_out, rows, K, D, grad_out.stride(0), rows.stride(0),
+        BLOCK_D=block, ACC=_acc(grad_out.dtype),
+    )  # fmt: skip
     return unique.to(torch.int64), rows
 
 

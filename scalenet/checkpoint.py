@@ -72,8 +72,9 @@ def load_unique_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor
         for n in names:
             full[n] = src
     if strict and missing_groups:
-        shown = [g[0] + (f" (or its aliases {g[1:]})" if len(g) > 1 else "") for g in missing_groups[:10]]
-        raise KeyError(f"state_dict is missing {len(missing_groups)} tensors: {shown}")
+        shown = "; ".join(g[0] + (f" (or an alias: {', '.join(g[1:])})" if len(g) > 1 else "") for g in missing_groups[:10])
+        # RuntimeError like torch's own load_state_dict, so callers catch one type.
+        raise RuntimeError(f"state_dict is missing {len(missing_groups)} tensors: {shown}")
     known = {n for g in alias_groups(module) for n in g}
     full.update({k: v for k, v in state_dict.items() if k not in known})  # unexpected: let torch report
     return module.load_state_dict(full, strict=strict)

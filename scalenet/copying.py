@@ -36,8 +36,8 @@ def external_refs(module: nn.Module) -> list[nn.Module | torch.Tensor]:
     """
     refs: dict[int, nn.Module | torch.Tensor] = {}
     registered = {id(m) for m in module.modules()}
-    registered.update(id(t) for t in module.parameters(remove_duplicate=False))
-    registered.update(id(t) for t in module.buffers(remove_duplicate=False))
+    registered.update(id(t) for _, t in module.named_parameters(remove_duplicate=False))
+    registered.update(id(t) for _, t in module.named_buffers(remove_duplicate=False))
     for sub in module.modules():
         for key, value in vars(sub).items():
             if key.startswith("_"):  # torch's own bookkeeping: _parameters, _modules, hooks, ...
@@ -70,8 +70,8 @@ def shared_deepcopy(
     if share_external:
         keep += external_refs(module)
     if share_params:
-        keep += list(module.parameters(remove_duplicate=False))
-        keep += list(module.buffers(remove_duplicate=False))
+        keep += [p for _, p in module.named_parameters(remove_duplicate=False)]
+        keep += [b for _, b in module.named_buffers(remove_duplicate=False)]
     for obj in keep:
         memo[id(obj)] = obj
     return copy.deepcopy(module, memo)

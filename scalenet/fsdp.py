@@ -43,4 +43,5 @@ def fsdp_units(new_layers: nn.ModuleList) -> list[list[nn.Module]]:
     groups: dict[int, list[nn.Module]] = {}
     for i, b in enumerate(blocks):
         groups.setdefault(find(i), []).append(b)
-    return sorted(groups.values(), key=lambda g: blocks.index(g[0]))
+    # Components enter the dict at their smallest position, so this is already in position order.
+    return list(groups.values())

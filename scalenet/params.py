@@ -17,7 +17,7 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters, counting each shared storage once (tied blocks are not double counted)."""
     seen: set[tuple] = set()
     total = 0
-    for p in model.parameters(remove_duplicate=False):
+    for _, p in model.named_parameters(remove_duplicate=False):
         if trainable_only and not p.requires_grad:
             continue
         key = storage_key(p)

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
@@ -18,8 +19,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -38,6 +45,40 @@ inline float to_f(c10::Half x) { return static_cast<float>(x); }
 
 template <typename T>
 inline T from_f(float x) { return static_cast<T>(x); }
+
+// Gradient buffers are hundreds of MB and freshly allocated every step: with 4 KiB
+// pages, first-touch page faults cost more than writing the data (measured: 418 MB
+// takes ~100 ms to fault in vs ~16 ms to fill). Large buffers therefore come from
+// 2 MiB-aligned memory advised for transparent huge pages (THP "madvise" mode is
+// the common default). Elsewhere this is a plain at::empty.
+Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef __linux__
+  constexpr size_t kHuge = size_t(2) << 20;
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  if (nbytes >= 2 * kHuge) {
+    const size_t alloc = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* ptr = nullptr;
+    if (posix_memalign(&ptr, kHuge, alloc) == 0) {
+      madvise(ptr, alloc, MADV_HUGEPAGE);  // advisory: failure just means small pages
+      return at::from_blob(ptr, sizes, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+// Parallel first touch: zero-filling also faults the pages in on both cores.
+Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = empty_large(sizes, options);
+  char* base = static_cast<char*>(t.data_ptr());
+  const int64_t nbytes = t.numel() * static_cast<int64_t>(t.element_size());
+  at::parallel_for(0, nbytes, int64_t(1) << 22, [&](int64_t b0, int64_t b1) {
+    std::memset(base + b0, 0, static_cast<size_t>(b1 - b0));
+  });
+  return t;
+}
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t dim) {
@@ -121,13 +162,13 @@ void weights_grad_kernel(const Tensor& values, const Tensor& indices, const Tens
   });
 }
 
-// Both gradients in one pass over the UNIQUE rows: every value row is read once
+// The value gradient (plus grad_weights when needed) in one pass over the UNIQUE rows: every value row is read once
 // (coalesced) and its gradient row written once; grad_weights comes from the same
 // read. Entries are grouped by row with a stable sort of the flat indices.
 template <typename scalar_t>
 void fused_backward_kernel(const Tensor& values, const Tensor& weights, const Tensor& grad_out,
                            const int64_t K, const Tensor& sorted_rows, const Tensor& perm,
-                           const std::vector<int64_t>& seg_start, bool need_gv, bool need_gw, bool dense,
+                           const std::vector<int64_t>& seg_start, bool need_gw, bool dense,
                            Tensor& grad_rows, Tensor& gw) {
   const int64_t D = values.size(1);
   const int64_t U = static_cast<int64_t>(seg_start.size()) - 1;
@@ -136,7 +177,7 @@ void fused_backward_kernel(const Tensor& values, const Tensor& weights, const Te
   const float* G = grad_out.const_data_ptr<float>();
   const int64_t* S = sorted_rows.const_data_ptr<int64_t>();
   const int64_t* P = perm.const_data_ptr<int64_t>();
-  scalar_t* GR = need_gv ? grad_rows.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* GR = grad_rows.mutable_data_ptr<scalar_t>();
   float* GW = need_gw ? gw.mutable_data_ptr<float>() : nullptr;
   at::parallel_for(0, U, kGrain, [&](int64_t u0, int64_t u1) {
     std::vector<float> acc_buf(D);
@@ -151,7 +192,7 @@ void fused_backward_kernel(const Tensor& values, const Tensor& weights, const Te
         const int64_t pos = P[e];
         const float* __restrict__ g = G + (pos / K) * D;
         const float w = W[pos];
-        if (need_gw && need_gv) {
+        if (need_gw) {
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
           for (int64_t d = 0; d < D; ++d) {
@@ -159,17 +200,12 @@ void fused_backward_kernel(const Tensor& values, const Tensor& weights, const Te
             acc[d] += w * g[d];
           }
           GW[pos] = dot;
-        } else if (need_gw) {
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += g[d] * to_f(row[d]);
-          GW[pos] = dot;
         } else {
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) acc[d] += w * g[d];
         }
       }
-      if (need_gv) {
+      {
         scalar_t* __restrict__ out = GR + (dense ? r : u) * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) out[d] = from_f<scalar_t>(acc[d]);
@@ -223,16 +259,16 @@ std::tuple<Tensor, Tensor, Tensor> bag_backward(const Tensor& values, const Tens
     for (int64_t u = 0; u < U; ++u) R[u] = S[seg_start[u]];
   }
   // Dense: rows never touched must read zero; sparse: every row is written.
-  Tensor grad_rows = dense ? at::zeros(values.sizes(), values.options()) : at::empty({U, D}, values.options());
+  Tensor grad_rows = dense ? zeros_large(values.sizes(), values.options()) : empty_large({U, D}, values.options());
 
   if (st == at::kFloat)
-    fused_backward_kernel<float>(values, weights, grad_out, K, sorted_rows, perm, seg_start, true,
+    fused_backward_kernel<float>(values, weights, grad_out, K, sorted_rows, perm, seg_start,
                                  need_weights_grad, dense, grad_rows, gw);
   else if (st == at::kBFloat16)
-    fused_backward_kernel<c10::BFloat16>(values, weights, grad_out, K, sorted_rows, perm, seg_start, true,
+    fused_backward_kernel<c10::BFloat16>(values, weights, grad_out, K, sorted_rows, perm, seg_start,
                                          need_weights_grad, dense, grad_rows, gw);
   else
-    fused_backward_kernel<c10::Half>(values, weights, grad_out, K, sorted_rows, perm, seg_start, true,
+    fused_backward_kernel<c10::Half>(values, weights, grad_out, K, sorted_rows, perm, seg_start,
                                      need_weights_grad, dense, grad_rows, gw);
   return {rows, grad_rows, gw};
 }

@@ -58,7 +58,9 @@ def test_weights_cast_to_values_dtype():
     values = torch.randn(10, 4, dtype=torch.bfloat16)
     out = lookup(values, torch.tensor([[1, 2]]), torch.tensor([[0.25, 0.75]]))
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out[0].float(), (0.25 * values[1] + 0.75 * values[2]).float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        out[0].float(), (0.25 * values[1] + 0.75 * values[2]).float(), atol=1e-2, rtol=1e-2
+    )
 
 
 def test_int32_indices_accepted():
@@ -87,8 +89,18 @@ def test_empty_batch_and_empty_bags():
         (torch.randn(10, 3), torch.zeros(4, dtype=torch.long), torch.ones(4), "indices must be 2-D"),
         (torch.randn(10, 3), torch.zeros(2, 2), torch.ones(2, 2), "indices must be int64"),
         (torch.randn(10, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3), "weights shape"),
-        (torch.randn(10, 3), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long), "weights must be a float"),
-        (torch.zeros(10, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2), "values must be a float"),
+        (
+            torch.randn(10, 3),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.ones(2, 2, dtype=torch.long),
+            "weights must be a float",
+        ),
+        (
+            torch.zeros(10, 3, dtype=torch.long),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.ones(2, 2),
+            "values must be a float",
+        ),
     ],
 )
 def test_bad_inputs_raise(values, indices, weights, match):
@@ -118,7 +130,7 @@ def test_impl_resolution(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", exc_type=ImportError)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         lookup(torch.randn(4, 3), torch.tensor([[1]]), torch.ones(1, 1), impl="triton")

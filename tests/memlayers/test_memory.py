@@ -277,3 +277,13 @@ def test_sparse_value_gradients():
     pool.sparse_grad = False
     mem(x).sum().backward()
     torch.testing.assert_close(sparse, pool.values.grad)
+
+
+def test_dynamo_traces_full_graph():
+    # The trainer may torch.compile blocks; the pool reference and usage counting must not graph-break.
+    mem = _layer(dtype=torch.float32)
+    mem.pool.track_usage = True
+    x = torch.randn(3, 5, 16)
+    compiled = torch.compile(mem, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), mem(x))
+    assert mem.pool.usage_stats()["mem_reads"] == 2 * 15 * 2 * 4

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", exc_type=ImportError)
 
 CASES = Path(__file__).with_name("test_triton_lookup.py")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, test_triton_lookup.py runs on the GPU directly")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="with CUDA, test_triton_lookup.py runs on the GPU directly"
+)
 def test_triton_kernels_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)]

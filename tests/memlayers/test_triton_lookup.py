@@ -12,10 +12,11 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", exc_type=ImportError)
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
+    pytestmark = pytest.mark.gpu
 elif os.environ.get("TRITON_INTERPRET") == "1":
     DEVICE = "cpu"
 else:

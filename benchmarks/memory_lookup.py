@@ -1,0 +1,426 @@
+"""Benchmark the memory-layer value lookup and the whole value step on CPU (and GPU if present).
+
+Part 1, lookup forward+backward (grads for values AND weights):
+    memlayers.lookup_cpu (C++; sparse and dense value grads; the pure-torch fallback),
+    F.embedding_bag (sparse and dense grads), a naive gather, the Triton path when CUDA.
+Part 2, value step = forward + backward + optimizer update of the value table:
+    embedding_bag + dense AdamW (single-tensor, foreach, fused), embedding_bag sparse +
+    SparseAdam, embedding_bag sparse + SGD, ours + RowSparseAdam, ours (dense grad) +
+    fused AdamW, and FBGEMM's table-batched embedding with its fused CPU optimizers when
+    fbgemm-gpu-cpu imports.
+
+Everything runs side by side in one process: warmup, then the median (and min) of --reps.
+Writes benchmarks/results/memory_lookup.json and .md. It measures; it asserts nothing.
+
+    python benchmarks/memory_lookup.py                   # full sizes (1M x 256, 1M x 1024)
+    python benchmarks/memory_lookup.py --quick --out-dir /tmp/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memlayers.lookup_cpu import lookup_cpu, native_ops
+from memlayers.row_sparse_adam import RowSparseAdam
+
+GB = 1 << 30
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timeit(fn: Callable[[], None], warmup: int, reps: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_all": [round(t, 2) for t in times]}
+
+
+def make_inputs(rows: int, bags: int, slots: int, dim: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, rows, (bags, slots), generator=gen)
+    weights = torch.randn(bags, slots, generator=gen).softmax(-1)
+    grad_out = torch.randn(bags, dim, generator=gen)
+    return indices, weights, grad_out
+
+
+# ----------------------------------------------------------------------------- part 1
+
+
+def lookup_methods(device: str) -> dict[str, tuple[Callable, float]]:
+    """name -> (fn(values, indices, weights), extra memory in units of the (B,K,D) gather)."""
+    if device == "cuda":
+        methods = {
+            "embedding_bag (dense grad)": (
+                lambda v, i, w: F.embedding_bag(i, v, mode="sum", per_sample_weights=w),
+                0,
+            ),
+            "naive gather": (lambda v, i, w: (v[i] * w[..., None]).sum(1), 3),
+        }
+        try:
+            from memlayers.lookup import lookup  # the core agent's dispatcher (Triton on CUDA)
+
+            methods["memlayers.lookup (triton)"] = (lambda v, i, w: lookup(v, i, w), 0)
+        except Exception as err:  # recorded, not fatal: the GPU path belongs to another module
+            methods[f"memlayers.lookup unavailable: {type(err).__name__}"] = (None, 0)
+        return methods
+    return {
+        "embedding_bag (sparse grad)": (
+            lambda v, i, w: F.embedding_bag(i, v, mode="sum", per_sample_weights=w, sparse=True),
+            1,
+        ),
+        "embedding_bag (dense grad)": (
+            lambda v, i, w: F.embedding_bag(i, v, mode="sum", per_sample_weights=w),
+            1,
+        ),
+        "naive gather (dense grad)": (lambda v, i, w: (v[i] * w[..., None]).sum(1), 3),
+        "lookup_cpu C++ (sparse grad)": (
+            lambda v, i, w: lookup_cpu(v, i, w, sparse_grad=True, impl="cpp"),
+            0,
+        ),
+        "lookup_cpu C++ (dense grad)": (
+            lambda v, i, w: lookup_cpu(v, i, w, sparse_grad=False, impl="cpp"),
+            0,
+        ),
+        "lookup_cpu torch fallback (sparse grad)": (
+            lambda v, i, w: lookup_cpu(v, i, w, sparse_grad=True, impl="torch"),
+            1,
+        ),
+    }
+
+
+def bench_lookup(rows, dim, bags, slots, reps, warmup, max_gb, device) -> list[dict]:
+    indices, weights, grad_out = make_inputs(rows, bags, slots, dim)
+    indices, weights, grad_out = indices.to(device), weights.to(device), grad_out.to(device)
+    values = torch.randn(rows, dim, device=device).requires_grad_()
+    w = weights.clone().requires_grad_()
+    table_gb = rows * dim * 4 / GB
+    gather_gb = bags * slots * dim * 4 / GB
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    results = []
+    for name, (fn, gathers) in lookup_methods(device).items():
+        rec = {"rows": rows, "dim": dim, "bags": bags, "slots": slots, "method": name, "device": device}
+        need = 2 * table_gb + gathers * gather_gb  # table + a dense grad + temporaries
+        if fn is None:
+            rec["skipped"] = name
+        elif need > max_gb:
+            rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
+        elif name.startswith("lookup_cpu C++") and native_ops() is None:
+            rec["skipped"] = "C++ extension unavailable"
+        else:
+
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    fn(values, indices, w)
+                sync()
+
+            def fwd_bwd(fn=fn):
+                values.grad = w.grad = None
+                fn(values, indices, w).backward(grad_out)
+                sync()
+
+            rec["forward"] = timeit(fwd, warmup, reps)
+            rec["forward_backward"] = timeit(fwd_bwd, warmup, reps)
+            values.grad = w.grad = None
+        results.append(rec)
+        print(_fmt(rec), flush=True)
+        gc.collect()
+    return results
+
+
+# ----------------------------------------------------------------------------- part 2
+
+
+def value_step_cases() -> dict[str, dict]:
+    """name -> how to build it: the lookup, whether grads are sparse, the optimizer, memory (x table)."""
+    eb_dense = lambda v, i, w: F.embedding_bag(i, v, mode="sum", per_sample_weights=w)
+    eb_sparse = lambda v, i, w: F.embedding_bag(i, v, mode="sum", per_sample_weights=w, sparse=True)
+    ours_sparse = lambda v, i, w: lookup_cpu(v, i, w, sparse_grad=True)
+    ours_dense = lambda v, i, w: lookup_cpu(v, i, w, sparse_grad=False)
+    lr = 1e-3
+    return {
+        "embedding_bag + AdamW (single-tensor)": dict(
+            fn=eb_dense, opt=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0, foreach=False), mem=6
+        ),
+        "embedding_bag + AdamW (foreach)": dict(
+            fn=eb_dense, opt=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0, foreach=True), mem=7
+        ),
+        "embedding_bag + AdamW (fused)": dict(
+            fn=eb_dense, opt=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0, fused=True), mem=5
+        ),
+        "embedding_bag sparse + SparseAdam": dict(
+            fn=eb_sparse, opt=lambda p: torch.optim.SparseAdam(p, lr=lr), mem=6
+        ),
+        "embedding_bag sparse + SGD": dict(fn=eb_sparse, opt=lambda p: torch.optim.SGD(p, lr=lr), mem=3),
+        "lookup_cpu (dense grad) + AdamW (fused)": dict(
+            fn=ours_dense, opt=lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0, fused=True), mem=5
+        ),
+        "lookup_cpu (sparse grad) + RowSparseAdam": dict(
+            fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr), mem=3.4
+        ),
+    }
+
+
+STOCK_ADAM = (
+    "embedding_bag + AdamW (single-tensor)",
+    "embedding_bag + AdamW (foreach)",
+    "embedding_bag + AdamW (fused)",
+    "embedding_bag sparse + SparseAdam",
+)
+
+
+def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]:
+    indices, weights, grad_out = make_inputs(rows, bags, slots, dim, seed=1)
+    table_gb = rows * dim * 4 / GB
+    results = []
+    for name, case in value_step_cases().items():
+        rec = {"rows": rows, "dim": dim, "bags": bags, "slots": slots, "method": name}
+        need = case["mem"] * table_gb
+        if need > max_gb:
+            rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
+        else:
+            values = torch.nn.Parameter(torch.randn(rows, dim) * 0.02)
+            w = weights.clone().requires_grad_()
+            opt = case["opt"]([values])
+
+            def step(opt=opt, w=w, values=values, fn=case["fn"]):
+                opt.zero_grad(set_to_none=True)
+                w.grad = None
+                fn(values, indices, w).backward(grad_out)
+                opt.step()
+
+            try:
+                rec["value_step"] = timeit(step, warmup, reps)
+            except Exception as err:  # e.g. a fused optimizer missing on this build
+                rec["skipped"] = f"{type(err).__name__}: {err}"[:200]
+            del values, opt, w
+        results.append(rec)
+        print(_fmt(rec), flush=True)
+        gc.collect()
+    results += bench_fbgemm(rows, dim, bags, slots, reps, warmup, max_gb, indices, weights, grad_out)
+    return results
+
+
+def bench_fbgemm(rows, dim, bags, slots, reps, warmup, max_gb, indices, weights, grad_out) -> list[dict]:
+    """FBGEMM table-batched embedding (the recommender industry's fused backward+update)."""
+    base = {"rows": rows, "dim": dim, "bags": bags, "slots": slots}
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    except Exception as err:
+        return [
+            {**base, "method": "FBGEMM TBE", "skipped": f"fbgemm_gpu not importable: {type(err).__name__}"}
+        ]
+    results = []
+    flat, offsets = indices.reshape(-1), torch.arange(0, indices.numel() + 1, slots)
+    psw = weights.reshape(-1)
+    # CPU TBE supports no Adam ("Optimizer adam is not supported in CPU mode"): its
+    # closest fused optimizers stand in.
+    for optim in ("EXACT_ROWWISE_ADAGRAD", "EXACT_SGD", "ADAM"):
+        rec = {**base, "method": f"FBGEMM TBE fused {optim}"}
+        if 3 * rows * dim * 4 / GB > max_gb:
+            rec["skipped"] = "exceeds --max-gb"
+        else:
+            try:
+                tbe = SplitTableBatchedEmbeddingBagsCodegen(
+                    [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+                    optimizer=getattr(EmbOptimType, optim),
+                    pooling_mode=PoolingMode.SUM,
+                    learning_rate=1e-3,
+                )
+
+                def step(tbe=tbe):
+                    tbe(flat, offsets, per_sample_weights=psw).backward(grad_out)
+
+                rec["value_step"] = timeit(step, warmup, reps)
+                del tbe
+            except Exception as err:
+                rec["skipped"] = f"{type(err).__name__}: {err}"[:160]
+        results.append(rec)
+        print(_fmt(rec), flush=True)
+        gc.collect()
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(rec: dict) -> str:
+    head = f"{rec['rows']}x{rec['dim']} {rec['method']:<45}"
+    if "skipped" in rec:
+        return f"{head} skipped: {rec['skipped']}"
+    parts = [
+        f"{k} {rec[k]['ms']:.1f} ms (min {rec[k]['ms_min']:.1f})"
+        for k in ("forward", "forward_backward", "value_step")
+        if k in rec
+    ]
+    return f"{head} " + " | ".join(parts)
+
+
+def add_speedups(lookups: list[dict], steps: list[dict]) -> None:
+    for rec in lookups:
+        if "forward_backward" not in rec:
+            continue
+        for base in ("embedding_bag (sparse grad)", "embedding_bag (dense grad)"):
+            ref = next(
+                (
+                    r
+                    for r in lookups
+                    if r["method"] == base and r["dim"] == rec["dim"] and "forward_backward" in r
+                ),
+                None,
+            )
+            if ref:
+                key = "speedup_vs_" + ("eb_sparse" if "sparse" in base else "eb_dense")
+                rec[key] = round(ref["forward_backward"]["ms"] / rec["forward_backward"]["ms"], 2)
+    for rec in steps:
+        if "value_step" not in rec:
+            continue
+        stock = [
+            r["value_step"]["ms"]
+            for r in steps
+            if r["method"] in STOCK_ADAM and r["dim"] == rec["dim"] and "value_step" in r
+        ]
+        if stock:
+            rec["speedup_vs_best_stock_adam"] = round(min(stock) / rec["value_step"]["ms"], 2)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    m = report["machine"]
+    lines = [
+        "# Memory lookup benchmark",
+        "",
+        f"Machine: {m['cpu_model']}, torch {m['torch']}, {m['num_threads']} threads"
+        + (f", {m['cuda_device']}" if m.get("cuda_device") else "")
+        + ". Figures are from a **shared 2-core machine** (other jobs ran concurrently): compare rows within one run;"
+        " `ms` is the median of the reps, `min` the fastest rep.",
+        f"Sizes: {report['config']['bags']} bags x {report['config']['slots']} slots, uniform random slots; "
+        f"reps {report['config']['reps']} after {report['config']['warmup']} warmup. "
+        f"C++ extension: {report['native']}.",
+        "",
+        "## Lookup forward + backward (grads for values and weights)",
+        "",
+        "| table | method | fwd ms | fwd+bwd ms (min) | vs embedding_bag sparse | vs embedding_bag dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["lookup"]:
+        table = f"{r['rows']}x{r['dim']}"
+        if "skipped" in r:
+            lines.append(f"| {table} | {r['method']} | skipped: {r['skipped']} | | | |")
+            continue
+        fb = r["forward_backward"]
+        lines.append(
+            f"| {table} | {r['method']} | {r['forward']['ms']:.1f} | {fb['ms']:.1f} ({fb['ms_min']:.1f}) | "
+            f"{r.get('speedup_vs_eb_sparse', '-')}x | {r.get('speedup_vs_eb_dense', '-')}x |"
+        )
+    lines += [
+        "",
+        "## Value step: forward + backward + optimizer update of the table",
+        "",
+        "| table | method | ms (min) | vs best stock Adam-family |",
+        "|---|---|---|---|",
+    ]
+    for r in report["value_step"]:
+        table = f"{r['rows']}x{r['dim']}"
+        if "skipped" in r:
+            lines.append(f"| {table} | {r['method']} | skipped: {r['skipped']} | |")
+            continue
+        vs = r["value_step"]
+        lines.append(
+            f"| {table} | {r['method']} | {vs['ms']:.1f} ({vs['ms_min']:.1f}) | {r.get('speedup_vs_best_stock_adam', '-')}x |"
+        )
+    lines += [
+        "",
+        "Best stock Adam-family = the fastest of embedding_bag + AdamW (single-tensor / foreach / fused) and "
+        "embedding_bag sparse + SparseAdam at that size. RowSparseAdam is lazy Adam (touched rows only; see "
+        "memlayers/row_sparse_adam.py for how it differs from dense AdamW). FBGEMM's CPU TBE has no Adam, so its "
+        "fused row-wise Adagrad and SGD are listed as peers.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1 << 20, help="table rows (slots)")
+    ap.add_argument("--dims", type=int, nargs="+", default=[256, 1024], help="value widths to run")
+    ap.add_argument("--bags", type=int, default=4096, help="bags (tokens) per batch")
+    ap.add_argument("--slots", type=int, default=128, help="slots per bag (heads x knn)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--max-gb", type=float, default=14.0, help="skip cases whose estimated memory exceeds this"
+    )
+    ap.add_argument("--skip-value-step", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.dims, args.bags, args.slots, args.reps, args.warmup = 4096, [32], 64, 16, 2, 1
+
+    t0 = time.perf_counter()
+    ops = native_ops()
+    native = (
+        f"built/loaded in {time.perf_counter() - t0:.1f} s"
+        if ops is not None
+        else "unavailable (torch fallback)"
+    )
+    report = {
+        "machine": {
+            "cpu_model": cpu_model(),
+            "num_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "shared_machine_note": "shared 2-core machine; other jobs ran concurrently",
+        },
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "native": native,
+        "lookup": [],
+        "value_step": [],
+    }
+    for dim in args.dims:
+        report["lookup"] += bench_lookup(
+            args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb, "cpu"
+        )
+        if torch.cuda.is_available():
+            report["lookup"] += bench_lookup(
+                args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb, "cuda"
+            )
+        if not args.skip_value_step:
+            report["value_step"] += bench_value_step(
+                args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb
+            )
+    add_speedups(report["lookup"], report["value_step"])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "memory_lookup.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.out_dir / "memory_lookup.md")
+    print(f"wrote {args.out_dir / 'memory_lookup.json'} and .md")
+    return report
+
+
+if __name__ == "__main__":
+    main()

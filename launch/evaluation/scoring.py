@@ -1,0 +1,121 @@
+"""Batched log-likelihoods of continuations given contexts, and rolling windows for perplexity.
+
+Works with any callable `model(tokens (B, T) long) -> logits (B, T, V)` (our `Transformer`, a
+grown or memory model, or a test stub).
+
+Tokenisation (the lm-eval convention): trailing whitespace of the context moves to the front of
+the continuation, then context + continuation is encoded *whole* and split at the token length
+of the context encoded alone. The scored tokens are therefore exactly the tokens the model would
+see for the joined text, and a merge across the boundary never scores a context character. Every
+context starts with the document-start token (our trainer packs documents separated by EOS, so
+EOS is what precedes the first token of a document).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from launch.tokenizer import Tokenizer
+
+Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
+
+
+def context_limit(model: Callable, max_len: int | None = None) -> int:
+    if max_len is not None:
+        return max_len
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "max_seq_len"):
+        raise ValueError("pass max_len: the model has no cfg.max_seq_len to take the context limit from")
+    return int(cfg.max_seq_len)
+
+
+def model_device(model: Callable) -> torch.device:
+    params = getattr(model, "parameters", None)
+    if params is not None:
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def prefix_token(tokenizer: Tokenizer) -> int:
+    return tokenizer.eos_id
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Request:
+    """Token ids of (document-start + context, continuation); see the module docstring."""
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        context, continuation = context[:-n_space], context[-n_space:] + continuation
+    if not continuation:
+        raise ValueError("cannot score an empty continuation")
+    whole = tokenizer.encode(context + continuation)
+    n_ctx = len(tokenizer.encode(context)) if context else 0
+    n_ctx = min(n_ctx, len(whole) - 1)  # a merge across the boundary must still leave a token to score
+    return [prefix_token(tokenizer), *whole[:n_ctx]], whole[n_ctx:]
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model: Callable,
+    requests: Sequence[Request],
+    batch_size: int = 16,
+    max_len: int | None = None,
+    device: torch.device | None = None,
+    desc: str | None = None,
+    progress: bool = False,
+) -> list[tuple[float, bool]]:
+    """(sum of log P(continuation | context), whether greedy decoding reproduces it) per request.
+
+    Contexts longer than the model's window are truncated from the left. Requests are sorted by
+    length (longest first) so each padded batch wastes little; padding goes on the right where a
+    causal model cannot see it."""
+    max_len = context_limit(model, max_len)
+    device = device or model_device(model)
+    inputs: list[list[int]] = []
+    for i, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise ValueError(f"request {i}: empty continuation")
+        if len(cont) > max_len:
+            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds the context limit {max_len}")
+        if not ctx:
+            raise ValueError(f"request {i}: empty context (start it with the document-start token)")
+        inputs.append((ctx + cont)[-(max_len + 1) : -1])
+    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        width = len(inputs[batch[0]])
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
+        logits = model(tokens.to(device))
+        for row, i in enumerate(batch):
+            cont = torch.tensor(requests[i][1], device=logits.device)
+            end = len(inputs[i])
+            logp = logits[row, end - len(cont) : end].float().log_softmax(-1)
+            ll = logp.gather(-1, cont[:, None]).sum().item()
+            greedy = bool((logp.argmax(-1) == cont).all())
+            results[i] = (ll, greedy)
+    return results
+
+
+def rolling_windows(tokens: Sequence[int], max_len: int, stride: int | None = None) -> list[Request]:
+    """Requests that score tokens[1:] each exactly once (tokens[0] is the document-start token).
+
+    stride=None (= max_len): non-overlapping windows of max_len predicted tokens, each seeing the
+    tokens since its window began; the last window is extended leftwards to a full context. A
+    smaller stride slides the window: every scored token then sees at least max_len - stride
+    tokens of context (when the document has them), at max_len/stride times the compute."""
+    stride = stride or max_len
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride={stride} must be between 1 and the context limit {max_len}")
+    tokens = list(tokens)
+    out = []
+    for start in range(1, len(tokens), stride):
+        end = min(start + stride, len(tokens))
+        first = max(0, end - 1 - max_len)
+        out.append((tokens[first:start], tokens[start:end]))
+    return out

@@ -1,0 +1,48 @@
+"""Load a checkpoint directory alone (its config and tokenizer travel with it) for evaluation,
+generation, growth or export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from launch import checkpoint as ckpt
+from launch.build import build_model
+from launch.config import Config, from_container
+from launch.errors import UserError
+from launch.model import Transformer
+from launch.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: Config
+    path: Path
+    step: int
+
+
+def load_config_of(path: Path) -> Config:
+    cfg_file = path / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{path} has no config.yaml: not a checkpoint directory written by launch.train")
+    return from_container(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedCheckpoint:
+    """Model (eval mode), tokenizer and config of a checkpoint dir (or a run dir: its latest)."""
+    path = ckpt.resolve_checkpoint(path)
+    cfg = load_config_of(path)
+    model = build_model(cfg)
+    state, _ = ckpt.load_model_file(path / ckpt.MODEL_FILE)
+    ckpt.check_model_state(model, state, str(path / ckpt.MODEL_FILE))
+    model.load_state_dict(state)
+    model.to(device=device, dtype=dtype).eval()
+    tok_path = path / "tokenizer.model"
+    tokenizer = Tokenizer(tok_path)
+    step = int(ckpt.read_trainer_state(path).get("step", 0))
+    return LoadedCheckpoint(model, tokenizer, cfg, path, step)

@@ -1,0 +1,47 @@
+"""Shared test setup: offline Hugging Face caches in a temp dir, helpers to run entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_HF_HOME = tempfile.mkdtemp(prefix="hf_home_")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_module(module: str, *args: str, env: dict | None = None, nproc: int = 1, timeout: int = 300, check: bool = True):
+    """Run `python -m module args` (or under torchrun with `nproc` processes) from the repo root."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def run():
+    return run_module
+
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny dense model trained for 20 steps on the bundled corpus (shared by read-only tests)."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    run_module("launch.train", f"config={TINY}", f"run.dir={run_dir}")
+    return run_dir

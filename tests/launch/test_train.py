@@ -1,0 +1,140 @@
+"""End-to-end trainer behaviour: outputs, resume, failures, distributed equivalence."""
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from launch.checkpoint import list_checkpoints
+from launch.inference import load_checkpoint
+from launch.metrics import read_metrics
+
+from ..conftest import TINY, run_module  # noqa: TID252
+
+
+def train(run_dir, *overrides, **kw):
+    return run_module("launch.train", f"config={TINY}", f"run.dir={run_dir}", *overrides, **kw)
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_run_directory_layout_and_metrics(tiny_checkpoint):
+    run = tiny_checkpoint
+    assert (run / "config.yaml").is_file() and (run / "tokenizer.model").is_file()
+    recs = read_metrics(run)
+    train_recs = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
+    for r in train_recs:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(r)
+        assert r["tokens"] == r["step"] * 8 * 32
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [10, 20]
+    assert all(math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-9) for r in val)
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]  # it learns
+    steps = [s for s, _ in list_checkpoints(run)]
+    assert steps == [10, 20]
+    ckpt = run / "checkpoints" / "step_20"
+    for f in ["model.safetensors", "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml", "tokenizer.model"]:
+        assert (ckpt / f).is_file(), f
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 20 and state["data"]["consumed"] == 20 * 8
+
+
+def test_tied_embedding_is_stored_once(tiny_checkpoint):
+    with safe_open(str(tiny_checkpoint / "checkpoints/step_20/model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        aliases = json.loads(f.metadata()["aliases"])
+    assert "tok_embeddings.weight" in keys and "output.weight" not in keys
+    assert aliases == {"output.weight": "tok_embeddings.weight"}
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert loaded.model.output.weight is loaded.model.tok_embeddings.weight
+    assert loaded.step == 20
+
+
+def test_bitwise_resume_after_kill_9(tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    args = ["train.steps=12", "train.ckpt_every=6", "train.log_every=1", "train.val_every=0"]
+    train(straight, *args)
+    proc = train(crashed, *args, env={"LAUNCH_FAULT": "kill:9"}, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert [s for s, _ in list_checkpoints(crashed)] == [6]
+    assert max(losses(crashed)) == 8  # steps 7 and 8 were logged, then rolled back on resume
+    out = train(crashed, *args)
+    assert "resuming from" in out.stdout
+    assert losses(crashed) == losses(straight)  # every logged loss identical, bit for bit
+
+
+def test_crash_mid_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+    args = ["train.steps=8", "train.ckpt_every=4", "train.val_every=0", "train.log_every=1"]
+    proc = train(tmp_path, *args, env={"LAUNCH_FAULT": "crash_in_save:8"}, check=False)
+    assert proc.returncode != 0
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+    assert list((tmp_path / "checkpoints").glob(".tmp_step_8_*"))  # the half-written one
+    assert load_checkpoint(tmp_path).step == 4  # previous one loads
+    train(tmp_path, *args)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 8]
+    assert not list((tmp_path / "checkpoints").glob(".tmp_step_*"))
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    args = ["train.steps=20", "train.ckpt_every=100", "train.val_every=0"]
+    proc = train(tmp_path, *args, env={"LAUNCH_FAULT": "sigterm:7"})
+    assert proc.returncode == 0 and "SIGTERM" in proc.stdout
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [7]
+    train(tmp_path, *args)
+    assert [s for s, _ in list_checkpoints(tmp_path)][-1] == 20
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_checkpoint(tmp_path):
+    args = ["train.steps=10", "train.ckpt_every=3", "train.val_every=0"]
+    proc = train(tmp_path, *args, env={"LAUNCH_FAULT": "nan:5"}, check=False)
+    assert proc.returncode == 2
+    assert "at step 5" in proc.stderr and "step_3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]
+
+
+def test_user_errors_are_one_line_and_overwrite_nothing(tmp_path, tiny_checkpoint):
+    proc = train(tmp_path, "model.dimm=3", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "model.dimm" in proc.stderr
+    proc = train(tmp_path, "data.train=/does/not/exist.txt", check=False)
+    assert proc.returncode == 2 and "matches no files" in proc.stderr
+    # resuming a run whose checkpoint does not fit the config: named tensor, checkpoint untouched
+    before = (tiny_checkpoint / "checkpoints/step_20/model.safetensors").stat().st_mtime_ns
+    proc = run_module("launch.train", f"config={TINY}", f"run.dir={tiny_checkpoint}", "model.dim=128", check=False)
+    assert proc.returncode == 2 and "different model config" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tiny_checkpoint / "checkpoints/step_20/model.safetensors").stat().st_mtime_ns == before
+
+
+def test_grad_accum_matches_single_batch(tmp_path):
+    args = ["train.steps=4", "train.log_every=1", "train.val_every=0"]
+    train(tmp_path / "a", *args)
+    train(tmp_path / "b", *args, "train.grad_accum=4")
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert la.keys() == lb.keys()
+    for s in la:
+        assert la[s] == pytest.approx(lb[s], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_rank(tmp_path, mode):
+    args = ["train.steps=6", "train.log_every=1", "train.val_every=3", "train.ckpt_every=3", f"parallel.data={mode}"]
+    train(tmp_path / "one", *args)
+    train(tmp_path / "two", *args, nproc=2)
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"]
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), (mode, a, b)
+    # the checkpoint written by 2 ranks resumes on 1 rank
+    train(tmp_path / "two", "train.steps=8", "train.log_every=1", "train.val_every=0")
+    assert max(losses(tmp_path / "two")) == 8
+    assert Path(tmp_path / "two" / "checkpoints" / "step_8").is_dir()

@@ -1,0 +1,38 @@
+"""Smoke test: the lookup benchmark runs end to end in --quick mode and writes its report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_lookup.py"
+
+
+def test_quick_benchmark_writes_expected_fields(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "memory_lookup.json").read_text())
+    assert {"machine", "config", "native", "lookup", "value_step"} <= report.keys()
+    assert report["machine"]["num_threads"] >= 1 and report["machine"]["cpu_model"]
+    assert report["config"]["quick"] is True
+
+    lookups = {r["method"]: r for r in report["lookup"]}
+    for name in ("embedding_bag (sparse grad)", "embedding_bag (dense grad)", "naive gather (dense grad)"):
+        assert lookups[name]["forward_backward"]["ms"] > 0
+    ours = lookups["lookup_cpu C++ (sparse grad)"]
+    assert "skipped" in ours or "speedup_vs_eb_sparse" in ours
+
+    steps = {r["method"]: r for r in report["value_step"]}
+    assert steps["embedding_bag sparse + SparseAdam"]["value_step"]["ms"] > 0
+    assert "speedup_vs_best_stock_adam" in steps["lookup_cpu (sparse grad) + RowSparseAdam"]
+    assert any(m.startswith("FBGEMM") for m in steps)  # measured, or recorded as not importable
+
+    md = (tmp_path / "memory_lookup.md").read_text()
+    assert "shared 2-core machine" in md and "RowSparseAdam" in md
