@@ -29,12 +29,15 @@ def _memory_factory(cfg: Config, n_layers: int):
     from memlayers import MemoryPool, ProductKeyMemory
 
     v_dim = m.v_dim or cfg.model.dim
+    pool_kwargs = dict(
+        n_keys=m.n_keys,
+        v_dim=v_dim,
+        # Row-sparse value gradients feed the row-sparse optimizer; dense AdamW needs dense ones.
+        sparse_grad=m.value_optimizer == "row_sparse_adam",
+        lookup_impl=m.lookup_impl,
+    )
     try:
-        pools = (
-            [MemoryPool(n_keys=m.n_keys, v_dim=v_dim)]
-            if m.shared
-            else [MemoryPool(n_keys=m.n_keys, v_dim=v_dim) for _ in m.layers]
-        )
+        pools = [MemoryPool(**pool_kwargs) for _ in range(1 if m.shared else len(m.layers))]
     except ValueError as e:
         raise ConfigError(f"memory: {e}") from None
     slot = {layer: (0 if m.shared else i) for i, layer in enumerate(m.layers)}
@@ -85,3 +88,15 @@ def _plain(obj):
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, DictConfig | ListConfig) else obj
+
+
+def active_params(model: Transformer) -> int:
+    """Parameters touched per token: everything except the value tables, plus the value rows each
+    memory layer reads (heads × knn rows of v_dim)."""
+    from launch.optim import memory_value_params
+
+    total = model.num_params() - sum(p.numel() for p in memory_value_params(model))
+    for m in model.modules():
+        if hasattr(m, "pool") and hasattr(m, "knn") and hasattr(m, "heads"):
+            total += m.heads * m.knn * m.pool.values.shape[1]
+    return total

@@ -119,6 +119,10 @@ class EvalConfig:
     max_new_tokens: int = 32
     sample_prompt: str = "ROMEO.\n"
     sample_tokens: int = 64
+    sample_temperature: float = 0.0  # 0: greedy sample; > 0: sampled with eval.seed
+    sample_top_k: int | None = None
+    seed: int = 0
+    text_stride: int = 0  # perplexity windows: 0 = non-overlapping; S < max_seq_len slides by S tokens
 
 
 @dataclass

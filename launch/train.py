@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from launch import checkpoint as ckpt
-from launch.build import build_model
+from launch.build import active_params, build_model
 from launch.config import Config, load_config, to_yaml, validate
 from launch.data import BatchStream, PackedSequences, load_documents, tokenize_source, validation_batches
 from launch.distributed import (
@@ -105,6 +105,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_loss(model, val: PackedSequences, cfg: Config, info: DistInfo, autocast) -> float:
     model.eval()
+    pools = [m for m in model.modules() if hasattr(m, "track_usage")]
+    tracking = [p.track_usage for p in pools]
+    for p in pools:  # memory-usage statistics describe training reads only
+        p.track_usage = False
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     per_rank_batch = max(1, cfg.data.batch_size // (info.world * cfg.train.grad_accum))
     for seqs in validation_batches(val, cfg.data.val_sequences, per_rank_batch, info.rank, info.world):
@@ -114,6 +118,8 @@ def evaluate_loss(model, val: PackedSequences, cfg: Config, info: DistInfo, auto
         loss = F.cross_entropy(logits.float().flatten(0, 1), seqs[:, 1:].flatten(), reduction="sum")
         total += torch.stack([loss.double(), torch.tensor(seqs[:, 1:].numel(), dtype=torch.float64, device=info.device)])
     all_reduce_sum(total)
+    for p, flag in zip(pools, tracking):
+        p.track_usage = flag
     model.train()
     return float(total[0] / total[1])
 
@@ -161,6 +167,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg).to(info.device)
         self.model.init_weights()
+        for pool in getattr(self.model, "memory_pools", []):
+            pool.track_usage = True  # slot-usage health signal, logged with every training record
         self.step, self.tokens_seen = 0, 0
         if self.resume_from is None and init_from is not None:
             self._load_weights(init_from)
@@ -282,7 +290,7 @@ class Trainer:
             n = self.raw_model.num_params()
             print(
                 f"model: {n / 1e6:.2f}M parameters ({self.raw_model.num_params(exclude_embeddings=True) / 1e6:.2f}M "
-                f"non-embedding) | train {len(self.train_data)} seqs × {cfg.data.seq_len} | world {info.world} | "
+                f"non-embedding, {active_params(self.raw_model) / 1e6:.2f}M active per token) | train {len(self.train_data)} seqs × {cfg.data.seq_len} | world {info.world} | "
                 f"device {info.device}" + (f" | unigram val ppl {self.unigram_ppl:.1f}" if self.unigram_ppl else ""),
                 flush=True,
             )

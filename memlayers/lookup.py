@@ -74,7 +74,14 @@ def torch_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bo
 # the body of this one function; everything else in this file stays as is.
 # ---------------------------------------------------------------------------------------------------
 def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool) -> Tensor:
-    return torch_lookup(values, indices, weights, sparse=sparse)
+    if torch.compiler.is_compiling() or values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # The C++ ops have no fake-tensor kernels (the sparse grad's row count is data-dependent), so
+        # compiled graphs keep embedding_bag; and the kernels cover these three dtypes only.
+        return torch_lookup(values, indices, weights, sparse=sparse)
+    from memlayers.lookup_cpu import lookup_cpu
+
+    # C++ kernels (coalesced row-sparse grads) when they build, else lookup_cpu's torch path.
+    return lookup_cpu(values, indices, weights, sparse_grad=sparse)
 
 
 @functools.cache

@@ -17,8 +17,9 @@ from scalenet.checkpoint import (
 )
 from scalenet.copying import external_refs, shared_deepcopy
 from scalenet.fsdp import fsdp_units
-from scalenet.grow import adapter_parameters, adapters, grow
+from scalenet.grow import adapter_parameters, adapters, grow, reset_adapters
 from scalenet.mapping import resolve_mapping
+from scalenet.materialize import to_empty_tied
 from scalenet.merge import merge
 from scalenet.params import count_params
 from scalenet.strategies import SPEC_FORMAT, STRATEGIES, grow_by_strategy, rebuild, register_strategy
@@ -40,8 +41,10 @@ __all__ = [
     "merge",
     "rebuild",
     "register_strategy",
+    "reset_adapters",
     "resolve_mapping",
     "save_unique",
     "shared_deepcopy",
+    "to_empty_tied",
     "unique_state_dict",
 ]

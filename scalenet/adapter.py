@@ -55,7 +55,9 @@ class AdaptedLinear(nn.Linear):
             self.reset_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
+            F.linear(x, self.lora_A), self.lora_B
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A, the dense update the adapter adds to W."""

@@ -49,7 +49,9 @@ def unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_unique_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
+def load_unique_state_dict(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> Any:
     """Load a (deduplicated) state dict into ``module``: any one alias of a tied tensor is enough.
 
     Every alias is filled from the stored name, and loading copies into the existing tensors, so tied
@@ -72,7 +74,9 @@ def load_unique_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor
         for n in names:
             full[n] = src
     if strict and missing_groups:
-        shown = "; ".join(g[0] + (f" (or an alias: {', '.join(g[1:])})" if len(g) > 1 else "") for g in missing_groups[:10])
+        shown = "; ".join(
+            g[0] + (f" (or an alias: {', '.join(g[1:])})" if len(g) > 1 else "") for g in missing_groups[:10]
+        )
         # RuntimeError like torch's own load_state_dict, so callers catch one type.
         raise RuntimeError(f"state_dict is missing {len(missing_groups)} tensors: {shown}")
     known = {n for g in alias_groups(module) for n in g}

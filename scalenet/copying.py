@@ -16,6 +16,9 @@ from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
 
+# torch's own per-module bookkeeping (_parameters, _modules, hook dicts, training, ...): never references.
+_TORCH_KEYS = frozenset(vars(nn.Module()))
+
 
 def _walk_refs(value: Any, depth: int = 0) -> Iterator[nn.Module | torch.Tensor]:
     """Modules and tensors reachable from a plain attribute value (through lists/tuples/dicts)."""
@@ -40,7 +43,7 @@ def external_refs(module: nn.Module) -> list[nn.Module | torch.Tensor]:
     registered.update(id(t) for _, t in module.named_buffers(remove_duplicate=False))
     for sub in module.modules():
         for key, value in vars(sub).items():
-            if key.startswith("_"):  # torch's own bookkeeping: _parameters, _modules, hooks, ...
+            if key in _TORCH_KEYS:
                 continue
             for ref in _walk_refs(value):
                 if id(ref) not in registered:

@@ -58,7 +58,9 @@ def check_adapter_rank(adapter_rank: Any) -> int:
     if isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int):
         raise TypeError(f"adapter_rank must be an int (0 = no adapters), got {adapter_rank!r}")
     if adapter_rank < 0:
-        raise ValueError(f"adapter_rank must be >= 0 (0 = no adapters, pure weight sharing), got {adapter_rank}")
+        raise ValueError(
+            f"adapter_rank must be >= 0 (0 = no adapters, pure weight sharing), got {adapter_rank}"
+        )
     return adapter_rank
 
 
@@ -216,3 +218,10 @@ def adapters(layers: nn.Module) -> list[tuple[str, AdaptedLinear]]:
 def adapter_parameters(layers: nn.Module) -> list[torch.nn.Parameter]:
     """The adapters' own parameters (lora_A, lora_B), e.g. for a separate optimizer group."""
     return [p for _, m in adapters(layers) for p in (m.lora_A, m.lora_B)]
+
+
+def reset_adapters(layers: nn.Module) -> None:
+    """Re-initialise every adapter (A small random, B = 0), e.g. after ``to_empty`` and the model's own
+    weight init, so the grown stack again computes its blocks in mapping order."""
+    for _, m in adapters(layers):
+        m.reset_adapter()

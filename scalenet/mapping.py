@@ -52,7 +52,9 @@ def resolve_mapping(mapping: MappingArg, n_layers: int, depth: int | None = None
                 f"mapping[{pos}]={src!r} ({type(src).__name__}): explicit mappings hold int source indices"
             )
         if not 0 <= src < n_layers:
-            raise ValueError(f"mapping[{pos}]={src} is out of range: source indices must be in [0, {n_layers})")
+            raise ValueError(
+                f"mapping[{pos}]={src} is out of range: source indices must be in [0, {n_layers})"
+            )
     if depth is not None and depth != len(out):
         raise ValueError(
             f"depth={depth} disagrees with the explicit mapping of length {len(out)}; "

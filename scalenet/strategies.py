@@ -65,16 +65,26 @@ def _materialize(blocks: list[nn.Module], src: list[int], shared_objects: Sequen
 
 def _no_adapters(strategy: str, targets: Any) -> None:
     if targets is not None:
-        raise ValueError(f"targets selects adapter layers, which only strategy='scalenet' has (got strategy={strategy!r})")
+        raise ValueError(
+            f"targets selects adapter layers, which only strategy='scalenet' has (got strategy={strategy!r})"
+        )
 
 
 def _fixed_mapping(strategy: str, mapping: MappingArg | None, name: str) -> str:
-    if mapping is not None and mapping != name:
+    # "stack" is grow_by_strategy's default (and a config's), so it means "not chosen" here.
+    if mapping not in (None, "stack", name):
         raise ValueError(
             f"strategy={strategy!r} always uses mapping={name!r} (got {mapping!r}); "
             "use strategy='scalenet' for other mappings"
         )
     return name
+
+
+def _derived_mapping(strategy: str, mapping: MappingArg | None, source: str) -> None:
+    if mapping not in (None, "stack"):
+        raise ValueError(
+            f"strategy={strategy!r} derives its mapping from {source}; leave mapping at its default (got {mapping!r})"
+        )
 
 
 @register_strategy("scalenet")
@@ -170,11 +180,12 @@ def _llama_pro(
     ``freeze_original`` (original blocks get ``requires_grad=False``: only the inserted copies train).
     """
     _no_adapters("llama_pro", targets)
-    if mapping is not None:
-        raise ValueError("strategy='llama_pro' derives its mapping from depth/every; do not pass mapping")
+    _derived_mapping("llama_pro", mapping, "depth/every")
     L = len(blocks)
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"llama_pro every={every!r}: expected a positive int (insert after every k-th block)")
+        raise ValueError(
+            f"llama_pro every={every!r}: expected a positive int (insert after every k-th block)"
+        )
     if depth is None:
         depth = L + (L // every if every else L)
     if depth <= L:
@@ -188,7 +199,9 @@ def _llama_pro(
             )
         every = L // n_new
     if n_new * every > L:
-        raise ValueError(f"llama_pro: {n_new} insertions after every {every} blocks need {n_new * every} > L={L} blocks")
+        raise ValueError(
+            f"llama_pro: {n_new} insertions after every {every} blocks need {n_new * every} > L={L} blocks"
+        )
 
     explicit = zero_init is not None
     names = list(LLAMA_PRO_ZERO_INIT if zero_init is None else zero_init)
@@ -244,8 +257,7 @@ def _solar_dus(
     keeps blocks 0..L-m-1, the second m..L-1, so depth = 2L - 2m. ``m`` is given or derived from
     ``depth``; with neither, m = L // 4 (the paper's 8 of 32)."""
     _no_adapters("solar_dus", targets)
-    if mapping is not None:
-        raise ValueError("strategy='solar_dus' derives its mapping from m/depth; do not pass mapping")
+    _derived_mapping("solar_dus", mapping, "m/depth")
     L = len(blocks)
     if m is not None and (isinstance(m, bool) or not isinstance(m, int)):
         raise TypeError(f"solar_dus m must be an int, got {m!r}")
@@ -268,7 +280,7 @@ def grow_by_strategy(
     layers: nn.ModuleList,
     strategy: str = "scalenet",
     depth: int | None = None,
-    mapping: MappingArg | None = None,
+    mapping: MappingArg | None = "stack",
     adapter_rank: int = 8,
     targets: Any = None,
     *,
@@ -277,8 +289,9 @@ def grow_by_strategy(
 ) -> tuple[nn.ModuleList, dict[str, Any]]:
     """Grow ``layers`` with a registered strategy; return the new stack and its JSON-serialisable spec.
 
-    ``mapping=None`` means the strategy's own (``"stack"`` for scalenet). ``adapter_rank``/``targets``
-    apply to ``scalenet`` only. ``opts`` are strategy options (see each strategy's docstring).
+    ``mapping`` is chosen freely for ``scalenet`` only; the other strategies fix their order and accept
+    the default (``"stack"``) or None for it, rejecting anything else. ``adapter_rank``/``targets``
+    apply to ``scalenet`` only (``adapter_rank`` is ignored by the others, ``targets`` rejected). ``opts`` are strategy options (see each strategy's docstring).
     ``shared_objects`` (not recorded in the spec) are objects copies must keep as-is.
     """
     if strategy not in STRATEGIES:
@@ -287,7 +300,8 @@ def grow_by_strategy(
     accepted = [
         p.name
         for p in inspect.signature(fn).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name not in ("depth", "mapping", "adapter_rank", "targets", "shared_objects")
+        if p.kind is p.KEYWORD_ONLY
+        and p.name not in ("depth", "mapping", "adapter_rank", "targets", "shared_objects")
     ]
     if unknown := sorted(set(opts) - set(accepted)):
         raise TypeError(f"strategy {strategy!r} got unknown options {unknown}; it accepts {accepted}")
@@ -314,7 +328,9 @@ def grow_by_strategy(
     return new, spec
 
 
-def rebuild(layers: nn.ModuleList, spec: dict[str, Any], *, shared_objects: Iterable[Any] = ()) -> nn.ModuleList:
+def rebuild(
+    layers: nn.ModuleList, spec: dict[str, Any], *, shared_objects: Iterable[Any] = ()
+) -> nn.ModuleList:
     """Re-apply a growth ``spec`` to freshly built base ``layers`` (same L); then load the grown
     checkpoint with :func:`scalenet.load_unique_state_dict` to restore weights and ties."""
     if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:

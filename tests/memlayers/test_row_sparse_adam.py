@@ -170,7 +170,7 @@ def test_weight_decay_is_decoupled_and_touched_rows_only(path):
     p = torch.nn.Parameter(init.clone())
     opt = RowSparseAdam([p], lr=0.1, weight_decay=0.5)
     # A zero gradient on a touched row isolates the decay: m = v = 0, so p *= 1 - lr*wd.
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.zeros(1, 3), (4, 3))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.zeros(1, 3), (4, 3), check_invariants=True)
     opt.step()
     expected = init.clone()
     expected[2] *= 1 - 0.1 * 0.5

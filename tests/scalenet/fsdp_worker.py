@@ -42,7 +42,9 @@ def build() -> torch.nn.Module:
 
 def batch():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(4, 5, 16, generator=g, dtype=torch.float64), torch.rand(16, generator=g, dtype=torch.float64) + 0.5
+    return torch.randn(4, 5, 16, generator=g, dtype=torch.float64), torch.rand(
+        16, generator=g, dtype=torch.float64
+    ) + 0.5
 
 
 def reference() -> dict:
@@ -80,14 +82,19 @@ def worker(rank: int, port: int, ref: dict, out: str) -> None:
             dist.all_reduce(mean_loss)
             params = dict(model.named_parameters(remove_duplicate=False))
             res = {"loss_err": abs(mean_loss.item() / 2 - ref["loss"])}
-            res["grad_err"] = max((full(params[n].grad) - ref["grads"][n]).abs().max().item() for n in CHECKED)
+            res["grad_err"] = max(
+                (full(params[n].grad) - ref["grads"][n]).abs().max().item() for n in CHECKED
+            )
             torch.optim.SGD(model.parameters(), lr=0.1).step()
             res["step_err"] = max((full(params[n]) - ref["after"][n]).abs().max().item() for n in CHECKED)
-            res["tied"] = all(
-                params[f"layers.{i}.{n}"] is params[f"layers.{i + 3}.{n}"]
-                for i in range(3)
-                for n in ("attention.wq.weight", "ffn_norm.weight")
-            ) and params["layers.0.attention.wq.lora_A"] is not params["layers.3.attention.wq.lora_A"]
+            res["tied"] = (
+                all(
+                    params[f"layers.{i}.{n}"] is params[f"layers.{i + 3}.{n}"]
+                    for i in range(3)
+                    for n in ("attention.wq.weight", "ffn_norm.weight")
+                )
+                and params["layers.0.attention.wq.lora_A"] is not params["layers.3.attention.wq.lora_A"]
+            )
             report[layout] = res
     finally:
         dist.destroy_process_group()

@@ -26,10 +26,16 @@ def test_forward_backward_match_dense_reference(alpha):
     A = ad.lora_A.detach().clone().requires_grad_()
     B = ad.lora_B.detach().clone().requires_grad_()
     xr = x.detach().clone().requires_grad_()
-    ref = torch.stack(
-        [sum(xr[..., i] * (W[o, i] + s * sum(B[o, r] * A[r, i] for r in range(3))) for i in range(5)) for o in range(7)],
-        dim=-1,
-    ) + base.bias.detach()
+    ref = (
+        torch.stack(
+            [
+                sum(xr[..., i] * (W[o, i] + s * sum(B[o, r] * A[r, i] for r in range(3))) for i in range(5))
+                for o in range(7)
+            ],
+            dim=-1,
+        )
+        + base.bias.detach()
+    )
     y = ad(x)
     torch.testing.assert_close(y, ref)
 

@@ -113,11 +113,15 @@ def test_load_unique_state_dict_errors():
     model, _ = grown_model()
     sd = unique_state_dict(model)
     del sd["layers.0.attention.wq.weight"]
-    with pytest.raises(RuntimeError, match=r"missing 1 tensors: layers.0.attention.wq.weight \(or an alias: layers.3"):
+    with pytest.raises(
+        RuntimeError, match=r"missing 1 tensors: layers.0.attention.wq.weight \(or an alias: layers.3"
+    ):
         load_unique_state_dict(model, sd)
     full = {k: v.clone() for k, v in model.state_dict().items()}
     full["layers.3.attention.wq.weight"] += 1
-    with pytest.raises(ValueError, match="tied names 'layers.0.attention.wq.weight' and 'layers.3.attention.wq.weight'"):
+    with pytest.raises(
+        ValueError, match="tied names 'layers.0.attention.wq.weight' and 'layers.3.attention.wq.weight'"
+    ):
         load_unique_state_dict(model, full)
     # any single alias is enough
     sd = unique_state_dict(model)

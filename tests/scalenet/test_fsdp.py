@@ -28,7 +28,9 @@ def test_fsdp_units_group_positions_sharing_a_block():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
 def test_fsdp2_two_ranks_match_single_process(tmp_path):
     out = tmp_path / "fsdp.json"
     proc = subprocess.run(

@@ -80,7 +80,9 @@ def test_plain_user_block():
     assert new[1].net[1].weight is layers[0].net[1].weight
     assert isinstance(new[1].net[3], AdaptedLinear)
     x = torch.randn(4, DIM)
-    torch.testing.assert_close(new[3](new[2](new[1](new[0](x)))), layers[1](layers[1](layers[0](layers[0](x)))))
+    torch.testing.assert_close(
+        new[3](new[2](new[1](new[0](x)))), layers[1](layers[1](layers[0](layers[0](x))))
+    )
     r = 3
     assert count_params(new) == count_params(layers) + 4 * (r * (DIM + 2 * DIM) + r * (2 * DIM + DIM))
 
@@ -89,7 +91,9 @@ def adapter_formula(layers: nn.ModuleList, mapping: list[int], r: int, targets=N
     from scalenet.grow import normalize_targets, targeted_linears
 
     pats = normalize_targets(targets)
-    return sum(r * (m.in_features + m.out_features) for s in mapping for _, m in targeted_linears(layers[s], pats))
+    return sum(
+        r * (m.in_features + m.out_features) for s in mapping for _, m in targeted_linears(layers[s], pats)
+    )
 
 
 @pytest.mark.parametrize("targets", [None, ["wq", "wv"], ["feed_forward.*"], "attention.wo"])
@@ -196,7 +200,11 @@ def test_shared_grad_is_sum_over_instances():
         ({"mapping": [0.0]}, TypeError, "int source indices"),
         ({"mapping": "zigzag"}, ValueError, "unknown mapping 'zigzag'"),
         ({"mapping": 3}, TypeError, "mapping must be"),
-        ({"mapping": [0, 1, 2], "depth": 4}, ValueError, "depth=4 disagrees with the explicit mapping of length 3"),
+        (
+            {"mapping": [0, 1, 2], "depth": 4},
+            ValueError,
+            "depth=4 disagrees with the explicit mapping of length 3",
+        ),
         ({"mapping": "interleave", "depth": 7}, ValueError, "multiple of the base depth L=3"),
         ({"depth": 0}, ValueError, "depth must be a positive int"),
         ({"adapter_rank": -1}, ValueError, "adapter_rank must be >= 0 .0 = no adapters"),
@@ -220,3 +228,26 @@ def test_bad_layers_fail_clearly():
     layers, _ = toys.make_layers(2)
     with pytest.raises(ValueError, match="already holds scalenet adapters: merge"):
         grow(grow(layers))
+
+
+def test_meta_device_growth_stays_tied_through_to_empty_tied():
+    from scalenet import reset_adapters, to_empty_tied
+
+    with torch.device("meta"):
+        layers = nn.ModuleList(toys.Block(i) for i in range(2))
+    grown = grow(layers, adapter_rank=2)
+    to_empty_tied(grown, "cpu")
+    assert grown[0].attention.wq.weight is grown[2].attention.wq.weight is layers[0].attention.wq.weight
+    assert grown[0].attention.wq.weight.device.type == "cpu"
+    for m in grown.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    reset_adapters(grown)
+    assert all(torch.count_nonzero(m.lora_B) == 0 for _, m in adapters(grown))
+    x, rope = inputs()
+    torch.testing.assert_close(toys.run_stack(grown, x, rope), toys.run_stack([*layers, *layers], x, rope))
+    # plain to_empty is what this guards against: it gives each alias its own new parameter
+    with torch.device("meta"):
+        again = grow(nn.ModuleList(toys.Block(i) for i in range(2)))
+    again.to_empty(device="cpu")
+    assert again[0].attention.wq.weight is not again[2].attention.wq.weight

@@ -44,7 +44,9 @@ def test_grow_merge_and_kv_cache_on_llama_blocks():
     full = model(tokens)
     # decoding with per-position caches gives the same logits as the full pass
     caches = model.new_caches(batch=2)
-    step = torch.cat([model(tokens[:, :6], caches=caches), model(tokens[:, 6:], caches=caches, start_pos=6)], dim=1)
+    step = torch.cat(
+        [model(tokens[:, :6], caches=caches), model(tokens[:, 6:], caches=caches, start_pos=6)], dim=1
+    )
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
 
     grown_layers = model.layers

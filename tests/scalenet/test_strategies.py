@@ -26,7 +26,9 @@ def all_ptrs(layers: nn.ModuleList) -> list[int]:
     return [p.data_ptr() for b in layers for p in b.parameters()]
 
 
-@pytest.mark.parametrize("strategy,expected", [("stack_copy", [0, 1, 2, 0, 1, 2]), ("interleave_copy", [0, 0, 1, 1, 2, 2])])
+@pytest.mark.parametrize(
+    "strategy,expected", [("stack_copy", [0, 1, 2, 0, 1, 2]), ("interleave_copy", [0, 0, 1, 1, 2, 2])]
+)
 def test_copy_strategies_are_untied_copies(strategy, expected):
     layers, pool = toys.make_layers(3, memory_at=(0,))
     new, spec = grow_by_strategy(layers, strategy)
@@ -48,7 +50,10 @@ def test_llama_pro_is_exactly_the_base_function_at_init(memory):
     new, spec = grow_by_strategy(layers, "llama_pro", depth=6)
     assert spec["mapping"] == [0, 1, 1, 2, 3, 3] and spec["options"]["every"] == 2
     inserted = new[2]
-    assert inserted is not layers[1] and inserted.attention.wq.weight.data_ptr() != layers[1].attention.wq.weight.data_ptr()
+    assert (
+        inserted is not layers[1]
+        and inserted.attention.wq.weight.data_ptr() != layers[1].attention.wq.weight.data_ptr()
+    )
     assert torch.count_nonzero(inserted.attention.wo.weight) == 0
     out_name = "feed_forward.out.weight" if memory else "feed_forward.w2.weight"
     assert torch.count_nonzero(inserted.get_parameter(out_name)) == 0
@@ -79,7 +84,7 @@ def test_llama_pro_freeze_original_and_every():
         ({"every": 3, "depth": 6}, "need 6 > L=4"),
         ({"zero_init": ["attention.nope"]}, r"zero_init \['attention.nope'\] matches nothing in block 0"),
         ({"zero_init": ["attention.wo", "ffn.w9"]}, r"zero_init names \['ffn.w9'\] were not found"),
-        ({"mapping": "interleave"}, "do not pass mapping"),
+        ({"mapping": "interleave"}, "derives its mapping from depth/every"),
         ({"targets": ["wq"]}, "only strategy='scalenet'"),
     ],
 )
@@ -113,18 +118,30 @@ def test_solar_dus_structure():
 
 def test_unknown_strategy_and_options_are_named():
     layers, _ = toys.make_layers(2)
-    with pytest.raises(ValueError, match=r"unknown growth strategy 'gstack'.*'interleave_copy', 'llama_pro', 'scalenet'"):
+    with pytest.raises(
+        ValueError, match=r"unknown growth strategy 'gstack'.*'interleave_copy', 'llama_pro', 'scalenet'"
+    ):
         grow_by_strategy(layers, "gstack")
-    with pytest.raises(TypeError, match=r"strategy 'solar_dus' got unknown options \['every'\]; it accepts \['m'\]"):
+    with pytest.raises(
+        TypeError, match=r"strategy 'solar_dus' got unknown options \['every'\]; it accepts \['m'\]"
+    ):
         grow_by_strategy(layers, "solar_dus", every=2)
     with pytest.raises(ValueError, match="always uses mapping='stack'"):
         grow_by_strategy(layers, "stack_copy", mapping="interleave")
+    # the signature's default mapping ("stack") means "not chosen" for fixed-order strategies
+    _, spec = grow_by_strategy(layers, "interleave_copy", mapping="stack")
+    assert spec["mapping"] == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="derives its mapping from m/depth"):
+        grow_by_strategy(layers, "solar_dus", mapping=[0, 1])
 
 
 @pytest.mark.parametrize(
     "strategy,opts",
     [
-        ("scalenet", {"mapping": "interleave", "adapter_rank": 3, "targets": ["wq", "w2"], "untie_norms": True}),
+        (
+            "scalenet",
+            {"mapping": "interleave", "adapter_rank": 3, "targets": ["wq", "w2"], "untie_norms": True},
+        ),
         ("scalenet", {"depth": 5, "adapter_alpha": 4.0}),
         ("stack_copy", {}),
         ("llama_pro", {"every": 2, "freeze_original": True}),

@@ -18,6 +18,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
 
 class Attention(nn.Module):
     """Single-head causal attention; `rope` is a per-call scale on q and k so the test sees it arrive."""
@@ -89,7 +92,9 @@ class MLPBlock(nn.Module):
 
     def __init__(self, dim: int = 16):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)
@@ -110,7 +115,9 @@ class Model(nn.Module):
         return self.head(x)
 
 
-def make_layers(n: int = 3, dim: int = 16, memory_at: tuple[int, ...] = (), seed: int = 0) -> tuple[nn.ModuleList, Pool | None]:
+def make_layers(
+    n: int = 3, dim: int = 16, memory_at: tuple[int, ...] = (), seed: int = 0
+) -> tuple[nn.ModuleList, Pool | None]:
     torch.manual_seed(seed)
     pool = Pool(8, 12) if memory_at else None
     layers = nn.ModuleList(Block(i, dim, pool=pool if i in memory_at else None) for i in range(n))

@@ -1,0 +1,243 @@
+"""Run evaluation tasks on a model and write the results.
+
+`run_tasks` is what `launch.train` calls every `eval.every` steps; `launch.eval` uses
+`run_suite` + `write_results`. Under torch.distributed every rank runs the same computation (no
+sharding), so models whose forward itself runs collectives (FSDP2, memory-parallel values) stay in
+lockstep and nothing can deadlock; only rank 0 prints or writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from launch.config import EvalConfig
+from launch.distributed import DistInfo
+from launch.evaluation.metrics import best_over_golds
+from launch.evaluation.scoring import encode_pair, loglikelihoods, prefix_token, rolling_windows
+from launch.evaluation.tasks import (
+    QA,
+    Document,
+    MultipleChoice,
+    TaskSpec,
+    load_examples,
+    parse_task_specs,
+    split_shots,
+)
+from launch.generate import generate
+from launch.tokenizer import Tokenizer
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float | int]
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # generative tasks only
+
+
+@dataclass
+class _Ctx:
+    """What every task evaluator needs besides its examples."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    cfg: EvalConfig
+    device: torch.device
+    sync: bool
+    progress: bool
+    name: str
+
+
+def _shot_prefix(shots: list) -> str:
+    return "".join(s.as_shot() + "\n\n" for s in shots)
+
+
+def evaluate_multiple_choice(ctx: _Ctx, examples: list[MultipleChoice], shots: list) -> TaskResult:
+    """acc: the option with the highest summed log-likelihood; acc_norm: the highest
+    log-likelihood per character of the option's continuation (lm-eval's length normalisation)."""
+    prefix = _shot_prefix(shots)
+    requests, spans = [], []
+    for ex in examples:
+        ex = ex.with_prefix(prefix) if prefix else ex
+        spans.append((len(requests), [len(cont) for _, cont in ex.options]))
+        requests.extend(encode_pair(ctx.tokenizer, c, x) for c, x in ex.options)
+    lls = loglikelihoods(
+        ctx.model, requests, ctx.cfg.batch_size, device=ctx.device, desc=ctx.name, progress=ctx.progress
+    )
+    correct = correct_norm = 0
+    for ex, (first, lengths) in zip(examples, spans):
+        scores = [ll for ll, _ in lls[first : first + len(lengths)]]
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == ex.label)
+        normed = [s / max(n, 1) for s, n in zip(scores, lengths)]
+        correct_norm += int(max(range(len(normed)), key=normed.__getitem__) == ex.label)
+    n = len(examples)
+    return TaskResult({"acc": correct / n, "acc_norm": correct_norm / n, "n": n})
+
+
+def evaluate_generative(ctx: _Ctx, examples: list[QA], shots: list) -> TaskResult:
+    """Greedy answers cut at the first newline; exact match and F1 after SQuAD normalisation,
+    each the best over the gold answers."""
+    prefix = _shot_prefix(shots)
+    prompts = [prefix + ex.prompt() for ex in examples]
+    outputs: list[str] = []
+    bs = ctx.cfg.batch_size
+    for start in tqdm(range(0, len(prompts), bs), desc=ctx.name, disable=not ctx.progress, leave=False):
+        outputs += generate(
+            ctx.model, ctx.tokenizer, prompts[start : start + bs], ctx.cfg.max_new_tokens,
+            stop=["\n"], batch_size=bs, sync=ctx.sync,
+        )
+    preds, em_sum, f1_sum = [], 0.0, 0.0
+    for ex, out in zip(examples, outputs):
+        pred = out.strip()
+        em, f1 = best_over_golds(pred, ex.answers)
+        em_sum, f1_sum = em_sum + em, f1_sum + f1
+        preds.append({"question": ex.question, "prediction": pred, "gold": ex.answers, "em": em, "f1": f1})
+    n = len(examples)
+    return TaskResult({"exact_match": em_sum / n, "f1": f1_sum / n, "n": n}, preds)
+
+
+def evaluate_text(ctx: _Ctx, docs: list[Document], limit: int | None) -> TaskResult:
+    """Perplexity over documents, each preceded by the document-start token and scored in windows
+    of the model's context (see `rolling_windows`; `eval.text_stride` slides them). `limit` caps
+    the number of windows. bits_per_byte = total NLL / ln 2 / UTF-8 bytes of the scored text."""
+    max_len = ctx.model.cfg.max_seq_len
+    requests, n_bytes, n_docs = [], 0, 0
+    for doc in docs:
+        if limit is not None and len(requests) >= limit:
+            break
+        ids = [prefix_token(ctx.tokenizer), *ctx.tokenizer.encode(doc.text)]
+        windows = rolling_windows(ids, max_len, ctx.cfg.text_stride or None)
+        if limit is not None and len(requests) + len(windows) > limit:
+            windows = windows[: limit - len(requests)]
+            scored = sum(len(cont) for _, cont in windows)
+            n_bytes += len(ctx.tokenizer.decode(ids[1 : 1 + scored]).encode("utf-8"))
+        else:
+            n_bytes += len(doc.text.encode("utf-8"))
+        requests += windows
+        n_docs += 1
+    lls = loglikelihoods(
+        ctx.model, requests, ctx.cfg.batch_size, max_len, ctx.device, desc=ctx.name, progress=ctx.progress
+    )
+    nll = -sum(ll for ll, _ in lls)
+    tokens = sum(len(cont) for _, cont in requests)
+    if tokens == 0:
+        return TaskResult({"nll_per_token": float("nan"), "ppl": float("nan"), "bits_per_byte": float("nan"), "tokens": 0, "n": 0})
+    per_token = nll / tokens
+    return TaskResult(
+        {
+            "nll_per_token": per_token,
+            "ppl": math.exp(min(per_token, 700.0)),
+            "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+            "tokens": tokens,
+            "windows": len(requests),
+            "n": n_docs,
+        }
+    )
+
+
+def evaluate_task(ctx: _Ctx, task: TaskSpec) -> TaskResult:
+    examples = load_examples(task)
+    if task.format.kind == "text":
+        return evaluate_text(ctx, examples, ctx.cfg.limit)
+    shots, examples = split_shots(task, examples, ctx.cfg.shots)
+    if ctx.cfg.limit is not None:
+        examples = examples[: ctx.cfg.limit]
+    if task.format.kind == "multiple_choice":
+        return evaluate_multiple_choice(ctx, examples, shots)
+    return evaluate_generative(ctx, examples, shots)
+
+
+def run_suite(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    tasks: list[str],
+    eval_cfg: EvalConfig,
+    info: DistInfo | None = None,
+    progress: bool = False,
+) -> dict[str, TaskResult]:
+    """Every task's metrics and predictions; the model is put in eval mode and restored after."""
+    info = info or DistInfo()
+    specs = parse_task_specs(tasks)
+    was_training = model.training
+    model.eval()
+    results: dict[str, TaskResult] = {}
+    try:
+        for spec in tqdm(specs, desc="eval", disable=not (progress and info.is_main)):
+            ctx = _Ctx(model, tokenizer, eval_cfg, info.device, info.world > 1, progress and info.is_main, spec.name)
+            results[spec.name] = evaluate_task(ctx, spec)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def run_tasks(
+    model: torch.nn.Module, tokenizer: Tokenizer, tasks: list[str], eval_cfg: EvalConfig, info: DistInfo
+) -> dict[str, dict[str, float | int]]:
+    """{task name: {metric: value, "n": rows}}: the trainer's entry point (same on every rank)."""
+    return {name: r.metrics for name, r in run_suite(model, tokenizer, tasks, eval_cfg, info).items()}
+
+
+def sample(model: torch.nn.Module, tokenizer: Tokenizer, eval_cfg: EvalConfig, sync: bool = False) -> str:
+    """`eval.sample_tokens` tokens continuing `eval.sample_prompt` (greedy unless
+    eval.sample_temperature > 0, then seeded with eval.seed)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return generate(
+            model, tokenizer, eval_cfg.sample_prompt, eval_cfg.sample_tokens, stop=(),
+            temperature=eval_cfg.sample_temperature, top_k=eval_cfg.sample_top_k, seed=eval_cfg.seed, sync=sync,
+        )
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(metrics: dict[str, dict[str, Any]]) -> str:
+    """Markdown table, one row per (task, metric)."""
+    lines = ["| task | metric | value | n |", "|---|---|---:|---:|"]
+    for task, values in metrics.items():
+        first = True
+        for key, value in values.items():
+            if key == "n":
+                continue
+            lines.append(f"| {task if first else ''} | {key} | {_fmt(value)} | {values.get('n', '') if first else ''} |")
+            first = False
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    out_dir: str | Path, results: dict[str, TaskResult], header: dict[str, Any], sample_text: str | None = None
+) -> Path:
+    """out/results.json ({**header, "tasks": {...}}), out/results.md, out/predictions/NAME.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {name: r.metrics for name, r in results.items()}
+    payload = {**header, "tasks": metrics}
+    if sample_text is not None:
+        payload["sample"] = sample_text
+    (out / "results.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
+    md = f"# Evaluation of {header.get('checkpoint', '?')}"
+    if "step" in header:
+        md += f" (step {header['step']})"
+    (out / "results.md").write_text(md + "\n\n" + format_table(metrics))
+    for name, r in results.items():
+        if r.predictions:
+            (out / "predictions").mkdir(exist_ok=True)
+            with open(out / "predictions" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for row in r.predictions:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out / "results.json"
