@@ -35,8 +35,11 @@ def _all_ranks_done(done: bool, sync: bool, device: torch.device) -> bool:
     return flag.item() == 0
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generators: list | None) -> torch.Tensor:
-    """Next token per row from last-position logits (B, V)."""
+def _pick(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generators: list | None, active: list[bool]
+) -> torch.Tensor:
+    """Next token per row from last-position logits (B, V). Only `active` rows draw a sample, so a
+    row's random stream does not depend on how long its batch-mates' prompts are."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -44,9 +47,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1).cpu()
-    gens = generators or [None] * len(probs)
-    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)]
-    return torch.cat(picks).to(logits.device)
+    picks = torch.zeros(len(probs), dtype=torch.long)
+    for i, p in enumerate(probs):
+        if active[i]:
+            picks[i] = torch.multinomial(p, 1, generator=generators[i] if generators else None).item()
+    return picks.to(logits.device)
 
 
 @torch.no_grad()
@@ -96,7 +101,8 @@ def generate_ids(
     offset = 0  # absolute position of the cache's first slot
     logits = model(buf[:, :pos], caches=caches, start_pos=0)
     for cur in range(pos, total):
-        nxt = _pick(logits[:, -1], temperature, top_k, generators)
+        active = [not done[i] and cur >= lens[i] for i in range(B)]
+        nxt = _pick(logits[:, -1], temperature, top_k, generators, active)
         nxt = torch.where(in_prompt[:, cur], buf[:, cur], nxt)
         buf[:, cur] = nxt
         for i in range(B):

@@ -192,8 +192,13 @@ class Trainer:
     def _parallelize(self, model):
         units = []
         if self.cfg.parallel.data == "fsdp":
-            units = getattr(model.layers, "fsdp_units", None)
-            units = units() if callable(units) else list(model.layers)
+            if self.cfg.grow.strategy:
+                # Positions that share a block must be sharded together (one call per group).
+                from scalenet import fsdp_units
+
+                units = [u if len(u) > 1 else u[0] for u in fsdp_units(model.layers)]
+            else:
+                units = list(model.layers)
         from launch.optim import memory_value_params
 
         return wrap_data_parallel(model, self.cfg.parallel.data, self.info, units, ignored=memory_value_params(model) if self.cfg.parallel.memory > 1 else ())

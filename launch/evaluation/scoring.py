@@ -23,13 +23,16 @@ from launch.tokenizer import Tokenizer
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
 
+_UNLIMITED = 1 << 62
+
+
 def context_limit(model: Callable, max_len: int | None = None) -> int:
+    """`max_len`, else the model's `cfg.max_seq_len`; a bare callable without one is taken to
+    accept any length."""
     if max_len is not None:
         return max_len
     cfg = getattr(model, "cfg", None)
-    if cfg is None or not hasattr(cfg, "max_seq_len"):
-        raise ValueError("pass max_len: the model has no cfg.max_seq_len to take the context limit from")
-    return int(cfg.max_seq_len)
+    return int(cfg.max_seq_len) if hasattr(cfg, "max_seq_len") else _UNLIMITED
 
 
 def model_device(model: Callable) -> torch.device:

@@ -25,7 +25,7 @@ _CORPUS = [
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     path = tmp_path_factory.mktemp("tok") / "tok.model"
-    return Tokenizer(train_tokenizer(_CORPUS, path, vocab_size=300))
+    return Tokenizer(train_tokenizer(_CORPUS, path, vocab_size=400))
 
 
 def random_model(vocab: int, max_seq_len: int = 32, seed: int = 0, kv_heads: int | None = 2) -> Transformer:

@@ -1,0 +1,96 @@
+"""Memory layers inside the trainer: construction from config, parameter groups, training."""
+
+import pytest
+import torch
+
+from launch.build import active_params, build_model
+from launch.config import load_config, validate
+from launch.errors import ConfigError
+from launch.metrics import read_metrics
+from launch.optim import build_optimizers, param_groups
+from memlayers import MemoryPool, ProductKeyMemory
+
+from ..conftest import REPO, run_module  # noqa: TID252
+
+TINY_MEMORY = str(REPO / "configs/memory/tiny_memory.yaml")
+
+
+def cfg_of(*overrides):
+    cfg = load_config([f"config={TINY_MEMORY}", *overrides])
+    validate(cfg)
+    return cfg
+
+
+def test_listed_blocks_get_memory_on_one_shared_pool():
+    model = build_model(cfg_of("model.n_layers=4", "memory.layers=[1,3]"))
+    kinds = [type(b.feed_forward).__name__ for b in model.layers]
+    assert kinds == ["FeedForward", "ProductKeyMemory", "FeedForward", "ProductKeyMemory"]
+    assert len(model.memory_pools) == 1
+    assert model.layers[1].feed_forward.pool is model.layers[3].feed_forward.pool is model.memory_pools[0]
+    value_keys = [k for k in model.state_dict() if k.endswith("values")]
+    assert value_keys == ["memory_pools.0.values"]  # stored once however many layers read it
+
+
+def test_per_layer_pools_when_not_shared():
+    model = build_model(cfg_of("model.n_layers=4", "memory.layers=[0,2]", "memory.shared=false"))
+    assert len(model.memory_pools) == 2
+    assert model.layers[0].feed_forward.pool is not model.layers[2].feed_forward.pool
+
+
+def test_values_have_their_own_group_lr_and_no_decay():
+    cfg = cfg_of("memory.value_lr=0.05", "optim.lr=0.001")
+    model = build_model(cfg)
+    groups = param_groups(model)
+    values = model.memory_pools[0].values
+    assert [id(p) for p in groups["memory_values"]] == [id(values)]
+    assert all(p is not values for p in groups["decay"] + groups["no_decay"])
+    keys = model.layers[1].feed_forward.keys
+    assert any(p is keys for p in groups["no_decay"])
+    opt = build_optimizers(model, cfg)[0]
+    (g,) = [g for g in opt.param_groups if g["name"] == "memory_values"]
+    assert g["lr"] == 0.05 and g["weight_decay"] == 0.0
+    assert {x["name"]: x["lr"] for x in opt.param_groups}["decay"] == 0.001
+
+
+def test_active_params_count_value_rows_read_not_the_table():
+    cfg = cfg_of()
+    model = build_model(cfg)
+    m = cfg.memory
+    table = model.memory_pools[0].values.numel()
+    assert active_params(model) == model.num_params() - table + m.heads * m.knn * cfg.model.dim
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("memory.layers=[5]", "out of range"),
+        ("memory.k_dim=15", "k_dim"),
+        ("memory.knn=300", "knn"),
+        ("memory.value_optimizer=sgd", "memory.value_optimizer"),
+    ],
+)
+def test_impossible_memory_settings_fail_clearly(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(cfg_of(override))
+
+
+def test_two_models_in_one_process_are_independent():
+    a, b = build_model(cfg_of()), build_model(cfg_of())
+    assert a.memory_pools[0].values is not b.memory_pools[0].values
+    with torch.no_grad():
+        a.memory_pools[0].values.fill_(1.0)
+    assert not torch.all(b.memory_pools[0].values == 1.0)
+    assert isinstance(a.layers[1].feed_forward, ProductKeyMemory) and isinstance(a.memory_pools[0], MemoryPool)
+
+
+def test_memory_model_trains_resumes_and_logs_usage(tmp_path):
+    args = [f"config={TINY_MEMORY}", f"run.dir={tmp_path}", "train.steps=8", "train.ckpt_every=4", "train.log_every=2", "train.val_every=0"]
+    run_module("launch.train", *args, env={"LAUNCH_FAULT": "kill:7"}, check=False)
+    run_module("launch.train", *args)
+    resumed = [r for r in read_metrics(tmp_path) if "loss" in r]
+    straight_dir = tmp_path / "straight"
+    run_module("launch.train", *args[:1], f"run.dir={straight_dir}", *args[2:])
+    straight = [r for r in read_metrics(straight_dir) if "loss" in r]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    for r in straight:
+        assert 0 < r["mem_slots_read_frac"] <= 1 and 0 < r["mem_usage_entropy"] <= 1
