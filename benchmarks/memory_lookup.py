@@ -94,7 +94,7 @@ def lookup_methods(device: str) -> dict[str, tuple[Callable, float]]:
             lambda v, i, w: F.embedding_bag(i, v, mode="sum", per_sample_weights=w),
             1,
         ),
-        "naive gather (dense grad)": (lambda v, i, w: (v[i] * w[..., None]).sum(1), 3),
+        "naive gather (dense grad)": (lambda v, i, w: (v[i] * w[..., None]).sum(1), 4),
         "lookup_cpu C++ (sparse grad)": (
             lambda v, i, w: lookup_cpu(v, i, w, sparse_grad=True, impl="cpp"),
             0,

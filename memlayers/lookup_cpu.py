@@ -85,7 +85,7 @@ def native_ops():
                 load(
                     name=f"memlayers_cpu_{isa}",
                     sources=[str(_CSRC)],
-                    extra_cflags=["-O3", "-fopenmp", "-fopenmp-simd", *isa_flags],
+                    extra_cflags=["-O3", "-fopenmp", "-fopenmp-simd", "-fno-math-errno", *isa_flags],
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
                     verbose=False,

@@ -1,0 +1,60 @@
+"""Memory model vs its dense baseline: training tokens/s and peak memory.
+
+    python benchmarks/memory_vs_dense.py [--n-keys 1024] [--steps 5] [--warmup 2] [--device cpu]
+
+The 20M quickstart model, dense, against the same model with block 3's FFN replaced by a
+product-key memory of n_keys² values (default 1M), trained with the dense AdamW value recipe and
+with the row-sparse Adam. One fresh process per row. Writes benchmarks/results/memory_vs_dense.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import RESULTS, machine, md_table, measure_in_subprocess, write_results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-keys", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--optimizers", default="adamw,row_sparse_adam")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    base = "configs/quickstart.yaml"
+    mem = [f"memory.layers=[3]", f"memory.n_keys={args.n_keys}", "memory.heads=4", "memory.k_dim=128", "memory.knn=32"]
+    rows = [{"variant": "dense", **measure_in_subprocess(base, [], args.steps, args.warmup, args.device)}]
+    for opt in args.optimizers.split(","):
+        r = measure_in_subprocess(base, [*mem, f"memory.value_optimizer={opt}"], args.steps, args.warmup, args.device)
+        rows.append({"variant": f"memory {args.n_keys**2 / 1e6:.2f}M values, {opt}", **r})
+    dense_tps = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["relative"] = r["tokens_per_s"] / dense_tps
+        r["params_m"], r["active_m"] = r["params"] / 1e6, r["active_params"] / 1e6
+    m = machine()
+    md = (
+        f"# Memory model vs dense baseline\n\nMachine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
+        f"threads, torch {m['torch']}{', ' + m['gpu'] if 'gpu' in m else ''}; device {args.device}; median of "
+        f"{args.steps} optimizer steps after {args.warmup} warmup; {time.strftime('%Y-%m-%d')}.\n\n"
+        + md_table(
+            rows,
+            [
+                ("variant", "{variant}"),
+                ("params", "{params_m:.1f}M"),
+                ("active/token", "{active_m:.1f}M"),
+                ("tokens/s", "{tokens_per_s:,.0f}"),
+                ("vs dense", "{relative:.2f}×"),
+                ("peak memory (MB)", "{peak_mem_mb:,.0f}"),
+            ],
+        )
+        + f"\nCommand: `python benchmarks/memory_vs_dense.py --n-keys {args.n_keys}`\n"
+    )
+    write_results("memory_vs_dense", {"machine": m, "device": args.device, "rows": rows}, md, args.out)
+
+
+if __name__ == "__main__":
+    main()
