@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     base = "configs/quickstart.yaml"
-    mem = [f"memory.layers=[3]", f"memory.n_keys={args.n_keys}", "memory.heads=4", "memory.k_dim=128", "memory.knn=32"]
+    mem = ["memory.layers=[3]", f"memory.n_keys={args.n_keys}", "memory.heads=4", "memory.k_dim=128", "memory.knn=32"]
     rows = [{"variant": "dense", **measure_in_subprocess(base, [], args.steps, args.warmup, args.device)}]
     for opt in args.optimizers.split(","):
         r = measure_in_subprocess(base, [*mem, f"memory.value_optimizer={opt}"], args.steps, args.warmup, args.device)

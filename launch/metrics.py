@@ -36,7 +36,7 @@ class MetricsLogger:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a")
+            self._file = open(self.path, "a")  # noqa: SIM115 (held open across log calls; closed in close())
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
