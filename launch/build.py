@@ -98,5 +98,5 @@ def active_params(model: Transformer) -> int:
     total = model.num_params() - sum(p.numel() for p in memory_value_params(model))
     for m in model.modules():
         if hasattr(m, "pool") and hasattr(m, "knn") and hasattr(m, "heads"):
-            total += m.heads * m.knn * m.pool.values.shape[1]
+            total += m.heads * m.knn * m.pool.v_dim  # v_dim: the full width, also for a sharded pool
     return total

@@ -54,7 +54,12 @@ class GrowConfig:
     mapping: Any = "stack"  # stack | interleave | explicit list of source indices
     adapter_rank: int = 8
     targets: list[str] | None = None
-    untie_norms: bool = False
+    untie_norms: bool = False  # scalenet: per-position norm weights instead of shared ones
+    adapter_alpha: float | None = None  # scalenet: adapter scale alpha / rank (None: scale 1)
+    every: int | None = None  # llama_pro: insert a copy after every k-th block (None: L / (depth - L))
+    zero_init: list[str] | None = None  # llama_pro: zeroed output projections of inserted copies
+    freeze_original: bool = False  # llama_pro: only the inserted copies train (kept in `spec`)
+    m: int | None = None  # solar_dus: blocks dropped at the seam (depth = 2L - 2m)
     spec: Any = None  # the exact structure recorded by scalenet (rebuilds the tie pattern on load)
 
 

@@ -77,9 +77,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def wrap_data_parallel(
-    model: nn.Module, mode: str, info: DistInfo, units: Iterable[nn.Module | list[nn.Module]] = (), ignored: Iterable[nn.Parameter] = ()
+    model: nn.Module,
+    mode: str,
+    info: DistInfo,
+    units: Iterable[nn.Module | list[nn.Module]] = (),
+    ignored: Iterable[nn.Parameter] = (),
+    dp_mesh=None,
 ) -> nn.Module:
-    """DDP or FSDP2 over all ranks.
+    """DDP or FSDP2 over all ranks, or over the 1-D `dp_mesh` (tensor parallelism: one rank per
+    tensor-parallel group).
 
     `units` are the FSDP2 shard groups in bottom-up order (each a module or a list of modules that
     share parameters), followed by one root call. `ignored` parameters (memory-parallel value
@@ -95,11 +101,14 @@ def wrap_data_parallel(
             DDP._set_params_and_buffers_to_ignore_for_model(
                 model, [n for n, p in model.named_parameters() if id(p) in names]
             )
-        return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        group = dp_mesh.get_group() if dp_mesh is not None else None
+        return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None, process_group=group)
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         kwargs = {"ignored_params": set(ignored)} if ignored else {}
+        if dp_mesh is not None:
+            kwargs["mesh"] = dp_mesh
         for unit in units:
             fully_shard(unit, **kwargs)
         fully_shard(model, **kwargs)

@@ -37,6 +37,18 @@ from launch.errors import ConfigError, TrainingError, UserError, run_cli
 from launch.faults import fault
 from launch.metrics import MetricsLogger
 from launch.optim import build_optimizers, lr_multiplier, set_lr
+from launch.parallel import (
+    apply_memory_parallel,
+    apply_tensor_parallel,
+    build_layout,
+    check_parallel_config,
+    globalize_model_state,
+    globalize_optimizer_state,
+    localize_model_state,
+    localize_optimizer_state,
+    sharded_grad_sq_norm,
+    sync_sharded_grads,
+)
 from launch.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -124,8 +136,19 @@ def evaluate_loss(model, val: PackedSequences, cfg: Config, info: DistInfo, auto
     return float(total[0] / total[1])
 
 
-def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm over every gradient (dense and row-sparse), clipped to `max_norm`."""
+def grad_norm_and_clip(
+    params: list[torch.nn.Parameter],
+    max_norm: float,
+    sharded: list[torch.nn.Parameter] = (),
+    sharded_sq_norm: torch.Tensor | None = None,
+) -> float:
+    """Global L2 norm over every gradient (dense and row-sparse), clipped to `max_norm`.
+
+    `sharded` parameters (memory-value column shards, tensor-parallel weights) are left out of the
+    local norm: their squared norm comes in as `sharded_sq_norm`, already summed over their groups so
+    each logical element counts once; they are clipped with the rest."""
+    skip = {id(p) for p in sharded}
+    params = [p for p in params if id(p) not in skip]
     dense = [p.grad for p in params if p.grad is not None and not p.grad.is_sparse]
     sparse = [p.grad for p in params if p.grad is not None and p.grad.is_sparse]
     if dense:
@@ -138,9 +161,13 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> flo
     norm_sq = norm.float() ** 2
     for g in sparse:
         norm_sq = norm_sq + g.coalesce().values().float().pow(2).sum()
+    if sharded_sq_norm is not None:
+        norm_sq = norm_sq + sharded_sq_norm.to(norm_sq.device, norm_sq.dtype)
     total = float(norm_sq.sqrt())
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
+        dense = dense + [p.grad for p in sharded if p.grad is not None and not p.grad.is_sparse]
+        sparse = sparse + [p.grad for p in sharded if p.grad is not None and p.grad.is_sparse]
         for g in dense:
             g.mul_(scale)
         for g in sparse:
@@ -162,7 +189,12 @@ class Trainer:
         self.unigram_ppl = unigram_perplexity(train_tokens, val_tokens, self.tok.vocab_size) if val_tokens is not None else None
         self.train_data = PackedSequences(train_tokens, cfg.data.seq_len)
         self.val_data = PackedSequences(val_tokens, cfg.data.seq_len) if val_tokens is not None else None
-        self.stream = BatchStream(self.train_data, cfg.data.batch_size, info.rank, info.world, cfg.train.grad_accum, cfg.run.seed)
+        self.layout = build_layout(cfg.parallel, info)
+        # Tensor-parallel peers read the same data: the stream splits over data-parallel ranks only.
+        self.data_info = self.layout.data_info(info)
+        self.stream = BatchStream(
+            self.train_data, cfg.data.batch_size, self.data_info.rank, self.data_info.world, cfg.train.grad_accum, cfg.run.seed
+        )
 
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg).to(info.device)
@@ -174,7 +206,11 @@ class Trainer:
             self._load_weights(init_from)
             if not cfg.train.reset_data:
                 self._load_data_position(init_from)
+        self._check_model_parallel()
+        apply_tensor_parallel(self.model, self.layout)
+        apply_memory_parallel(self.model, self.layout)
         self.raw_model = self.model
+        self.sharded_params = [p for n, p in self.raw_model.named_parameters() if n in self.layout.shards]
         self.model = self._parallelize(self.model)
         self.optimizers = build_optimizers(self.raw_model, cfg)
         self.params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
@@ -189,6 +225,28 @@ class Trainer:
 
     # -- setup helpers ------------------------------------------------------------------------
 
+    def _check_model_parallel(self) -> None:
+        """Fail before any collective for layouts the model or the run cannot use."""
+        cfg = self.cfg
+        pools = getattr(self.model, "memory_pools", [])
+        check_parallel_config(cfg.parallel, self.info.world, [p.v_dim for p in pools], (cfg.model.n_heads, cfg.model.kv_heads))
+        if cfg.parallel.memory > 1 and self.info.world > 1:
+            if cfg.eval.every and cfg.eval.tasks:
+                raise ConfigError(
+                    "eval.tasks during training is not supported with parallel.memory > 1 (ranks would run "
+                    "different numbers of memory reads); set eval.every=0 and run launch.eval on the checkpoint"
+                )
+            if self.val_data is not None and cfg.train.val_every:
+                # Sharded reads are collective: every rank must run as many validation batches.
+                n, w = min(cfg.data.val_sequences, len(self.val_data)), self.data_info.world
+                per_rank_batch = max(1, cfg.data.batch_size // (w * cfg.train.grad_accum))
+                counts = {math.ceil(len(range(r, n, w)) / per_rank_batch) for r in range(w)}
+                if len(counts) > 1:
+                    raise ConfigError(
+                        f"data.val_sequences={cfg.data.val_sequences} splits into unequal numbers of validation "
+                        f"batches over {w} ranks; with parallel.memory > 1 use a multiple of {w * per_rank_batch}"
+                    )
+
     def _parallelize(self, model):
         units = []
         if self.cfg.parallel.data == "fsdp":
@@ -201,7 +259,14 @@ class Trainer:
                 units = list(model.layers)
         from launch.optim import memory_value_params
 
-        return wrap_data_parallel(model, self.cfg.parallel.data, self.info, units, ignored=memory_value_params(model) if self.cfg.parallel.memory > 1 else ())
+        return wrap_data_parallel(
+            model,
+            self.cfg.parallel.data,
+            self.info,
+            units,
+            ignored=memory_value_params(model) if self.cfg.parallel.memory > 1 else (),
+            dp_mesh=self.layout.dp_mesh,
+        )
 
     def _load_weights(self, path: Path) -> None:
         state, _ = ckpt.load_model_file(path / ckpt.MODEL_FILE)
@@ -213,14 +278,21 @@ class Trainer:
         self.stream.load_state_dict(state["data"])
 
     def _resume(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         state, _ = ckpt.load_model_file(path / ckpt.MODEL_FILE)
+        # Checkpoints hold full logical tensors: slice out this rank's shards (any P, T or world size).
+        state = localize_model_state(state, self.layout)
         ckpt.check_model_state(self.raw_model, state, str(path / ckpt.MODEL_FILE))
         set_model_state_dict(self.raw_model, state, options=StateDictOptions(full_state_dict=True))
         opt_states = ckpt.read_optimizer_state(path)
         for i, opt in enumerate(self.optimizers):
-            set_optimizer_state_dict(self.raw_model, opt, opt_states[i], options=StateDictOptions(full_state_dict=True))
+            opt_state = localize_optimizer_state(opt_states[i], self.layout)
+            set_optimizer_state_dict(self.raw_model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
             for g in opt.param_groups:  # base LRs come from this run's config, not the checkpoint
                 g["base_lr"] = self.cfg.memory.value_lr if g.get("name") == "memory_values" else self.cfg.optim.lr
         trainer_state = ckpt.read_trainer_state(path)
@@ -236,11 +308,19 @@ class Trainer:
     # -- checkpointing -------------------------------------------------------------------------
 
     def save(self) -> Path | None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.raw_model, options=opts)
         optim_states = [get_optimizer_state_dict(self.raw_model, o, options=opts) for o in self.optimizers]
+        if self.layout.shards:  # collective: every rank contributes its shards of the full tensors
+            globalize_model_state(self.raw_model, model_state, self.layout)
+            for o, s in zip(self.optimizers, optim_states):
+                globalize_optimizer_state(self.raw_model, o, s, self.layout)
         path = None
         if self.info.is_main:
             payload = ckpt.CheckpointPayload(
@@ -251,6 +331,7 @@ class Trainer:
                     "tokens": self.tokens_seen,
                     "data": self.stream.state_dict(),
                     "world_size": self.info.world,
+                    "parallel": {"memory": self.layout.memory, "tensor": self.layout.tensor},
                     "time": time.time(),
                 },
                 config_yaml=to_yaml(self.cfg),
@@ -271,6 +352,7 @@ class Trainer:
                 loss = cross_entropy(self.forward(inputs), targets) / len(micro)
             loss.backward()
             loss_sum += loss.detach()
+        sync_sharded_grads(self.raw_model, self.layout)
         loss_sum = all_reduce_sum(loss_sum) / self.info.world
         if fault("nan", self.step + 1):
             loss_sum = loss_sum * float("nan")
@@ -280,7 +362,8 @@ class Trainer:
                 f"loss is {loss_value} at step {self.step + 1}; stopping without saving. "
                 f"Last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}"
             )
-        gnorm = grad_norm_and_clip(self.params, self.cfg.optim.grad_clip)
+        sharded_sq = sharded_grad_sq_norm(self.raw_model, self.layout) if self.sharded_params else None
+        gnorm = grad_norm_and_clip(self.params, self.cfg.optim.grad_clip, self.sharded_params, sharded_sq)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -340,7 +423,7 @@ class Trainer:
                 if self.val_data is not None and cfg.train.val_every and (
                     self.step % cfg.train.val_every == 0 or self.step == cfg.train.steps
                 ):
-                    val_loss = evaluate_loss(self.forward, self.val_data, cfg, info, self.autocast)
+                    val_loss = evaluate_loss(self.forward, self.val_data, cfg, self.data_info, self.autocast)
                     last_val = val_loss
                     self.metrics.log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
                     if bar is not None:
@@ -389,11 +472,6 @@ def main(argv: list[str]) -> int:
     cfg = load_config(argv)
     validate(cfg)
     info = init_distributed(cfg.train.device, cfg.parallel.backend)
-    if cfg.parallel.memory > 1 or cfg.parallel.tensor > 1:
-        if info.world % (cfg.parallel.memory * cfg.parallel.tensor):
-            raise ConfigError(
-                f"parallel.memory={cfg.parallel.memory} × parallel.tensor={cfg.parallel.tensor} must divide the world size {info.world}"
-            )
     try:
         Trainer(cfg, info).fit()
     finally:

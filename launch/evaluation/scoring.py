@@ -13,9 +13,11 @@ EOS is what precedes the first token of a document).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from launch.tokenizer import Tokenizer
@@ -72,36 +74,49 @@ def loglikelihoods(
 ) -> list[tuple[float, bool]]:
     """(sum of log P(continuation | context), whether greedy decoding reproduces it) per request.
 
-    Contexts longer than the model's window are truncated from the left. Requests are sorted by
+    Contexts longer than the model's window are truncated from the left (a continuation longer
+    than the window keeps only its last max_len tokens scored, with a warning). Requests are sorted by
     length (longest first) so each padded batch wastes little; padding goes on the right where a
     causal model cannot see it."""
     max_len = context_limit(model, max_len)
     device = device or model_device(model)
     inputs: list[list[int]] = []
+    scored: list[list[int]] = []  # the continuation tokens actually scored
+    n_cut = 0
     for i, (ctx, cont) in enumerate(requests):
         if not cont:
             raise ValueError(f"request {i}: empty continuation")
-        if len(cont) > max_len:
-            raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds the context limit {max_len}")
         if not ctx:
             raise ValueError(f"request {i}: empty context (start it with the document-start token)")
         inputs.append((ctx + cont)[-(max_len + 1) : -1])
+        # A continuation longer than the window cannot be scored whole: score its last max_len
+        # tokens (conditioned on the rest of it) rather than fail a whole task on one long option.
+        scored.append(cont[-max_len:])
+        n_cut += len(cont) > max_len
+    if n_cut:
+        warnings.warn(
+            f"{n_cut} of {len(requests)} continuations are longer than the context limit {max_len}; "
+            "only their last tokens were scored",
+            stacklevel=2,
+        )
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         width = len(inputs[batch[0]])
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not scored
         for row, i in enumerate(batch):
-            tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
+            end, cont = len(inputs[i]), scored[i]
+            tokens[row, :end] = torch.tensor(inputs[i])
+            targets[row, end - len(cont) : end] = torch.tensor(cont)
         logits = model(tokens.to(device))
+        targets = targets.to(logits.device)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        lls = (-nll.view(targets.shape).sum(1)).tolist()
+        greedy = ((logits.argmax(-1) == targets) | (targets == -100)).all(1).tolist()
         for row, i in enumerate(batch):
-            cont = torch.tensor(requests[i][1], device=logits.device)
-            end = len(inputs[i])
-            logp = logits[row, end - len(cont) : end].float().log_softmax(-1)
-            ll = logp.gather(-1, cont[:, None]).sum().item()
-            greedy = bool((logp.argmax(-1) == cont).all())
-            results[i] = (ll, greedy)
+            results[i] = (lls[row], greedy[row])
     return results
 
 

@@ -22,6 +22,16 @@ _CORPUS = [
 ] * 20
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: with the CI's few shared cores, intra-op threads only add
+    synchronisation (measured 100x slower generation with 2 threads on a loaded 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     path = tmp_path_factory.mktemp("tok") / "tok.model"
@@ -72,6 +82,10 @@ def tiny_run(tmp_path_factory) -> Path:
             "train.steps=6",
             "train.ckpt_every=6",
             "train.log_every=6",
+            # the trainer's hook into the suite (launch.evaluation.suite.run_tasks)
+            "eval.every=6",
+            f"eval.tasks=[shakespeare,piqa:{FIXTURES / 'piqa.jsonl'}]",
+            "eval.limit=2",
         ]
     )
     return run

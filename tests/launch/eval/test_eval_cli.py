@@ -90,3 +90,12 @@ def test_run_tasks_restores_train_mode_and_matches_cli_metrics(tiny_run):
     again = run_tasks(model, loaded.tokenizer, tasks, cfg, DistInfo())
     assert not model.training and again == results  # deterministic, mode left as found
     assert torch.isfinite(torch.tensor(results["shakespeare"]["nll_per_token"]))
+
+
+def test_trainer_logs_eval_metrics(tiny_run):
+    from launch.metrics import read_metrics
+
+    rows = [r for r in read_metrics(tiny_run) if "eval/piqa/acc" in r]
+    assert len(rows) == 1 and rows[0]["step"] == 6
+    assert rows[0]["eval/piqa/n"] == 2 and rows[0]["eval/shakespeare/windows"] == 2
+    assert rows[0]["eval/shakespeare/ppl"] > 1

@@ -43,10 +43,16 @@ def test_is_greedy_flag():
     assert ll_a == pytest.approx(2 * (8 - math.log(math.exp(8) + 9)), abs=1e-5)
 
 
+def test_overlong_continuation_scores_its_last_window():
+    model = random_model(vocab=50, max_seq_len=8)
+    cont = list(range(10, 21))  # 11 tokens, window 8
+    with pytest.warns(UserWarning, match="longer than the context limit 8"):
+        ((ll, _),) = loglikelihoods(model, [([1, 2], cont)])
+    assert ll == pytest.approx(naive_ll(model, [1, 2] + cont[:3], cont[3:], 8), abs=1e-4)
+
+
 def test_loglikelihoods_errors():
     model = random_model(vocab=50, max_seq_len=8)
-    with pytest.raises(ValueError, match="exceeds the context limit 8"):
-        loglikelihoods(model, [([1], list(range(9)))])
     with pytest.raises(ValueError, match="empty continuation"):
         loglikelihoods(model, [([1], [])])
 

@@ -1,0 +1,144 @@
+"""Per-rank checks for tests/launch/test_memory_parallel.py, run under torchrun (gloo, CPU):
+
+    torchrun --nproc_per_node=W -m tests.launch.memory_parallel_worker CHECK P
+
+CHECK is `lookup` (sharded read == full-table lookup: forward, weight grads, value grads assembled
+from shards, averaged like data parallel across replicas; shard storage exactly 1/P; grad norm counts
+each element once) or `errors` (bad setups raise clear errors). Any failed assertion exits non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from launch.config import ParallelConfig
+from launch.distributed import DistInfo
+from launch.parallel import apply_memory_parallel, build_layout, sharded_grad_sq_norm, sync_sharded_grads
+from memlayers import MemoryPool, lookup
+from memlayers.sharded import ShardedMemoryPool, gather_columns, sharded_lookup
+
+N_KEYS, DV, K = 6, 12, 5
+
+
+def global_batch(world: int, dtype=torch.float64):
+    """The same data on every rank: the table and each rank's tokens (rank r gets 3 + r tokens, so the
+    counts differ and the padding path runs)."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(N_KEYS * N_KEYS, DV, generator=g, dtype=dtype)
+    per_rank = []
+    for r in range(world):
+        t = 3 + r
+        idx = torch.randint(0, N_KEYS * N_KEYS, (t, K), generator=g)
+        w = torch.randn(t, K, generator=g, dtype=dtype).softmax(-1)
+        gout = torch.randn(t, DV, generator=g, dtype=dtype)
+        per_rank.append((idx, w, gout))
+    return values, per_rank
+
+
+def reference(values, per_rank, world: int):
+    """Dense single-process math: out, weight grads per rank, and the DP-averaged value gradient
+    (each rank's loss <out_r, gout_r>, averaged over ranks like DDP)."""
+    v = values.clone().requires_grad_(True)
+    outs, wgrads = [], []
+    total = 0
+    for idx, w, gout in per_rank:
+        w = w.clone().requires_grad_(True)
+        out = torch.einsum("tk,tkd->td", w, v[idx])  # naive gather, not the kernel under test
+        total = total + (out * gout).sum() / world
+        outs.append(out)
+        wgrads.append(w)
+    total.backward()
+    return [o.detach() for o in outs], [w.grad * world for w in wgrads], v.grad
+
+
+class Model(torch.nn.Module):
+    """A pool registered at its owner plus a layer that keeps a plain reference, like the trainer's."""
+
+    def __init__(self, values: torch.Tensor, sparse: bool):
+        super().__init__()
+        pool = MemoryPool(N_KEYS, DV, sparse_grad=sparse, lookup_impl="torch", dtype=values.dtype)
+        with torch.no_grad():
+            pool.values.copy_(values)
+        self.memory_pools = torch.nn.ModuleList([pool])
+        self.reader = torch.nn.Module()
+        object.__setattr__(self.reader, "pool", pool)
+
+
+def check_lookup(P: int) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    info = DistInfo(rank=rank, world=world)
+    layout = build_layout(ParallelConfig(memory=P), info)
+    values, per_rank = global_batch(world)
+    ref_out, ref_wgrad, ref_vgrad = reference(values, per_rank, world)
+    idx, w, gout = per_rank[rank]
+    for sparse in (False, True):
+        model = Model(values, sparse)
+        apply_memory_parallel(model, layout)
+        pool = model.memory_pools[0]
+        assert isinstance(pool, ShardedMemoryPool) and model.reader.pool is pool, (
+            "pool references not rewired"
+        )
+        # Storage read off the tensor: exactly 1/P of the table per rank.
+        assert pool.values.shape == (N_KEYS * N_KEYS, DV // P), pool.values.shape
+        assert pool.values.untyped_storage().nbytes() == values.numel() * values.element_size() // P
+        assert list(layout.shards) == ["memory_pools.0.values"], list(layout.shards)
+        wl = w.clone().requires_grad_(True)
+        out = pool.read(idx, wl)
+        torch.testing.assert_close(out, ref_out[rank], rtol=1e-12, atol=1e-12)
+        # Each rank backprops its own loss, as under DDP; the sync does the averaging.
+        (out * gout).sum().backward()
+        torch.testing.assert_close(wl.grad, ref_wgrad[rank], rtol=1e-12, atol=1e-12)
+        sync_sharded_grads(model, layout)
+        grad = pool.values.grad
+        assert grad.is_sparse == sparse, (sparse, grad.layout)
+        grad = grad.to_dense()
+        full = gather_columns(grad, layout.memory_group)
+        torch.testing.assert_close(full, ref_vgrad, rtol=1e-10, atol=1e-12)
+        # Every logical element counted once in the clipping norm, however many replicas exist.
+        sq = sharded_grad_sq_norm(model, layout)
+        torch.testing.assert_close(sq, ref_vgrad.pow(2).sum(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pool.full_values(), values)
+
+    # The functional form agrees with the lookup kernel on the full table (fp32, the training dtype).
+    group = layout.memory_group
+    cols = slice(dist.get_rank(group) * DV // P, (dist.get_rank(group) + 1) * DV // P)
+    out = sharded_lookup(values.float()[:, cols].contiguous(), idx, w.float(), group, impl="torch")
+    torch.testing.assert_close(
+        out, lookup(values.float(), idx, w.float(), impl="torch"), rtol=1e-5, atol=1e-6
+    )
+
+
+def check_errors(P: int) -> None:
+    world = dist.get_world_size()
+    info = DistInfo(rank=dist.get_rank(), world=world)
+    from launch.errors import ConfigError
+
+    try:
+        build_layout(ParallelConfig(memory=world + 1), info)
+    except ConfigError as e:
+        assert "parallel.memory" in str(e) and "divide the world size" in str(e), e
+    else:
+        raise AssertionError("P not dividing the world size was accepted")
+    layout = build_layout(ParallelConfig(memory=P), info)
+    pool = MemoryPool(N_KEYS, DV + 1)
+    try:
+        ShardedMemoryPool.from_pool(pool, layout.memory_group)
+    except ValueError as e:
+        assert f"v_dim={DV + 1}" in str(e) and "parallel.memory" in str(e), e
+    else:
+        raise AssertionError("Dv not divisible by P was accepted")
+
+
+if __name__ == "__main__":
+    check, P = sys.argv[1], int(sys.argv[2])
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    try:
+        {"lookup": check_lookup, "errors": check_errors}[check](P)
+        dist.barrier()
+        print(f"rank {dist.get_rank()}: {check} P={P} ok", flush=True)
+    finally:
+        dist.destroy_process_group()

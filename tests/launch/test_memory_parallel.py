@@ -1,0 +1,122 @@
+"""Memory parallelism (values sharded by embedding dim), tensor parallelism and reshardable checkpoints,
+on CPU under gloo: N ranks must reproduce the 1-rank run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from launch.config import ParallelConfig
+from launch.errors import ConfigError
+from launch.metrics import read_metrics
+from launch.parallel import check_parallel_config
+
+from ..conftest import REPO, run_module  # noqa: TID252
+
+TINY_MEMORY = str(REPO / "configs" / "memory" / "tiny_memory.yaml")
+STEPS = ["train.steps=4", "train.log_every=1", "train.val_every=2", "train.ckpt_every=2"]
+WORKER = "tests.launch.memory_parallel_worker"
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 1):
+    return run_module("launch.train", f"config={TINY_MEMORY}", f"run.dir={run_dir}", *STEPS, *overrides, nproc=nproc)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r or "val_loss" in r]
+
+
+def assert_same_run(a: Path, b: Path, tol: float = 1e-4) -> None:
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) == 6
+    for x, y in zip(ra, rb):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=tol, abs=tol), (key, x, y)
+
+
+def resume_copy(src: Path, dst: Path) -> Path:
+    """`src`'s run directory as it was right after its step-2 checkpoint."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "step_4")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one_rank")
+    train(run_dir)
+    return run_dir
+
+
+# -- the sharded read itself ------------------------------------------------------------------
+
+
+def test_sharded_read_equals_full_lookup_two_ranks():
+    # forward, weight grads, value grads assembled from shards, 1/P storage, grad norm; bad setups
+    run_module(WORKER, "lookup", "2", nproc=2)
+    run_module(WORKER, "errors", "2", nproc=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P", [2, 4])
+def test_sharded_read_equals_full_lookup_four_ranks(P):
+    # P=2 on 4 ranks: two memory groups replicate each column slice; their grads are averaged
+    run_module(WORKER, "lookup", str(P), nproc=4)
+
+
+@pytest.mark.parametrize(
+    "pcfg, world, v_dims, heads, match",
+    [
+        (ParallelConfig(memory=3), 4, [64], None, "parallel.memory=3 must divide the world size 4"),
+        (ParallelConfig(memory=2), 2, [63], None, "parallel.memory=2 must divide the memory value width 63"),
+        (ParallelConfig(tensor=2), 2, [], (4, 1), "parallel.tensor=2 must divide model.n_heads=4 and model.n_kv_heads=1"),
+        (ParallelConfig(memory=2, tensor=2), 4, [64], None, "not combined yet"),
+    ],
+)
+def test_impossible_layouts_fail_clearly(pcfg, world, v_dims, heads, match):
+    with pytest.raises(ConfigError, match=match):
+        check_parallel_config(pcfg, world, v_dims, heads)
+
+
+# -- training through launch.train ------------------------------------------------------------
+
+
+def test_memory_parallel_training_matches_one_rank_and_reshards(one_rank, tmp_path):
+    two = tmp_path / "p2"
+    train(two, "parallel.memory=2", nproc=2)
+    assert_same_run(one_rank, two)
+    # The checkpoint holds the full logical table: a 1-process run resumes it and continues identically.
+    p1 = resume_copy(two, tmp_path / "p1")
+    proc = train(p1)
+    assert "resuming from" in proc.stdout
+    assert_same_run(one_rank, p1)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_two_memory_ranks_resumes_on_four_with_fsdp(one_rank, tmp_path):
+    two = tmp_path / "p2"
+    train(two, "parallel.memory=2", nproc=2)
+    p4 = resume_copy(two, tmp_path / "p4")
+    train(p4, "parallel.memory=4", "parallel.data=fsdp", nproc=4)
+    assert_same_run(one_rank, p4)
+
+
+@pytest.mark.slow
+def test_row_sparse_values_with_fsdp_match_one_rank(tmp_path):
+    sparse = ["memory.value_optimizer=row_sparse_adam"]
+    train(tmp_path / "one", *sparse)
+    train(tmp_path / "two", *sparse, "parallel.memory=2", "parallel.data=fsdp", nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_tensor_parallel_matches_one_rank_and_resumes_unsplit(one_rank, tmp_path):
+    tp = tmp_path / "tp"
+    proc = train(tp, "parallel.tensor=2", nproc=2)
+    assert "world 2" in proc.stdout
+    assert_same_run(one_rank, tp)
+    t1 = resume_copy(tp, tmp_path / "t1")
+    train(t1)
+    assert_same_run(one_rank, t1)
