@@ -73,7 +73,10 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 32  # GLOBAL batch in sequences per optimizer step
     val_sequences: int = 128  # validation sequences evaluated each time
-    mix: list[Any] = field(default_factory=list)  # extra sources: [{path: ..., ratio: 0.1}, ...]
+    # Extra training sources mixed in: [{path: facts/train.txt, ratio: 0.2}, ...] (optional per
+    # entry: format, text_field). `ratio` is the fraction of training SEQUENCES drawn from that
+    # source (small sources repeat); data.train gets 1 - sum(ratios). Validation uses data.val only.
+    mix: list[Any] = field(default_factory=list)
 
 
 @dataclass

@@ -6,6 +6,9 @@ the packed sequences in a permutation seeded by (seed, e). Global batch s is seq
 [s·B, (s+1)·B) of that endless order; rank r of W takes rows [r·B/W, (r+1)·B/W) and splits them
 into `grad_accum` micro-batches. So the data a step sees does not depend on the number of
 ranks, and a checkpoint saved at one world size resumes exactly at another.
+
+`data.mix` adds sources at fixed ratios (`MixedSequences`): the fraction of training sequences
+drawn from each; the position is still the one integer, and the mixture a function of it and the seed.
 """
 
 from __future__ import annotations
@@ -135,6 +138,100 @@ class PackedSequences:
 
 
 @dataclass
+class MixSource:
+    path: str
+    ratio: float
+    format: str | None = None  # None: data.format
+    text_field: str | None = None  # None: data.text_field
+
+
+def parse_mix(mix: list) -> list[MixSource]:
+    """Validate `data.mix` entries ({path, ratio[, format, text_field]}); ratios sum below 1."""
+    sources = []
+    for i, entry in enumerate(mix or []):
+        entry = dict(entry) if hasattr(entry, "items") else entry
+        if not isinstance(entry, dict) or "path" not in entry or "ratio" not in entry:
+            raise UserError(f"data.mix[{i}] must be a mapping with 'path' and 'ratio' (e.g. {{path: facts/train.txt, ratio: 0.2}}), got {entry!r}")
+        unknown = set(entry) - {"path", "ratio", "format", "text_field"}
+        if unknown:
+            raise UserError(f"data.mix[{i}]: unknown key(s) {', '.join(sorted(unknown))}; valid: path, ratio, format, text_field")
+        ratio = entry["ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1:
+            raise UserError(f"data.mix[{i}].ratio={ratio!r} must be a fraction strictly between 0 and 1")
+        sources.append(MixSource(str(entry["path"]), float(ratio), entry.get("format"), entry.get("text_field")))
+    total = sum(s.ratio for s in sources)
+    if total >= 1:
+        raise UserError(f"data.mix ratios sum to {total:g}: they must leave the main source (data.train) a share above 0")
+    return sources
+
+
+class MixedSequences:
+    """Several packed sources behind one index space, in fixed proportions.
+
+    Index space size N is the smallest that holds every source at least once at its ratio
+    (N >= n_k / r_k); source k owns round(r_k·N) indices, spread evenly over [0, N), and its j-th
+    index reads its sequence j mod n_k (small sources repeat, large ones are covered once per
+    pass). The mapping depends on nothing but the sources and ratios, so `BatchStream`'s seeded
+    permutation and its one-integer position make the mixture a deterministic, resumable function
+    of (seed, position), at any world size.
+    """
+
+    def __init__(self, sources: list[PackedSequences], ratios: list[float]):
+        if len(sources) != len(ratios) or not sources:
+            raise ValueError("need one ratio per source")
+        if abs(sum(ratios) - 1) > 1e-6:
+            raise ValueError(f"ratios must sum to 1, got {sum(ratios)}")
+        seq_lens = {s.seq_len for s in sources}
+        if len(seq_lens) != 1:
+            raise ValueError(f"sources have different seq_len: {sorted(seq_lens)}")
+        self.sources, self.ratios, self.seq_len = sources, ratios, seq_lens.pop()
+        n = max(int(np.ceil(len(s) / r)) for s, r in zip(sources, ratios))
+        counts = [max(1, round(r * n)) for r in ratios]
+        self.n = sum(counts)
+        # Slot j of source k sits at (j + 0.5) / count_k along the index space: an even interleave.
+        keys = np.concatenate([(np.arange(c) + 0.5) / c for c in counts])
+        owner = np.concatenate([np.full(c, k, dtype=np.int64) for k, c in enumerate(counts)])
+        local = np.concatenate([np.arange(c, dtype=np.int64) % len(s) for c, s in zip(counts, sources)])
+        order = np.lexsort((owner, keys))
+        self.owner, self.local = owner[order], local[order]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def source_of(self, indices: np.ndarray) -> np.ndarray:
+        return self.owner[indices]
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = torch.empty(len(indices), self.seq_len + 1, dtype=torch.int64)
+        owner, local = self.owner[indices], self.local[indices]
+        for k, src in enumerate(self.sources):
+            rows = np.nonzero(owner == k)[0]
+            if len(rows):
+                out[torch.from_numpy(rows)] = src.get(local[rows])
+        return out
+
+
+def train_sequences(
+    cfg, train_tokens: np.ndarray, tokenizer: Tokenizer, cache_dir: Path | None
+) -> PackedSequences | MixedSequences:
+    """The training data of a `DataConfig`: data.train packed, mixed with the `data.mix` sources
+    (`ratio` = fraction of training sequences drawn from that source; data.train gets the rest)."""
+    main = PackedSequences(train_tokens, cfg.seq_len)
+    mix = parse_mix(cfg.mix)
+    if not mix:
+        return main
+    extras = [
+        PackedSequences(
+            tokenize_source(m.path, "train", tokenizer, cache_dir, m.format or cfg.format, m.text_field or cfg.text_field),
+            cfg.seq_len,
+        )
+        for m in mix
+    ]
+    return MixedSequences([main, *extras], [1 - sum(m.ratio for m in mix), *(m.ratio for m in mix)])
+
+
+@dataclass
 class Batch:
     inputs: torch.Tensor  # (b, T)
     targets: torch.Tensor  # (b, T)
@@ -143,7 +240,7 @@ class Batch:
 class BatchStream:
     """Endless seeded stream of global batches; this rank's micro-batches of each."""
 
-    def __init__(self, data: PackedSequences, global_batch: int, rank: int, world: int, grad_accum: int, seed: int):
+    def __init__(self, data: PackedSequences | MixedSequences, global_batch: int, rank: int, world: int, grad_accum: int, seed: int):
         if global_batch % (world * grad_accum):
             raise UserError(
                 f"data.batch_size={global_batch} must be divisible by data-parallel ranks ({world}) × "

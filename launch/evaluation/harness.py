@@ -14,6 +14,7 @@ The three request types go through the same code as `launch.eval` (`launch.evalu
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -54,6 +55,10 @@ class MemscaleLM(LM):
             from launch.inference import load_checkpoint
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's CLI passes --device cuda by default; fall back like its HF model does.
+                warnings.warn(f"device={device} requested but CUDA is not available: using cpu", stacklevel=2)
+                device = "cpu"
             if dtype not in DTYPES:
                 raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
             loaded = load_checkpoint(checkpoint, device, DTYPES[dtype])

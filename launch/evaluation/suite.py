@@ -57,14 +57,20 @@ def _shot_prefix(shots: list) -> str:
     return "".join(s.as_shot() + "\n\n" for s in shots)
 
 
+def _choice_chars(continuation: str) -> int:
+    """Characters of an option without the space that joins it to the prompt: lm-eval's
+    acc_norm divides by the length of the choice text, before the target delimiter is added."""
+    return len(continuation) - 1 if continuation.startswith(" ") else len(continuation)
+
+
 def evaluate_multiple_choice(ctx: _Ctx, examples: list[MultipleChoice], shots: list) -> TaskResult:
     """acc: the option with the highest summed log-likelihood; acc_norm: the highest
-    log-likelihood per character of the option's continuation (lm-eval's length normalisation)."""
+    log-likelihood per character of the option (lm-eval's length normalisation)."""
     prefix = _shot_prefix(shots)
     requests, spans = [], []
     for ex in examples:
         ex = ex.with_prefix(prefix) if prefix else ex
-        spans.append((len(requests), [len(cont) for _, cont in ex.options]))
+        spans.append((len(requests), [_choice_chars(cont) for _, cont in ex.options]))
         requests.extend(encode_pair(ctx.tokenizer, c, x) for c, x in ex.options)
     lls = loglikelihoods(
         ctx.model, requests, ctx.cfg.batch_size, device=ctx.device, desc=ctx.name, progress=ctx.progress

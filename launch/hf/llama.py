@@ -385,7 +385,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     state = {}
     for fname in files:
         with safe_open(str(hf_dir / fname), framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f})
+            state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
     return state
 
 
@@ -425,6 +425,8 @@ def import_hf(
     cfg.model = model_config_from_hf(hf, source)
     if hf.get("model_type") == "memory_llama":
         cfg.memory = memory_config_from_hf(hf, source)
+    # config.yaml must validate as a training config on its own (`config=CKPT/config.yaml`).
+    cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
     tok_path = Path(tokenizer) if tokenizer else hf_dir / "tokenizer.model"
     if not tok_path.is_file():
         raise UserError(

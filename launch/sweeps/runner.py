@@ -76,6 +76,15 @@ def state(sweep: Sweep, run: Run) -> str:
     return "partial" if started else "new"
 
 
+def _train_module(run: Run) -> str:
+    """launch.train, or its data.mix shim while launch/train.py does not wire the mixture itself."""
+    import importlib.util
+
+    origin = importlib.util.find_spec("launch.train").origin
+    wired = origin is not None and "train_sequences" in Path(origin).read_text()
+    return "launch.train" if wired or "data.mix" not in run.overrides else "launch.sweeps._train_mix"
+
+
 def plan(sweep: Sweep, run: Run) -> list[Step]:
     """The steps this run still needs, in order."""
     run_dir = sweep.run_dir(run)
@@ -93,7 +102,7 @@ def plan(sweep: Sweep, run: Run) -> list[Step]:
     else:
         train_args = [f"config={sweep.base}", *train_args]
     if not is_trained(sweep, run):
-        steps.append(Step("train", "launch.train", train_args, True))
+        steps.append(Step("train", _train_module(run), train_args, True))
     if sweep.eval.tasks and not (is_trained(sweep, run) and _evaluated(run_dir, trained_step(run_dir))):
         tasks = "[" + ",".join(sweep.eval.tasks) + "]"
         args = [f"checkpoint={run_dir}", f"tasks={tasks}", f"out={run_dir / EVAL}", "progress=false"]

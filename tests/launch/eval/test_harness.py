@@ -7,8 +7,12 @@ import pytest
 import torch
 import yaml
 
+from launch.config import EvalConfig
+from launch.distributed import DistInfo
 from launch.evaluation.scoring import encode_pair, loglikelihoods, rolling_windows
+from launch.evaluation.suite import run_tasks
 from launch.generate import generate
+from launch.inference import load_checkpoint
 
 from .conftest import FIXTURES, REPO, random_model
 
@@ -83,3 +87,8 @@ def test_simple_evaluate_on_local_tasks(tiny_run, tmp_path, monkeypatch):
     assert 0 <= piqa["acc,none"] <= 1 and 0 <= piqa["acc_norm,none"] <= 1
     assert 0 <= nq["exact_match,none"] <= 1
     assert out["n-samples"]["memscale_local_piqa"]["effective"] == 4
+    # the shipped YAML uses our piqa prompt: the harness and launch.eval must agree exactly
+    loaded = load_checkpoint(tiny_run)
+    ours = run_tasks(loaded.model, loaded.tokenizer, [f"piqa:{FIXTURES / 'piqa.jsonl'}"], EvalConfig(), DistInfo())
+    assert piqa["acc,none"] == pytest.approx(ours["piqa"]["acc"])
+    assert piqa["acc_norm,none"] == pytest.approx(ours["piqa"]["acc_norm"])

@@ -156,14 +156,15 @@ def test_acc_norm_divides_by_continuation_characters(tokenizer):
     short, long_ = " a b c", " question"
     n_short = len(encode_pair(tokenizer, context, short)[1])
     n_long = len(encode_pair(tokenizer, context, long_)[1])
-    assert n_short > n_long and n_short / len(short) > n_long / len(long_)  # precondition of the case
+    # acc_norm divides by the option's characters without the joining space, as lm-eval does
+    assert n_short > n_long and n_short / (len(short) - 1) > n_long / (len(long_) - 1)  # precondition
     ex = MultipleChoice([(context, short), (context, long_)], 0)
     res = evaluate_multiple_choice(_ctx(model, tokenizer), [ex], shots=[]).metrics
     assert res["acc"] == 0.0  # more tokens -> lower summed LL
     ex = MultipleChoice([(context, " ab"), (context, " a b c d e f")], 1)
     n_a = len(encode_pair(tokenizer, context, " ab")[1])
     n_b = len(encode_pair(tokenizer, context, " a b c d e f")[1])
-    expect_norm = int(n_b / len(" a b c d e f") < n_a / len(" ab"))
+    expect_norm = int(n_b / len("a b c d e f") < n_a / len("ab"))
     res = evaluate_multiple_choice(_ctx(model, tokenizer), [ex], shots=[]).metrics
     assert res["acc"] == float(n_b < n_a) and res["acc_norm"] == float(expect_norm)
 
