@@ -210,8 +210,9 @@ class Trainer:
         apply_tensor_parallel(self.model, self.layout)
         apply_memory_parallel(self.model, self.layout)
         self.raw_model = self.model
-        self.sharded_params = [p for n, p in self.raw_model.named_parameters() if n in self.layout.shards]
         self.model = self._parallelize(self.model)
+        # After wrapping: FSDP2 swaps in new (DTensor) parameter objects.
+        self.sharded_params = [p for n, p in self.raw_model.named_parameters() if n in self.layout.shards]
         self.optimizers = build_optimizers(self.raw_model, cfg)
         self.params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
         if self.resume_from is not None:

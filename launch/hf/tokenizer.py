@@ -30,6 +30,7 @@ SPACE = "\u2581"  # sentencepiece's whitespace marker "▁"
 # ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 BPE_MODEL = 2  # TrainerSpec.ModelType
+_SPECIAL_ID_FIELDS = {40: "unk_token", 41: "bos_token", 42: "eos_token", 43: "pad_token"}  # TrainerSpec
 
 
 @dataclass
@@ -45,7 +46,10 @@ class SpModel:
     add_dummy_prefix: bool = True
     remove_extra_whitespaces: bool = True
     escape_whitespaces: bool = True
-    special_ids: dict[str, int] = field(default_factory=dict)
+    # TrainerSpec ids of the special pieces (proto defaults; -1: none)
+    special_ids: dict[str, int] = field(
+        default_factory=lambda: {"unk_token": 0, "bos_token": 1, "eos_token": 2, "pad_token": -1}
+    )
 
     def ids_of_type(self, kind: int) -> list[int]:
         return [i for i, (_, _, t) in enumerate(self.pieces) if t == kind]
@@ -106,6 +110,8 @@ def read_sp_model(path: str | Path) -> SpModel:
                         model.byte_fallback = bool(v)
                     elif n == 24:
                         model.treat_whitespace_as_suffix = bool(v)
+                    elif n in _SPECIAL_ID_FIELDS:
+                        model.special_ids[_SPECIAL_ID_FIELDS[n]] = v if v < 1 << 63 else v - (1 << 64)  # int32 -1
             elif number == 3:  # NormalizerSpec
                 for n, v in _fields(value):
                     if n == 1:
@@ -187,13 +193,7 @@ def build_tokenizer(sp_path: str | Path):
     user = [sp.pieces[i][0] for i in sp.ids_of_type(USER_DEFINED)]
     atomic = [p for p in user if len(p) == 1 and sum(p in t for t in texts) == 1]
     tok.add_tokens([AddedToken(p, special=False, normalized=True) for p in user if p not in atomic])
-    names = {}
-    for i in sp.ids_of_type(UNKNOWN):
-        names["unk_token"] = sp.pieces[i][0]
-    control = {p for p, _, t in sp.pieces if t == CONTROL}
-    for key, piece in (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<pad>")):
-        if piece in control:
-            names[key] = piece
+    names = {key: sp.pieces[i][0] for key, i in sp.special_ids.items() if 0 <= i < len(sp.pieces)}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, clean_up_tokenization_spaces=False, split_special_tokens=True, **names
     )

@@ -21,7 +21,9 @@ WORKER = "tests.launch.memory_parallel_worker"
 
 
 def train(run_dir: Path, *overrides: str, nproc: int = 1):
-    return run_module("launch.train", f"config={TINY_MEMORY}", f"run.dir={run_dir}", *STEPS, *overrides, nproc=nproc)
+    return run_module(
+        "launch.train", f"config={TINY_MEMORY}", f"run.dir={run_dir}", *STEPS, *overrides, nproc=nproc
+    )
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -51,6 +53,13 @@ def one_rank(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def two_memory_ranks(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("p2")
+    train(run_dir, "parallel.memory=2", nproc=2)
+    return run_dir
+
+
 # -- the sharded read itself ------------------------------------------------------------------
 
 
@@ -72,7 +81,13 @@ def test_sharded_read_equals_full_lookup_four_ranks(P):
     [
         (ParallelConfig(memory=3), 4, [64], None, "parallel.memory=3 must divide the world size 4"),
         (ParallelConfig(memory=2), 2, [63], None, "parallel.memory=2 must divide the memory value width 63"),
-        (ParallelConfig(tensor=2), 2, [], (4, 1), "parallel.tensor=2 must divide model.n_heads=4 and model.n_kv_heads=1"),
+        (
+            ParallelConfig(tensor=2),
+            2,
+            [],
+            (4, 1),
+            "parallel.tensor=2 must divide model.n_heads=4 and model.n_kv_heads=1",
+        ),
         (ParallelConfig(memory=2, tensor=2), 4, [64], None, "not combined yet"),
     ],
 )
@@ -84,9 +99,8 @@ def test_impossible_layouts_fail_clearly(pcfg, world, v_dims, heads, match):
 # -- training through launch.train ------------------------------------------------------------
 
 
-def test_memory_parallel_training_matches_one_rank_and_reshards(one_rank, tmp_path):
-    two = tmp_path / "p2"
-    train(two, "parallel.memory=2", nproc=2)
+def test_memory_parallel_training_matches_one_rank_and_reshards(one_rank, two_memory_ranks, tmp_path):
+    two = two_memory_ranks
     assert_same_run(one_rank, two)
     # The checkpoint holds the full logical table: a 1-process run resumes it and continues identically.
     p1 = resume_copy(two, tmp_path / "p1")
@@ -96,10 +110,8 @@ def test_memory_parallel_training_matches_one_rank_and_reshards(one_rank, tmp_pa
 
 
 @pytest.mark.slow
-def test_checkpoint_from_two_memory_ranks_resumes_on_four_with_fsdp(one_rank, tmp_path):
-    two = tmp_path / "p2"
-    train(two, "parallel.memory=2", nproc=2)
-    p4 = resume_copy(two, tmp_path / "p4")
+def test_checkpoint_from_two_memory_ranks_resumes_on_four_with_fsdp(one_rank, two_memory_ranks, tmp_path):
+    p4 = resume_copy(two_memory_ranks, tmp_path / "p4")
     train(p4, "parallel.memory=4", "parallel.data=fsdp", nproc=4)
     assert_same_run(one_rank, p4)
 
