@@ -132,3 +132,10 @@ def test_tensor_parallel_matches_one_rank_and_resumes_unsplit(one_rank, tmp_path
     t1 = resume_copy(tp, tmp_path / "t1")
     train(t1)
     assert_same_run(one_rank, t1)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_fsdp_on_four_ranks_matches_one_rank(one_rank, tmp_path):
+    # (dp=2) x (tp=2): FSDP2 on the "dp" mesh dim over fairscale-split weights; clipping norm included
+    train(tmp_path / "tp_fsdp", "parallel.tensor=2", "parallel.data=fsdp", nproc=4)
+    assert_same_run(one_rank, tmp_path / "tp_fsdp")
