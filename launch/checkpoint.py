@@ -75,7 +75,7 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise UserError(f"no model weights at {path}")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     for alias, canon in json.loads(meta.get("aliases", "{}")).items():
         state[alias] = state[canon]
     return state, meta

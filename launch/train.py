@@ -198,6 +198,12 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg).to(info.device)
+        # Counted before any sharding, so they describe the logical model on every rank.
+        self.param_counts = (
+            self.model.num_params(),
+            self.model.num_params(exclude_embeddings=True),
+            active_params(self.model),
+        )
         self.model.init_weights()
         for pool in getattr(self.model, "memory_pools", []):
             pool.track_usage = True  # slot-usage health signal, logged with every training record
@@ -376,10 +382,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             self.metrics.truncate_after(self.step)
-            n = self.raw_model.num_params()
+            total, non_embedding, active = self.param_counts
             print(
-                f"model: {n / 1e6:.2f}M parameters ({self.raw_model.num_params(exclude_embeddings=True) / 1e6:.2f}M "
-                f"non-embedding, {active_params(self.raw_model) / 1e6:.2f}M active per token) | train {len(self.train_data)} seqs × {cfg.data.seq_len} | world {info.world} | "
+                f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding, "
+                f"{active / 1e6:.2f}M active per token) | train {len(self.train_data)} seqs × {cfg.data.seq_len} | world {info.world} | "
                 f"device {info.device}" + (f" | unigram val ppl {self.unigram_ppl:.1f}" if self.unigram_ppl else ""),
                 flush=True,
             )
@@ -472,6 +478,10 @@ class Trainer:
 def main(argv: list[str]) -> int:
     cfg = load_config(argv)
     validate(cfg)
+    if cfg.eval.tasks:  # a bad task spec or missing task file fails now, not at the first eval
+        from launch.evaluation.tasks import parse_task_specs
+
+        parse_task_specs(list(cfg.eval.tasks))
     info = init_distributed(cfg.train.device, cfg.parallel.backend)
     try:
         Trainer(cfg, info).fit()
