@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from memlayers.checks import check_lookup_inputs
+
 IMPLS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "MEMLAYERS_LOOKUP_IMPL"
 
@@ -123,20 +125,7 @@ def _resolve_impl(impl: str, values: Tensor) -> str:
 
 
 def _check_inputs(values: Tensor, indices: Tensor, weights: Tensor) -> None:
-    if values.dim() != 2:
-        raise ValueError(f"lookup: values must be 2-D (N_slots, Dv), got shape {tuple(values.shape)}")
-    if not values.is_floating_point():
-        raise ValueError(f"lookup: values must be a float tensor, got {values.dtype}")
-    if indices.dim() != 2:
-        raise ValueError(f"lookup: indices must be 2-D (B, K), got shape {tuple(indices.shape)}")
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"lookup: indices must be int64 (or int32), got {indices.dtype}")
-    if weights.shape != indices.shape:
-        raise ValueError(
-            f"lookup: weights shape {tuple(weights.shape)} must equal indices shape {tuple(indices.shape)}"
-        )
-    if not weights.is_floating_point():
-        raise ValueError(f"lookup: weights must be a float tensor, got {weights.dtype}")
+    check_lookup_inputs(values, indices, weights, "lookup")
     if indices.device != values.device or weights.device != values.device:
         raise ValueError(
             "lookup: values, indices and weights must be on one device, got "

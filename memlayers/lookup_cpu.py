@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from memlayers.checks import check_lookup_inputs
+
 __all__ = ["lookup_cpu", "native_ops", "native_available"]
 
 _CSRC = Path(__file__).parent / "csrc" / "lookup_cpu.cpp"
@@ -211,20 +213,9 @@ class _BagSumCPU(torch.autograd.Function):
 def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str) -> None:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if values.dim() != 2:
-        raise ValueError(f"values must be a 2-D (n_slots, v_dim) table, got shape {tuple(values.shape)}")
+    check_lookup_inputs(values, indices, weights, "lookup_cpu")
     if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
-    if indices.dim() != 2:
-        raise ValueError(f"indices must be a (bags, K) tensor, got shape {tuple(indices.shape)}")
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}")
-    if weights.shape != indices.shape:
-        raise ValueError(
-            f"weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}"
-        )
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        raise TypeError(f"lookup_cpu: values must be float32, bfloat16 or float16, got {values.dtype}")
     for name, t in (("values", values), ("indices", indices), ("weights", weights)):
         if t.device.type != "cpu":
             raise ValueError(f"lookup_cpu needs CPU tensors; {name} is on {t.device}")
