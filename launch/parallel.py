@@ -179,6 +179,21 @@ def sync_sharded_grads(model: nn.Module, layout: Layout) -> None:
         grad.mul_(1.0 / layout.world)
 
 
+def sync_replicated_values(values: list[nn.Parameter], layout: Layout) -> None:
+    """With `parallel.memory=1` on several ranks every rank holds the whole value table. It is kept
+    out of DDP/FSDP (FSDP would shard it by rows and all-gather the whole table at every forward;
+    DDP's bucketing cannot take row-sparse gradients), so average its gradient here, dense or
+    row-sparse, in a fixed order on every rank."""
+    if layout.world == 1 or layout.memory > 1:
+        return
+    for p in values:
+        if p.grad is None:
+            continue
+        grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
+        dist.all_reduce(grad)
+        p.grad = (grad.coalesce() if grad.is_sparse else grad).mul_(1.0 / layout.world)
+
+
 def sharded_grad_sq_norm(model: nn.Module, layout: Layout) -> torch.Tensor:
     """Squared L2 norm of the sharded parameters' gradients, every logical element counted once:
     shard norms summed over their group (replicas hold equal gradients after the sync)."""

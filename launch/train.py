@@ -36,7 +36,7 @@ from launch.distributed import (
 from launch.errors import ConfigError, TrainingError, UserError, run_cli
 from launch.faults import fault
 from launch.metrics import MetricsLogger
-from launch.optim import build_optimizers, lr_multiplier, set_lr
+from launch.optim import build_optimizers, lr_multiplier, memory_value_params, set_lr
 from launch.parallel import (
     apply_memory_parallel,
     apply_tensor_parallel,
@@ -47,6 +47,7 @@ from launch.parallel import (
     localize_model_state,
     localize_optimizer_state,
     sharded_grad_sq_norm,
+    sync_replicated_values,
     sync_sharded_grads,
 )
 from launch.tokenizer import Tokenizer, train_tokenizer
@@ -151,14 +152,15 @@ def grad_norm_and_clip(
     params = [p for p in params if id(p) not in skip]
     dense = [p.grad for p in params if p.grad is not None and not p.grad.is_sparse]
     sparse = [p.grad for p in params if p.grad is not None and p.grad.is_sparse]
-    if dense:
-        # DTensor grads (FSDP2) reduce across shards inside clip_grad_norm_'s norm.
-        norm = torch.nn.utils.get_total_norm(dense, norm_type=2.0)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-    else:
-        norm = torch.zeros(())
-    norm_sq = norm.float() ** 2
+    norm_sq = torch.zeros(())
+    # FSDP2 grads are DTensors (their norm reduces across shards); plain tensors (replicated values,
+    # unsharded params) are normed separately: the two kinds cannot share one foreach call.
+    for kind in ([g for g in dense if hasattr(g, "full_tensor")], [g for g in dense if not hasattr(g, "full_tensor")]):
+        if kind:
+            norm = torch.nn.utils.get_total_norm(kind, norm_type=2.0)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            norm_sq = norm_sq + norm.float().cpu() ** 2
     for g in sparse:
         norm_sq = norm_sq + g.coalesce().values().float().pow(2).sum()
     if sharded_sq_norm is not None:
@@ -221,6 +223,7 @@ class Trainer:
         self.sharded_params = [p for n, p in self.raw_model.named_parameters() if n in self.layout.shards]
         self.optimizers = build_optimizers(self.raw_model, cfg)
         self.params = [p for opt in self.optimizers for g in opt.param_groups for p in g["params"]]
+        self.value_params = memory_value_params(self.raw_model)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         dtype = cfg.train.dtype
@@ -271,7 +274,7 @@ class Trainer:
             self.cfg.parallel.data,
             self.info,
             units,
-            ignored=memory_value_params(model) if self.cfg.parallel.memory > 1 else (),
+            ignored=memory_value_params(model),  # values: memory-parallel shards or synced by hand
             dp_mesh=self.layout.dp_mesh,
         )
 
@@ -360,6 +363,7 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         sync_sharded_grads(self.raw_model, self.layout)
+        sync_replicated_values(self.value_params, self.layout)
         loss_sum = all_reduce_sum(loss_sum) / self.info.world
         if fault("nan", self.step + 1):
             loss_sum = loss_sum * float("nan")
