@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from launch import checkpoint as ckpt
 from launch.build import active_params, build_model
 from launch.config import Config, load_config, to_yaml, validate
-from launch.data import BatchStream, PackedSequences, load_documents, tokenize_source, validation_batches
+from launch.data import (
+    BatchStream,
+    PackedSequences,
+    load_documents,
+    tokenize_source,
+    train_sequences,
+    validation_batches,
+)
 from launch.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -189,7 +196,7 @@ class Trainer:
         self.tok = prepare_tokenizer(cfg, info, self.resume_from or init_from)
         train_tokens, val_tokens = token_streams(cfg, self.tok, info)
         self.unigram_ppl = unigram_perplexity(train_tokens, val_tokens, self.tok.vocab_size) if val_tokens is not None else None
-        self.train_data = PackedSequences(train_tokens, cfg.data.seq_len)
+        self.train_data = train_sequences(cfg.data, train_tokens, self.tok, Path(cfg.run.dir) / "data_cache")
         self.val_data = PackedSequences(val_tokens, cfg.data.seq_len) if val_tokens is not None else None
         self.layout = build_layout(cfg.parallel, info)
         # Tensor-parallel peers read the same data: the stream splits over data-parallel ranks only.
