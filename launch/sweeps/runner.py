@@ -76,23 +76,6 @@ def state(sweep: Sweep, run: Run) -> str:
     return "partial" if started else "new"
 
 
-def _mixes(sweep: Sweep, run: Run) -> bool:
-    if "data.mix" in run.overrides:
-        return bool(run.overrides["data.mix"])
-    if run.grow is not None:  # a grown run keeps its source's data settings
-        return _mixes(sweep, sweep.get(run.grow.source))
-    return bool(run_config(sweep, run).data.mix)
-
-
-def _train_module(sweep: Sweep, run: Run) -> str:
-    """launch.train, or its data.mix shim while launch/train.py does not wire the mixture itself."""
-    import importlib.util
-
-    origin = importlib.util.find_spec("launch.train").origin
-    wired = origin is not None and "train_sequences" in Path(origin).read_text()
-    return "launch.train" if wired or not _mixes(sweep, run) else "launch.sweeps._train_mix"
-
-
 def plan(sweep: Sweep, run: Run) -> list[Step]:
     """The steps this run still needs, in order."""
     run_dir = sweep.run_dir(run)
@@ -110,7 +93,7 @@ def plan(sweep: Sweep, run: Run) -> list[Step]:
     else:
         train_args = [f"config={sweep.base}", *train_args]
     if not is_trained(sweep, run):
-        steps.append(Step("train", _train_module(sweep, run), train_args, True))
+        steps.append(Step("train", "launch.train", train_args, True))
     if sweep.eval.tasks and not (is_trained(sweep, run) and _evaluated(run_dir, trained_step(run_dir))):
         tasks = "[" + ",".join(sweep.eval.tasks) + "]"
         args = [f"checkpoint={run_dir}", f"tasks={tasks}", f"out={run_dir / EVAL}", "progress=false"]

@@ -244,8 +244,7 @@ def test_collect_cli(tmp_path, capsys):
 
 
 def test_mixed_run_trains_on_the_mixture(tmp_path, small_corpus):
-    """data.mix reaches the trainer (directly, or through the runner's shim until train.py wires it):
-    mixing the corpus with itself at ratio 0.5 doubles the index space the trainer reports."""
+    """data.mix reaches the trainer: mixing the corpus with itself at ratio 0.5 doubles the index space the trainer reports."""
     mix = [{"path": small_corpus["data.train"], "ratio": 0.5}]
     sweep = load_sweep(write_sweep(tmp_path, {"overrides": {**FAST, "train.steps": 2, **small_corpus, "data.mix": mix}}))
     (step,) = plan(sweep, sweep.runs[0])
