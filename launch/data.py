@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -295,7 +294,3 @@ def validation_batches(data: PackedSequences, n_sequences: int, batch: int, rank
     idx = np.arange(min(n_sequences, len(data)))[rank::world]
     for i in range(0, len(idx), batch):
         yield data.get(idx[i : i + batch])
-
-
-def describe(tokens: np.ndarray, seq_len: int) -> str:
-    return json.dumps({"tokens": int(len(tokens)), "sequences": int((len(tokens) - 1) // seq_len)})
