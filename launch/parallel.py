@@ -181,9 +181,8 @@ def sync_sharded_grads(model: nn.Module, layout: Layout) -> None:
 
 def sync_replicated_values(values: list[nn.Parameter], layout: Layout) -> None:
     """With `parallel.memory=1` on several ranks every rank holds the whole value table. It is kept
-    out of DDP/FSDP (FSDP would shard it by rows and all-gather the whole table at every forward;
-    DDP's bucketing cannot take row-sparse gradients), so average its gradient here, dense or
-    row-sparse, in a fixed order on every rank."""
+    out of DDP/FSDP (FSDP would shard it by rows and all-gather the whole table at every forward),
+    so its gradient, dense or row-sparse, is averaged here, in a fixed order on every rank."""
     if layout.world == 1 or layout.memory > 1:
         return
     for p in values:
