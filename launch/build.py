@@ -7,7 +7,7 @@ import dataclasses
 
 from torch import nn
 
-from launch.config import Config
+from launch.config import Config, plain
 from launch.errors import ConfigError
 from launch.model import ModelConfig, Transformer
 
@@ -77,17 +77,11 @@ def build_model(cfg: Config) -> Transformer:
 
         if cfg.grow.spec is None:
             raise ConfigError("grow.strategy is set but grow.spec is empty: grown models come from launch.grow")
-        model.layers = rebuild(model.layers, _plain(cfg.grow.spec))
+        model.layers = rebuild(model.layers, plain(cfg.grow.spec))
         model.cfg = cfg.model
     if len(model.layers) != cfg.model.n_layers:
         raise ConfigError(f"model.n_layers={cfg.model.n_layers} but the built model has {len(model.layers)} blocks")
     return model
-
-
-def _plain(obj):
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, DictConfig | ListConfig) else obj
 
 
 def active_params(model: Transformer) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launch.errors import ConfigError
@@ -247,10 +247,6 @@ def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_container(cfg: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
 def from_container(data: dict, schema: type = Config) -> Any:
     return load_config([], schema, base=data)
 
@@ -296,7 +292,11 @@ def validate(cfg: Config) -> None:
         )
 
 
-def as_list(value: Any) -> list:
-    if isinstance(value, ListConfig):
-        return list(value)
-    return value if isinstance(value, list) else [value]
+def plain(node: Any) -> Any:
+    """An OmegaConf node as plain Python containers (anything else unchanged)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def config_from_file(path: str | Path, schema: type = Config) -> Any:
+    """A saved, resolved config (a run's or a checkpoint's config.yaml) as a `schema` instance."""
+    return from_container(plain(OmegaConf.load(path)), schema)

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from launch import checkpoint as ckpt
 from launch.build import build_model
-from launch.config import Config, from_container
+from launch.config import Config, config_from_file
 from launch.errors import UserError
 from launch.model import Transformer
 from launch.tokenizer import Tokenizer
@@ -30,7 +29,7 @@ def load_config_of(path: Path) -> Config:
     cfg_file = path / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{path} has no config.yaml: not a checkpoint directory written by launch.train")
-    return from_container(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True))
+    return config_from_file(cfg_file)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedCheckpoint:

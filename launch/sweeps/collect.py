@@ -31,13 +31,12 @@ def param_counts(run_dir: Path) -> tuple[int | None, int | None]:
     if not path.is_file():
         return None, None
     import torch
-    from omegaconf import OmegaConf
 
     from launch.build import active_params, build_model
-    from launch.config import from_container
+    from launch.config import config_from_file
 
     try:
-        cfg = from_container(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        cfg = config_from_file(path)
         with torch.device("meta"):
             model = build_model(cfg)
         return model.num_params(), active_params(model)

@@ -33,6 +33,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from launch.config import plain
 from launch.errors import ConfigError
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -176,10 +177,6 @@ def derive_names(varied: list[dict[str, Any]], dedupe: bool = True) -> list[str]
 # Loading
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def _settings(cls: type, data: Any, where: str) -> Any:
     data = data or {}
     if not isinstance(data, dict):
@@ -220,7 +217,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        data = _plain(OmegaConf.load(path))
+        data = plain(OmegaConf.load(path))
     except Exception as e:
         raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
