@@ -38,6 +38,15 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    # The start-of-sequence convention, one for the whole repo (training data, eval, generation, the
+    # lm-eval adapter, the HF export): Llama's. Every document is BOS + pieces + EOS when packed for
+    # training; every prompt we score or continue is BOS + pieces. EOS ends a generation.
+    def encode_document(self, text: str) -> list[int]:
+        return self.encode(text, bos=True, eos=True)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text, bos=True)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
 
