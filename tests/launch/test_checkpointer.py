@@ -1,0 +1,247 @@
+"""launch.checkpointer: sharded DCP checkpoints that reshard on load, checksum manifests with fallback
+to the newest intact checkpoint, no code ever unpickled, non-finite state never committed, failed
+writes named with the previous checkpoint kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from launch import manifest
+from launch.checkpointer import Checkpointer, read_model_state, read_plain_tensors
+from launch.dcp_reader import read_metadata_file
+from launch.errors import TrainingError, UserError
+
+from ..conftest import run_module  # noqa: TID252
+
+WORKER = "tests.launch.checkpoint_worker"
+
+
+class Tiny(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Embedding(5, 4)
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.emb.weight
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+        self.head.weight = self.emb.weight
+
+    def forward(self):
+        return self.head(self.lin(self.emb(torch.arange(3)))).square().mean()
+
+
+def trained(seed: int = 0) -> tuple[Tiny, list[torch.optim.Optimizer]]:
+    model = Tiny(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, [opt]
+
+
+def save(ck: Checkpointer, step: int, model: nn.Module, opts, tmp_path: Path) -> Path:
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"tokenizer")
+    return ck.save(step, model, opts, {"tokens": step * 10, "data": {"pos": step}}, "model: {}\n", tok)
+
+
+def resign(ckpt: Path) -> None:
+    """Rewrite the manifest for tampered files, as an attacker could: the content checks must still hold."""
+    manifest.write_manifest(ckpt, manifest.digest_files(ckpt, manifest.all_files(ckpt)))
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- layouts (real multi-process gloo) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "save_nproc, save_p, save_data, load_nproc, load_p, load_data, extra",
+    [
+        (2, 2, "fsdp", 1, 1, "fsdp", ""),  # P=2 -> P=1 (one process, full tensors)
+        (1, 1, "fsdp", 4, 4, "fsdp", ""),  # P=1 -> P=4
+        (4, 2, "fsdp", 2, 2, "ddp", "async"),  # replicas dedup'd, async save; FSDP -> DDP
+    ],
+)
+def test_sharded_save_reshards_on_load(tmp_path, save_nproc, save_p, save_data, load_nproc, load_p, load_data, extra):
+    run_dir = str(tmp_path / "run")
+    run_module(WORKER, "save", run_dir, str(save_p), save_data, extra, nproc=save_nproc)
+    step = tmp_path / "run" / "checkpoints" / "step_2"
+    shards = sorted(p.name for p in (step / "state").glob("__*.distcp"))
+    assert shards == [f"__{r}_0.distcp" for r in range(save_nproc)]  # each rank wrote its own file
+    files = json.loads((step / "manifest.json").read_text())["files"]
+    assert set(files) == {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    run_module(WORKER, "load", run_dir, str(load_p), load_data, nproc=load_nproc)
+
+
+# -- one process: round trip, ties, pruning -----------------------------------------------------
+
+
+def test_round_trip_ties_keep_last_and_one_process_reader(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    model, opts = trained()
+    for step in (1, 2, 3):
+        save(ck, step, model, opts, tmp_path)
+    assert [s for s, _ in ck.candidates()] == [2, 3]
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+    path = ck.latest_intact()
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["aliases"] == {"head.weight": "emb.weight"}
+    assert (path / "tokenizer.model").read_bytes() == b"tokenizer" and (path / "config.yaml").is_file()
+
+    fresh, fresh_opts = Tiny(seed=5), [torch.optim.AdamW(Tiny(seed=5).parameters(), lr=0.1)]
+    fresh_opts = [torch.optim.AdamW(fresh.parameters(), lr=0.1)]
+    got = ck.load(path, fresh, fresh_opts)
+    assert got["tokens"] == 30 and got["data"] == {"pos": 3}
+    assert fresh.head.weight is fresh.emb.weight
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    a_state, b_state = opts[0].state_dict()["state"], fresh_opts[0].state_dict()["state"]
+    for i in a_state:
+        for k in a_state[i]:
+            assert torch.equal(a_state[i][k], b_state[i][k])
+
+    reader = Tiny(seed=9)
+    read_model_state(path, reader)
+    assert torch.equal(reader.lin.weight, model.lin.weight) and reader.head.weight is reader.emb.weight
+
+
+# -- damage, fallback, never from step 0 --------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate_shard", "flip_byte", "delete_metadata", "truncate_state"])
+def test_damaged_latest_falls_back_to_intact_with_one_line(tmp_path, damage, capsys):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    model, opts = trained()
+    save(ck, 1, model, opts, tmp_path)
+    newest = save(ck, 2, model, opts, tmp_path)
+    older = snapshot(tmp_path / "checkpoints" / "step_1")
+    target = {
+        "truncate_shard": newest / "state" / "__0_0.distcp",
+        "flip_byte": newest / "state" / "__0_0.distcp",
+        "delete_metadata": newest / "state" / ".metadata",
+        "truncate_state": newest / "trainer_state.json",
+    }[damage]
+    if damage == "flip_byte":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        target.write_bytes(bytes(data))
+    elif damage == "delete_metadata":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[:7])
+    assert ck.latest_intact() == tmp_path / "checkpoints" / "step_1"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and target.name in err[0] and "step_1" in err[0]
+    assert snapshot(tmp_path / "checkpoints" / "step_1") == older
+
+    # nothing intact: one line naming the damaged file, never a silent restart from step 0
+    (tmp_path / "checkpoints" / "step_1" / "rng.pt").write_bytes(b"rot")
+    with pytest.raises(UserError, match=r"no intact checkpoint .*rng\.pt"):
+        ck.latest_intact()
+
+
+def test_reader_refuses_damaged_checkpoint(tmp_path):
+    ck = Checkpointer(tmp_path)
+    model, opts = trained()
+    path = save(ck, 1, model, opts, tmp_path)
+    shard = path / "state" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match="__0_0.distcp"):
+        read_model_state(path, Tiny())
+
+
+# -- nothing unpickles code ----------------------------------------------------------------------
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_metadata_is_refused_without_running_code(tmp_path):
+    ck = Checkpointer(tmp_path)
+    model, opts = trained()
+    path = save(ck, 1, model, opts, tmp_path)
+    marker = tmp_path / "pwned"
+    (path / "state" / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(UserError, match="not a plain checkpoint metadata file"):
+        read_metadata_file(path / "state" / ".metadata")
+    resign(path)  # also through the trainer's and the readers' paths
+    assert ck.latest_intact() == path
+    with pytest.raises(UserError, match="not a plain checkpoint metadata file"):
+        ck.load(path, *trained())
+    with pytest.raises(UserError, match="not a plain checkpoint metadata file"):
+        read_model_state(path, Tiny())
+    assert not marker.exists()
+
+
+def test_crafted_pickle_in_pt_file_is_not_a_plain_tensor_file(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "optimizer.pt"
+    torch.save({"x": _Exploit(marker)}, bad)
+    with pytest.raises(UserError, match=r"optimizer\.pt is not a plain tensor file"):
+        read_plain_tensors(bad)
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match=r"optimizer\.pt is damaged or truncated"):
+        read_plain_tensors(bad)
+    assert not marker.exists()
+
+
+def test_tampered_alias_spec_is_one_line(tmp_path):
+    ck = Checkpointer(tmp_path)
+    model, opts = trained()
+    path = save(ck, 1, model, opts, tmp_path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    state["aliases"] = {"emb.weight": "nonexistent"}
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"trainer_state.json: \d+ bytes, expected"):
+        read_model_state(path, Tiny())
+    resign(path)
+    with pytest.raises(UserError, match="alias 'emb.weight' -> 'nonexistent'"):
+        read_model_state(path, Tiny())
+
+
+# -- non-finite state and failed writes are never committed ------------------------------------
+
+
+def test_non_finite_weights_are_not_committed_and_the_finite_one_is_named(tmp_path):
+    ck = Checkpointer(tmp_path)
+    model, opts = trained()
+    good = save(ck, 1, model, opts, tmp_path)
+    with torch.no_grad():
+        model.lin.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=rf"non-finite values in model/lin.weight at step 2.*{good}"):
+        save(ck, 2, model, opts, tmp_path)
+    assert [s for s, _ in ck.candidates()] == [1]
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path):
+    ck = Checkpointer(tmp_path)  # ignores SIGXFSZ, so `ulimit -f` gives EFBIG instead of a kill
+    model, opts = trained()
+    save(ck, 1, model, opts, tmp_path)
+    before = snapshot(tmp_path / "checkpoints")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (600, hard))
+    try:
+        with pytest.raises(UserError, match=r"cannot write checkpoint .*step_2.*previous checkpoints are kept"):
+            save(ck, 2, model, opts, tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert snapshot(tmp_path / "checkpoints") == before
