@@ -73,11 +73,18 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """The full state dict (aliases filled in, pointing at the same tensor) and the file's metadata."""
     if not path.is_file():
         raise UserError(f"no model weights at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    for alias, canon in json.loads(meta.get("aliases", "{}")).items():
-        state[alias] = state[canon]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for bad headers/lengths)
+        raise UserError(f"{path} is damaged or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        aliases = json.loads(meta.get("aliases", "{}"))
+        for alias, canon in aliases.items():
+            state[alias] = state[canon]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise UserError(f"{path}: its 'aliases' metadata does not match the stored tensors (tampered or damaged)") from None
     return state, meta
 
 
@@ -129,7 +136,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / "trainer_state.json").is_file():
         return p
-    latest = latest_checkpoint(p)
+    from launch.checkpointer import Checkpointer  # (it builds on this module)
+
+    latest = Checkpointer(p).latest_intact() if checkpoint_dir(p).is_dir() else None
     if latest is not None:
         return latest
     raise UserError(f"no checkpoint at {p} (expected a checkpoints/step_N directory or a run directory holding one)")

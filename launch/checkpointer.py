@@ -331,6 +331,47 @@ def _dcp_load(targets: dict[str, torch.Tensor], ckpt: Path, no_dist: bool = Fals
         raise UserError(f"checkpoint {ckpt / STATE_DIR} could not be read ({first[-1] if first else type(e).__name__})") from None
 
 
+def write_model_checkpoint(
+    out: Path,
+    model: nn.Module,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    tokenizer_path: Path,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A weights-only checkpoint directory in the training format, from one process (launch.grow,
+    launch.convert from-hf): temp dir, manifest last, atomic rename. `overwrite=False` refuses an
+    `out` that appeared meanwhile."""
+    import torch.distributed.checkpoint as dcp
+
+    out = Path(out)
+    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
+    aliases = {_canonical(k): _canonical(v) for k, v in legacy.alias_map(model).items()}
+    state = {f"model/{_canonical(k)}": v.detach() for k, v in model.state_dict().items() if _canonical(k) not in aliases}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / STATE_DIR), no_dist=True)
+        (tmp / "config.yaml").write_text(config_yaml)
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "format": FORMAT, "aliases": aliases}, indent=2))
+        manifest.write_manifest(tmp, manifest.digest_files(tmp, manifest.all_files(tmp)))
+        if out.exists() and not overwrite:
+            raise UserError(f"out={out} appeared while writing; pass overwrite=true to replace it")
+        commit_directory(tmp, out)
+    except OSError as e:
+        raise write_failure(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The checkpointer the trainer uses
 
@@ -405,7 +446,7 @@ class Checkpointer:
         bad = nonfinite_entry(flat)
         final = self.root / f"step_{step}"
         if bad:
-            good = self._newest_finite()
+            good = self.newest_intact()
             raise TrainingError(
                 f"non-finite values in {bad.split('/', 1)[-1]} at step {step}: not checkpointed. "
                 f"Newest finite checkpoint: {good or 'none'}"
@@ -521,7 +562,8 @@ class Checkpointer:
         for stale in self.root.glob(".tmp_step_*"):  # leftovers of crashed writes
             shutil.rmtree(stale, ignore_errors=True)
 
-    def _newest_finite(self) -> Path | None:
+    def newest_intact(self) -> Path | None:
+        """The newest intact (hence finite) checkpoint or None, without warnings (for error messages)."""
         try:
             return self.latest_intact(warn=False)
         except UserError:
@@ -558,11 +600,15 @@ class Checkpointer:
                     stats[stat] = flat.get(f"optim{i}/{name}/{stat}", stats[stat])
             adapter.load_optimizer_state(model, opt, osd)
         rng = path / "rng.pt"
-        if rng.is_file():
+        if optimizers and rng.is_file():
             saved = read_plain_tensors(rng)
             if isinstance(saved, dict) and isinstance(saved.get("torch"), torch.Tensor):
                 torch.set_rng_state(saved["torch"])
         return trainer_state
+
+    def load_weights(self, path: Path, model: nn.Module, adapter: StateAdapter | None = None) -> dict[str, Any]:
+        """Only the model's weights (`train.init_from`), resharded to this run's layout. Collective."""
+        return self.load(path, model, [], adapter)
 
     @staticmethod
     def _read_dcp(path: Path, flat: dict[str, torch.Tensor], trainer_state: dict) -> None:
@@ -585,6 +631,8 @@ def _legacy_full_state(path: Path, n_optimizers: int) -> dict[str, torch.Tensor]
     """A single-file (format 1) checkpoint as flat full tensors under the DCP keys (convert on read)."""
     state, _ = legacy.load_model_file(path / legacy.MODEL_FILE)
     flat = {f"model/{k}": v for k, v in state.items()}
+    if not n_optimizers:
+        return flat
     opt_path = path / "optimizer.pt"
     opt_states = read_plain_tensors(opt_path)
     if not isinstance(opt_states, list) or len(opt_states) != n_optimizers:

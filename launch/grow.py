@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from launch import checkpoint as ckpt
+from launch.checkpointer import read_trainer_state, write_model_checkpoint
 from launch.config import Config, GrowConfig, load_config, to_yaml
 from launch.errors import ConfigError, UserError, run_cli
 from launch.inference import LoadedCheckpoint, load_checkpoint
@@ -206,17 +205,8 @@ def _trainable(model: nn.Module) -> int:
 
 
 def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, summary: dict, overwrite: bool) -> None:
-    """Write the checkpoint into a temporary sibling and rename it into place when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    ckpt.save_model_file(model, tmp / ckpt.MODEL_FILE, metadata={"step": 0, "grown_from": str(src.path)})
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    shutil.copyfile(src.tokenizer.path, tmp / "tokenizer.model")
-    (tmp / "growth.json").write_text(json.dumps(summary, indent=2))
-    source_state = ckpt.read_trainer_state(src.path)
+    """Write the checkpoint (launch.checkpointer's format: temp dir, manifest, rename)."""
+    source_state = read_trainer_state(src.path)
     state = {
         "step": 0,
         "tokens": 0,
@@ -225,13 +215,8 @@ def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, su
         "world_size": source_state.get("world_size", 1),
         "grown_from": {"checkpoint": str(src.path), "step": src.step, "tokens": source_state.get("tokens")},
     }
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
-    if out.exists():
-        if not overwrite:  # raced with another writer since the check
-            shutil.rmtree(tmp)
-            raise UserError(f"out={out} appeared while growing; pass overwrite=true to replace it")
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    extra = {"growth.json": json.dumps(summary, indent=2)}
+    write_model_checkpoint(out, model, state, to_yaml(cfg), src.tokenizer.path, extra, overwrite)
 
 
 def verify_checkpoint(out: Path, model: Transformer) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from launch import checkpoint as ckpt
 from launch.build import build_model
+from launch.checkpointer import read_model_state, read_trainer_state
 from launch.config import Config, config_from_file
 from launch.errors import UserError
 from launch.model import Transformer
@@ -37,11 +38,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     path = ckpt.resolve_checkpoint(path)
     cfg = load_config_of(path)
     model = build_model(cfg)
-    state, _ = ckpt.load_model_file(path / ckpt.MODEL_FILE)
-    ckpt.check_model_state(model, state, str(path / ckpt.MODEL_FILE))
-    model.load_state_dict(state)
+    read_model_state(path, model)  # any saving world size/layout: DCP assembles full tensors here
     model.to(device=device, dtype=dtype).eval()
     tok_path = path / "tokenizer.model"
     tokenizer = Tokenizer(tok_path)
-    step = int(ckpt.read_trainer_state(path).get("step", 0))
+    step = int(read_trainer_state(path).get("step", 0))
     return LoadedCheckpoint(model, tokenizer, cfg, path, step)

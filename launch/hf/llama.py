@@ -17,7 +17,6 @@ matches the installed version.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -452,20 +451,12 @@ def import_hf(
 
 
 def write_checkpoint_dir(model: nn.Module, cfg: Config, tok_path: Path, out: Path, overwrite: bool, source: str) -> None:
-    """A step-0 checkpoint dir, written to a temp dir and renamed (like launch.checkpoint)."""
+    """A step-0 checkpoint dir in launch.checkpointer's format (temp dir, manifest, rename)."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"out={out} exists and is not empty (pass overwrite=true to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    ckpt.save_model_file(model, tmp / ckpt.MODEL_FILE, metadata={"step": 0, "source": source})
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    shutil.copyfile(tok_path, tmp / "tokenizer.model")
+    from launch.checkpointer import write_model_checkpoint
+
     # No data position: a run started from here begins its stream at the start.
     trainer_state = {"step": 0, "tokens": 0, "data": {"consumed": 0}, "world_size": 1, "source": source}
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_model_checkpoint(out, model, trainer_state, to_yaml(cfg), tok_path, overwrite=True)
 

@@ -68,7 +68,7 @@ def tensor_positions(model, name: str) -> list[torch.nn.Parameter]:
 def test_grown_checkpoint_continues_training(grown, tiny_checkpoint, tmp_path, strategy):
     ckpt = grown[strategy]
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "config.yaml", "growth.json", "model.safetensors", "tokenizer.model", "trainer_state.json"
+        "config.yaml", "growth.json", "manifest.json", "state", "tokenizer.model", "trainer_state.json"
     ]
     before = load_checkpoint(ckpt)
     assert before.config.grow.strategy == strategy and before.config.grow.base_layers == 2

@@ -6,9 +6,9 @@ import signal
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 
 from launch.checkpoint import list_checkpoints
+from launch.dcp_reader import read_metadata_file
 from launch.inference import load_checkpoint
 from launch.metrics import read_metrics
 
@@ -39,18 +39,17 @@ def test_run_directory_layout_and_metrics(tiny_checkpoint):
     steps = [s for s, _ in list_checkpoints(run)]
     assert steps == [10, 20]
     ckpt = run / "checkpoints" / "step_20"
-    for f in ["model.safetensors", "optimizer.pt", "trainer_state.json", "rng.pt", "config.yaml", "tokenizer.model"]:
+    for f in ["state/.metadata", "manifest.json", "trainer_state.json", "rng.pt", "config.yaml", "tokenizer.model"]:
         assert (ckpt / f).is_file(), f
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["data"]["consumed"] == 20 * 8
 
 
 def test_tied_embedding_is_stored_once(tiny_checkpoint):
-    with safe_open(str(tiny_checkpoint / "checkpoints/step_20/model.safetensors"), "pt") as f:
-        keys = set(f.keys())
-        aliases = json.loads(f.metadata()["aliases"])
-    assert "tok_embeddings.weight" in keys and "output.weight" not in keys
-    assert aliases == {"output.weight": "tok_embeddings.weight"}
+    step = tiny_checkpoint / "checkpoints/step_20"
+    keys = set(read_metadata_file(step / "state/.metadata").state_dict_metadata)
+    assert "model/tok_embeddings.weight" in keys and "model/output.weight" not in keys
+    assert json.loads((step / "trainer_state.json").read_text())["aliases"] == {"output.weight": "tok_embeddings.weight"}
     loaded = load_checkpoint(tiny_checkpoint)
     assert loaded.model.output.weight is loaded.model.tok_embeddings.weight
     assert loaded.step == 20
@@ -105,10 +104,10 @@ def test_user_errors_are_one_line_and_overwrite_nothing(tmp_path, tiny_checkpoin
     proc = train(tmp_path, "data.train=/does/not/exist.txt", check=False)
     assert proc.returncode == 2 and "matches no files" in proc.stderr
     # resuming a run whose checkpoint does not fit the config: named tensor, checkpoint untouched
-    before = (tiny_checkpoint / "checkpoints/step_20/model.safetensors").stat().st_mtime_ns
+    before = (tiny_checkpoint / "checkpoints/step_20/manifest.json").stat().st_mtime_ns
     proc = run_module("launch.train", f"config={TINY}", f"run.dir={tiny_checkpoint}", "model.dim=128", check=False)
     assert proc.returncode == 2 and "different model config" in proc.stderr and "Traceback" not in proc.stderr
-    assert (tiny_checkpoint / "checkpoints/step_20/model.safetensors").stat().st_mtime_ns == before
+    assert (tiny_checkpoint / "checkpoints/step_20/manifest.json").stat().st_mtime_ns == before
 
 
 def test_grad_accum_matches_single_batch(tmp_path):
