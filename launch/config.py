@@ -107,6 +107,9 @@ class TrainConfig:
     tensorboard: bool = False
     init_from: str | None = None  # checkpoint to start from (weights only; fresh optimizer)
     reset_data: bool = False  # with init_from: restart the data stream instead of continuing it
+    async_checkpoint: bool = False  # write checkpoints in a background thread (DCP async_save); training continues
+    activation_checkpoint: str = "none"  # none | full | selective (every other block): recompute activations in backward
+    final_val_sequences: int = -1  # sequences in the end-of-training validation: -1 the whole split, 0 none, N the first N
 
 
 @dataclass

@@ -250,35 +250,55 @@ class Transformer(nn.Module):
             KVCache(batch, max_len, self.cfg.kv_heads, self.cfg.head_dim, dtype, device) for _ in self.layers
         ]
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std) for linears and embeddings; the output projection of each residual
-        branch (attention.wo, feed_forward.w2) scaled by 1/sqrt(2·n_layers) so the residual stream's
-        variance does not grow with depth (GPT-2 / torchtitan). Any other submodule with its own
-        `reset_parameters` (memory layers, value pools, norms) initialises its whole subtree itself.
-        Draws from the global RNG: seed it first for a reproducible init."""
+    def init_spec(self) -> dict[str, tuple]:
+        """Each parameter's initial distribution by name: Normal(0, init_std) for linears and
+        embeddings, the output projection of each residual branch (attention.wo, feed_forward.w2)
+        scaled by 1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth
+        (GPT-2 / torchtitan); norms 1, biases 0; low-rank adapters (ScaleNet) A ~ U(±1/sqrt(in)),
+        B = 0; submodules with their own `init_spec` (memory layers, value pools) declare theirs."""
+        from launch.param_init import module_specs
+
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        device = self.tok_embeddings.weight.device
+
+        def rule(mname: str, module: nn.Module, pname: str) -> tuple:
+            if pname == "bias":
+                return ("constant", 0.0)
+            if pname == "lora_B":
+                return ("constant", 0.0)
+            if pname == "lora_A":
+                bound = 1.0 / math.sqrt(module.in_features)
+                return ("uniform", -bound, bound)
+            if isinstance(module, RMSNorm):
+                return ("constant", 1.0)
+            if isinstance(module, nn.Linear | nn.Embedding):
+                is_out = mname.endswith("attention.wo") or mname.endswith("feed_forward.w2")
+                return ("normal", 0.0, out_std if is_out else std)
+            raise KeyError(f"no initialisation rule for {mname}.{pname} ({type(module).__name__})")
+
+        return module_specs(self, rule)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, regions: dict | None = None) -> None:
+        """Initialise in place, also after `to_empty` and on shards: see `launch.param_init` (each
+        tensor drawn row block by row block from generators seeded by `seed` and its name, so the
+        result does not depend on the parallel layout). `regions` describes plain parameters that
+        hold a block of a larger tensor (memory-value column shards). Without `seed`, one is drawn
+        from the global RNG: seed that first for a reproducible init."""
+        from launch.param_init import init_parameters
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.init_buffers()
+        init_parameters(self, self.init_spec(), seed, regions)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The RoPE tables (non-persistent buffers: recomputed, never loaded)."""
+        device = self.rope_cos.device
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        seen: set[int] = set()
-        owned_prefixes: list[str] = []
-        for name, module in self.named_modules():
-            if module is self or any(name.startswith(p) for p in owned_prefixes):
-                continue
-            if isinstance(module, nn.Linear | nn.Embedding):
-                if id(module.weight) in seen:  # tied embeddings: initialise once
-                    continue
-                seen.add(id(module.weight))
-                is_out = name.endswith("attention.wo") or name.endswith("feed_forward.w2")
-                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-                owned_prefixes.append(name + ".")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         seen, total = set(), 0

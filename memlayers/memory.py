@@ -119,6 +119,21 @@ class ProductKeyMemory(nn.Module):
         """torchtitan-style alias of :meth:`reset_parameters`."""
         self.reset_parameters(std)
 
+    def init_spec(self) -> dict[str, tuple]:
+        """What :meth:`reset_parameters` draws, per parameter name (see ``MemoryPool.init_spec``)."""
+        bound = 1.0 / math.sqrt(self.k_dim)
+        spec: dict[str, tuple] = {"keys": ("uniform", -bound, bound)}
+        for name in ("query", "gate", "out"):
+            lin = getattr(self, name)
+            if lin is None:
+                continue
+            spec[f"{name}.weight"] = ("normal", 0.0, lin.in_features**-0.5)
+            if lin.bias is not None:
+                spec[f"{name}.bias"] = ("constant", 0.0)
+        if self.own_pool:
+            spec.update({f"pool.{k}": v for k, v in self.pool.init_spec().items()})
+        return spec
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.dim:

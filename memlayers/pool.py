@@ -69,6 +69,12 @@ class MemoryPool(nn.Module):
         """torchtitan-style alias of :meth:`reset_parameters`."""
         self.reset_parameters(std)
 
+    def init_spec(self) -> dict[str, tuple]:
+        """The distribution of each parameter, by name relative to this module: what
+        :meth:`reset_parameters` draws, declared so that a trainer can draw it shard by shard with
+        its own generators (``("normal", mean, std)``, ``("uniform", low, high)``, ``("constant", c)``)."""
+        return {"values": ("normal", 0.0, self.v_dim**-0.5)}
+
     def read(self, indices: Tensor, weights: Tensor) -> Tensor:
         """Weighted bag read: (B, K) slot ids and (B, K) weights -> (B, Dv) in the values' dtype.
 

@@ -13,7 +13,7 @@ the whole table for the group's tokens is then
 
 The value-shard gradient comes out *summed over the group's tokens*; averaging it like data-parallel
 gradients (and across groups that replicate the same slice) is the trainer's job: see
-``launch.parallel.sync_sharded_grads``.
+``memlayers.layout.MemoryLayout.sync_grads``.
 
 Ranks may hold different token counts (e.g. the last validation batch): counts are exchanged first
 (one tiny all-gather of P int64s) and every rank pads to the largest with weight-0 bags, so all ranks
@@ -193,8 +193,9 @@ class ShardedMemoryPool(MemoryPool):
     @classmethod
     def from_pool(cls, pool: MemoryPool, group: ProcessGroup) -> ShardedMemoryPool:
         """This rank's shard of ``pool``: its column slice copied (so P ranks together hold exactly the
-        table a single process would), or freshly initialised when ``pool`` lives on the meta device."""
-        device = None if pool.values.is_meta else pool.values.device
+        table a single process would), or a meta-device shard when ``pool`` lives on the meta device
+        (materialise it with ``to_empty`` and initialise it afterwards: nothing full-size is allocated)."""
+        device = pool.values.device
         new = cls(pool.n_keys, pool.v_dim, group, sparse_grad=pool.sparse_grad, lookup_impl=pool.lookup_impl,
                   device=device, dtype=pool.values.dtype)  # fmt: skip
         if not pool.values.is_meta:

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node=W -m tests.launch.memory_parallel_worker CHECK P
 
-CHECK is `lookup` (sharded read == full-table lookup: forward, weight grads, value grads assembled
+CHECK is `init P T DATA` (meta build, layout, local-shard init == slices of the 1-process init),
+`lookup` (sharded read == full-table lookup: forward, weight grads, value grads assembled
 from shards, averaged like data parallel across replicas; shard storage exactly 1/P; grad norm counts
 each element once) or `errors` (bad setups raise clear errors). Any failed assertion exits non-zero.
 """
@@ -14,10 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from launch.config import ParallelConfig
-from launch.distributed import DistInfo
-from launch.parallel import apply_memory_parallel, build_layout, sharded_grad_sq_norm, sync_sharded_grads
 from memlayers import MemoryPool, lookup
+from memlayers.layout import MemoryLayout
 from memlayers.sharded import ShardedMemoryPool, gather_columns, sharded_lookup
 
 N_KEYS, DV, K = 6, 12, 5
@@ -67,16 +66,25 @@ class Model(torch.nn.Module):
         object.__setattr__(self.reader, "pool", pool)
 
 
+def groups(P: int):
+    """Memory groups: consecutive blocks of P ranks; replica groups: {r, r+P, ...} (as launch.parallelize)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world // P, P), mesh_dim_names=("replica", "memory"))
+    assert dist.get_process_group_ranks(mesh.get_group("memory"))[0] == rank - rank % P
+    return mesh.get_group("memory"), mesh.get_group("replica")
+
+
 def check_lookup(P: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    info = DistInfo(rank=rank, world=world)
-    layout = build_layout(ParallelConfig(memory=P), info)
+    memory_group, replica_group = groups(P)
     values, per_rank = global_batch(world)
     ref_out, ref_wgrad, ref_vgrad = reference(values, per_rank, world)
     idx, w, gout = per_rank[rank]
     for sparse in (False, True):
         model = Model(values, sparse)
-        apply_memory_parallel(model, layout)
+        layout = MemoryLayout(model, memory_group, replica_group, world)
         pool = model.memory_pools[0]
         assert isinstance(pool, ShardedMemoryPool) and model.reader.pool is pool, (
             "pool references not rewired"
@@ -84,26 +92,27 @@ def check_lookup(P: int) -> None:
         # Storage read off the tensor: exactly 1/P of the table per rank.
         assert pool.values.shape == (N_KEYS * N_KEYS, DV // P), pool.values.shape
         assert pool.values.untyped_storage().nbytes() == values.numel() * values.element_size() // P
-        assert list(layout.shards) == ["memory_pools.0.values"], list(layout.shards)
+        assert list(layout.regions()) == ["memory_pools.0.values"], layout.regions()
+        assert layout.regions()["memory_pools.0.values"] == ((N_KEYS * N_KEYS, DV), (0, pool.columns.start))
         wl = w.clone().requires_grad_(True)
         out = pool.read(idx, wl)
         torch.testing.assert_close(out, ref_out[rank], rtol=1e-12, atol=1e-12)
         # Each rank backprops its own loss, as under DDP; the sync does the averaging.
         (out * gout).sum().backward()
         torch.testing.assert_close(wl.grad, ref_wgrad[rank], rtol=1e-12, atol=1e-12)
-        sync_sharded_grads(model, layout)
+        layout.sync_grads()
         grad = pool.values.grad
         assert grad.is_sparse == sparse, (sparse, grad.layout)
         grad = grad.to_dense()
-        full = gather_columns(grad, layout.memory_group)
+        full = gather_columns(grad, memory_group)
         torch.testing.assert_close(full, ref_vgrad, rtol=1e-10, atol=1e-12)
         # Every logical element counted once in the clipping norm, however many replicas exist.
-        sq = sharded_grad_sq_norm(model, layout)
+        sq = layout.grad_sq_norm()
         torch.testing.assert_close(sq, ref_vgrad.pow(2).sum(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(pool.full_values(), values)
 
     # The functional form agrees with the lookup kernel on the full table (fp32, the training dtype).
-    group = layout.memory_group
+    group = memory_group
     cols = slice(dist.get_rank(group) * DV // P, (dist.get_rank(group) + 1) * DV // P)
     out = sharded_lookup(values.float()[:, cols].contiguous(), idx, w.float(), group, impl="torch")
     torch.testing.assert_close(
@@ -111,21 +120,44 @@ def check_lookup(P: int) -> None:
     )
 
 
-def check_errors(P: int) -> None:
-    world = dist.get_world_size()
-    info = DistInfo(rank=dist.get_rank(), world=world)
-    from launch.errors import ConfigError
+def check_init(P: int, T: int = 1, data: str = "fsdp") -> None:
+    """Meta build + layout + materialise: every rank's shards are exact slices of the 1-process init
+    (bit for bit), for every tensor, and each rank allocated only its shards of the values."""
+    from launch.build import build_model
+    from launch.config import load_config
+    from launch.distributed import DistInfo
+    from launch.parallelize import build_layout, materialize, parallelize
 
-    try:
-        build_layout(ParallelConfig(memory=world + 1), info)
-    except ConfigError as e:
-        assert "parallel.memory" in str(e) and "divide the world size" in str(e), e
-    else:
-        raise AssertionError("P not dividing the world size was accepted")
-    layout = build_layout(ParallelConfig(memory=P), info)
+    cfg = load_config(
+        ["config=configs/memory/tiny_memory.yaml", f"parallel.memory={P}", f"parallel.tensor={T}", f"parallel.data={data}",
+         "memory.v_dim=64", "model.n_heads=4", "model.n_kv_heads=2"]  # fmt: skip
+    )
+    reference = build_model(cfg)
+    reference.init_weights(seed=cfg.run.seed)
+    info = DistInfo(rank=dist.get_rank(), world=dist.get_world_size())
+    layout = build_layout(cfg, info)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    par = materialize(parallelize(model, layout, cfg), torch.device("cpu"), cfg.run.seed)
+    values = par.memory.named_values()
+    expected = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if name in values:
+            assert p.shape == (expected[name].shape[0], expected[name].shape[1] // P), (name, p.shape)
+            full = par.memory.full_tensor(name, p.detach())
+        elif hasattr(p, "full_tensor"):
+            full = p.detach().full_tensor()
+        else:
+            full = p.detach()
+        assert torch.equal(full, expected[name].detach()), f"{name}: shards differ from the 1-process init"
+    assert model.output.weight is model.tok_embeddings.weight, "tied embeddings untied"
+
+
+def check_errors(P: int) -> None:
+    memory_group, _ = groups(P)
     pool = MemoryPool(N_KEYS, DV + 1)
     try:
-        ShardedMemoryPool.from_pool(pool, layout.memory_group)
+        ShardedMemoryPool.from_pool(pool, memory_group)
     except ValueError as e:
         assert f"v_dim={DV + 1}" in str(e) and "parallel.memory" in str(e), e
     else:
@@ -133,11 +165,11 @@ def check_errors(P: int) -> None:
 
 
 if __name__ == "__main__":
-    check, P = sys.argv[1], int(sys.argv[2])
+    check, P, extra = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     try:
-        {"lookup": check_lookup, "errors": check_errors}[check](P)
+        {"lookup": check_lookup, "errors": check_errors, "init": check_init}[check](P, *[int(e) if e.isdigit() else e for e in extra])
         dist.barrier()
         print(f"rank {dist.get_rank()}: {check} P={P} ok", flush=True)
     finally:

@@ -1,5 +1,6 @@
-"""Memory parallelism (values sharded by embedding dim), tensor parallelism and reshardable checkpoints,
-on CPU under gloo: N ranks must reproduce the 1-rank run."""
+"""Memory parallelism (values sharded by embedding dim), tensor parallelism (DTensor), their
+composition on one mesh, the layout-independent meta-device init and reshardable checkpoints, on CPU
+under gloo: N ranks must reproduce the 1-rank run."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ParallelConfig
+from launch.config import load_config
 from launch.errors import ConfigError
 from launch.metrics import read_metrics
-from launch.parallel import check_parallel_config
+from launch.parallelize import check_layout
 
 from ..conftest import REPO, run_module  # noqa: TID252
 
@@ -76,24 +77,40 @@ def test_sharded_read_equals_full_lookup_four_ranks(P):
     run_module(WORKER, "lookup", str(P), nproc=4)
 
 
+def test_meta_build_inits_each_shard_as_a_slice_of_the_one_process_init():
+    # P=2 (values column-sharded) under FSDP2: bit-for-bit slices of the 1-process init
+    run_module(WORKER, "init", "2", "1", "fsdp", nproc=2)
+
+
+@pytest.mark.slow
+def test_meta_build_init_with_tensor_and_memory_parallel_on_four_ranks():
+    # mesh (1, P=2, T=2): TP DTensors under FSDP2 (strided shards) and value shards, all exact slices
+    run_module(WORKER, "init", "2", "2", "fsdp", nproc=4)
+
+
 @pytest.mark.parametrize(
-    "pcfg, world, v_dims, heads, match",
+    "overrides, world, match",
     [
-        (ParallelConfig(memory=3), 4, [64], None, "parallel.memory=3 must divide the world size 4"),
-        (ParallelConfig(memory=2), 2, [63], None, "parallel.memory=2 must divide the memory value width 63"),
-        (
-            ParallelConfig(tensor=2),
-            2,
-            [],
-            (4, 1),
-            "parallel.tensor=2 must divide model.n_heads=4 and model.n_kv_heads=1",
-        ),
-        (ParallelConfig(memory=2, tensor=2), 4, [64], None, "not combined yet"),
+        (["parallel.memory=3"], 4, "parallel.memory=3 must divide the world size 4"),
+        (["parallel.memory=2", "memory.v_dim=63"], 2, "parallel.memory=2 must divide the memory value width 63"),
+        (["parallel.tensor=2", "model.n_kv_heads=1"], 2, "parallel.tensor=2 must divide model.n_heads=4 and model.n_kv_heads=1"),
+        (["parallel.tensor=2", "model.ffn_dim=99"], 2, "parallel.tensor=2 must divide the FFN hidden size 99"),
+        (["parallel.memory=2", "parallel.tensor=2"], 2, r"parallel.memory=2 × parallel.tensor=2 must divide the world size 2"),
+        (["parallel.data=zero"], 2, "parallel.data='zero': expected ddp or fsdp"),
+        (["train.activation_checkpoint=some"], 1, "train.activation_checkpoint='some'"),
     ],
 )
-def test_impossible_layouts_fail_clearly(pcfg, world, v_dims, heads, match):
+def test_impossible_layouts_fail_clearly(overrides, world, match):
+    cfg = load_config([f"config={TINY_MEMORY}", *overrides])
     with pytest.raises(ConfigError, match=match):
-        check_parallel_config(pcfg, world, v_dims, heads)
+        check_layout(cfg, world)
+
+
+def test_impossible_layout_fails_in_one_line_before_joining_a_group(tmp_path):
+    proc = run_module("launch.train", f"config={TINY_MEMORY}", f"run.dir={tmp_path}", "parallel.memory=3", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "parallel.memory=3 must divide the world size 1" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
 
 
 # -- training through launch.train ------------------------------------------------------------
@@ -126,7 +143,7 @@ def test_row_sparse_values_with_fsdp_match_one_rank(tmp_path):
 
 def test_tensor_parallel_matches_one_rank_and_resumes_unsplit(one_rank, tmp_path):
     tp = tmp_path / "tp"
-    proc = train(tp, "parallel.tensor=2", nproc=2)
+    proc = train(tp, "parallel.tensor=2", "train.activation_checkpoint=full", nproc=2)
     assert "world 2" in proc.stdout
     assert_same_run(one_rank, tp)
     t1 = resume_copy(tp, tmp_path / "t1")
@@ -136,6 +153,13 @@ def test_tensor_parallel_matches_one_rank_and_resumes_unsplit(one_rank, tmp_path
 
 @pytest.mark.slow
 def test_tensor_parallel_with_fsdp_on_four_ranks_matches_one_rank(one_rank, tmp_path):
-    # (dp=2) x (tp=2): FSDP2 on the "dp" mesh dim over fairscale-split weights; clipping norm included
+    # (dp=2) x (tp=2): FSDP2 on the "dp" mesh dim over DTensor-split weights; clipping norm included
     train(tmp_path / "tp_fsdp", "parallel.tensor=2", "parallel.data=fsdp", nproc=4)
     assert_same_run(one_rank, tmp_path / "tp_fsdp")
+
+
+def test_tensor_and_memory_parallel_on_four_ranks_match_one_rank(one_rank, tmp_path):
+    # mesh (replica=1, memory=2, tp=2): values column-sharded over "memory", heads/FFN split over "tp",
+    # gradients of everything else averaged by hand over "dp" (DDP cannot hold DTensors)
+    train(tmp_path / "tp_mp", "parallel.tensor=2", "parallel.memory=2", "train.activation_checkpoint=selective", nproc=4)
+    assert_same_run(one_rank, tmp_path / "tp_mp")

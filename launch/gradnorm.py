@@ -1,0 +1,43 @@
+"""The global gradient norm and clipping, over every kind of gradient the trainer produces: FSDP2
+and tensor-parallel DTensors (per device mesh), plain dense tensors, row-sparse gradients, and the
+memory value tables (whose shards' norms `memlayers.layout.MemoryLayout` sums over its group)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memlayers.layout import MemoryLayout
+
+
+def _mesh_key(g: torch.Tensor):
+    return id(g.device_mesh) if hasattr(g, "device_mesh") else None
+
+
+@torch.no_grad()
+def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float, memory: MemoryLayout) -> float:
+    """L2 norm of all gradients, each logical element once; scales them to `max_norm` when above."""
+    values = {id(p) for p in memory.values()}
+    grads = [p.grad for p in dict.fromkeys(params) if p.grad is not None and id(p) not in values]
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g for g in grads if g.is_sparse]
+    norm_sq = memory.grad_sq_norm().double()
+    # DTensors on different meshes (FSDP over "dp", tensor parallel over ("dp","tp") or "tp") and
+    # plain tensors cannot share one foreach call: one norm per mesh, reduced to a plain number.
+    by_mesh: dict = {}
+    for g in dense:
+        by_mesh.setdefault(_mesh_key(g), []).append(g)
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm_sq = norm_sq + norm.double().cpu() ** 2
+    for g in sparse:
+        norm_sq = norm_sq + g.coalesce().values().double().pow(2).sum().cpu()
+    total = float(norm_sq.sqrt())
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+        memory.clip_(scale)
+    return total
