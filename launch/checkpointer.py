@@ -122,19 +122,18 @@ class StateAdapter:
 
         osd = get_optimizer_state_dict(model, opt)
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        for name, stats in osd["state"].items():
-            for stat, v in stats.items():
-                if isinstance(v, torch.Tensor):
-                    stats[stat] = self._wrap(name, v, shapes.get(name))
+        # New dicts: the per-parameter dicts torch returns are the optimizer's live `opt.state[p]`.
+        osd["state"] = {
+            name: {stat: self._wrap(name, v, shapes.get(name)) if isinstance(v, torch.Tensor) else v for stat, v in stats.items()}
+            for name, stats in osd["state"].items()
+        }
         return osd
 
     def load_optimizer_state(self, model: nn.Module, opt: torch.optim.Optimizer, osd: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        for name, stats in osd["state"].items():
-            for stat, v in stats.items():
-                stats[stat] = self._unwrap(name, v)
-        set_optimizer_state_dict(model, opt, osd)
+        state = {name: {stat: self._unwrap(name, v) for stat, v in stats.items()} for name, stats in osd["state"].items()}
+        set_optimizer_state_dict(model, opt, {**osd, "state": state})
 
     def _wrap(self, name: str, t: torch.Tensor, param_shape: tuple[int, ...] | None) -> torch.Tensor:
         spec = self.specs.get(_canonical(name))

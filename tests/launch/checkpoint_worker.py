@@ -96,6 +96,9 @@ def main() -> None:
         steps(model, opts, 2)
         ck.save(2, raw, opts, {"tokens": 8}, "model: {}\n", None, adapter=adapter)
         ck.wait()
+        live = opts[1].state[raw.values]["exp_avg"]
+        assert not hasattr(live, "to_local"), "saving must not replace the live optimizer state"
+        steps(model, opts, 1)  # training goes on after a save
     elif mode == "load":
         path = ck.latest_intact()
         state = ck.load(path, raw, opts, adapter=adapter)
