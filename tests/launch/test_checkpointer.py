@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,50 @@ def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert snapshot(tmp_path / "checkpoints") == before
+
+
+# -- the single-file format of earlier versions: converted on read -----------------------------
+
+
+def write_legacy(path: Path, model: nn.Module, opts) -> None:
+    from launch.checkpoint import save_model_file
+
+    path.mkdir(parents=True)
+    save_model_file(model, path / "model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    states = []
+    for opt in opts:
+        sd = opt.state_dict()
+        order = [p for g in opt.param_groups for p in g["params"]]
+        states.append({"state": {names[id(order[i])]: s for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]})
+    torch.save(states, path / "optimizer.pt")
+    (path / "trainer_state.json").write_text(json.dumps({"step": 4, "tokens": 40, "data": {}}))
+
+
+def test_legacy_checkpoint_loads_and_damage_is_one_line(tmp_path):
+    model, opts = trained()
+    legacy_dir = tmp_path / "checkpoints" / "step_4"
+    write_legacy(legacy_dir, model, opts)
+    ck = Checkpointer(tmp_path)
+    assert ck.latest_intact() == legacy_dir  # no manifest in that format: accepted as is
+    fresh = Tiny(seed=3)
+    fresh_opts = [torch.optim.AdamW(fresh.parameters(), lr=0.1)]
+    assert ck.load(legacy_dir, fresh, fresh_opts)["step"] == 4
+    assert torch.equal(fresh.lin.weight, model.lin.weight) and fresh.head.weight is fresh.emb.weight
+    assert torch.equal(fresh_opts[0].state[fresh.lin.weight]["exp_avg"], opts[0].state[model.lin.weight]["exp_avg"])
+    reader = Tiny(seed=4)
+    read_model_state(legacy_dir, reader)
+    assert torch.equal(reader.lin.bias, model.lin.bias)
+
+    weights = legacy_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(UserError, match=r"model\.safetensors is damaged or truncated"):
+        read_model_state(legacy_dir, Tiny())
+    marker = tmp_path / "pwned"
+    torch.save([{"state": {"lin.weight": {"exp_avg": _Exploit(marker)}}}], legacy_dir / "optimizer.pt")
+    write_legacy(tmp_path / "again", model, opts)
+    shutil.copy(tmp_path / "again" / "model.safetensors", weights)
+    with pytest.raises(UserError, match=r"optimizer\.pt is not a plain tensor file"):
+        other = Tiny()
+        ck.load(legacy_dir, other, [torch.optim.AdamW(other.parameters())])
+    assert not marker.exists()
