@@ -15,7 +15,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,9 +24,9 @@ from launch.config import Config, load_config, to_yaml, validate
 from launch.data import (
     BatchStream,
     PackedSequences,
+    build_datasets,
     load_documents,
-    tokenize_source,
-    train_sequences,
+    shard_tokenizer,
     validation_batches,
 )
 from launch.distributed import (
@@ -83,6 +82,8 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
         path = Path(cfg.data.tokenizer)
         if not path.is_file():
             raise UserError(f"data.tokenizer={cfg.data.tokenizer}: file not found")
+    elif shard_tokenizer(cfg.data.train) is not None:  # data.train is a launch.tokenize directory
+        path = shard_tokenizer(cfg.data.train)
     else:
         if info.is_main and not run_tok.is_file():
             docs = load_documents(cfg.data.train, "train", cfg.data.format, cfg.data.text_field)
@@ -95,27 +96,6 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
             f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size={cfg.model.vocab_size}"
         )
     return tok
-
-
-def token_streams(cfg: Config, tok: Tokenizer, info: DistInfo) -> tuple[np.ndarray, np.ndarray | None]:
-    cache = Path(cfg.run.dir) / "data_cache"
-    d = cfg.data
-    if info.is_main:  # rank 0 tokenises and caches; the others read the cache
-        tokenize_source(d.train, "train", tok, cache, d.format, d.text_field)
-        if d.val:
-            tokenize_source(d.val, "val", tok, cache, d.format, d.text_field)
-    barrier()
-    train = tokenize_source(d.train, "train", tok, cache, d.format, d.text_field)
-    val = tokenize_source(d.val, "val", tok, cache, d.format, d.text_field) if d.val else None
-    return train, val
-
-
-def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
-    """Perplexity of `val` under add-one-smoothed unigram counts of `train`: the bar a language
-    model must clear to have learned anything beyond token frequencies."""
-    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(np.exp(-logp[val].mean()))
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -194,10 +174,8 @@ class Trainer:
             init_from = ckpt.resolve_checkpoint(init_from)
         self.init_from = init_from
         self.tok = prepare_tokenizer(cfg, info, self.resume_from or init_from)
-        train_tokens, val_tokens = token_streams(cfg, self.tok, info)
-        self.unigram_ppl = unigram_perplexity(train_tokens, val_tokens, self.tok.vocab_size) if val_tokens is not None else None
-        self.train_data = train_sequences(cfg.data, train_tokens, self.tok, Path(cfg.run.dir) / "data_cache")
-        self.val_data = PackedSequences(val_tokens, cfg.data.seq_len) if val_tokens is not None else None
+        # Token shards, memory-mapped (tokenized once into data.cache_dir unless data.train is a shard directory).
+        self.train_data, self.val_data, self.unigram_ppl = build_datasets(cfg, self.tok, info)
         self.layout = build_layout(cfg.parallel, info)
         # Tensor-parallel peers read the same data: the stream splits over data-parallel ranks only.
         self.data_info = self.layout.data_info(info)
