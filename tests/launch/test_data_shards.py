@@ -2,7 +2,6 @@
 index permutation, and the trainer's data entry point (`launch.data.build_datasets`)."""
 
 import gzip
-import io
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from launch.tokenize import Inputs, ensure_shards, main, tokenize_files
 from launch.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumping zebras".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "hex", "bold", "jumping", "zebras"]
 
 
 def _doc(i: int) -> str:
@@ -71,7 +70,7 @@ def test_sources_stream_every_format_and_compression(corpus, tmp_path):
     assert docs == [_doc(i) for i in range(60)]
     pq.write_table(pa.table({"body": docs[:5]}), tmp_path / "p.parquet")
     assert list(iter_documents([tmp_path / "p.parquet"], text_field="body")) == docs[:5]
-    (tmp_path / "t.txt.gz").write_bytes(gzip.compress("one whole document\n\nwith lines".encode()))
+    (tmp_path / "t.txt.gz").write_bytes(gzip.compress(b"one whole document\n\nwith lines"))
     assert list(iter_documents([tmp_path / "t.txt.gz"])) == ["one whole document\n\nwith lines"]
 
 
