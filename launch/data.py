@@ -35,7 +35,7 @@ import torch
 from launch.errors import UserError
 from launch.permutation import IndexPermutation
 from launch.shards import TOKENIZER, ShardError, TokenShards, is_shard_dir, open_shards, tokenizer_fingerprint
-from launch.sources import load_documents, resolve_files  # noqa: F401  (part of this module's API)
+from launch.sources import ENCODING_ERRORS, load_documents, resolve_files  # noqa: F401  (part of this module's API)
 from launch.tokenize import Inputs, default_workers, ensure_shards, tokenize_files
 from launch.tokenizer import Tokenizer
 
@@ -53,8 +53,16 @@ def shard_tokenizer(source: str | None) -> Path | None:
     return None
 
 
-def _cache_key(files: list[Path], tokenizer: Tokenizer, fmt: str, text_field: str, encoding_errors: str) -> str:
-    key = [[str(p.resolve()) for p in files], fmt, text_field, encoding_errors, tokenizer_fingerprint(tokenizer)]
+def _cache_key(
+    files: list[Path], tokenizer: Tokenizer, fmt: str, text_field: str, encoding_errors: str
+) -> str:
+    key = [
+        [str(p.resolve()) for p in files],
+        fmt,
+        text_field,
+        encoding_errors,
+        tokenizer_fingerprint(tokenizer),
+    ]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -101,7 +109,9 @@ class PackedSequences:
         self.seq_len = seq_len
         self.n = (len(self.tokens) - 1) // seq_len
         if self.n < 1:
-            raise UserError(f"corpus has {len(self.tokens)} tokens: fewer than one sequence of data.seq_len={seq_len}")
+            raise UserError(
+                f"corpus has {len(self.tokens)} tokens: fewer than one sequence of data.seq_len={seq_len}"
+            )
 
     def __len__(self) -> int:
         return self.n
@@ -129,17 +139,25 @@ def parse_mix(mix: list) -> list[MixSource]:
     for i, entry in enumerate(mix or []):
         entry = dict(entry) if hasattr(entry, "items") else entry
         if not isinstance(entry, dict) or "path" not in entry or "ratio" not in entry:
-            raise UserError(f"data.mix[{i}] must be a mapping with 'path' and 'ratio' (e.g. {{path: facts/train.txt, ratio: 0.2}}), got {entry!r}")
+            raise UserError(
+                f"data.mix[{i}] must be a mapping with 'path' and 'ratio' (e.g. {{path: facts/train.txt, ratio: 0.2}}), got {entry!r}"
+            )
         unknown = set(entry) - {"path", "ratio", "format", "text_field"}
         if unknown:
-            raise UserError(f"data.mix[{i}]: unknown key(s) {', '.join(sorted(unknown))}; valid: path, ratio, format, text_field")
+            raise UserError(
+                f"data.mix[{i}]: unknown key(s) {', '.join(sorted(unknown))}; valid: path, ratio, format, text_field"
+            )
         ratio = entry["ratio"]
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1:
             raise UserError(f"data.mix[{i}].ratio={ratio!r} must be a fraction strictly between 0 and 1")
-        sources.append(MixSource(str(entry["path"]), float(ratio), entry.get("format"), entry.get("text_field")))
+        sources.append(
+            MixSource(str(entry["path"]), float(ratio), entry.get("format"), entry.get("text_field"))
+        )
     total = sum(s.ratio for s in sources)
     if total >= 1:
-        raise UserError(f"data.mix ratios sum to {total:g}: they must leave the main source (data.train) a share above 0")
+        raise UserError(
+            f"data.mix ratios sum to {total:g}: they must leave the main source (data.train) a share above 0"
+        )
     return sources
 
 
@@ -216,7 +234,15 @@ def train_sequences(
     """The training data of a `DataConfig`: data.train packed, mixed with the `data.mix` sources
     (`ratio` = fraction of training sequences drawn from that source; data.train gets the rest)."""
     extras = [
-        tokenize_source(m.path, "train", tokenizer, cache_dir, m.format or cfg.format, m.text_field or cfg.text_field, cfg.encoding_errors)
+        tokenize_source(
+            m.path,
+            "train",
+            tokenizer,
+            cache_dir,
+            m.format or cfg.format,
+            m.text_field or cfg.text_field,
+            cfg.encoding_errors,
+        )
         for m in parse_mix(cfg.mix)
     ]
     return mix_sequences(cfg, PackedSequences(train_tokens, cfg.seq_len), extras)
@@ -248,16 +274,33 @@ def build_datasets(cfg, tok: Tokenizer, info) -> Datasets:
     from launch.distributed import barrier
 
     d = cfg.data
+    if d.tokenize_workers < 0:
+        raise UserError(f"data.tokenize_workers={d.tokenize_workers} must be 0 (one per CPU core) or more")
+    if d.encoding_errors not in ENCODING_ERRORS:
+        raise UserError(f"data.encoding_errors={d.encoding_errors!r}: expected strict or replace")
     cache = Path(d.cache_dir) if d.cache_dir else Path(cfg.run.dir) / "data_cache"
     sources = [(d.train, "train", d.format, d.text_field)]
-    sources += [(m.path, "train", m.format or d.format, m.text_field or d.text_field) for m in parse_mix(d.mix)]
+    sources += [
+        (m.path, "train", m.format or d.format, m.text_field or d.text_field) for m in parse_mix(d.mix)
+    ]
     if d.val:
         sources.append((d.val, "val", d.format, d.text_field))
     workers = d.tokenize_workers or default_workers()
 
     def load(create: bool) -> list[TokenShards]:
         return [
-            tokenize_source(src, split, tok, cache, fmt, field, d.encoding_errors, workers, cfg.train.progress and create, create)
+            tokenize_source(
+                src,
+                split,
+                tok,
+                cache,
+                fmt,
+                field,
+                d.encoding_errors,
+                workers,
+                cfg.train.progress and create,
+                create,
+            )
             for src, split, fmt, field in sources
         ]
 
@@ -290,13 +333,28 @@ class Batch:
 class BatchStream:
     """Endless seeded stream of global batches; this rank's micro-batches of each."""
 
-    def __init__(self, data: PackedSequences | MixedSequences, global_batch: int, rank: int, world: int, grad_accum: int, seed: int):
+    def __init__(
+        self,
+        data: PackedSequences | MixedSequences,
+        global_batch: int,
+        rank: int,
+        world: int,
+        grad_accum: int,
+        seed: int,
+    ):
         if global_batch % (world * grad_accum):
             raise UserError(
                 f"data.batch_size={global_batch} must be divisible by data-parallel ranks ({world}) × "
                 f"train.grad_accum ({grad_accum})"
             )
-        self.data, self.B, self.rank, self.world, self.accum, self.seed = data, global_batch, rank, world, grad_accum, seed
+        self.data, self.B, self.rank, self.world, self.accum, self.seed = (
+            data,
+            global_batch,
+            rank,
+            world,
+            grad_accum,
+            seed,
+        )
         self.consumed = 0  # global sequences consumed: the whole iterator state
         self._perm_epoch, self._perm = -1, None
 
@@ -337,7 +395,9 @@ class BatchStream:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seq_len", self.data.seq_len) != self.data.seq_len or state.get("n_sequences", len(self.data)) != len(self.data):
+        if state.get("seq_len", self.data.seq_len) != self.data.seq_len or state.get(
+            "n_sequences", len(self.data)
+        ) != len(self.data):
             raise UserError(
                 f"checkpoint data position was recorded for {state.get('n_sequences')} sequences of "
                 f"{state.get('seq_len')} tokens, but the configured data gives {len(self.data)} of "
@@ -353,7 +413,9 @@ class BatchStream:
         self.consumed = int(state["consumed"])
 
 
-def validation_batches(data: PackedSequences, n_sequences: int, batch: int, rank: int, world: int) -> Iterator[torch.Tensor]:
+def validation_batches(
+    data: PackedSequences, n_sequences: int, batch: int, rank: int, world: int
+) -> Iterator[torch.Tensor]:
     """The first `n_sequences` validation sequences (fixed, unshuffled), this rank's share."""
     idx = np.arange(min(n_sequences, len(data)))[rank::world]
     for i in range(0, len(idx), batch):

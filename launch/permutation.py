@@ -35,7 +35,9 @@ class IndexPermutation:
         bits += bits & 1
         self.half = np.uint64(bits // 2)
         self.mask = np.uint64((1 << (bits // 2)) - 1)
-        self.keys = np.random.default_rng(seed).integers(0, 2**63, size=ROUNDS, dtype=np.int64).astype(np.uint64)
+        self.keys = (
+            np.random.default_rng(seed).integers(0, 2**63, size=ROUNDS, dtype=np.int64).astype(np.uint64)
+        )
 
     def _feistel(self, x: np.ndarray) -> np.ndarray:
         left, right = x >> self.half, x & self.mask

@@ -59,7 +59,9 @@ def dtype_for(vocab_size: int, dtype: str = "auto") -> np.dtype:
     if dtype not in ("auto", "uint16", "uint32"):
         raise UserError(f"dtype={dtype!r}: expected auto, uint16 or uint32")
     if dtype == "uint16" and vocab_size > 1 << 16:
-        raise UserError(f"dtype=uint16 cannot hold a vocabulary of {vocab_size} ids (at most 65536): use uint32 or auto")
+        raise UserError(
+            f"dtype=uint16 cannot hold a vocabulary of {vocab_size} ids (at most 65536): use uint32 or auto"
+        )
     if dtype == "auto":
         dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
     return np.dtype(dtype)
@@ -173,7 +175,9 @@ def read_index(directory: Path) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ShardError(f"{directory / INDEX}: not a {FORMAT} index")
     if index.get("version") != VERSION:
-        raise ShardError(f"{directory / INDEX}: index version {index.get('version')}, this code reads {VERSION}")
+        raise ShardError(
+            f"{directory / INDEX}: index version {index.get('version')}, this code reads {VERSION}"
+        )
     return index
 
 
@@ -196,7 +200,9 @@ def open_shards(directory: str | os.PathLike, fingerprint: str | None = None) ->
             size = path.stat().st_size if path.is_file() else None
             if size != expected:
                 got = "missing" if size is None else f"{size} bytes"
-                raise ShardError(f"{path}: {got}, but {INDEX} says {expected} bytes (truncated or not from this index)")
+                raise ShardError(
+                    f"{path}: {got}, but {INDEX} says {expected} bytes (truncated or not from this index)"
+                )
             if probe(path) != shard["probe"]:
                 raise ShardError(f"{path}: contents do not match {INDEX} (rewritten or from another run)")
             arrays.append(np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype))

@@ -22,7 +22,14 @@ from pathlib import Path
 from launch.corpus import shakespeare_files
 from launch.errors import UserError
 
-FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+}
 COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
 ENCODING_ERRORS = ("strict", "replace")
 
@@ -41,20 +48,30 @@ def resolve_files(source: str, split: str) -> list[Path]:
     path = Path(source)
     if path.is_file():
         return [path]
+    if (path / "index.json").is_file() and (path / "tokenizer.model").is_file():
+        raise UserError(
+            f"{source} holds token shards (from launch.tokenize), not text: it can be trained on, but a tokenizer "
+            f"cannot be made from it (use data.tokenizer={path / 'tokenizer.model'})"
+        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _format_of(p))
     else:
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
     if not files:
         looks_like_hub_name = (
-            source.count("/") == 1 and not source.startswith((".", "/", "~")) and not path.suffix and not path.parent.exists()
+            source.count("/") == 1
+            and not source.startswith((".", "/", "~"))
+            and not path.suffix
+            and not path.parent.exists()
         )
         if looks_like_hub_name:
             raise UserError(
                 f"data source {source!r} is not a local path. This machine is offline: download the "
                 f"dataset and point data.train/data.val at the local files (.txt, .jsonl, .parquet)"
             )
-        raise UserError(f"data source {source!r} matches no files (expected .txt, .jsonl or .parquet, optionally .gz/.zst)")
+        raise UserError(
+            f"data source {source!r} matches no files (expected .txt, .jsonl or .parquet, optionally .gz/.zst)"
+        )
     return files
 
 
@@ -113,7 +130,9 @@ def _text_documents(path: Path, errors: str) -> Iterator[str]:
         yield text
 
 
-def _jsonl_documents(path: Path, text_field: str, errors: str) -> Iterator[str]:
+def json_rows(path: Path, errors: str = "strict") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file (optionally compressed),
+    streamed; non-UTF-8 bytes and bad JSON fail naming `path` and the byte offset or line."""
     offset = 0
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -127,17 +146,20 @@ def _jsonl_documents(path: Path, text_field: str, errors: str) -> Iterator[str]:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            if text_field not in row:
-                raise UserError(
-                    f"{path}:{lineno}: no column {text_field!r} (data.text_field); columns are {', '.join(row) or 'none'}"
-                )
-            text = row[text_field]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{lineno}: {text_field!r} must be a string, got {type(text).__name__}")
-            if text:
-                yield text
+            yield lineno, row
+
+
+def _jsonl_documents(path: Path, text_field: str, errors: str) -> Iterator[str]:
+    for lineno, row in json_rows(path, errors):
+        if text_field not in row:
+            raise UserError(
+                f"{path}:{lineno}: no column {text_field!r} (data.text_field); columns are {', '.join(row) or 'none'}"
+            )
+        text = row[text_field]
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{path}:{lineno}: {text_field!r} must be a string, got {type(text).__name__}")
+        if text:
+            yield text
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -149,7 +171,9 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         raise UserError(f"cannot read {path} as parquet: {str(e).splitlines()[0]}") from None
     columns = pf.schema_arrow.names
     if text_field not in columns:
-        raise UserError(f"{path}: no column {text_field!r} (data.text_field); columns are {', '.join(columns)}")
+        raise UserError(
+            f"{path}: no column {text_field!r} (data.text_field); columns are {', '.join(columns)}"
+        )
     try:
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             yield from (t for t in batch.column(0).to_pylist() if t)
@@ -172,8 +196,14 @@ def iter_documents(
                 yield from _jsonl_documents(path, text_field, encoding_errors)
             else:
                 yield from _parquet_documents(path, text_field)
-        except (EOFError, gzip.BadGzipFile, OSError) as e:  # truncated or corrupt compressed stream, I/O error
-            raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        except (
+            EOFError,
+            gzip.BadGzipFile,
+            OSError,
+        ) as e:  # truncated or corrupt compressed stream, I/O error
+            raise UserError(
+                f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
 
 
 def load_documents(

@@ -74,7 +74,9 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _encoded(batches: Iterator[list[str]], tok: Tokenizer, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _encoded(
+    batches: Iterator[list[str]], tok: Tokenizer, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encoded batches in input order; with workers > 1, encoded by a process pool with a bounded
     number of batches in flight (Pool.imap would read the whole input ahead)."""
     if workers <= 1:
@@ -111,7 +113,11 @@ class Inputs:
             "eos_id": self.tokenizer.eos_id,
             "documents_are": "BOS + pieces + EOS",
             "sources": source_records(self.files),
-            "options": {"format": self.fmt, "text_field": self.text_field, "encoding_errors": self.encoding_errors},
+            "options": {
+                "format": self.fmt,
+                "text_field": self.text_field,
+                "encoding_errors": self.encoding_errors,
+            },
         }
 
 
@@ -125,7 +131,10 @@ def up_to_date(out: Path, inputs: Inputs) -> str | None:
     for key in ("tokenizer_sha256", "sources", "options"):
         if index.get(key) != want[key]:
             return f"{key.replace('_sha256', '')} changed"
-    if index.get("shard_tokens") != inputs.shard_tokens or index.get("dtype") != dtype_for(inputs.tokenizer.vocab_size, inputs.dtype).name:
+    if (
+        index.get("shard_tokens") != inputs.shard_tokens
+        or index.get("dtype") != dtype_for(inputs.tokenizer.vocab_size, inputs.dtype).name
+    ):
         return "shard layout changed"
     try:
         open_shards(out)
@@ -134,7 +143,9 @@ def up_to_date(out: Path, inputs: Inputs) -> str | None:
     return None
 
 
-def tokenize_files(inputs: Inputs, out: Path, workers: int = 1, progress: bool = False, made_by: str = "launch.tokenize") -> dict:
+def tokenize_files(
+    inputs: Inputs, out: Path, workers: int = 1, progress: bool = False, made_by: str = "launch.tokenize"
+) -> dict:
     """Tokenize `inputs` into shard directory `out` (atomically replacing it). Returns the index."""
     tok = inputs.tokenizer
     dtype = dtype_for(tok.vocab_size, inputs.dtype)
@@ -149,7 +160,9 @@ def tokenize_files(inputs: Inputs, out: Path, workers: int = 1, progress: bool =
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc=f"tokenize {out.name}", unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            desc=f"tokenize {out.name}", unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr
+        )
     start = time.perf_counter()
     try:
         docs = iter_documents(inputs.files, inputs.fmt, inputs.text_field, inputs.encoding_errors)
@@ -160,7 +173,9 @@ def tokenize_files(inputs: Inputs, out: Path, workers: int = 1, progress: bool =
         if writer.tokens == 0:
             raise UserError(f"{', '.join(map(str, inputs.files[:3]))}: no text (every document is empty)")
         shutil.copyfile(tok.path, tmp / TOKENIZER)
-        index = writer.finish({**metadata, "made_by": made_by, "seconds": round(time.perf_counter() - start, 3)})
+        index = writer.finish(
+            {**metadata, "made_by": made_by, "seconds": round(time.perf_counter() - start, 3)}
+        )
         commit_directory(tmp, out)
     except BaseException:
         writer.abort()
@@ -171,12 +186,14 @@ def tokenize_files(inputs: Inputs, out: Path, workers: int = 1, progress: bool =
     return index
 
 
-def ensure_shards(inputs: Inputs, out: Path, workers: int = 1, progress: bool = False, made_by: str = "launch.tokenize") -> bool:
+def ensure_shards(
+    inputs: Inputs, out: Path, workers: int = 1, progress: bool = False, made_by: str = "launch.tokenize"
+) -> bool:
     """Make `out` hold the shards of `inputs`, re-tokenizing only when it does not. True if it tokenized."""
     reason = up_to_date(out, inputs)
     if reason is None:
         return False
-    if out.exists() and progress:
+    if out.exists():
         print(f"re-tokenizing {out}: {reason}", file=sys.stderr, flush=True)
     tokenize_files(inputs, out, workers, progress, made_by)
     return True
@@ -207,7 +224,9 @@ def main(argv: list[str]) -> int:
     args = load_config(argv, TokenizeArgs)
     for key in ("data", "out", "tokenizer"):
         if not getattr(args, key):
-            raise UserError(f"{key}= is required: python -m launch.tokenize data=PATH|GLOB out=DIR tokenizer=FILE.model")
+            raise UserError(
+                f"{key}= is required: python -m launch.tokenize data=PATH|GLOB out=DIR tokenizer=FILE.model"
+            )
     if args.workers < 0:
         raise UserError(f"workers={args.workers} must be 0 (one per CPU core) or more")
     out = Path(args.out)
@@ -216,8 +235,13 @@ def main(argv: list[str]) -> int:
     if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
         raise UserError(f"out={out} is a non-empty directory without token shards: refusing to overwrite it")
     inputs = Inputs(
-        resolve_files(args.data, args.split), Tokenizer(args.tokenizer), args.format, args.text_field,
-        args.encoding_errors, args.shard_tokens, args.dtype,
+        resolve_files(args.data, args.split),
+        Tokenizer(args.tokenizer),
+        args.format,
+        args.text_field,
+        args.encoding_errors,
+        args.shard_tokens,
+        args.dtype,
     )
     workers = args.workers or default_workers()
     start = time.perf_counter()

@@ -23,7 +23,25 @@ from launch.tokenize import Inputs, ensure_shards, main, tokenize_files
 from launch.tokenizer import Tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "hex", "bold", "jumping", "zebras"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+    "bold",
+    "jumping",
+    "zebras",
+]
 
 
 def _doc(i: int) -> str:
@@ -77,11 +95,19 @@ def test_sources_stream_every_format_and_compression(corpus, tmp_path):
 @pytest.mark.parametrize(
     ("name", "data", "match"),
     [
-        ("latin1.txt", "caf\u00e9 cr\u00e8me".encode("latin-1"), r"latin1.txt: not UTF-8 text at byte 3 \(0xe9\).*encoding_errors=replace"),
+        (
+            "latin1.txt",
+            "caf\u00e9 cr\u00e8me".encode("latin-1"),
+            r"latin1.txt: not UTF-8 text at byte 3 \(0xe9\).*encoding_errors=replace",
+        ),
         ("binary.txt", b"\x7fELF\x02\x01\x01\x00\x00\x00", r"binary.txt: NUL byte at byte 7"),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', r"bad.jsonl: not UTF-8 text at byte 25"),
         ("torn.jsonl", b'{"text": "ok"}\n{"text": \n', r"torn.jsonl:2: invalid JSON"),
-        ("field.jsonl", b'{"body": "ok"}\n', r"field.jsonl:1: no column 'text' \(data.text_field\); columns are body"),
+        (
+            "field.jsonl",
+            b'{"body": "ok"}\n',
+            r"field.jsonl:1: no column 'text' \(data.text_field\); columns are body",
+        ),
         ("trunc.txt.gz", gzip.compress(bytes(range(32, 127)) * 50)[:-20], r"cannot read .*trunc.txt.gz"),
         ("junk.parquet", b"not parquet at all", r"cannot read .*junk.parquet as parquet"),
     ],
@@ -142,7 +168,11 @@ def test_rerun_is_a_noop_and_changes_are_detected(tmp_path, corpus, tok):
     assert open_shards(out).index["documents"] == 61
     other = Tokenizer(train_tokenizer([_doc(i) for i in range(100)], tmp_path / "o.model", vocab_size=310))
     assert ensure_shards(Inputs(inputs.files, other), out) is True  # another tokenizer
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "o.model", "out"]  # no temporary directories left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "corpus",
+        "o.model",
+        "out",
+    ]  # no temporary directories left
 
 
 def test_failed_tokenization_leaves_nothing_behind(tmp_path, corpus, tok):
@@ -171,7 +201,9 @@ def _rewrite(path: Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate, _rewrite, os.remove])
 def test_damaged_shards(tmp_path, corpus, tok, damage):
     # a shard directory the user made with launch.tokenize: a one-line error
-    assert main([f"data={corpus}", f"out={tmp_path / 'user'}", f"tokenizer={tok.path}", "progress=false"]) == 0
+    assert (
+        main([f"data={corpus}", f"out={tmp_path / 'user'}", f"tokenizer={tok.path}", "progress=false"]) == 0
+    )
     damage(tmp_path / "user" / "shard_00000.bin")
     with pytest.raises(ShardError, match=r"shard_00000.bin: .*re-run python -m launch.tokenize"):
         tokenize_source(str(tmp_path / "user"), "train", tok, tmp_path / "cache")
@@ -187,6 +219,8 @@ def test_index_from_another_tokenizer_is_refused(tmp_path, corpus, tok):
     other = Tokenizer(train_tokenizer([_doc(i) for i in range(100)], tmp_path / "o.model", vocab_size=310))
     with pytest.raises(ShardError, match="was tokenized with another tokenizer"):
         tokenize_source(str(tmp_path / "user"), "train", other, None)
+    with pytest.raises(UserError, match="holds token shards"):  # no tokenizer can be trained from ids
+        resolve_files(str(tmp_path / "user"), "train")
     (tmp_path / "user" / "index.json").write_text("{not json")
     with pytest.raises(ShardError, match="unreadable index"):
         tokenize_source(str(tmp_path / "user"), "train", tok, None)
@@ -194,7 +228,15 @@ def test_index_from_another_tokenizer_is_refused(tmp_path, corpus, tok):
 
 def test_cli_is_one_line_exit_2_and_a_noop_on_rerun(tmp_path, corpus, tok):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "launch.tokenize", f"data={corpus}", f"out={tmp_path / 'out'}", f"tokenizer={tok.path}", "workers=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.tokenize",
+        f"data={corpus}",
+        f"out={tmp_path / 'out'}",
+        f"tokenizer={tok.path}",
+        "workers=2",
+    ]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     assert first.returncode == 0 and "tokens/s" in first.stdout and "tok/s" in first.stderr
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -202,7 +244,11 @@ def test_cli_is_one_line_exit_2_and_a_noop_on_rerun(tmp_path, corpus, tok):
     (corpus / "bad.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00")
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith(f"error: {corpus / 'bad.jsonl'}: not UTF-8 text at byte 0")
+    assert (
+        bad.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {corpus / 'bad.jsonl'}: not UTF-8 text at byte 0")
+    )
     assert open_shards(tmp_path / "out").index["documents"] == 60  # the previous shards are intact
 
 
@@ -258,9 +304,13 @@ def test_mixture_beyond_a_period_covers_every_sequence_at_the_ratio(monkeypatch)
     owner, local = mixed.locate(np.arange(len(mixed)))
     assert len(mixed) % mixed.period == 0 and mixed.period <= 65
     assert abs(owner.mean() - 0.25) < 0.01
-    assert set(local[owner == 0].tolist()) == set(range(3000)) and set(local[owner == 1].tolist()) == set(range(301))
+    assert set(local[owner == 0].tolist()) == set(range(3000)) and set(local[owner == 1].tolist()) == set(
+        range(301)
+    )
     rows = mixed.get(np.arange(0, len(mixed), 97))
-    ref = torch.stack([mixed.sources[k].get(np.array([j]))[0] for k, j in zip(*mixed.locate(np.arange(0, len(mixed), 97)))])
+    ref = torch.stack(
+        [mixed.sources[k].get(np.array([j]))[0] for k, j in zip(*mixed.locate(np.arange(0, len(mixed), 97)))]
+    )
     assert torch.equal(rows, ref)
 
 
@@ -279,13 +329,30 @@ def _cfg(tmp_path, **data) -> Config:
 
 
 def test_build_datasets_from_a_shard_directory_and_from_files_agree(tmp_path, corpus, tok):
-    main([f"data={corpus}", f"out={tmp_path / 'shards'}", f"tokenizer={tok.path}", "progress=false", "shard_tokens=300"])
-    from_dir = build_datasets(_cfg(tmp_path, train=str(tmp_path / "shards"), val=str(corpus / "a.jsonl")), tok, DistInfo())
-    from_files = build_datasets(_cfg(tmp_path, train=str(corpus), val=str(corpus / "a.jsonl"), tokenize_workers=2), tok, DistInfo())
+    main(
+        [
+            f"data={corpus}",
+            f"out={tmp_path / 'shards'}",
+            f"tokenizer={tok.path}",
+            "progress=false",
+            "shard_tokens=300",
+        ]
+    )
+    from_dir = build_datasets(
+        _cfg(tmp_path, train=str(tmp_path / "shards"), val=str(corpus / "a.jsonl")), tok, DistInfo()
+    )
+    from_files = build_datasets(
+        _cfg(tmp_path, train=str(corpus), val=str(corpus / "a.jsonl"), tokenize_workers=2), tok, DistInfo()
+    )
     idx = np.arange(len(from_dir.train))
-    assert len(from_dir.train) == len(from_files.train) and torch.equal(from_dir.train.get(idx), from_files.train.get(idx))
+    assert len(from_dir.train) == len(from_files.train) and torch.equal(
+        from_dir.train.get(idx), from_files.train.get(idx)
+    )
     # the unigram baseline from the stored counts equals the direct computation over the tokens
-    train, val = np.asarray(from_files.train.tokens.read(0, len(from_files.train.tokens))), np.asarray(from_files.val.tokens)
+    train, val = (
+        np.asarray(from_files.train.tokens.read(0, len(from_files.train.tokens))),
+        np.asarray(from_files.val.tokens),
+    )
     logp = np.log((np.bincount(train, minlength=tok.vocab_size) + 1.0) / (len(train) + tok.vocab_size))
     assert from_dir.unigram_ppl == pytest.approx(float(np.exp(-logp[val].mean())), rel=1e-9)
     assert isinstance(from_files.train.tokens.arrays[0], np.memmap)
@@ -293,10 +360,34 @@ def test_build_datasets_from_a_shard_directory_and_from_files_agree(tmp_path, co
 
 def test_trainer_reads_shards_made_by_launch_tokenize(tmp_path, run):
     shards, run_dir = tmp_path / "shards", tmp_path / "run"
-    run("launch.train", "config=configs/tiny.yaml", f"run.dir={tmp_path / 'first'}", "train.steps=1", "data.val=null")
+    run(
+        "launch.train",
+        "config=configs/tiny.yaml",
+        f"run.dir={tmp_path / 'first'}",
+        "train.steps=1",
+        "data.val=null",
+    )
     tokenizer = tmp_path / "first" / "tokenizer.model"
     run("launch.tokenize", "data=shakespeare", f"out={shards}", f"tokenizer={tokenizer}", "workers=2")
     # no data.tokenizer: the one saved in the shard directory is used
-    proc = run("launch.train", "config=configs/tiny.yaml", f"run.dir={run_dir}", "train.steps=2", f"data.train={shards}")
+    proc = run(
+        "launch.train",
+        "config=configs/tiny.yaml",
+        f"run.dir={run_dir}",
+        "train.steps=2",
+        f"data.train={shards}",
+    )
     assert "unigram val ppl" in proc.stdout and not (run_dir / "data_cache" / "train").exists()
     assert sorted(p.name.split("-")[0] for p in (run_dir / "data_cache").iterdir()) == ["val"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("tokenize_workers", -1, "data.tokenize_workers=-1"),
+        ("encoding_errors", "latin1", "data.encoding_errors='latin1'"),
+    ],
+)
+def test_build_datasets_checks_its_keys(tmp_path, tok, key, value, match):
+    with pytest.raises(UserError, match=match):
+        build_datasets(_cfg(tmp_path, **{key: value}), tok, DistInfo())
