@@ -77,6 +77,9 @@ class DataConfig:
     # entry: format, text_field). `ratio` is the fraction of training SEQUENCES drawn from that
     # source (small sources repeat); data.train gets 1 - sum(ratios). Validation uses data.val only.
     mix: list[Any] = field(default_factory=list)
+    cache_dir: str | None = None  # where sources that are not shard directories are tokenized to; None: RUN_DIR/data_cache
+    tokenize_workers: int = 0  # processes that tokenize a source not yet in the cache; 0: one per CPU core
+    encoding_errors: str = "strict"  # strict: refuse non-UTF-8 text (file and byte offset) | replace: decode with U+FFFD
 
 
 @dataclass

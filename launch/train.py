@@ -18,7 +18,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from launch import checkpoint as ckpt
@@ -27,14 +26,14 @@ from launch import parallelize as par
 from launch.build import active_params, build_model
 from launch.checkpointer import Checkpointer, StateAdapter, read_trainer_state
 from launch.config import Config, load_config, to_yaml, validate
-from launch.data import BatchStream, PackedSequences, load_documents, tokenize_source, train_sequences
+from launch.data import BatchStream, build_datasets, load_documents, shard_tokenizer
 from launch.distributed import DistInfo, all_reduce_sum, any_rank, barrier, destroy, init_distributed
 from launch.errors import TrainingError, UserError, run_cli
 from launch.gradnorm import grad_norm_and_clip
 from launch.metrics import MetricsLogger
 from launch.optim import build_optimizers, lr_multiplier, set_lr
 from launch.tokenizer import Tokenizer, train_tokenizer
-from launch.validation import cross_entropy, evaluate_loss, perplexity, unigram_perplexity
+from launch.validation import cross_entropy, evaluate_loss, perplexity
 
 
 class _Preemption:
@@ -60,6 +59,8 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
         path = Path(cfg.data.tokenizer)
         if not path.is_file():
             raise UserError(f"data.tokenizer={cfg.data.tokenizer}: file not found")
+    elif shard_tokenizer(cfg.data.train) is not None:  # data.train is a launch.tokenize directory
+        path = shard_tokenizer(cfg.data.train)
     else:
         if info.is_main and not run_tok.is_file():
             docs = load_documents(cfg.data.train, "train", cfg.data.format, cfg.data.text_field)
@@ -74,19 +75,6 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
     return tok
 
 
-def token_streams(cfg: Config, tok: Tokenizer, info: DistInfo) -> tuple[np.ndarray, np.ndarray | None]:
-    cache = Path(cfg.run.dir) / "data_cache"
-    d = cfg.data
-    if info.is_main:  # rank 0 tokenises and caches; the others read the cache
-        tokenize_source(d.train, "train", tok, cache, d.format, d.text_field)
-        if d.val:
-            tokenize_source(d.val, "val", tok, cache, d.format, d.text_field)
-    barrier()
-    train = tokenize_source(d.train, "train", tok, cache, d.format, d.text_field)
-    val = tokenize_source(d.val, "val", tok, cache, d.format, d.text_field) if d.val else None
-    return train, val
-
-
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo):
         self.cfg, self.info = cfg, info
@@ -97,10 +85,8 @@ class Trainer:
         init_from = Path(cfg.train.init_from) if cfg.train.init_from and self.resume_from is None else None
         self.init_from = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
         self.tok = prepare_tokenizer(cfg, info, self.resume_from or self.init_from)
-        train_tokens, val_tokens = token_streams(cfg, self.tok, info)
-        self.unigram_ppl = unigram_perplexity(train_tokens, val_tokens, self.tok.vocab_size) if val_tokens is not None else None
-        self.train_data = train_sequences(cfg.data, train_tokens, self.tok, Path(cfg.run.dir) / "data_cache")
-        self.val_data = PackedSequences(val_tokens, cfg.data.seq_len) if val_tokens is not None else None
+        # Token shards, memory-mapped (tokenized once into data.cache_dir unless data.train is a shard directory).
+        self.train_data, self.val_data, self.unigram_ppl = build_datasets(cfg, self.tok, info)
         # Tensor-parallel peers read the same data: the stream splits over data-parallel ranks only.
         self.data_info = self.layout.data_info(info)
         self.stream = BatchStream(

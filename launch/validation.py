@@ -19,14 +19,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
-def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
-    """Perplexity of `val` under add-one-smoothed unigram counts of `train`: the bar a language
-    model must clear to have learned anything beyond token frequencies."""
-    counts = np.bincount(train, minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(np.exp(-logp[val].mean()))
-
-
 @torch.no_grad()
 def evaluate_loss(
     model,

@@ -109,10 +109,13 @@ def test_tokenizer_round_trip_and_empty_corpus(tmp_path):
         tokenize_source(str(tmp_path / "empty.txt"), "train", tok, None)
 
 
-def test_token_cache_is_reused(tmp_path):
+def test_token_cache_is_reused_and_documents_are_bos_text_eos(tmp_path):
     (tmp_path / "c.txt").write_text("a b c d e f g\n" * 20)
     tok = Tokenizer(train_tokenizer(["a b c d e f g"] * 10, tmp_path / "t.model", vocab_size=270))
     first = tokenize_source(str(tmp_path / "c.txt"), "train", tok, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    (made,) = (tmp_path / "cache").iterdir()
+    stamp = (made / "index.json").stat().st_mtime_ns
     again = tokenize_source(str(tmp_path / "c.txt"), "train", tok, tmp_path / "cache")
-    assert np.array_equal(first, again) and first[-1] == tok.eos_id
+    assert (made / "index.json").stat().st_mtime_ns == stamp  # not re-tokenized
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert np.asarray(first).tolist() == tok.encode_document("a b c d e f g\n" * 20)

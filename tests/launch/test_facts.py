@@ -119,9 +119,9 @@ def test_mixture_matches_source_rows():
     mixed = MixedSequences([main_src, extra], [0.7, 0.3])
     idx = np.arange(0, len(mixed), 7)
     got = mixed.get(idx)
-    for row, i in zip(got, idx):
-        src = (main_src, extra)[mixed.owner[i]]
-        assert torch.equal(row, src.get(np.array([mixed.local[i]]))[0])
+    owner, local = mixed.locate(idx)
+    for row, k, j in zip(got, owner, local):
+        assert torch.equal(row, (main_src, extra)[k].get(np.array([j]))[0])
 
 
 def _run(stream: BatchStream, n: int) -> list[torch.Tensor]:
