@@ -37,7 +37,7 @@ def measure_training(config: str, overrides: list[str], steps: int, warmup: int,
     from launch.build import active_params, build_model
     from launch.config import load_config, validate
     from launch.optim import build_optimizers
-    from launch.train import cross_entropy
+    from launch.validation import cross_entropy
 
     cfg = load_config([f"config={config}", *overrides])
     validate(cfg)

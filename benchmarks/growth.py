@@ -297,13 +297,17 @@ def evaluate_at_growth(ckpt: Path, common: list[str], cache: Path) -> float:
     from launch.data import PackedSequences, tokenize_source
     from launch.distributed import DistInfo
     from launch.inference import load_checkpoint
-    from launch.train import evaluate_loss
+    from launch.validation import evaluate_loss
 
     loaded = load_checkpoint(ckpt)
     cfg = load_config([f"config={ckpt}/config.yaml", *[o for o in common if o.startswith("data.")]])
     val = tokenize_source(cfg.data.val, "val", loaded.tokenizer, cache)
     info = DistInfo()
-    loss = evaluate_loss(loaded.model, PackedSequences(val, cfg.data.seq_len), cfg, info, torch.autocast("cpu", enabled=False))
+    per_rank_batch = max(1, cfg.data.batch_size // cfg.train.grad_accum)
+    loss, _ = evaluate_loss(
+        loaded.model, PackedSequences(val, cfg.data.seq_len), cfg.data.val_sequences, per_rank_batch, info,
+        torch.autocast("cpu", enabled=False),
+    )
     return loss if math.isfinite(loss) else float("nan")
 
 

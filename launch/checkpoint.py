@@ -90,15 +90,20 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Fail with one line naming the first tensor that does not fit the configured model."""
-    own = {_unwrap_name(k): v for k, v in model.state_dict().items()}
-    for name, t in state.items():
-        if name in own and tuple(own[name].shape) != tuple(t.shape):
+    own = {_unwrap_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    check_shapes(source, own, {k: tuple(t.shape) for k, t in state.items()})
+
+
+def check_shapes(source: str, expected: dict[str, tuple[int, ...]], stored: dict[str, tuple[int, ...]]) -> None:
+    """One line naming the first stored tensor whose shape, or presence, differs from the model's."""
+    for name, shape in stored.items():
+        if name in expected and tuple(expected[name]) != tuple(shape):
             raise UserError(
-                f"{source}: tensor '{name}' has shape {tuple(t.shape)} but the configured model expects "
-                f"{tuple(own[name].shape)}: the checkpoint was trained with a different model config"
+                f"{source}: tensor '{name}' has shape {tuple(shape)} but the configured model expects "
+                f"{tuple(expected[name])}: the checkpoint was trained with a different model config"
             )
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
         raise UserError(
             f"{source} does not match the configured model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "

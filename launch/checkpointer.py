@@ -294,20 +294,7 @@ def read_model_state(ckpt: Path, model: nn.Module) -> None:
 
 
 def _check_shapes(ckpt: Path, expected: dict[str, Any], stored: dict[str, tuple[int, ...]]) -> None:
-    source = ckpt / STATE_DIR
-    for name, shape in expected.items():
-        if name in stored and tuple(stored[name]) != tuple(shape):
-            raise UserError(
-                f"{source}: tensor '{name}' has shape {tuple(stored[name])} but the configured model expects "
-                f"{tuple(shape)}: the checkpoint was trained with a different model config"
-            )
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise UserError(
-            f"{source} does not match the configured model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
-        )
+    legacy.check_shapes(str(ckpt / STATE_DIR), {k: tuple(v) for k, v in expected.items()}, stored)
 
 
 def _dcp_load(targets: dict[str, torch.Tensor], ckpt: Path, no_dist: bool = False) -> None:
@@ -364,7 +351,7 @@ def write_model_checkpoint(
         if out.exists() and not overwrite:
             raise UserError(f"out={out} appeared while writing; pass overwrite=true to replace it")
         commit_directory(tmp, out)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save/DCP report a short write as RuntimeError
         raise write_failure(out, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -456,7 +443,7 @@ class Checkpointer:
         if _rank() == 0:
             try:
                 self._write_small_files(tmp, trainer_state, config_yaml, tokenizer_path)
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
                 ok = str(write_failure(final, e))
         self._raise_if_failed(_from_rank0(ok), tmp)
         import torch.distributed.checkpoint as dcp

@@ -250,11 +250,8 @@ class Trainer:
             summary.update(val_loss=val_loss, val_sequences=n)
             self.metrics.log({"step": self.step, "final_val_loss": val_loss, "final_val_ppl": perplexity(val_loss), "final_val_sequences": n})
             if self.info.is_main:
-                print(
-                    f"done: step {self.step} val ppl over {which}, {n} sequences: {perplexity(val_loss):.2f} "
-                    f"(unigram baseline {self.unigram_ppl:.2f})",
-                    flush=True,
-                )
+                ppl, base = perplexity(val_loss), self.unigram_ppl
+                print(f"done: step {self.step} val ppl over {which}, {n} sequences: {ppl:.2f} (unigram baseline {base:.2f})", flush=True)
         return summary
 
     def _run_eval_tasks(self) -> None:

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from launch import manifest
+from launch.build import build_model
 from launch.checkpointer import Checkpointer, read_model_state, read_plain_tensors
+from launch.config import config_from_file
 from launch.dcp_reader import read_metadata_file
 from launch.errors import TrainingError, UserError
 
@@ -227,7 +229,7 @@ def test_non_finite_weights_are_not_committed_and_the_finite_one_is_named(tmp_pa
     good = save(ck, 1, model, opts, tmp_path)
     with torch.no_grad():
         model.lin.weight[0, 0] = float("nan")
-    with pytest.raises(TrainingError, match=rf"non-finite values in model/lin.weight at step 2.*{good}"):
+    with pytest.raises(TrainingError, match=rf"non-finite values in lin.weight at step 2.*{good}"):
         save(ck, 2, model, opts, tmp_path)
     assert [s for s, _ in ck.candidates()] == [1]
     assert not list((tmp_path / "checkpoints").glob(".tmp*"))
@@ -293,3 +295,37 @@ def test_legacy_checkpoint_loads_and_damage_is_one_line(tmp_path):
         other = Tiny()
         ck.load(legacy_dir, other, [torch.optim.AdamW(other.parameters())])
     assert not marker.exists()
+
+
+# -- through launch.train ------------------------------------------------------------------------
+
+
+def test_train_falls_back_past_a_damaged_checkpoint_and_refuses_non_finite(tmp_path):
+    from ..conftest import TINY  # noqa: TID252
+
+    base = [f"config={TINY}", f"run.dir={tmp_path}", "train.ckpt_every=2", "train.keep_last=3", "train.val_every=0"]
+    run_module("launch.train", *base, "train.steps=4")
+    shard = tmp_path / "checkpoints" / "step_4" / "state" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    step2 = snapshot(tmp_path / "checkpoints" / "step_2")
+    proc = run_module("launch.train", *base, "train.steps=6")
+    warnings_ = [line for line in proc.stderr.splitlines() if line.startswith("warning")]
+    assert len(warnings_) == 1 and "__0_0.distcp" in warnings_[0] and "step_2" in warnings_[0]
+    assert f"resuming from {tmp_path / 'checkpoints' / 'step_2'} at step 2" in proc.stdout
+    assert [s for s, _ in Checkpointer(tmp_path).candidates()] == [2, 4, 6]
+    assert snapshot(tmp_path / "checkpoints" / "step_2") == step2
+
+    # weights blown up by the learning rate: nothing non-finite is committed, the finite one is named
+    blow = tmp_path / "blow"
+    proc = run_module(
+        "launch.train", f"config={TINY}", f"run.dir={blow}", "train.ckpt_every=1", "train.steps=6", "train.val_every=0",
+        "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert "non-finite" in proc.stderr or "is nan" in proc.stderr or "is inf" in proc.stderr
+    kept = Checkpointer(blow).candidates()
+    assert f"Newest finite checkpoint: {kept[-1][1] if kept else 'none'}" in proc.stderr
+    for _, path in kept:  # every committed checkpoint is finite
+        model = build_model(config_from_file(path / "config.yaml"))
+        read_model_state(path, model)
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values())

@@ -97,6 +97,7 @@ def test_meta_build_init_with_tensor_and_memory_parallel_on_four_ranks():
         (["parallel.tensor=2", "model.ffn_dim=99"], 2, "parallel.tensor=2 must divide the FFN hidden size 99"),
         (["parallel.memory=2", "parallel.tensor=2"], 2, r"parallel.memory=2 × parallel.tensor=2 must divide the world size 2"),
         (["parallel.data=zero"], 2, "parallel.data='zero': expected ddp or fsdp"),
+        (["parallel.tensor=2", "grow.strategy=stack"], 2, "parallel.tensor=2 with grow.strategy=stack"),
         (["train.activation_checkpoint=some"], 1, "train.activation_checkpoint='some'"),
     ],
 )
