@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +33,12 @@ from launch.config import Config, GrowConfig, load_config, to_yaml
 from launch.errors import ConfigError, UserError, run_cli
 from launch.inference import LoadedCheckpoint, load_checkpoint
 from launch.model import Transformer
+from launch.outputs import check_output_dir, output_dir
 
 # GrowConfig fields that are strategy keyword options (passed only to strategies that accept them).
 STRATEGY_OPTIONS = ("untie_norms", "adapter_alpha", "every", "zero_init", "freeze_original", "m")
 _RECORDED = ("base_layers", "spec")  # written by launch.grow, never given by the user
+COMMAND = "launch.grow"  # recorded in launch.outputs.MARKER: overwrite=true replaces only such outputs
 
 
 @dataclass
@@ -126,17 +127,6 @@ def strategy_options(g: GrowConfig) -> dict[str, Any]:
     return opts
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise UserError(f"out={out} is (inside) the source checkpoint {source}; choose a new directory")
-    if out.resolve() in source.resolve().parents:
-        raise UserError(f"out={out} contains the source checkpoint {source}; choose a new directory")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out={out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"out={out} exists and is not empty; pass overwrite=true to replace it")
-
-
 # ---------------------------------------------------------------------------------------------
 # Growing
 
@@ -207,31 +197,21 @@ def _trainable(model: nn.Module) -> int:
 
 def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, summary: dict, overwrite: bool) -> None:
     """Write the checkpoint into a temporary sibling and rename it into place when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    ckpt.save_model_file(model, tmp / ckpt.MODEL_FILE, metadata={"step": 0, "grown_from": str(src.path)})
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    shutil.copyfile(src.tokenizer.path, tmp / "tokenizer.model")
-    (tmp / "growth.json").write_text(json.dumps(summary, indent=2))
-    source_state = ckpt.read_trainer_state(src.path)
-    state = {
-        "step": 0,
-        "tokens": 0,
-        # train.init_from continues the stream here unless train.reset_data=true
-        "data": source_state.get("data"),
-        "world_size": source_state.get("world_size", 1),
-        "grown_from": {"checkpoint": str(src.path), "step": src.step, "tokens": source_state.get("tokens")},
-    }
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
-    if out.exists():
-        if not overwrite:  # raced with another writer since the check
-            shutil.rmtree(tmp)
-            raise UserError(f"out={out} appeared while growing; pass overwrite=true to replace it")
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with output_dir(out, command=COMMAND, overwrite=overwrite, sources=(src.path,)) as tmp:
+        ckpt.save_model_file(model, tmp / ckpt.MODEL_FILE, metadata={"step": 0, "grown_from": str(src.path)})
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        shutil.copyfile(src.tokenizer.path, tmp / "tokenizer.model")
+        (tmp / "growth.json").write_text(json.dumps(summary, indent=2))
+        source_state = ckpt.read_trainer_state(src.path)
+        state = {
+            "step": 0,
+            "tokens": 0,
+            # train.init_from continues the stream here unless train.reset_data=true
+            "data": source_state.get("data"),
+            "world_size": source_state.get("world_size", 1),
+            "grown_from": {"checkpoint": str(src.path), "step": src.step, "tokens": source_state.get("tokens")},
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
 
 
 def verify_checkpoint(out: Path, model: Transformer) -> None:
@@ -273,8 +253,7 @@ def grow_checkpoint(
     if not str(out):
         raise ConfigError("out= is required (the new checkpoint directory)")
     source = ckpt.resolve_checkpoint(checkpoint)
-    out = Path(out).absolute()
-    _check_out(out, source, overwrite)
+    out = check_output_dir(out, command=COMMAND, overwrite=overwrite, sources=(checkpoint, source))
     run_dir = Path(run_dir).absolute() if run_dir else out.with_name(out.name + "_run")
 
     src = load_checkpoint(source)

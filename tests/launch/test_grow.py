@@ -255,9 +255,14 @@ def test_bad_input_errors(tiny_checkpoint, tmp_path):
     full = [f"checkpoint={tiny_checkpoint}", f"out={tmp_path / 'full'}", "grow.strategy=stack_copy"]
     with pytest.raises(UserError, match="overwrite=true"):
         grow_cli.main(full)
+    # overwrite=true replaces only an earlier launch.grow output, never a directory it did not write
+    with pytest.raises(UserError, match="not written by launch.grow"):
+        grow_cli.main([*full, "overwrite=true"])
     assert (tmp_path / "full" / "keep.txt").is_file()
+    (tmp_path / "full" / "keep.txt").unlink()
+    assert grow_cli.main(full) == 0
     assert grow_cli.main([*full, "overwrite=true"]) == 0
-    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "model.safetensors").is_file()
+    assert (tmp_path / "full" / "model.safetensors").is_file()
     # through the real entry point: one line on stderr, exit status 2
     proc = run_module("launch.grow", f"checkpoint={tiny_checkpoint}", f"out={tmp_path / 'p'}", "grow.strategy=nope", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "valid strategies" in proc.stderr
