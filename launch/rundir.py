@@ -8,10 +8,12 @@
   there, so a resumed run never reads a file inside a checkpoint that pruning may delete.
 - `check_resume_steps` refuses a `train.steps` below the step being resumed, before anything in
   the run directory is rewritten.
+- `write_run_file` writes RUN/config.yaml atomically, failing in one line naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -146,3 +148,18 @@ def check_resume_steps(steps: int, resumed_step: int, resumed_from: Path | None)
             f"nothing to train; pass train.steps >= {resumed_step} (the run directory and its config.yaml are "
             "left unchanged)"
         )
+
+
+def write_run_file(run_dir: str | Path, name: str, text: str) -> Path:
+    """Write RUN/name atomically (temp file, then rename): a full disk or a read-only directory
+    fails in one line naming the file and leaves the previous version whole."""
+    path = Path(run_dir) / name
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror} (the previous {name}, if any, is unchanged)") from None
+    return path

@@ -57,7 +57,7 @@ from launch.parallel import (
     sync_replicated_values,
     sync_sharded_grads,
 )
-from launch.rundir import check_resume_steps, install_tokenizer, lock_run_dir
+from launch.rundir import check_resume_steps, install_tokenizer, lock_run_dir, write_run_file
 from launch.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -398,7 +398,7 @@ class Trainer:
         check_resume_steps(cfg.train.steps, self.step, self.resume_from)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_run_file(self.run_dir, "config.yaml", to_yaml(cfg))
             self.metrics.truncate_after(self.step)
             total, non_embedding, active = self.param_counts
             print(
