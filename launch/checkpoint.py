@@ -73,9 +73,12 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """The full state dict (aliases filled in, pointing at the same tensor) and the file's metadata."""
     if not path.is_file():
         raise UserError(f"no model weights at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # SafetensorError: a truncated or damaged file
+        raise UserError(f"cannot read {path}: damaged or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
     for alias, canon in json.loads(meta.get("aliases", "{}")).items():
         state[alias] = state[canon]
     return state, meta

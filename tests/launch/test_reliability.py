@@ -234,3 +234,30 @@ def test_sweep_slurm_without_a_cluster(capsys, monkeypatch, tmp_path):
     sweep_file = spec / "memory_ablations.yaml"
     cli_error(capsys, sweep.main, [f"sweep={sweep_file}", "mode=slurm", f"runs_dir={tmp_path / 'runs'}"], "mode=slurm", "sbatch")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["grow", "from-hf"])
+def test_truncated_weights_are_named(capsys, tiny_checkpoint, hf_export, tmp_path, command):
+    if command == "grow":
+        src = tmp_path / "ckpt"
+        shutil.copytree(tiny_checkpoint / "checkpoints" / "step_20", src)
+        argv, main = [f"checkpoint={src}", f"out={tmp_path / 'out'}", "grow.strategy=stack_copy"], grow.main
+    else:
+        src = tmp_path / "hf"
+        shutil.copytree(hf_export, src)
+        argv, main = ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], convert.main
+    weights = src / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    cli_error(capsys, main, argv, str(weights), "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_rope_scaling_next_to_default_rope_parameters(capsys, hf_export, tmp_path):
+    src = tmp_path / "hf"
+    shutil.copytree(hf_export, src)
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    (src / "config.json").write_text(json.dumps(config))
+    cli_error(capsys, convert.main, ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], "rope_scaling", "linear")
