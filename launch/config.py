@@ -267,11 +267,7 @@ def _range(low: float, high: float = math.inf, *, open_low: bool = False, open_h
     def test(v: Any) -> bool:
         if v is None:
             return optional
-        return (
-            _finite(v)
-            and (v > low if open_low else v >= low)
-            and (v < high if open_high else v <= high)
-        )
+        return _finite(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
 
     return test, text + (" or null" if optional else "")
 
@@ -284,6 +280,11 @@ RANGES: dict[str, tuple] = {
     "model.norm_eps": _range(0, open_low=True),
     "model.rope_theta": _range(0, open_low=True),
     "model.init_std": _range(0),
+    "memory.n_keys": _range(1),
+    "memory.heads": _range(1),
+    "memory.k_dim": _range(2),
+    "memory.knn": _range(1),
+    "memory.v_dim": _range(1, optional=True),
     "memory.value_lr": _range(0, open_low=True),
     "memory.value_weight_decay": _range(0),
     "data.seq_len": _range(1),

@@ -51,13 +51,13 @@ class RunDirLock:
 def make_run_dir(run_dir: str | Path, key: str = "run.dir") -> Path:
     """Create `run_dir` (and parents), failing in one line if it is a file or cannot be created."""
     path = Path(run_dir)
-    for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            raise UserError(f"{key}={run_dir}: {p} is a file, not a directory")
     try:
+        for p in (path, *path.parents):
+            if p.exists() and not p.is_dir():
+                raise UserError(f"{key}={run_dir}: {p} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{key}={run_dir}: cannot create the directory ({e.strerror})") from None
+        raise UserError(f"{key}={run_dir}: cannot create or enter the directory ({e.strerror})") from None
     return path
 
 

@@ -22,7 +22,7 @@ from launch.metrics import read_metrics
 from launch.rundir import LOCK_FILE, acquire_lock
 
 from ..conftest import REPO, TINY, run_module  # noqa: TID252
-from ._reliability import checkpoint_digest, cli_error, digest
+from ._reliability import cli_error, digest
 
 CYCLE = ["train.steps=10", "train.ckpt_every=1", "train.keep_last=2", "train.val_every=0", "train.log_every=1"]
 
@@ -158,17 +158,29 @@ def test_full_disk_while_writing_the_run_config(tmp_path):
     assert after == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def _read_only(path: Path, on: bool) -> None:
+    """chmod for a normal user; root ignores modes, so the directory is made immutable instead."""
+    if os.geteuid() != 0:
+        path.chmod(0o555 if on else 0o755)
+        return
+    proc = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    if proc.returncode != 0 and on:
+        pytest.skip("running as root without chattr: cannot make a directory read-only")
+
+
 def test_read_only_run_dir(tmp_path):
     run = tmp_path / "run"
     proc = _train(run, "train.steps=2", "train.val_every=0")
     assert proc.returncode == 0, proc.stderr
-    before = checkpoint_digest(run)
-    run.chmod(0o555)
+    before = digest(run)
+    _read_only(run, True)
     try:
         proc = _train(run, "train.steps=3", "train.val_every=0")
     finally:
-        run.chmod(0o755)
+        _read_only(run, False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert str(run) in proc.stderr
-    assert checkpoint_digest(run) == before
+    assert str(run / "config.yaml") in proc.stderr
+    assert "Permission denied" in proc.stderr or "Operation not permitted" in proc.stderr
+    after = digest(run)
+    after.pop(LOCK_FILE), before.pop(LOCK_FILE)  # the lock file records its latest holder
+    assert after == before
