@@ -324,37 +324,36 @@ def write_model_checkpoint(
     config_yaml: str,
     tokenizer_path: Path,
     extra_files: dict[str, str] | None = None,
+    *,
+    command: str,
     overwrite: bool = False,
+    sources: tuple = (),
 ) -> Path:
     """A weights-only checkpoint directory in the training format, from one process (launch.grow,
-    launch.convert from-hf): temp dir, manifest last, atomic rename. `overwrite=False` refuses an
-    `out` that appeared meanwhile."""
+    launch.convert from-hf). The output rules are launch.outputs' (never inside a source; overwrite=true
+    replaces only an earlier output of the same command); the content is written into a temp dir,
+    manifest last, and renamed into place."""
     import torch.distributed.checkpoint as dcp
 
+    from launch.outputs import output_dir
+
     out = Path(out)
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
     aliases = {_canonical(k): _canonical(v) for k, v in legacy.alias_map(model).items()}
     state = {f"model/{_canonical(k)}": v.detach() for k, v in model.state_dict().items() if _canonical(k) not in aliases}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / STATE_DIR), no_dist=True)
-        (tmp / "config.yaml").write_text(config_yaml)
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "format": FORMAT, "aliases": aliases}, indent=2))
-        manifest.write_manifest(tmp, manifest.digest_files(tmp, manifest.all_files(tmp)))
-        if out.exists() and not overwrite:
-            raise UserError(f"out={out} appeared while writing; pass overwrite=true to replace it")
-        commit_directory(tmp, out)
-    except (OSError, RuntimeError) as e:  # torch.save/DCP report a short write as RuntimeError
-        raise write_failure(out, e) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with output_dir(out, command=command, overwrite=overwrite, sources=sources) as tmp:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / STATE_DIR), no_dist=True)
+            (tmp / "config.yaml").write_text(config_yaml)
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "format": FORMAT, "aliases": aliases}, indent=2))
+            manifest.write_manifest(tmp, manifest.digest_files(tmp, manifest.all_files(tmp)))
+            fsync_tree(tmp)
+        except (OSError, RuntimeError) as e:  # torch.save/DCP report a short write as RuntimeError
+            raise write_failure(out, e) from None
     return out
 
 

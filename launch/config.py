@@ -8,6 +8,7 @@ was expected. The resolved config is saved with every run and checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +258,89 @@ def from_container(data: dict, schema: type = Config) -> Any:
     return load_config([], schema, base=data)
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _range(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False, optional: bool = False):
+    """A (test, description) pair for numeric keys: finite, within [low, high] (ends optionally open)."""
+    lo, hi = "(" if open_low else "[", ")" if open_high else "]"
+    if high == math.inf:
+        text = f"a finite value {'>' if open_low else '>='} {low:g}"
+    else:
+        text = f"a finite value in {lo}{low:g}, {high:g}{hi}"
+
+    def test(v: Any) -> bool:
+        if v is None:
+            return optional
+        return _finite(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    return test, text + (" or null" if optional else "")
+
+
+# Numeric keys a training config must hold within range (one line naming the key otherwise).
+RANGES: dict[str, tuple] = {
+    "model.multiple_of": _range(1),
+    "model.ffn_dim": _range(1, optional=True),
+    "model.n_kv_heads": _range(1, optional=True),
+    "model.norm_eps": _range(0, open_low=True),
+    "model.rope_theta": _range(0, open_low=True),
+    "model.init_std": _range(0),
+    "memory.n_keys": _range(1),
+    "memory.heads": _range(1),
+    "memory.k_dim": _range(2),
+    "memory.knn": _range(1),
+    "memory.v_dim": _range(1, optional=True),
+    "memory.value_lr": _range(0, open_low=True),
+    "memory.value_weight_decay": _range(0),
+    "data.seq_len": _range(1),
+    "data.batch_size": _range(1),
+    "data.val_sequences": _range(1),
+    "optim.lr": _range(0, open_low=True),
+    "optim.min_lr_ratio": _range(0, 1),
+    "optim.warmup_steps": _range(0),
+    "optim.weight_decay": _range(0),
+    "optim.beta1": _range(0, 1, open_high=True),
+    "optim.beta2": _range(0, 1, open_high=True),
+    "optim.eps": _range(0, open_low=True),
+    "optim.grad_clip": _range(0),
+    "train.steps": _range(1),
+    "train.grad_accum": _range(1),
+    "train.log_every": _range(1),
+    "train.ckpt_every": _range(0),
+    "train.keep_last": _range(1),
+    "train.val_every": _range(0),
+    "parallel.memory": _range(1),
+    "parallel.tensor": _range(1),
+    "eval.every": _range(0),
+}
+# The eval section, shared by launch.train (eval.*) and launch.eval.
+EVAL_RANGES: dict[str, tuple] = {
+    "limit": _range(1, optional=True),
+    "shots": _range(0),
+    "batch_size": _range(1),
+    "max_new_tokens": _range(1),
+    "sample_tokens": _range(0),
+    "sample_temperature": _range(0),
+    "sample_top_k": _range(1, optional=True),
+    "text_stride": _range(0),
+}
+
+
+def check_ranges(obj: Any, ranges: dict[str, tuple], prefix: str = "") -> None:
+    """Raise ConfigError for the first dotted key of `obj` outside its range in `ranges`."""
+    for key, (test, expected) in ranges.items():
+        value = obj
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not test(value):
+            raise ConfigError(f"{prefix}{key}={value} is out of range: expected {expected}")
+
+
+def validate_eval(section: EvalConfig, prefix: str = "eval.") -> None:
+    check_ranges(section, EVAL_RANGES, prefix)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a schema cannot express; raise ConfigError naming the keys."""
     try:
@@ -276,19 +360,10 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    positive = {
-        "train.steps": cfg.train.steps,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.log_every": cfg.train.log_every,
-        "train.keep_last": cfg.train.keep_last,
-        "data.seq_len": cfg.data.seq_len,
-        "data.batch_size": cfg.data.batch_size,
-        "parallel.memory": cfg.parallel.memory,
-        "parallel.tensor": cfg.parallel.tensor,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be >= 1")
+    check_ranges(cfg, RANGES)
+    validate_eval(cfg.eval)
+    if not cfg.run.dir:
+        raise ConfigError("run.dir is empty: expected the run directory")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if cfg.data.batch_size % cfg.train.grad_accum:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -22,15 +23,29 @@ class TrainingError(UserError):
     """The run cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+# The machine, not the code: a full disk or quota, a read-only or forbidden path, `ulimit -f`.
+RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _fail(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    prefix = "error" if rank == "0" else f"error (rank {rank})"
+    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         code = main(argv)
     except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        prefix = "error" if rank == "0" else f"error (rank {rank})"
-        print(f"{prefix}: {e}", file=sys.stderr, flush=True)
+        _fail(str(e))
         if os.environ.get("LAUNCH_TRACEBACK"):
             raise
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in RESOURCE_ERRNOS or os.environ.get("LAUNCH_TRACEBACK"):
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        _fail(f"{e.strerror}{where} (free space or fix the permissions, then re-run)")
         sys.exit(2)
     sys.exit(code or 0)

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from launch.config import EvalConfig, load_config
+from launch.config import EvalConfig, load_config, validate_eval
 from launch.distributed import destroy, init_distributed
 from launch.errors import ConfigError, run_cli
 from launch.evaluation.suite import format_table, run_suite, sample, write_results
 from launch.evaluation.tasks import parse_task_specs
 from launch.inference import load_checkpoint
+from launch.outputs import check_output_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,10 +42,8 @@ def main(argv: list[str]) -> int:
         raise ConfigError("checkpoint= is required (a run directory or one of its checkpoints/step_N)")
     if args.dtype not in DTYPES:
         raise ConfigError(f"dtype={args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if args.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size={args.eval.batch_size} must be >= 1")
-    if args.eval.limit is not None and args.eval.limit < 1:
-        raise ConfigError(f"eval.limit={args.eval.limit} must be >= 1 (or null for every row)")
+    validate_eval(args.eval)
+    check_output_path(args.out)  # fail now, not after the evaluation
     info = init_distributed(args.device)
     try:
         loaded = load_checkpoint(args.checkpoint, info.device, DTYPES[args.dtype])

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from launch.config import load_config
 from launch.errors import ConfigError, run_cli
+from launch.outputs import output_dir
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "th", "sh"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
@@ -96,6 +97,7 @@ class FactsArgs:
     seed: int = 0
     repeats: int = 8  # renderings of every fact in train.txt
     qa_in_train: bool = True  # add training-template Q/A pairs to train.txt
+    overwrite: bool = False  # replace an earlier launch.facts output in `out`
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -168,22 +170,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_corpus(args: FactsArgs) -> dict[str, Path]:
     if not args.out:
         raise ConfigError("out= is required: the directory to write train.txt and qa.jsonl into")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     people = entities(args.n_entities, args.seed)
-    paths = {
-        "train": out / "train.txt",
-        "qa": out / "qa.jsonl",
-        "qa_seen": out / "qa_seen.jsonl",
-        "facts": out / "facts.jsonl",
-        "meta": out / "meta.json",
-    }
-    paths["train"].write_text(render_train(people, args.repeats, args.seed, args.qa_in_train))
-    _write_jsonl(paths["qa"], qa_rows(people, held_out=True, seed=args.seed))
-    _write_jsonl(paths["qa_seen"], qa_rows(people, held_out=False, seed=args.seed))
-    _write_jsonl(paths["facts"], people)
-    paths["meta"].write_text(json.dumps({**asdict(args), "attributes": list(ATTRIBUTES)}, indent=2) + "\n")
-    return paths
+    train_text = render_train(people, args.repeats, args.seed, args.qa_in_train)
+    names = {"train": "train.txt", "qa": "qa.jsonl", "qa_seen": "qa_seen.jsonl", "facts": "facts.jsonl", "meta": "meta.json"}
+    with output_dir(args.out, command="launch.facts", overwrite=args.overwrite) as tmp:
+        (tmp / names["train"]).write_text(train_text)
+        _write_jsonl(tmp / names["qa"], qa_rows(people, held_out=True, seed=args.seed))
+        _write_jsonl(tmp / names["qa_seen"], qa_rows(people, held_out=False, seed=args.seed))
+        _write_jsonl(tmp / names["facts"], people)
+        meta = {k: v for k, v in asdict(args).items() if k != "overwrite"}
+        (tmp / names["meta"]).write_text(json.dumps({**meta, "attributes": list(ATTRIBUTES)}, indent=2) + "\n")
+    out = Path(args.out)
+    return {key: out / name for key, name in names.items()}
 
 
 def main(argv: list[str]) -> int:

@@ -33,10 +33,12 @@ from launch.config import Config, GrowConfig, load_config, to_yaml
 from launch.errors import ConfigError, UserError, run_cli
 from launch.inference import LoadedCheckpoint, load_checkpoint
 from launch.model import Transformer
+from launch.outputs import check_output_dir, output_dir
 
 # GrowConfig fields that are strategy keyword options (passed only to strategies that accept them).
 STRATEGY_OPTIONS = ("untie_norms", "adapter_alpha", "every", "zero_init", "freeze_original", "m")
 _RECORDED = ("base_layers", "spec")  # written by launch.grow, never given by the user
+COMMAND = "launch.grow"  # recorded in launch.outputs.MARKER: overwrite=true replaces only such outputs
 
 
 @dataclass
@@ -125,17 +127,6 @@ def strategy_options(g: GrowConfig) -> dict[str, Any]:
     return opts
 
 
-def _check_out(out: Path, source: Path, overwrite: bool) -> None:
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise UserError(f"out={out} is (inside) the source checkpoint {source}; choose a new directory")
-    if out.resolve() in source.resolve().parents:
-        raise UserError(f"out={out} contains the source checkpoint {source}; choose a new directory")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out={out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"out={out} exists and is not empty; pass overwrite=true to replace it")
-
-
 # ---------------------------------------------------------------------------------------------
 # Growing
 
@@ -205,7 +196,7 @@ def _trainable(model: nn.Module) -> int:
 
 
 def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, summary: dict, overwrite: bool) -> None:
-    """Write the checkpoint (launch.checkpointer's format: temp dir, manifest, rename)."""
+    """Write the checkpoint (launch.checkpointer's format, launch.outputs' rules: temp dir, manifest, rename)."""
     source_state = read_trainer_state(src.path)
     state = {
         "step": 0,
@@ -216,7 +207,9 @@ def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, su
         "grown_from": {"checkpoint": str(src.path), "step": src.step, "tokens": source_state.get("tokens")},
     }
     extra = {"growth.json": json.dumps(summary, indent=2)}
-    write_model_checkpoint(out, model, state, to_yaml(cfg), src.tokenizer.path, extra, overwrite)
+    write_model_checkpoint(
+        out, model, state, to_yaml(cfg), src.tokenizer.path, extra, command=COMMAND, overwrite=overwrite, sources=(src.path,)
+    )
 
 
 def verify_checkpoint(out: Path, model: Transformer) -> None:
@@ -258,8 +251,7 @@ def grow_checkpoint(
     if not str(out):
         raise ConfigError("out= is required (the new checkpoint directory)")
     source = ckpt.resolve_checkpoint(checkpoint)
-    out = Path(out).absolute()
-    _check_out(out, source, overwrite)
+    out = check_output_dir(out, command=COMMAND, overwrite=overwrite, sources=(checkpoint, source))
     run_dir = Path(run_dir).absolute() if run_dir else out.with_name(out.name + "_run")
 
     src = load_checkpoint(source)

@@ -98,14 +98,17 @@ class TokenizerArgs:
     out: str = "tokenizer.model"
     vocab_size: int = 8192
     data: DataConfig = field(default_factory=DataConfig)
+    overwrite: bool = False  # replace an existing `out` file
 
 
 def main(argv: list[str]) -> int:
-    """python -m launch.tokenizer data.train=PATH|shakespeare out=tokenizer.model [vocab_size=8192]"""
+    """python -m launch.tokenizer data.train=PATH|shakespeare out=tokenizer.model [vocab_size=8192] [overwrite=true]"""
     from launch.config import load_config
     from launch.data import load_documents
+    from launch.outputs import check_output_file
 
     args = load_config(argv, TokenizerArgs)
+    check_output_file(args.out, overwrite=args.overwrite)
     docs = load_documents(args.data.train, "train", args.data.format, args.data.text_field)
     path = train_tokenizer(docs, args.out, args.vocab_size)
     tok = Tokenizer(path)

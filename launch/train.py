@@ -32,6 +32,7 @@ from launch.errors import TrainingError, UserError, run_cli
 from launch.gradnorm import grad_norm_and_clip
 from launch.metrics import MetricsLogger
 from launch.optim import build_optimizers, lr_multiplier, set_lr
+from launch.rundir import check_resume_steps, install_tokenizer, lock_run_dir, write_run_file
 from launch.tokenizer import Tokenizer, train_tokenizer
 from launch.validation import cross_entropy, evaluate_loss, perplexity
 
@@ -51,7 +52,9 @@ class _Preemption:
 
 
 def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> Tokenizer:
-    """The run's tokenizer: from the checkpoint, data.tokenizer, the run dir, or trained now."""
+    """The run's tokenizer, kept at RUN/tokenizer.model: taken from the checkpoint resumed (or
+    initialised) from, else data.tokenizer, else the run dir's own, else trained now. Loading it
+    from the run dir means no later step reads a checkpoint that pruning may have deleted."""
     run_tok = Path(cfg.run.dir) / "tokenizer.model"
     if resume_from is not None and (resume_from / "tokenizer.model").is_file():
         path = resume_from / "tokenizer.model"
@@ -72,7 +75,10 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
         raise UserError(
             f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size={cfg.model.vocab_size}"
         )
-    return tok
+    if info.is_main:
+        install_tokenizer(path, cfg.run.dir)
+    barrier()
+    return Tokenizer(Path(cfg.run.dir) / "tokenizer.model")
 
 
 class Trainer:
@@ -179,9 +185,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, info = self.cfg, self.info
+        check_resume_steps(cfg.train.steps, self.step, self.resume_from)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_run_file(self.run_dir, "config.yaml", to_yaml(cfg))
             self.metrics.truncate_after(self.step)
             total, non_embedding, active = self.param_counts
             print(
@@ -273,7 +280,11 @@ def main(argv: list[str]) -> int:
     par.check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before joining any process group
     info = init_distributed(cfg.train.device, cfg.parallel.backend)
     try:
-        Trainer(cfg, info).fit()
+        lock = lock_run_dir(cfg.run.dir, info)  # one trainer per run dir; dies with the process
+        try:
+            Trainer(cfg, info).fit()
+        finally:
+            lock.release()
     finally:
         destroy()
     return 0

@@ -39,6 +39,7 @@ class MultipleChoice:
     label: int
 
     def __post_init__(self) -> None:
+        self.label = label_index(self.label)
         if len(self.options) < 2:
             raise ValueError(f"needs at least 2 options, got {len(self.options)}")
         if not 0 <= self.label < len(self.options):
@@ -50,6 +51,20 @@ class MultipleChoice:
 
     def with_prefix(self, prefix: str) -> MultipleChoice:
         return MultipleChoice([(prefix + c, x) for c, x in self.options], self.label)
+
+
+def label_index(value: Any, key: str = "label") -> int:
+    """An option index from a row: an int or a string of digits. Booleans and fractional numbers
+    are refused rather than truncated (`1.9` is not option 1)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"'{key}' must be an integer option index, got {value!r}")
+    if isinstance(value, str):
+        if not value.strip().isdigit():
+            raise ValueError(f"'{key}' must be an integer option index, got {value!r}")
+        return int(value)
+    if not isinstance(value, int | float):
+        raise ValueError(f"'{key}' must be an integer option index, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -138,7 +153,7 @@ def _choices(row: dict) -> tuple[list[str], list[str]]:
 @register_format("piqa", "multiple_choice", fields=("goal", "sol1", "sol2", "label"))
 def piqa(row: dict) -> MultipleChoice:
     context = f"Question: {row['goal']}\nAnswer:"
-    return MultipleChoice([(context, " " + row["sol1"]), (context, " " + row["sol2"])], int(row["label"]))
+    return MultipleChoice([(context, " " + row["sol1"]), (context, " " + row["sol2"])], label_index(row["label"]))
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -161,7 +176,7 @@ def hellaswag(row: dict) -> MultipleChoice:
     if label in ("", None):
         raise ValueError("label is empty (the public test split is unlabelled: use the validation split)")
     context = _hellaswag_clean(ctx)
-    return MultipleChoice([(context, " " + _hellaswag_clean(e)) for e in row["endings"]], int(label))
+    return MultipleChoice([(context, " " + _hellaswag_clean(e)) for e in row["endings"]], label_index(label))
 
 
 @register_format("boolq", "multiple_choice", fields=("question", "passage", "answer|label"))
@@ -172,7 +187,7 @@ def boolq(row: dict) -> MultipleChoice:
             raise ValueError(f"'answer' must be true or false, got {answer!r}")
         label = int(answer)
     else:
-        label = int(row["label"])  # SuperGLUE's copy: 1 = true
+        label = label_index(row["label"])  # SuperGLUE's copy: 1 = true
     context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
     return MultipleChoice([(context, " no"), (context, " yes")], label)
 
@@ -306,8 +321,12 @@ def parse_task_specs(specs: list[str]) -> list[TaskSpec]:
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for each non-blank line; bad JSON fails naming `path:line`."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line is {raw[e.start]:#04x})") from None
             if not line.strip():
                 continue
             try:
@@ -344,7 +363,11 @@ def load_examples(task: TaskSpec) -> list[Example]:
 
         return [Document(p.read_text(encoding="utf-8")) for p in shakespeare_files("val")]
     if task.format.kind == "text" and task.path.suffix not in (".jsonl", ".json"):
-        return [Document(task.path.read_text(encoding="utf-8"))]
+        data = task.path.read_bytes()
+        try:
+            return [Document(data.decode("utf-8"))]
+        except UnicodeDecodeError as e:
+            raise UserError(f"{task.path}: not UTF-8 text (byte offset {e.start} is {data[e.start]:#04x})") from None
     return parse_rows(task.format, task.path)
 
 

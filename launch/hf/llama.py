@@ -33,6 +33,7 @@ from launch.errors import UserError
 from launch.hf import names
 from launch.hf.tokenizer import save_tokenizer
 from launch.model import ModelConfig, Transformer
+from launch.outputs import check_output_dir, output_dir
 
 HERE = Path(__file__).resolve().parent
 REMOTE_CODE = ("memory_configuration.py", "memory_modeling.py")
@@ -43,6 +44,7 @@ AUTO_MAP = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+EXPORT_COMMAND, IMPORT_COMMAND = "launch.convert to-hf", "launch.convert from-hf"  # recorded in launch.outputs.MARKER
 
 
 def _require_transformers():
@@ -192,14 +194,6 @@ def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_size: int
     return files
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"out={out} exists and is not empty (pass overwrite=true to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def export_model(
     model: Transformer,
     cfg: Config,
@@ -209,8 +203,12 @@ def export_model(
     max_shard_size: int | str = "5GB",
     dtype: str = "fp32",
     overwrite: bool = False,
+    sources: tuple[str | Path, ...] = (),
 ) -> Path:
-    """Write `model` (dense, grown or memory; merged in place if grown) as an HF directory."""
+    """Write `model` (dense, grown or memory; merged in place if grown) as an HF directory.
+
+    `out` follows launch.outputs' rules (never inside/around `sources`; overwrite=true replaces only
+    an earlier export)."""
     transformers = _require_transformers()
     if dtype not in DTYPES:
         raise UserError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -226,17 +224,17 @@ def export_model(
     hf_state = names.to_hf_state_dict(state, model.cfg.n_heads, model.cfg.kv_heads)
     config = hf_config(model, cfg, layout, torch_dtype, tok.bos_id, tok.eos_id)
 
-    _prepare_out(out, overwrite)
-    config.save_pretrained(str(out))
-    if layout is not None:
-        for fname in REMOTE_CODE:
-            shutil.copyfile(HERE / fname, out / fname)
-    write_weights(hf_state, out, max_shard_size)
-    gen = transformers.GenerationConfig(
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id if tok.pad_id >= 0 else None
-    )
-    gen.save_pretrained(str(out))
-    save_tokenizer(tokenizer_path, out, model_max_length=model.cfg.max_seq_len)
+    with output_dir(out, command=EXPORT_COMMAND, overwrite=overwrite, sources=sources) as tmp:
+        config.save_pretrained(str(tmp))
+        if layout is not None:
+            for fname in REMOTE_CODE:
+                shutil.copyfile(HERE / fname, tmp / fname)
+        write_weights(hf_state, tmp, max_shard_size)
+        gen = transformers.GenerationConfig(
+            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id if tok.pad_id >= 0 else None
+        )
+        gen.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer_path, tmp, model_max_length=model.cfg.max_seq_len)
     return out
 
 
@@ -251,6 +249,8 @@ def export_checkpoint(
     """`python -m launch.convert to-hf checkpoint=CKPT out=HFDIR`: a checkpoint (or run dir) -> HF dir."""
     from launch.inference import load_checkpoint
 
+    sources = (checkpoint, ckpt.resolve_checkpoint(checkpoint))
+    check_output_dir(out, command=EXPORT_COMMAND, overwrite=overwrite, sources=sources)  # before any loading
     loaded = load_checkpoint(checkpoint)
     return export_model(
         loaded.model,
@@ -260,6 +260,7 @@ def export_checkpoint(
         max_shard_size=max_shard_size,
         dtype=dtype,
         overwrite=overwrite,
+        sources=sources,
     )
 
 
@@ -280,10 +281,12 @@ def read_hf_config(hf_dir: Path) -> dict:
 def _rope_theta(hf: dict, source: str) -> float:
     """rope_theta from a transformers 5 `rope_parameters` or a 4.x `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters")
-    field, scaling = "rope_parameters", params
-    if params is None:
-        field, scaling = "rope_scaling", hf.get("rope_scaling")
-    if scaling is not None:
+    # Both fields are checked: a scaling left in `rope_scaling` next to a default `rope_parameters`
+    # would otherwise be silently dropped.
+    for field in ("rope_parameters", "rope_scaling"):
+        scaling = hf.get(field)
+        if scaling is None:
+            continue
         if not isinstance(scaling, dict):
             raise UserError(f"{source}: {field}={scaling!r} is not supported (expected a mapping)")
         kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -379,13 +382,26 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{hf_dir} holds no model weights (model.safetensors[.index.json] or pytorch_model*.bin)")
         state: dict[str, torch.Tensor] = {}
         for b in bins:
-            state.update(torch.load(b, map_location="cpu", weights_only=True))
+            try:
+                state.update(torch.load(b, map_location="cpu", weights_only=True))
+            except Exception as e:  # truncated zip, or a pickle that is more than plain tensors
+                raise UserError(f"cannot read {b}: not a complete plain tensor file ({str(e).splitlines()[0][:200]})") from None
         return state
     state = {}
     for fname in files:
-        with safe_open(str(hf_dir / fname), framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
+        state.update(read_safetensors(hf_dir / fname))
     return state
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or damaged file fails in one line naming it."""
+    if not path.is_file():
+        raise UserError(f"missing weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as e:  # SafetensorError (header/size mismatch), OSError: the file is damaged
+        raise UserError(f"cannot read {path}: damaged or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _hf_state_to_ours(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
@@ -418,6 +434,7 @@ def import_hf(
     from launch.build import build_model
 
     hf_dir, out = Path(hf_dir), Path(out)
+    check_output_dir(out, command=IMPORT_COMMAND, overwrite=overwrite, sources=(hf_dir,))  # before any loading
     source = str(hf_dir / "config.json")
     hf = read_hf_config(hf_dir)
     cfg = Config()
@@ -446,17 +463,19 @@ def import_hf(
     ckpt.check_model_state(model, state, str(hf_dir))
     with torch.no_grad():
         model.load_state_dict(state)  # copies (and casts to fp32) into the built model
-    write_checkpoint_dir(model, cfg, tok_path, out, overwrite, source=str(hf_dir))
+    write_checkpoint_dir(model, cfg, tok_path, out, overwrite, source=str(hf_dir), sources=(hf_dir,))
     return out
 
 
-def write_checkpoint_dir(model: nn.Module, cfg: Config, tok_path: Path, out: Path, overwrite: bool, source: str) -> None:
-    """A step-0 checkpoint dir in launch.checkpointer's format (temp dir, manifest, rename)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"out={out} exists and is not empty (pass overwrite=true to replace it)")
+def write_checkpoint_dir(
+    model: nn.Module, cfg: Config, tok_path: Path, out: Path, overwrite: bool, source: str, sources: tuple = ()
+) -> None:
+    """A step-0 checkpoint dir in launch.checkpointer's format (temp dir, manifest, rename; launch.outputs' rules)."""
     from launch.checkpointer import write_model_checkpoint
 
     # No data position: a run started from here begins its stream at the start.
     trainer_state = {"step": 0, "tokens": 0, "data": {"consumed": 0}, "world_size": 1, "source": source}
-    write_model_checkpoint(out, model, trainer_state, to_yaml(cfg), tok_path, overwrite=True)
+    write_model_checkpoint(
+        out, model, trainer_state, to_yaml(cfg), tok_path, command=IMPORT_COMMAND, overwrite=overwrite, sources=sources
+    )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -254,6 +255,13 @@ def submit_slurm(sweep: Sweep, runs: list[Run], cluster: str | None = "slurm", w
         import submitit
     except ImportError:
         raise UserError("mode=slurm needs submitit: pip install 'submitit>=1.5' (the [slurm] extra)") from None
+    if cluster not in ("slurm", "local", None):
+        raise UserError(f"cluster={cluster!r}: expected slurm or local")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError(
+            "mode=slurm: no SLURM cluster here (sbatch is not on PATH); submit from a login node, or use mode=local "
+            "(or cluster=local to try the job array on this machine)"
+        )
     folder = Path(sweep.slurm.folder or sweep.out / "_slurm") / "%j"
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params = executor_parameters(sweep)

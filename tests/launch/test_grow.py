@@ -21,6 +21,7 @@ from launch.dcp_reader import read_metadata_file, tensor_entries
 from launch.errors import UserError
 from launch.inference import load_checkpoint
 from launch.metrics import read_metrics
+from launch.outputs import MARKER
 
 from ..conftest import REPO, run_module  # noqa: TID252
 
@@ -68,7 +69,7 @@ def tensor_positions(model, name: str) -> list[torch.nn.Parameter]:
 @pytest.mark.parametrize("strategy", list(CASES))
 def test_grown_checkpoint_continues_training(grown, tiny_checkpoint, tmp_path, strategy):
     ckpt = grown[strategy]
-    assert sorted(p.name for p in ckpt.iterdir()) == [
+    assert sorted(p.name for p in ckpt.iterdir() if p.name != MARKER) == [
         "config.yaml", "growth.json", "manifest.json", "state", "tokenizer.model", "trainer_state.json"
     ]
     before = load_checkpoint(ckpt)
@@ -260,7 +261,12 @@ def test_bad_input_errors(tiny_checkpoint, tmp_path):
     full = [f"checkpoint={tiny_checkpoint}", f"out={tmp_path / 'full'}", "grow.strategy=stack_copy"]
     with pytest.raises(UserError, match="overwrite=true"):
         grow_cli.main(full)
+    # overwrite=true replaces only an earlier launch.grow output, never a directory it did not write
+    with pytest.raises(UserError, match="not written by launch.grow"):
+        grow_cli.main([*full, "overwrite=true"])
     assert (tmp_path / "full" / "keep.txt").is_file()
+    (tmp_path / "full" / "keep.txt").unlink()
+    assert grow_cli.main(full) == 0
     assert grow_cli.main([*full, "overwrite=true"]) == 0
     assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "manifest.json").is_file()
     # through the real entry point: one line on stderr, exit status 2
