@@ -248,7 +248,8 @@ def test_truncated_weights_are_named(capsys, tiny_checkpoint, hf_export, tmp_pat
         src = tmp_path / "hf"
         shutil.copytree(hf_export, src)
         argv, main = ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], convert.main
-    weights = src / "model.safetensors"
+    # a checkpoint's weights are DCP shard files under state/ (the largest one); an export's one safetensors file
+    weights = max((src / "state").glob("*.distcp"), key=lambda p: p.stat().st_size) if command == "grow" else src / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     cli_error(capsys, main, argv, str(weights), "truncated")
