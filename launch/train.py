@@ -66,7 +66,7 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
         path = shard_tokenizer(cfg.data.train)
     else:
         if info.is_main and not run_tok.is_file():
-            docs = load_documents(cfg.data.train, "train", cfg.data.format, cfg.data.text_field)
+            docs = load_documents(cfg.data.train, "train", cfg.data.format, cfg.data.text_field, cfg.data.encoding_errors)
             train_tokenizer(docs, run_tok, cfg.model.vocab_size)
         barrier()
         path = run_tok
