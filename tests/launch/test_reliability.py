@@ -264,3 +264,19 @@ def test_rope_scaling_next_to_default_rope_parameters(capsys, hf_export, tmp_pat
     config["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
     (src / "config.json").write_text(json.dumps(config))
     cli_error(capsys, convert.main, ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], "rope_scaling", "linear")
+
+
+def test_a_failed_write_leaves_the_previous_output_whole(tmp_path):
+    from launch.errors import UserError
+    from launch.outputs import output_dir
+
+    out = tmp_path / "out"
+    with output_dir(out, command="test") as tmp:
+        (tmp / "a.txt").write_text("first")
+    before = digest(out)
+    with pytest.raises(RuntimeError), output_dir(out, command="test", overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("disk died")
+    assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp left
+    with pytest.raises(UserError, match="not written by other"):
+        output_dir(out, command="other", overwrite=True).__enter__()
