@@ -168,7 +168,8 @@ def test_exported_tokenizer_matches_sentencepiece_ids(sp_path, tmp_path):
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
     for text in _sample_texts():
         ids = ours.encode(text)
-        assert hf_tok(text)["input_ids"] == ids, repr(text)
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
+        assert hf_tok(text)["input_ids"] == ours.encode_prompt(text), repr(text)  # BOS, as we score
         assert hf_tok.decode(ids) == ours.decode(ids), repr(text)
 
 
@@ -193,9 +194,9 @@ def test_dense_to_hf_cli_sharded_logits_generate(tiny_checkpoint, tmp_path):
     assert hf.config.rope_parameters["rope_theta"] == cfg.rope_theta
     assert hf.generation_config.eos_token_id == loaded.tokenizer.eos_id
     _assert_same_logits(loaded.model, hf, _tokens(cfg.vocab_size))
-    prompt = loaded.tokenizer.encode("ROMEO.\n", bos=True)
+    prompt = loaded.tokenizer.encode_prompt("ROMEO.\n")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert [loaded.tokenizer.bos_id, *hf_tok("ROMEO.\n")["input_ids"]] == prompt
+    assert hf_tok("ROMEO.\n")["input_ids"] == prompt
     _assert_same_greedy(loaded.model, hf, prompt)
 
 
