@@ -31,7 +31,7 @@ class EvalArgs:
     out: str | None = None  # None: print only
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 | fp16
-    progress: bool = True
+    progress: bool = True  # progress bars
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -487,7 +487,7 @@ class Trainer:
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config(argv)
+    cfg = load_config(argv, require_config=True)  # no config=: usage, exit 2 (launch.cli_help)
     validate(cfg)
     if cfg.eval.tasks:  # a bad task spec or missing task file fails now, not at the first eval
         from launch.evaluation.tasks import parse_task_specs
