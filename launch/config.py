@@ -107,6 +107,7 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard (extra [tensorboard])
     init_from: str | None = None  # checkpoint to start from (weights only; fresh optimizer)
     reset_data: bool = False  # with init_from: restart the data stream instead of continuing it
+    wandb: str | None = None  # W&B project to log to as well (extra [wandb]; WANDB_MODE=offline: no network)
 
 
 @dataclass

@@ -238,7 +238,7 @@ class Trainer:
             torch.autocast(info.device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
         )
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
-        self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.train.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, cfg=cfg, optimizers=self.optimizers)
 
     # -- setup helpers ------------------------------------------------------------------------
 
@@ -402,7 +402,7 @@ class Trainer:
             )
         preempt = _Preemption()
         bar = None
-        if info.is_main and cfg.train.progress:
+        if self.metrics.wants_bar:  # else MetricsLogger prints plain progress lines
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True)
