@@ -212,6 +212,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def describe_text_task(spec: TaskSpec, metrics: dict[str, Any], max_len: int, limit: int | None) -> str:
+    """Which perplexity this is, in words: the trainer logs another one (`val_ppl`: its first
+    data.val_sequences packed sequences), so each output says what it measured."""
+    where = "the whole validation split (bundled plays)" if spec.path is None else str(spec.path)
+    scope = f"the first {metrics.get('windows')} windows (eval.limit={limit}) of " if limit is not None else ""
+    return (
+        f"{spec.name}: ppl {_fmt(metrics.get('ppl'))} over {scope}{where}: {metrics.get('n')} documents, "
+        f"{metrics.get('tokens')} tokens in {metrics.get('windows')} windows of up to {max_len} tokens, "
+        "each document starting with BOS"
+    )
+
+
 def format_table(metrics: dict[str, dict[str, Any]]) -> str:
     """Markdown table, one row per (task, metric)."""
     lines = ["| task | metric | value | n |", "|---|---|---:|---:|"]

@@ -231,6 +231,8 @@ print(json.dumps(out))
 def test_exports_load_with_equal_logits_under_the_oldest_transformers(exports, sp_path):
     python = OLD_VENV / "bin" / "python"
     if not python.exists():
+        if os.environ.get("MEMSCALE_REQUIRE_HF4"):  # set by .ci/run
+            pytest.fail(f"{OLD_VENV} is missing: `bash scripts/setup.sh dev` builds it")
         pytest.skip(f"{OLD_VENV} is missing: `bash scripts/setup.sh dev` builds it (CI does)")
     tokens = torch.randint(4, Tokenizer(sp_path).vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     spec = {"dirs": {k: str(hf) for k, (_, hf) in exports.items()}, "tokens": tokens.tolist(), "texts": TEXTS}
@@ -253,3 +255,15 @@ def test_exports_load_with_equal_logits_under_the_oldest_transformers(exports, s
         assert got[kind]["rope_theta"] == model.cfg.rope_theta
         assert got[kind]["ids"] == [ours.encode_prompt(t) for t in TEXTS]
         assert got[kind]["bare"] == [ours.encode(t) for t in TEXTS]
+
+
+def test_the_second_environment_pins_the_floor_pyproject_declares():
+    """scripts/setup.sh's old transformers and pyproject's lower bound must move together."""
+    import re
+    import tomllib
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hf"]
+    floor = re.search(r"transformers>=([\d.]+)", " ".join(extra)).group(1)
+    pinned = re.search(r'OLDEST_TRANSFORMERS="transformers==([\d.]+)"', (REPO / "scripts" / "setup.sh").read_text()).group(1)
+    assert pinned.split(".")[:2] == floor.split(".")[:2], (floor, pinned)
+    assert "accelerate" not in " ".join(extra)  # never imported by this repo
