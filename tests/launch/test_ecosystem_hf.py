@@ -6,7 +6,6 @@ the newest transformers installed here and, in the second environment `.venv-hf4
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -56,19 +55,9 @@ def _model(argv: list[str], sp: Path, seed: int = 0):
 
 
 def _grown(sp: Path):
-    from scalenet import grow_by_strategy
+    from tests.launch.test_convert import grow_with_trained_adapters
 
-    model, cfg = _model([f"config={TINY}"], sp, seed=1)
-    base = cfg.model.n_layers
-    model.layers, spec = grow_by_strategy(model.layers, "scalenet", adapter_rank=2)
-    with torch.no_grad():  # trained adapters: the export must fold B·A in
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0.0, 0.05)
-    cfg.grow = dataclasses.replace(cfg.grow, strategy="scalenet", base_layers=base, spec=spec)
-    cfg.model = dataclasses.replace(cfg.model, n_layers=len(model.layers))
-    model.cfg = cfg.model
-    return model, cfg
+    return grow_with_trained_adapters(*_model([f"config={TINY}"], sp, seed=1), adapter_rank=2)
 
 
 @pytest.fixture(scope="module")
