@@ -17,30 +17,30 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.errors import ConfigError
+from launch.errors import CliExit, ConfigError
 from launch.model import ModelConfig
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    seed: int = 0
-    name: str | None = None
+    dir: str = "runs/default"  # run directory: config, metrics.jsonl, checkpoints/ (re-running resumes it)
+    seed: int = 0  # seed of initialisation, data order and sampling
+    name: str | None = None  # label for logs and W&B (None: the run directory's name)
 
 
 @dataclass
 class MemoryConfig:
     layers: list[int] = field(default_factory=list)  # block indices whose FFN becomes a memory layer
     n_keys: int = 128  # sub-keys per half: n_keys**2 value slots
-    heads: int = 4
-    k_dim: int = 128
-    knn: int = 32
+    heads: int = 4  # query heads per memory layer
+    k_dim: int = 128  # key dim (two halves of k_dim/2)
+    knn: int = 32  # slots read per head (top-K)
     v_dim: int | None = None  # None: model.dim
     gated: bool = True  # Memory+ silu input gate
-    qk_norm: bool = False
+    qk_norm: bool = False  # RMS-normalise queries and keys before scoring
     shared: bool = True  # one value pool for every memory layer (False: one per layer)
-    value_lr: float = 1e-3
-    value_weight_decay: float = 0.0
+    value_lr: float = 1e-3  # learning rate of the value table (its own optimizer group)
+    value_weight_decay: float = 0.0  # weight decay of the value table
     value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam
     lookup_impl: str = "auto"  # auto | torch | triton | cpu
 
@@ -51,10 +51,10 @@ class GrowConfig:
 
     strategy: str | None = None  # scalenet | stack_copy | interleave_copy | llama_pro | solar_dus
     base_layers: int | None = None  # depth before growing (model.n_layers is the grown depth)
-    depth: int | None = None
+    depth: int | None = None  # grown depth (None: 2 x base)
     mapping: Any = "stack"  # stack | interleave | explicit list of source indices
-    adapter_rank: int = 8
-    targets: list[str] | None = None
+    adapter_rank: int = 8  # rank of each position's low-rank adapter (0: pure sharing)
+    targets: list[str] | None = None  # name globs of the Linears that get adapters (None: all)
     untie_norms: bool = False  # scalenet: per-position norm weights instead of shared ones
     adapter_alpha: float | None = None  # scalenet: adapter scale alpha / rank (None: scale 1)
     every: int | None = None  # llama_pro: insert a copy after every k-th block (None: L / (depth - L))
@@ -69,9 +69,9 @@ class DataConfig:
     train: str = "shakespeare"  # "shakespeare" (bundled) or a local file / directory / glob
     val: str | None = "shakespeare"  # None: no validation
     format: str = "auto"  # auto | text | jsonl | parquet
-    text_field: str = "text"
+    text_field: str = "text"  # JSONL/Parquet field holding the text
     tokenizer: str | None = None  # path to a sentencepiece .model; None: train one with the run
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per training sequence
     batch_size: int = 32  # GLOBAL batch in sequences per optimizer step
     val_sequences: int = 128  # validation sequences evaluated each time
     # Extra training sources mixed in: [{path: facts/train.txt, ratio: 0.2}, ...] (optional per
@@ -85,72 +85,73 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup steps
     schedule: str = "cosine"  # cosine | constant | linear
     weight_decay: float = 0.1  # matrices only; norms, biases and embeddings are not decayed
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # 0 disables
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000  # total optimizer steps
-    grad_accum: int = 1
-    log_every: int = 10
-    ckpt_every: int = 200
-    keep_last: int = 2
-    val_every: int = 200
+    grad_accum: int = 1  # micro-batches per optimizer step
+    log_every: int = 10  # steps between metrics records (and plain progress lines)
+    ckpt_every: int = 200  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    val_every: int = 200  # steps between validation losses (0: never)
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
-    progress: bool = True
-    tensorboard: bool = False
+    progress: bool = True  # tqdm bar on a terminal; false (or stdout not a terminal): a plain line every log_every steps
+    tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard (extra [tensorboard])
     init_from: str | None = None  # checkpoint to start from (weights only; fresh optimizer)
     reset_data: bool = False  # with init_from: restart the data stream instead of continuing it
     async_checkpoint: bool = False  # write checkpoints in a background thread (DCP async_save); training continues
     activation_checkpoint: str = "none"  # none | full | selective (every other block): recompute activations in backward
     final_val_sequences: int = -1  # sequences in the end-of-training validation: -1 the whole split, 0 none, N the first N
+    wandb: str | None = None  # W&B project to log to as well (extra [wandb]; WANDB_MODE=offline: no network)
 
 
 @dataclass
 class ParallelConfig:
     data: str = "ddp"  # ddp | fsdp
     memory: int = 1  # memory-parallel group size (values sharded by embedding dim)
-    tensor: int = 1
+    tensor: int = 1  # tensor-parallel size (attention heads and FFN units split)
     backend: str = "auto"  # auto | gloo | nccl
 
 
 @dataclass
 class EvalConfig:
     every: int = 0  # run `tasks` every N training steps (0: never)
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
-    shots: int = 0
-    batch_size: int = 16
-    max_new_tokens: int = 32
-    sample_prompt: str = "ROMEO.\n"
-    sample_tokens: int = 64
+    tasks: list[str] = field(default_factory=list)  # FORMAT:PATH[?shots=PATH][&name=NAME] or a built-in name (shakespeare)
+    limit: int | None = None  # rows per task (windows for text); None: all
+    shots: int = 0  # few-shot examples before each prompt
+    batch_size: int = 16  # sequences per forward
+    max_new_tokens: int = 32  # generative tasks: answer length limit
+    sample_prompt: str = "ROMEO.\n"  # prompt of the printed sample generation
+    sample_tokens: int = 64  # tokens in the printed sample (0: no sample)
     sample_temperature: float = 0.0  # 0: greedy sample; > 0: sampled with eval.seed
-    sample_top_k: int | None = None
-    seed: int = 0
+    sample_top_k: int | None = None  # sampled sample: keep the top-k tokens (None: all)
+    seed: int = 0  # seed of the sampled sample
     text_stride: int = 0  # perplexity windows: 0 = non-overlapping; S < max_seq_len slides by S tokens
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    grow: GrowConfig = field(default_factory=GrowConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)  # where the run lives
+    model: ModelConfig = field(default_factory=ModelConfig)  # the Llama-style decoder
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # product-key memory layers (empty layers: dense)
+    grow: GrowConfig = field(default_factory=GrowConfig)  # ScaleNet growth (set by launch.grow)
+    data: DataConfig = field(default_factory=DataConfig)  # training and validation text
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the LR schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # the training loop, logging, checkpoints
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # distributed layout
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation tasks (launch.eval, and during training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +210,16 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         raise ConfigError(f"bad value for '{key}' in {source}: {msg}") from None
 
 
+HELP_FLAGS = ("--help", "-h", "help")
+PRINT_FLAGS = ("--cfg", "--print-config", "print_config=true", "print_config=True", "print_config=1")
+
+
+def split_cli_flags(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(argv without them, --help asked, print_config asked)."""
+    rest = [a for a in argv if a not in HELP_FLAGS + PRINT_FLAGS and not a.startswith("print_config=")]
+    return rest, any(a in HELP_FLAGS for a in argv), any(a in PRINT_FLAGS for a in argv)
+
+
 def parse_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
     """Split argv into the `config=` path and `key=value` overrides."""
     config_path, overrides = None, []
@@ -223,10 +234,23 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
-def load_config(argv: list[str], schema: type = Config, base: Any = None) -> Any:
+def load_config(
+    argv: list[str], schema: type = Config, base: Any = None, *, require_config: bool = False, usage: str | None = None
+) -> Any:
     """Build a `schema` instance from defaults, an optional `base` (dict/DictConfig, e.g. the config
-    stored in a checkpoint), `config=FILE` and dotted overrides in `argv`."""
+    stored in a checkpoint), `config=FILE` and dotted overrides in `argv`.
+
+    On the command line, `--help`/`-h` prints `usage` and every key of `schema` (`launch.cli_help`)
+    and `print_config=true`/`--cfg` prints the resolved config, both exiting 0 through `CliExit`;
+    with `require_config`, no `config=` prints the usage and exits 2."""
+    from launch import cli_help
+
+    argv, wants_help, wants_print = split_cli_flags(argv)
+    if wants_help:
+        raise CliExit(cli_help.help_text(schema, usage))
     config_path, overrides = parse_overrides(argv)
+    if require_config and not config_path:
+        raise CliExit(f"{usage or cli_help.usage_line()}\nerror: config=FILE is required (--help lists every key)", 2)
     cfg = OmegaConf.structured(schema)
     if base is not None:
         check_keys(base, schema, "the checkpoint's config")
@@ -247,6 +271,8 @@ def load_config(argv: list[str], schema: type = Config, base: Any = None) -> Any
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from None
+    if wants_print:
+        raise CliExit(to_yaml(obj))
     return obj
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.config import load_config
-from launch.errors import UserError, run_cli
+from launch.config import HELP_FLAGS, load_config
+from launch.errors import CliExit, UserError, run_cli
 
 USAGE = (
     "usage: python -m launch.convert to-hf checkpoint=CKPT out=HFDIR [max_shard_size=5GB] [dtype=fp32] | "
@@ -27,19 +27,19 @@ USAGE = (
 
 @dataclass
 class ToHFArgs:
-    checkpoint: str | None = None
-    out: str | None = None
-    max_shard_size: str = "5GB"
+    checkpoint: str | None = None  # checkpoint dir or run dir (required)
+    out: str | None = None  # Hugging Face directory to write (required)
+    max_shard_size: str = "5GB"  # split weights into shards above this size
     dtype: str = "fp32"  # fp32 | bf16 | fp16
-    overwrite: bool = False
+    overwrite: bool = False  # replace a non-empty out
 
 
 @dataclass
 class FromHFArgs:
-    hf: str | None = None
-    out: str | None = None
+    hf: str | None = None  # Hugging Face Llama directory (required)
+    out: str | None = None  # checkpoint directory to write (required)
     tokenizer: str | None = None  # sentencepiece model; default HFDIR/tokenizer.model
-    overwrite: bool = False
+    overwrite: bool = False  # replace a non-empty out
 
 
 def _require(args, *keys: str) -> None:
@@ -49,6 +49,10 @@ def _require(args, *keys: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0] in HELP_FLAGS:
+        from launch.cli_help import help_text
+
+        raise CliExit(help_text(ToHFArgs, f"{USAGE}\n\nto-hf:") + "\n" + help_text(FromHFArgs, "from-hf:"))
     if not argv or argv[0] not in ("to-hf", "from-hf"):
         raise UserError(f"expected a command, to-hf or from-hf; {USAGE}")
     command, rest = argv[0], argv[1:]

@@ -33,10 +33,23 @@ def _fail(message: str) -> None:
     print(f"{prefix}: {message}", file=sys.stderr, flush=True)
 
 
+class CliExit(Exception):
+    """Stop an entry point early with `text` on stdout (status 0: --help, print_config) or on
+    stderr (status 2: a usage error that is best shown with the usage text)."""
+
+    def __init__(self, text: str, code: int = 0):
+        super().__init__(text)
+        self.text, self.code = text, code
+
+
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         code = main(argv)
+    except CliExit as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e.text, end="" if e.text.endswith("\n") else "\n", file=sys.stdout if e.code == 0 else sys.stderr, flush=True)
+        sys.exit(e.code)
     except UserError as e:
         _fail(str(e))
         if os.environ.get("LAUNCH_TRACEBACK"):

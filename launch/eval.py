@@ -17,7 +17,7 @@ import torch
 from launch.config import EvalConfig, load_config, validate_eval
 from launch.distributed import destroy, init_distributed
 from launch.errors import ConfigError, run_cli
-from launch.evaluation.suite import format_table, run_suite, sample, write_results
+from launch.evaluation.suite import describe_text_task, format_table, run_suite, sample, write_results
 from launch.evaluation.tasks import parse_task_specs
 from launch.inference import load_checkpoint
 from launch.outputs import check_output_path
@@ -32,7 +32,7 @@ class EvalArgs:
     out: str | None = None  # None: print only
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 | fp16
-    progress: bool = True
+    progress: bool = True  # progress bars
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -67,6 +67,14 @@ def main(argv: list[str]) -> int:
                 "dtype": args.dtype,
             }
             print(format_table({name: r.metrics for name, r in results.items()}), end="", flush=True)
+            notes = {
+                spec.name: describe_text_task(spec, results[spec.name].metrics, loaded.model.cfg.max_seq_len, args.eval.limit)
+                for spec in parse_task_specs(tasks)
+                if spec.format.kind == "text"
+            }
+            for note in notes.values():
+                print(note, flush=True)
+            header["notes"] = notes
             if text is not None:
                 print(f"\nsample ({args.eval.sample_tokens} tokens):\n{args.eval.sample_prompt}{text}", flush=True)
             if args.out:

@@ -92,9 +92,9 @@ ATTRIBUTES = tuple(TEMPLATES)
 
 @dataclass
 class FactsArgs:
-    out: str = ""
-    n_entities: int = 300
-    seed: int = 0
+    out: str = ""  # output directory (required)
+    n_entities: int = 300  # invented people
+    seed: int = 0  # generator seed
     repeats: int = 8  # renderings of every fact in train.txt
     qa_in_train: bool = True  # add training-template Q/A pairs to train.txt
     overwrite: bool = False  # replace an earlier launch.facts output in `out`

@@ -73,7 +73,7 @@ def generate_ids(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start it with a document-start token)")
+        raise ValueError("every prompt needs at least one token (start it with BOS: Tokenizer.encode_prompt)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1")
     if not hasattr(model, "new_caches"):
@@ -145,7 +145,7 @@ def generate(
     """Continue `prompts`: text in, text out (cut before the first `stop` string) with a tokenizer;
     with `tokenizer=None`, token-id lists in and out (no stop strings, no EOS).
 
-    Text prompts are preceded by the document-start token (EOS, as in training). Prompts are
+    Text prompts are encoded BOS + text (`Tokenizer.encode_prompt`); EOS ends a row. Prompts are
     grouped by length into batches of `batch_size`; results come back in the input order."""
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -155,7 +155,7 @@ def generate(
         ids = [list(p) for p in texts]
         eos_id, stop_fn = None, None
     else:
-        ids = [[tokenizer.eos_id, *tokenizer.encode(t)] for t in texts]
+        ids = [tokenizer.encode_prompt(t) for t in texts]
         eos_id = tokenizer.eos_id
         stop = tuple(s for s in stop if s)
         stop_fn = (lambda gen: any(s in tokenizer.decode(gen) for s in stop)) if stop else None

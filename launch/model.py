@@ -22,19 +22,19 @@ from torch import nn
 
 @dataclass
 class ModelConfig:
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    dim: int = 256  # model width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads
     n_kv_heads: int | None = None  # None: multi-head attention (= n_heads)
     ffn_dim: int | None = None  # None: 8/3·dim rounded up to `multiple_of`
-    multiple_of: int = 64
-    vocab_size: int = 8192
-    max_seq_len: int = 256
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    multiple_of: int = 64  # FFN width is rounded up to a multiple of this
+    vocab_size: int = 8192  # embedding rows (the tokenizer's size)
+    max_seq_len: int = 256  # context window (RoPE positions)
+    tie_embeddings: bool = True  # output projection shares the embedding matrix
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
     attn_impl: str = "sdpa"  # sdpa | xformers
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal weight init
 
     @property
     def head_dim(self) -> int:

@@ -27,11 +27,11 @@ MODES = ("local", "slurm", "dry")
 
 @dataclass
 class SweepArgs:
-    sweep: str = ""
+    sweep: str = ""  # the sweep file (required)
     mode: str = "dry"  # local | slurm | dry
     parallel: int | None = None  # local: runs at once (default: the sweep file's local.parallel)
     nproc: int | None = None  # local: processes per run (default: local.nproc)
-    only: list[str] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)  # run only these run names
     cluster: str = "slurm"  # slurm mode: slurm | local (submitit's local executor, for testing)
     wait: bool = False  # slurm mode: block until every job ends
     out: str | None = None  # collect: output path prefix (default SWEEP_OUT/results)

@@ -95,9 +95,9 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: in
 
 @dataclass
 class TokenizerArgs:
-    out: str = "tokenizer.model"
-    vocab_size: int = 8192
-    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "tokenizer.model"  # where to write the sentencepiece model
+    vocab_size: int = 8192  # pieces in the vocabulary
+    data: DataConfig = field(default_factory=DataConfig)  # the text to train on (data.train, data.format, data.text_field)
     overwrite: bool = False  # replace an existing `out` file
 
 

@@ -115,7 +115,7 @@ class Trainer:
             if not cfg.train.reset_data:
                 self.stream.load_state_dict(read_trainer_state(self.init_from)["data"])
         self.autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else nullcontext()
-        self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.train.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, cfg=cfg, optimizers=self.optimizers)
 
     # -- checkpoints (launch.checkpointer: sharded DCP, resharded on load to any P, T or world size) --
 
@@ -199,7 +199,7 @@ class Trainer:
             )
         preempt = _Preemption()
         bar = None
-        if info.is_main and cfg.train.progress:
+        if self.metrics.wants_bar:  # else MetricsLogger prints plain progress lines
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True)
@@ -271,7 +271,7 @@ class Trainer:
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config(argv)
+    cfg = load_config(argv, require_config=True)  # no config=: usage, exit 2 (launch.cli_help)
     validate(cfg)
     if cfg.eval.tasks:  # a bad task spec or missing task file fails now, not at the first eval
         from launch.evaluation.tasks import parse_task_specs

@@ -17,11 +17,12 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (registers lm-eval's built-in models first: see below)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from launch.evaluation.scoring import encode_pair, loglikelihoods, prefix_token, rolling_windows
+from launch.evaluation.scoring import encode_pair, loglikelihoods, rolling_windows
 from launch.generate import generate
 from launch.tokenizer import Tokenizer
 
@@ -94,11 +95,11 @@ class MemscaleLM(LM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole string after the document-start token, in the harness's
+        """Log-likelihood of each whole string after BOS, in the harness's
         windows (each token predicted once; the last window gets a full context)."""
         flat, owner = [], []
         for i, req in enumerate(requests):
-            ids = [prefix_token(self.tokenizer), *self.tokenizer.encode(req.args[0])]
+            ids = self.tokenizer.encode_prompt(req.args[0])
             windows = rolling_windows(ids, self.max_length)
             flat += windows
             owner += [i] * len(windows)

@@ -7,8 +7,10 @@ Tokenisation (the lm-eval convention): trailing whitespace of the context moves 
 the continuation, then context + continuation is encoded *whole* and split at the token length
 of the context encoded alone. The scored tokens are therefore exactly the tokens the model would
 see for the joined text, and a merge across the boundary never scores a context character. Every
-context starts with the document-start token (our trainer packs documents separated by EOS, so
-EOS is what precedes the first token of a document).
+context starts with BOS (the repo's one start-of-sequence convention, Llama's: training documents
+are BOS + text + EOS, prompts are BOS + text; see `Tokenizer.encode_prompt`). lm-eval's own `hf`
+model on our Hugging Face export tokenizes the same way (its tokenizer adds BOS), so both give the
+same log-likelihoods.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ def model_device(model: Callable) -> torch.device:
 
 
 def prefix_token(tokenizer: Tokenizer) -> int:
-    return tokenizer.eos_id
+    """The token every scored context starts with: BOS (`Tokenizer.encode_prompt`)."""
+    return tokenizer.bos_id
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> Request:
-    """Token ids of (document-start + context, continuation); see the module docstring."""
+    """Token ids of (BOS + context, continuation); see the module docstring."""
     n_space = len(context) - len(context.rstrip())
     if n_space:
         context, continuation = context[:-n_space], context[-n_space:] + continuation
@@ -87,7 +90,7 @@ def loglikelihoods(
         if not cont:
             raise ValueError(f"request {i}: empty continuation")
         if not ctx:
-            raise ValueError(f"request {i}: empty context (start it with the document-start token)")
+            raise ValueError(f"request {i}: empty context (start it with BOS)")
         inputs.append((ctx + cont)[-(max_len + 1) : -1])
         # A continuation longer than the window cannot be scored whole: score its last max_len
         # tokens (conditioned on the rest of it) rather than fail a whole task on one long option.
@@ -121,7 +124,7 @@ def loglikelihoods(
 
 
 def rolling_windows(tokens: Sequence[int], max_len: int, stride: int | None = None) -> list[Request]:
-    """Requests that score tokens[1:] each exactly once (tokens[0] is the document-start token).
+    """Requests that score tokens[1:] each exactly once (tokens[0] is BOS).
 
     stride=None (= max_len): non-overlapping windows of max_len predicted tokens, each seeing the
     tokens since its window began; the last window is extended leftwards to a full context. A

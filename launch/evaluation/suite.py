@@ -20,7 +20,7 @@ from tqdm import tqdm
 from launch.config import EvalConfig
 from launch.distributed import DistInfo
 from launch.evaluation.metrics import best_over_golds
-from launch.evaluation.scoring import encode_pair, loglikelihoods, prefix_token, rolling_windows
+from launch.evaluation.scoring import encode_pair, loglikelihoods, rolling_windows
 from launch.evaluation.tasks import (
     QA,
     Document,
@@ -108,7 +108,7 @@ def evaluate_generative(ctx: _Ctx, examples: list[QA], shots: list) -> TaskResul
 
 
 def evaluate_text(ctx: _Ctx, docs: list[Document], limit: int | None) -> TaskResult:
-    """Perplexity over documents, each preceded by the document-start token and scored in windows
+    """Perplexity over documents, each encoded BOS + text (`Tokenizer.encode_prompt`) and scored in windows
     of the model's context (see `rolling_windows`; `eval.text_stride` slides them). `limit` caps
     the number of windows. bits_per_byte = total NLL / ln 2 / UTF-8 bytes of the scored text."""
     max_len = ctx.model.cfg.max_seq_len
@@ -116,7 +116,7 @@ def evaluate_text(ctx: _Ctx, docs: list[Document], limit: int | None) -> TaskRes
     for doc in docs:
         if limit is not None and len(requests) >= limit:
             break
-        ids = [prefix_token(ctx.tokenizer), *ctx.tokenizer.encode(doc.text)]
+        ids = ctx.tokenizer.encode_prompt(doc.text)
         windows = rolling_windows(ids, max_len, ctx.cfg.text_stride or None)
         if limit is not None and len(requests) + len(windows) > limit:
             windows = windows[: limit - len(requests)]
@@ -210,6 +210,18 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
     return str(value)
+
+
+def describe_text_task(spec: TaskSpec, metrics: dict[str, Any], max_len: int, limit: int | None) -> str:
+    """Which perplexity this is, in words: the trainer logs another one (`val_ppl`: its first
+    data.val_sequences packed sequences), so each output says what it measured."""
+    where = "the whole validation split (bundled plays)" if spec.path is None else str(spec.path)
+    scope = f"the first {metrics.get('windows')} windows (eval.limit={limit}) of " if limit is not None else ""
+    return (
+        f"{spec.name}: ppl {_fmt(metrics.get('ppl'))} over {scope}{where}: {metrics.get('n')} documents, "
+        f"{metrics.get('tokens')} tokens in {metrics.get('windows')} windows of up to {max_len} tokens, "
+        "each document starting with BOS"
+    )
 
 
 def format_table(metrics: dict[str, dict[str, Any]]) -> str:

@@ -127,7 +127,7 @@ def hf_config(model: Transformer, cfg: Config, layout: MemoryLayout | None, dtyp
         eos_token_id=eos,
         architectures=["LlamaForCausalLM"],
     )
-    kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    kwargs["dtype" if _major(transformers.__version__) >= 5 else "torch_dtype"] = str(dtype).removeprefix("torch.")
     if layout is None:
         return transformers.LlamaConfig(**kwargs)
     from launch.hf.memory_configuration import MemoryLlamaConfig
@@ -150,6 +150,22 @@ def hf_config(model: Transformer, cfg: Config, layout: MemoryLayout | None, dtyp
     config = MemoryLlamaConfig(**kwargs, **memory)
     config.auto_map = dict(AUTO_MAP)
     return config
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def write_portable_config(config, out: Path, rope_theta: float, dtype: torch.dtype) -> None:
+    """config.json that every supported transformers reads the same way: 5.x writes only
+    `rope_parameters` and `dtype`, which 4.x ignores (falling back to rope_theta 10000 and no
+    dtype), so the 4.x fields `rope_theta` and `torch_dtype` are written alongside."""
+    config.save_pretrained(str(out))
+    path = out / "config.json"
+    data = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    data.update(rope_theta=rope_theta, torch_dtype=name, dtype=name)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def parse_size(size: int | str) -> int:
@@ -225,7 +241,7 @@ def export_model(
     config = hf_config(model, cfg, layout, torch_dtype, tok.bos_id, tok.eos_id)
 
     with output_dir(out, command=EXPORT_COMMAND, overwrite=overwrite, sources=sources) as tmp:
-        config.save_pretrained(str(tmp))
+        write_portable_config(config, tmp, model.cfg.rope_theta, torch_dtype)
         if layout is not None:
             for fname in REMOTE_CODE:
                 shutil.copyfile(HERE / fname, tmp / fname)

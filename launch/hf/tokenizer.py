@@ -10,7 +10,14 @@ decoder instead of depending on `protobuf`. The HF tokenizer is built from scrat
   are split off (they are added tokens with normalized=True), which is what sp does: one dummy
   prefix at the start of the text, not after every newline (a Metaspace pre-tokenizer gets this
   wrong for text starting with a space, and after added tokens);
-- byte fallback for characters outside the vocabulary; no BOS/EOS added (like `Tokenizer.encode`).
+- byte fallback for characters outside the vocabulary;
+- a post-processor that puts BOS in front (the repo's convention, `Tokenizer.encode_prompt`), so
+  `tok(text)["input_ids"]` is what we score and continue, and lm-eval's `hf` model on the export
+  conditions on what ours does; `add_special_tokens=False` gives the bare pieces (`Tokenizer.encode`).
+
+tokenizer_config.json names `PreTrainedTokenizerFast`, which transformers 4.x and 5.x both load
+from tokenizer.json as written (5.x's own default, `TokenizersBackend`, does not exist in 4.x; and
+`LlamaTokenizerFast` under 5.x rebuilds the pipeline from the vocabulary, giving other ids).
 
 Known difference: special-token strings typed into the text (e.g. a literal "</s>") become the
 special id in HF, while sp encodes them as plain characters.
@@ -18,6 +25,7 @@ special id in HF, while sp encodes them as plain characters.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -164,7 +172,7 @@ def bpe_vocab_and_merges(sp: SpModel) -> tuple[dict[str, int], list[tuple[str, s
 
 def build_tokenizer(sp_path: str | Path):
     """A `transformers` fast tokenizer producing the same ids as the sentencepiece model."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
@@ -194,9 +202,18 @@ def build_tokenizer(sp_path: str | Path):
     atomic = [p for p in user if len(p) == 1 and sum(p in t for t in texts) == 1]
     tok.add_tokens([AddedToken(p, special=False, normalized=True) for p in user if p not in atomic])
     names = {key: sp.pieces[i][0] for key, i in sp.special_ids.items() if 0 <= i < len(sp.pieces)}
+    if "bos_token" in names:
+        bos = names["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, sp.special_ids["bos_token"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, clean_up_tokenization_spaces=False, split_special_tokens=True, **names
     )
+
+
+# tokenizer_config.json keys that make the export load the same under transformers 4.x and 5.x.
+PORTABLE_TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False}
 
 
 def save_tokenizer(sp_path: str | Path, out_dir: str | Path, model_max_length: int | None = None) -> None:
@@ -206,4 +223,9 @@ def save_tokenizer(sp_path: str | Path, out_dir: str | Path, model_max_length: i
     if model_max_length is not None:
         hf_tok.model_max_length = model_max_length
     hf_tok.save_pretrained(str(out_dir))
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("backend", None)  # a 5.x-only field
+    config.update(PORTABLE_TOKENIZER_CONFIG)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(sp_path, Path(out_dir) / "tokenizer.model")

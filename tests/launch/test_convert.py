@@ -168,7 +168,8 @@ def test_exported_tokenizer_matches_sentencepiece_ids(sp_path, tmp_path):
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
     for text in _sample_texts():
         ids = ours.encode(text)
-        assert hf_tok(text)["input_ids"] == ids, repr(text)
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
+        assert hf_tok(text)["input_ids"] == ours.encode_prompt(text), repr(text)  # BOS, as we score
         assert hf_tok.decode(ids) == ours.decode(ids), repr(text)
 
 
@@ -193,25 +194,33 @@ def test_dense_to_hf_cli_sharded_logits_generate(tiny_checkpoint, tmp_path):
     assert hf.config.rope_parameters["rope_theta"] == cfg.rope_theta
     assert hf.generation_config.eos_token_id == loaded.tokenizer.eos_id
     _assert_same_logits(loaded.model, hf, _tokens(cfg.vocab_size))
-    prompt = loaded.tokenizer.encode("ROMEO.\n", bos=True)
+    prompt = loaded.tokenizer.encode_prompt("ROMEO.\n")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert [loaded.tokenizer.bos_id, *hf_tok("ROMEO.\n")["input_ids"]] == prompt
+    assert hf_tok("ROMEO.\n")["input_ids"] == prompt
     _assert_same_greedy(loaded.model, hf, prompt)
 
 
-def test_grown_to_hf_is_a_plain_deeper_llama_with_adapters_merged(sp_path, tmp_path):
+def grow_with_trained_adapters(model, cfg, adapter_rank: int):
+    """`model` ScaleNet-grown to twice its depth, with non-zero adapters (as if trained: an export
+    must fold B·A in, not drop it), and `cfg` describing it."""
     from scalenet import grow_by_strategy
 
-    model, cfg = _random_model([f"config={TINY}"])
     base_layers = cfg.model.n_layers
-    model.layers, spec = grow_by_strategy(model.layers, "scalenet", adapter_rank=4)
-    with torch.no_grad():  # trained adapters: merge must fold B·A in, not drop it
+    model.layers, spec = grow_by_strategy(model.layers, "scalenet", adapter_rank=adapter_rank)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0.0, 0.05)
     cfg.grow = dataclasses.replace(cfg.grow, strategy="scalenet", base_layers=base_layers, spec=spec)
     cfg.model = dataclasses.replace(cfg.model, n_layers=len(model.layers))
     model.cfg = cfg.model
+    return model, cfg
+
+
+def test_grown_to_hf_is_a_plain_deeper_llama_with_adapters_merged(sp_path, tmp_path):
+    model, cfg = _random_model([f"config={TINY}"])
+    base_layers = cfg.model.n_layers
+    model, cfg = grow_with_trained_adapters(model, cfg, adapter_rank=4)
     ckpt = tmp_path / "grown"
     write_checkpoint_dir(model, cfg, sp_path, ckpt, overwrite=False, source="test")
     tokens = _tokens(cfg.model.vocab_size)

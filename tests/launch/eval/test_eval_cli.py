@@ -63,6 +63,10 @@ def test_eval_cli_runs_every_format(tiny_run, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "| shakespeare | nll_per_token |" in stdout and "|  | ppl |" in stdout
     assert "sample (8 tokens):\nROMEO.\n" in stdout
+    # which perplexity this is, in words (the trainer's val_ppl is another one)
+    note = "shakespeare: ppl {} over the first 3 windows (eval.limit=3) of the whole validation split (bundled plays)"
+    assert note.format(f"{t['shakespeare']['ppl']:.4f}") in stdout
+    assert results["notes"]["shakespeare"].endswith("192 tokens in 3 windows of up to 64 tokens, each document starting with BOS")
 
 
 def test_eval_cli_errors(tiny_run, tmp_path):

@@ -44,7 +44,7 @@ def test_loglikelihood_matches_our_scoring(lm, tokenizer):
 def test_loglikelihood_rolling_is_the_sum_over_windows(lm, tokenizer):
     text = "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer."
     (got,) = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
-    ids = [tokenizer.eos_id, *tokenizer.encode(text)]
+    ids = tokenizer.encode_prompt(text)
     assert len(ids) - 1 > 16  # spans several windows
     # independent reference: each token scored once, by a direct forward over its window
     total = 0.0

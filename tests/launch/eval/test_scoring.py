@@ -61,11 +61,11 @@ def test_encode_pair_moves_trailing_space_and_splits_whole_encoding(tokenizer):
     ctx, cont = encode_pair(tokenizer, "Answer: ", "yes")
     ctx2, cont2 = encode_pair(tokenizer, "Answer:", " yes")
     assert (ctx, cont) == (ctx2, cont2)
-    assert ctx[0] == tokenizer.eos_id  # document-start token
+    assert ctx[0] == tokenizer.bos_id  # every context starts with BOS
     assert ctx[1:] + cont == tokenizer.encode("Answer: yes")
     assert tokenizer.decode(cont) .strip() == "yes"
     only, cont3 = encode_pair(tokenizer, "", "Paris")
-    assert only == [tokenizer.eos_id] and cont3 == tokenizer.encode("Paris")
+    assert only == [tokenizer.bos_id] and cont3 == tokenizer.encode("Paris")
 
 
 @pytest.mark.parametrize("n, max_len, stride", [(20, 4, None), (21, 4, None), (3, 8, None), (30, 6, 2), (9, 4, 1)])
@@ -94,7 +94,7 @@ def test_perplexity_equals_exp_mean_nll_of_direct_loop(tokenizer):
     res = evaluate_text(_ctx(model, tokenizer), docs, limit=None).metrics
     nll, count, n_bytes = 0.0, 0, 0
     for doc in docs:  # direct loop: non-overlapping chunks, last chunk extended to a full window
-        ids = [tokenizer.eos_id, *tokenizer.encode(doc.text)]
+        ids = tokenizer.encode_prompt(doc.text)
         n_bytes += len(doc.text.encode())
         for t in range(1, len(ids)):
             chunk_start = 1 + ((t - 1) // 8) * 8
@@ -114,7 +114,7 @@ def test_sliding_window_stride_one_gives_every_token_full_context(tokenizer):
     model = random_model(vocab=tokenizer.vocab_size, max_seq_len=6)
     doc = Document("Whether 'tis nobler in the mind to suffer.")
     res = evaluate_text(_ctx(model, tokenizer, text_stride=1), [doc], limit=None).metrics
-    ids = [tokenizer.eos_id, *tokenizer.encode(doc.text)]
+    ids = tokenizer.encode_prompt(doc.text)
     nll = 0.0
     for t in range(1, len(ids)):
         logits = model(torch.tensor([ids[max(0, t - 6) : t]]))[0, -1].double().log_softmax(-1)
