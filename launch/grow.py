@@ -33,7 +33,7 @@ from launch.config import Config, GrowConfig, load_config, to_yaml
 from launch.errors import ConfigError, UserError, run_cli
 from launch.inference import LoadedCheckpoint, load_checkpoint
 from launch.model import Transformer
-from launch.outputs import check_output_dir, output_dir
+from launch.outputs import check_output_dir
 
 # GrowConfig fields that are strategy keyword options (passed only to strategies that accept them).
 STRATEGY_OPTIONS = ("untie_norms", "adapter_alpha", "every", "zero_init", "freeze_original", "m")
