@@ -10,7 +10,7 @@ import torch
 
 from launch import checkpoint as ckpt
 from launch.build import build_model
-from launch.checkpointer import read_model_state, read_trainer_state
+from launch.checkpointer import checkpoint_problem, read_model_state, read_trainer_state
 from launch.config import Config, config_from_file
 from launch.errors import UserError
 from launch.model import Transformer
@@ -36,6 +36,9 @@ def load_config_of(path: Path) -> Config:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedCheckpoint:
     """Model (eval mode), tokenizer and config of a checkpoint dir (or a run dir: its latest)."""
     path = ckpt.resolve_checkpoint(path)
+    problem = checkpoint_problem(path)  # before its config is trusted to build a model
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}")
     cfg = load_config_of(path)
     model = build_model(cfg)
     read_model_state(path, model)  # any saving world size/layout: DCP assembles full tensors here

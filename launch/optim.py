@@ -86,6 +86,13 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     return optimizers
 
 
+def reset_base_lrs(optimizers: list[torch.optim.Optimizer], cfg: Config) -> None:
+    """Base LRs come from this run's config, not from a loaded optimizer state."""
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["base_lr"] = cfg.memory.value_lr if g.get("name") == "memory_values" else cfg.optim.lr
+
+
 def lr_multiplier(step: int, cfg: Config) -> float:
     """Linear warmup over optim.warmup_steps, then cosine/linear decay to optim.min_lr_ratio (or constant)."""
     o, total = cfg.optim, cfg.train.steps

@@ -31,7 +31,7 @@ from launch.distributed import DistInfo, all_reduce_sum, any_rank, barrier, dest
 from launch.errors import TrainingError, UserError, run_cli
 from launch.gradnorm import grad_norm_and_clip
 from launch.metrics import MetricsLogger
-from launch.optim import build_optimizers, lr_multiplier, set_lr
+from launch.optim import build_optimizers, lr_multiplier, reset_base_lrs, set_lr
 from launch.rundir import check_resume_steps, install_tokenizer, lock_run_dir, write_run_file
 from launch.tokenizer import Tokenizer, train_tokenizer
 from launch.validation import cross_entropy, evaluate_loss, perplexity
@@ -127,9 +127,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         trainer_state = self.checkpointer.load(path, self.model, self.optimizers, self._state_adapter())
-        for opt in self.optimizers:
-            for g in opt.param_groups:  # base LRs come from this run's config, not the checkpoint
-                g["base_lr"] = self.cfg.memory.value_lr if g.get("name") == "memory_values" else self.cfg.optim.lr
+        reset_base_lrs(self.optimizers, self.cfg)
         self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
         self.stream.load_state_dict(trainer_state["data"])
         if self.info.is_main:

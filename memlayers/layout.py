@@ -87,8 +87,9 @@ class MemoryLayout:
         """Average value gradients (dense or row-sparse) like data-parallel ones. Each column
         shard's gradient already sums its memory group's tokens; summing over the replicas adds the
         other groups' tokens. Call once per optimizer step, on every rank, after backward."""
-        for name in sorted(self.named_values()):  # a fixed order: every rank runs the same collectives
-            p = self.named_values()[name]
+        values = self.named_values()
+        for name in sorted(values):  # a fixed order: every rank runs the same collectives
+            p = values[name]
             if p.grad is None:
                 continue
             grad = p.grad
@@ -107,15 +108,16 @@ class MemoryLayout:
         shard norms summed over the memory group (replicas hold equal gradients after the sync)."""
         local = torch.zeros((), dtype=torch.float64)
         device = None
-        for name in sorted(self.named_values()):
-            g = self.named_values()[name].grad
+        values = self.named_values()
+        for name in sorted(values):
+            g = values[name].grad
             if g is None:
                 continue
             device = g.device
             vals = g.coalesce().values() if g.is_sparse else g
             local += vals.double().pow(2).sum().cpu()
-        if self.memory_group is not None and self.values():
-            device = device or self.values()[0].device
+        if self.memory_group is not None and values:
+            device = device or next(iter(values.values())).device
             local = local.to(device)
             dist.all_reduce(local, group=self.memory_group)
         return local.cpu()

@@ -117,6 +117,12 @@ def main() -> None:
                     if p is raw.values and stat != "step":
                         want = want[:, raw.col]
                     assert torch.equal(got, want), (stat, got, want)
+        if world == 1:  # the one-process reader (eval, grow, to-hf, init_from) assembles the full tensors
+            from launch.checkpointer import read_model_state
+
+            plain = Toy(slice(0, DV))
+            read_model_state(path, plain)
+            assert torch.equal(plain.values, ref_raw.values) and plain.head.weight is plain.emb.weight
         # and training continues identically
         steps(model, opts, 1)
         steps(ref, ref_opts, 1)

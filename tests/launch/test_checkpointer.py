@@ -329,3 +329,15 @@ def test_train_falls_back_past_a_damaged_checkpoint_and_refuses_non_finite(tmp_p
         model = build_model(config_from_file(path / "config.yaml"))
         read_model_state(path, model)
         assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+def test_readers_check_the_manifest_before_trusting_the_config(tiny_checkpoint, tmp_path):
+    from launch.inference import load_checkpoint
+
+    src = Checkpointer(tiny_checkpoint).latest_intact()
+    ckpt = tmp_path / "step_20"
+    shutil.copytree(src, ckpt)
+    cfg = ckpt / "config.yaml"
+    cfg.write_text(cfg.read_text() + "grow:\n  spec: {strategy: [not, a, spec]}\n")
+    with pytest.raises(UserError, match=r"config\.yaml: \d+ bytes, expected"):
+        load_checkpoint(ckpt)

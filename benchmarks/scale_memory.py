@@ -1,0 +1,185 @@
+"""Per-rank memory and checkpoint cost of memory parallelism: `python benchmarks/scale_memory.py`.
+
+Tiny model + one memory layer of 1M × 512 values (memory.n_keys=1024 memory.v_dim=512, 2 GiB fp32),
+row-sparse Adam on the values, FSDP2 on the rest, 2 steps and one checkpoint, at P = 1, 2, 4 ranks on
+gloo (torchrun). For each P: peak RSS of every rank, checkpoint bytes each rank wrote (its own
+`__<rank>_*.distcp` files) against the logical state, save seconds (sync, and the part an async save
+blocks the loop), load seconds (a resume of the same run), and launch.plan's per-rank estimate.
+Writes benchmarks/results/scale_memory.{json,md}. Measures; asserts nothing.
+
+Each rank runs this file in `rank` mode (torchrun ... scale_memory.py rank OUT_JSON -- TRAIN ARGS), which
+runs launch.train in-process with the checkpointer's save/wait/load timed, then records its ru_maxrss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+MODEL = [
+    f"config={REPO / 'configs' / 'tiny.yaml'}",
+    "memory.layers=[1]",
+    "memory.n_keys=1024",
+    "memory.v_dim=512",
+    "memory.heads=2",
+    "memory.k_dim=16",
+    "memory.knn=4",
+    "memory.value_optimizer=row_sparse_adam",
+]
+RUN = ["train.steps=2", "train.ckpt_every=2", "train.val_every=0", "train.log_every=1", "train.progress=false"]
+GB = 1e9
+
+
+def rank_main(out: Path, argv: list[str]) -> None:
+    """One rank: launch.train with the checkpointer timed; writes {rank, rss, seconds} to `out`."""
+    from launch import checkpointer as ck
+    from launch import train
+
+    timings = {"save_s": 0.0, "save_blocking_s": 0.0, "wait_s": 0.0, "load_s": 0.0}
+
+    def timed(name, fn):
+        def wrapper(self, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *a, **k)
+            finally:
+                timings[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    ck.Checkpointer.save = timed("save_s", ck.Checkpointer.save)
+    ck.Checkpointer.wait = timed("wait_s", ck.Checkpointer.wait)
+    ck.Checkpointer.load = timed("load_s", ck.Checkpointer.load)
+    rank = int(os.environ.get("RANK", "0"))
+    train.main(argv)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(f"{out}.{rank}").write_text(json.dumps({"rank": rank, "peak_rss": rss, **timings}))
+
+
+def launch(nproc: int, out: Path, args: list[str]) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    me = str(Path(__file__).resolve())
+    if nproc == 1:
+        cmd = [sys.executable, me, "rank", str(out), "--", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", me, "rank", str(out), "--", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(nproc)]
+
+
+def checkpoint_bytes(step_dir: Path, nproc: int) -> tuple[list[int], int]:
+    """(bytes each rank wrote, logical bytes of the saved state from the metadata)."""
+    from launch.dcp_reader import read_metadata_file, tensor_entries
+
+    per_rank = [sum(p.stat().st_size for p in (step_dir / "state").glob(f"__{r}_*.distcp")) for r in range(nproc)]
+    import torch
+
+    entries = tensor_entries(read_metadata_file(step_dir / "state" / ".metadata"))
+    logical = sum(int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in entries.values())
+    return per_rank, logical
+
+
+def planned(nproc: int) -> int:
+    from launch.config import load_config
+    from launch.plan import plan
+
+    cfg = load_config([*MODEL, f"parallel.memory={nproc}", "parallel.data=fsdp"])
+    return plan(cfg, nproc)["per_rank_total_bytes"]
+
+
+def main() -> None:
+    from common import machine, md_table, write_results
+
+    work = Path(tempfile.mkdtemp(prefix="scale_memory_"))
+    try:
+        warm = work / "warm"  # tokenizer and token cache once, shared by every run
+        launch(1, work / "warm.json", [f"config={REPO / 'configs' / 'tiny.yaml'}", f"run.dir={warm}", "train.steps=1", "train.val_every=0", "train.ckpt_every=0"])
+        common = [*MODEL, *RUN, f"data.tokenizer={warm / 'tokenizer.model'}"]
+        rows = []
+        for P in (1, 2, 4):
+            layout = [f"parallel.memory={P}", "parallel.data=fsdp"]
+            sync_dir, async_dir = work / f"p{P}_sync", work / f"p{P}_async"
+            for d in (sync_dir, async_dir):
+                shutil.copytree(warm / "data_cache", d / "data_cache")
+            t0 = time.perf_counter()
+            sync = launch(P, work / f"p{P}_sync.json", [*common, *layout, f"run.dir={sync_dir}"])
+            wall = time.perf_counter() - t0
+            per_rank, logical = checkpoint_bytes(sync_dir / "checkpoints" / "step_2", P)
+            resume = launch(P, work / f"p{P}_load.json", [*common, *layout, f"run.dir={sync_dir}"])
+            asyn = launch(P, work / f"p{P}_async.json", [*common, *layout, f"run.dir={async_dir}", "train.async_checkpoint=true"])
+            row = {
+                "P": P,
+                "peak_rss_gb": [round(r["peak_rss"] / GB, 3) for r in sync],
+                "peak_rss_max_gb": round(max(r["peak_rss"] for r in sync) / GB, 3),
+                "planned_state_gb": round(planned(P) / GB, 3),
+                "ckpt_bytes_per_rank": per_rank,
+                "ckpt_logical_bytes": logical,
+                "ckpt_max_rank_fraction": round(max(per_rank) / logical, 4),
+                "save_s": round(max(r["save_s"] for r in sync), 2),
+                "load_s": round(max(r["load_s"] for r in resume), 2),
+                "resume_peak_rss_max_gb": round(max(r["peak_rss"] for r in resume) / GB, 3),
+                "async_save_blocking_s": round(max(r["save_s"] for r in asyn), 2),
+                "async_wait_s": round(max(r["wait_s"] for r in asyn), 2),
+                "async_peak_rss_max_gb": round(max(r["peak_rss"] for r in asyn) / GB, 3),
+                "run_wall_s": round(wall, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        base = rows[0]["peak_rss_max_gb"]
+        for r in rows:
+            r["rss_vs_p1"] = round(r["peak_rss_max_gb"] / base, 3)
+            r["ckpt_gb"] = round(max(r["ckpt_bytes_per_rank"]) / GB, 3)
+            r["plan_error"] = round(r["planned_state_gb"] / r["peak_rss_max_gb"] - 1, 3)
+        payload = {"machine": machine(), "command": "python benchmarks/scale_memory.py", "model": MODEL, "run": RUN, "rows": rows}
+        md = (
+            "# Memory parallelism: per-rank memory and checkpoint cost\n\n"
+            "Tiny model + 1M × 512 fp32 values (row-sparse Adam), FSDP2 on the rest, 2 steps + one checkpoint, "
+            "gloo on CPU (`python benchmarks/scale_memory.py`). Peak RSS is each rank's ru_maxrss; checkpoint bytes "
+            "are the `__<rank>_*.distcp` files a rank wrote, against the logical state in `.metadata`; plan is "
+            "`launch.plan`'s per-rank params+grads+optimizer (no runtime or activations).\n\n"
+            + md_table(
+                rows,
+                [
+                    ("P", "{P}"),
+                    ("peak RSS max rank (GB)", "{peak_rss_max_gb}"),
+                    ("vs P=1", "{rss_vs_p1}"),
+                    ("plan (GB)", "{planned_state_gb}"),
+                    ("plan vs RSS", "{plan_error}"),
+                    ("ckpt GB, max rank", "{ckpt_gb}"),
+                    ("ckpt fraction of logical", "{ckpt_max_rank_fraction}"),
+                    ("save s (sync)", "{save_s}"),
+                    ("save s blocking (async)", "{async_save_blocking_s}"),
+                    ("async commit wait s", "{async_wait_s}"),
+                    ("async peak RSS (GB)", "{async_peak_rss_max_gb}"),
+                    ("load s", "{load_s}"),
+                ],
+            )
+            + f"\nMachine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, shared with other jobs "
+            "(seconds are indicative).\n"
+        )
+        write_results("scale_memory", payload, md)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "rank":
+        rank_main(Path(sys.argv[2]), sys.argv[sys.argv.index("--") + 1 :])
+    else:
+        for arg in sys.argv[1:]:  # `n_keys=64`: a quick smoke run of the same pipeline
+            if arg.startswith("n_keys="):
+                MODEL[2] = f"memory.n_keys={int(arg.split('=')[1])}"
+        main()
