@@ -59,17 +59,22 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     optimizers: list[torch.optim.Optimizer] = []
     if groups["memory_values"]:
         if mem.value_optimizer == "row_sparse_adam":
-            from memlayers import RowSparseAdam
+            from memlayers import MemoryPool, RowSparseAdam
+            from memlayers.row_sparse_adam import flush_on_state_dict
 
-            optimizers.append(
-                RowSparseAdam(
-                    [{"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr}],
-                    lr=mem.value_lr,
-                    betas=(o.beta1, o.beta2),
-                    eps=o.eps,
-                    weight_decay=mem.value_weight_decay,
-                )
+            value_opt = RowSparseAdam(
+                [{"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr}],
+                lr=mem.value_lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                weight_decay=mem.value_weight_decay,
             )
+            # Rows nobody read are behind until flushed: every state_dict of a pool (checkpoint,
+            # export) catches them up first, so saved values are dense AdamW's.
+            for m in model.modules():
+                if isinstance(m, MemoryPool):
+                    flush_on_state_dict(m, value_opt)
+            optimizers.append(value_opt)
         else:
             adamw_groups.append(
                 {"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr, "weight_decay": mem.value_weight_decay}

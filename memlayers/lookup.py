@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memlayers.checks import check_lookup_inputs
+from memlayers.row_sparse_adam import catch_up_before_read
 
 IMPLS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "MEMLAYERS_LOOKUP_IMPL"
@@ -53,6 +54,9 @@ def lookup(
     """
     _check_inputs(values, indices, weights)
     impl = _resolve_impl(impl, values)
+    # A table trained by RowSparseAdam holds rows that are behind dense AdamW until read: bring the
+    # rows about to be read up to date first (a dictionary miss for any other table).
+    catch_up_before_read(values, indices)
     weights = weights.to(values.dtype)
     if indices.shape[1] == 0:
         # embedding_bag rejects empty bags of width 0; the gather form gives zeros that stay in the graph.
