@@ -33,7 +33,7 @@ def _memory_factory(cfg: Config, n_layers: int):
         n_keys=m.n_keys,
         v_dim=v_dim,
         # Row-sparse value gradients feed the row-sparse optimizer; dense AdamW needs dense ones.
-        sparse_grad=m.value_optimizer == "row_sparse_adam",
+        sparse_grad=m.value_optimizer in ("row_sparse_adam", "rowwise_adam"),
         lookup_impl=m.lookup_impl,
     )
     try:

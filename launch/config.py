@@ -40,8 +40,9 @@ class MemoryConfig:
     shared: bool = True  # one value pool for every memory layer (False: one per layer)
     value_lr: float = 1e-3
     value_weight_decay: float = 0.0
-    value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam
+    value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam (same result, touches read rows only) | rowwise_adam (one second moment per row)
     lookup_impl: str = "auto"  # auto | torch | triton | cpu
+    fused_value_update: bool = True  # row_sparse_adam/rowwise_adam: step inside the lookup backward where that is exact (optim.grad_clip=0, grad_accum=1, 1 process, one layer per pool)
 
 
 @dataclass
@@ -264,7 +265,7 @@ def validate(cfg: Config) -> None:
         "parallel.backend": (cfg.parallel.backend, ("auto", "gloo", "nccl")),
         "optim.schedule": (cfg.optim.schedule, ("cosine", "constant", "linear")),
         "data.format": (cfg.data.format, ("auto", "text", "jsonl", "parquet")),
-        "memory.value_optimizer": (cfg.memory.value_optimizer, ("adamw", "row_sparse_adam")),
+        "memory.value_optimizer": (cfg.memory.value_optimizer, ("adamw", "row_sparse_adam", "rowwise_adam")),
         "memory.lookup_impl": (cfg.memory.lookup_impl, ("auto", "torch", "triton", "cpu")),
     }
     for key, (value, allowed) in choices.items():

@@ -177,6 +177,11 @@ class _BagSumCPU(torch.autograd.Function):
         else:
             out32 = _torch_forward(values, indices, weights32)
         ctx.save_for_backward(values, indices, weights32)
+        # Fused value update: a RowSparseAdam(fused=True) owning `values` takes the row gradients
+        # in the backward, so no gradient tensor is built, stored in .grad, or read back.
+        from memlayers.row_sparse_adam import fused_owner  # (that module imports this one)
+
+        ctx.fused = fused_owner(values) if sparse_grad else None
         ctx.sparse_grad = sparse_grad
         ctx.use_native = ops is not None
         ctx.weights_dtype = weights.dtype
@@ -199,7 +204,10 @@ class _BagSumCPU(torch.autograd.Function):
                 values, indices, weights32, grad_out32, need_v, need_w, dense
             )
         grad_values = None
-        if need_v:
+        if need_v and ctx.fused is not None:
+            param, opt = ctx.fused
+            opt.fused_step(param, rows, grad_rows)
+        elif need_v:
             if dense:
                 grad_values = grad_rows
             else:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from memlayers.lookup_cpu import native_ops
 
-__all__ = ["RowSparseAdam", "catch_up_before_read", "flush_on_state_dict", "replay_horizon"]
+__all__ = ["RowSparseAdam", "RowwiseAdam", "catch_up_before_read", "flush_on_state_dict", "fused_owner", "replay_horizon"]
 
 # Catch-up tail tolerance: the updates dropped after `horizon` replayed steps sum to at most
 # this fraction of the learning rate (see replay_horizon).
@@ -98,6 +98,17 @@ def catch_up_before_read(values: torch.Tensor, indices: torch.Tensor) -> None:
     if param is not values or opt is None:
         return
     opt.catch_up_rows(values, indices)
+
+
+def fused_owner(values: torch.Tensor) -> tuple[torch.Tensor, RowSparseAdam] | None:
+    """(param, optimizer) when a RowSparseAdam in fused mode owns `values`, else None."""
+    entry = _READERS.get(id(values))
+    if entry is None:
+        return None
+    param, opt = entry[0](), entry[1]()
+    if param is not values or opt is None or not opt.fused:
+        return None
+    return param, opt
 
 
 def flush_on_state_dict(module: torch.nn.Module, optimizer: RowSparseAdam) -> None:
@@ -169,6 +180,8 @@ class RowSparseAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        *,
+        fused: bool = False,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -180,6 +193,10 @@ class RowSparseAdam(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        # fused: the lookup's backward hands each value gradient straight to `fused_step` (no .grad);
+        # exact only when the table is read once per optimizer step (see fused_owner).
+        self.fused = fused
+        self._fused_since_step: set[int] = set()
         self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -275,22 +292,42 @@ class RowSparseAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._fused_since_step.clear()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
-                    continue
-                if not p.is_contiguous():
-                    raise ValueError("RowSparseAdam updates rows in place and needs contiguous parameters")
+                    continue  # fused mode: the backward already stepped this table
                 if p.grad.is_sparse and p.dim() != 2:
                     raise ValueError(f"sparse gradients need a 2-D parameter, got shape {tuple(p.shape)}")
-                state = self._state(p)
                 rows, grad_rows = _coalesced_rows(p.grad, p.shape[0])
-                self._advance(state, group["lr"])
-                if rows.numel() == 0:
-                    continue
-                grad_rows = grad_rows.to(p.dtype).reshape(rows.numel(), -1).contiguous()
-                self._apply_rows(p, state, group, rows, grad_rows, claim=False)
+                self._step_rows(p, group, rows, grad_rows)
         return loss
+
+    @torch.no_grad()
+    def fused_step(self, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        """One optimizer step of `p` from its coalesced gradient (unique rows, (U, D) row grads),
+        called from the lookup's backward in fused mode: the same arithmetic as `step()`.
+
+        A second call before the next `step()` means the table is read more than once per step
+        (several layers, gradient accumulation): the summed gradient would be needed, so refuse."""
+        if id(p) in self._fused_since_step:
+            raise RuntimeError(
+                "RowSparseAdam(fused=True): the value table got two backward passes in one optimizer step "
+                "(several memory layers on one pool, or gradient accumulation); the fused update is exact "
+                "only for one read per step. Use fused=False (memory.fused_value_update=false)."
+            )
+        self._fused_since_step.add(id(p))
+        self._step_rows(p, self._group_of(p), rows, grad_rows)
+
+    def _step_rows(self, p: torch.Tensor, group: dict[str, Any], rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        if not p.is_contiguous():
+            raise ValueError("RowSparseAdam updates rows in place and needs contiguous parameters")
+        state = self._state(p)
+        self._advance(state, group["lr"])
+        if rows.numel() == 0:
+            return
+        grad_rows = grad_rows.to(p.dtype).reshape(rows.numel(), -1).contiguous()
+        self._apply_rows(p, state, group, rows, grad_rows, claim=False)
 
     @staticmethod
     def _advance(state: dict[str, Any], lr: float) -> None:
@@ -298,12 +335,13 @@ class RowSparseAdam(torch.optim.Optimizer):
         hist = state["lr_history"]
         state["lr_history"] = torch.cat([hist, hist.new_tensor([float(lr)])])
 
+    # State that keeps its saved dtype on load (Optimizer.load_state_dict casts every state tensor
+    # but `step` to the parameter's dtype).
+    _KEEP_DTYPE = ("lr_history", "row_step")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Optimizer.load_state_dict casts every state tensor but `step` to the parameter's dtype: keep
-        # the float64 lr history and the int64 row steps as saved.
         kept = {
-            k: {key: v[key].clone() for key in ("lr_history", "row_step") if key in v}
-            for k, v in state_dict["state"].items()
+            k: {key: v[key].clone() for key in self._KEEP_DTYPE if key in v} for k, v in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
         self._tables.clear()
@@ -311,8 +349,7 @@ class RowSparseAdam(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
             for key, value in kept.get(i, {}).items():
-                device = "cpu" if key == "lr_history" else p.device
-                self.state[p][key] = value.to(device, torch.float64 if key == "lr_history" else torch.int64)
+                self.state[p][key] = value.to("cpu" if key == "lr_history" else p.device)
 
 
 def _torch_rows(
@@ -328,8 +365,10 @@ def _torch_rows(
     beta2: float,
     eps: float,
     horizon: int,
+    rowwise: bool = False,
 ) -> None:
-    """The C++ kernel's math in vectorised torch ops over unique `rows` (any device)."""
+    """The C++ kernel's math in vectorised torch ops over unique `rows` (any device).
+    rowwise: v2d is (rows, 1), one second moment per row fed by the row's mean squared gradient."""
     upto = target - 1 if grad_rows is not None else target
     last = row_step.index_select(0, rows)
     if grad_rows is None:
@@ -361,9 +400,44 @@ def _torch_rows(
         g = grad_rows.float()
         ss, bc2s, dec = (float(x) for x in scalars[target, :3])
         m = m + (1 - beta1) * (g - m)
-        v = v * beta2 + (1 - beta2) * g * g
+        g_sq = (g * g).mean(dim=1, keepdim=True) if rowwise else g * g
+        v = v * beta2 + (1 - beta2) * g_sq
         p = p * dec + (-ss * m) / (v.sqrt() / bc2s + eps)
     p2d.index_copy_(0, rows, p.to(p2d.dtype))
     m2d.index_copy_(0, rows, m.to(m2d.dtype))
     v2d.index_copy_(0, rows, v.to(v2d.dtype))
     row_step.index_fill_(0, rows, target)
+
+
+class RowwiseAdam(RowSparseAdam):
+    """FBGEMM's partial row-wise Adam, made exact like RowSparseAdam: a full first moment but ONE
+    second moment per row (the running mean over the row of g**2), so the optimizer state is one
+    table plus a column instead of two tables.
+
+        m = b1*m + (1-b1)*g;  v_row = b2*v_row + (1-b2)*mean_d(g_d**2)
+        p = p*(1 - lr*wd) - lr/bc1 * m / (sqrt(v_row)/sqrt(bc2) + eps)
+
+    Rows that are not read replay dense (every-row) partial row-wise Adam's zero-gradient steps on
+    their next read, as in RowSparseAdam. `exp_avg_sq` is an fp32 (rows,) tensor whatever the
+    table's dtype. Runs the vectorised torch row path (no C++ kernel).
+    """
+
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            super()._state(p)
+            state["exp_avg_sq"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        return state
+
+    def _apply_rows(self, p, state, group, rows, grad_rows, claim) -> None:
+        if claim:
+            rows = torch.unique(rows)
+        p2d = p.detach().view(p.shape[0], -1)
+        beta1, beta2 = group["betas"]
+        _torch_rows(
+            p2d, state["exp_avg"].view_as(p2d), state["exp_avg_sq"].view(-1, 1), state["row_step"], rows,
+            grad_rows, self._table(p, state, group).to(p.device), int(state["step"].item()), beta1, beta2,
+            group["eps"], replay_horizon(beta1, beta2), rowwise=True,
+        )  # fmt: skip
+
+    _KEEP_DTYPE = (*RowSparseAdam._KEEP_DTYPE, "exp_avg_sq")  # the row moment stays fp32
