@@ -81,12 +81,15 @@ Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
+#ifndef MEMLAYERS_PF_LOCALITY
+#define MEMLAYERS_PF_LOCALITY 1  // prefetcht2: into L2 (measured faster than t0 and nta for 1 KB rows)
+#endif
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t off = 0; off < bytes; off += 64) {
-    __builtin_prefetch(p + off, 0, 0);
+    __builtin_prefetch(p + off, 0, MEMLAYERS_PF_LOCALITY);
   }
 }
 
@@ -100,7 +103,52 @@ void check_lookup_inputs(const Tensor& values, const Tensor& indices, const Tens
 }
 
 // ---------------------------------------------------------------- forward
-// out[b] = sum_k w[b,k] * values[idx[b,k]], accumulated in fp32 in a thread-local row.
+// out[b] = sum_k w[b,k] * values[idx[b,k]], accumulated in fp32.
+//
+// The reads are random rows, so the forward is bound by memory latency: the kernel keeps
+// kForwardPrefetch rows in flight, counted over the flat (bag, slot) sequence so the next
+// bag's first rows are already on their way while this bag finishes. Columns are done in
+// blocks of kColBlock floats held in registers across the bag's K rows (one store per block
+// instead of a load+store of the accumulator per row); the first block pulls each row into
+// cache (prefetched), the later blocks of the same bag re-read it from L1/L2.
+#ifndef MEMLAYERS_FWD_PREFETCH
+#define MEMLAYERS_FWD_PREFETCH 16
+#endif
+#ifndef MEMLAYERS_COL_BLOCK
+#define MEMLAYERS_COL_BLOCK 64
+#endif
+constexpr int64_t kForwardPrefetch = MEMLAYERS_FWD_PREFETCH;
+constexpr int64_t kColBlock = MEMLAYERS_COL_BLOCK;
+
+inline float load_f(const float* p, int64_t j) { return p[j]; }
+inline float load_f(const c10::BFloat16* p, int64_t j) {
+  // bf16 -> fp32 is a 16-bit shift; spelled out so the compiler vectorises it.
+  const uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[j]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float load_f(const c10::Half* p, int64_t j) { return static_cast<float>(p[j]); }
+
+// One column block of one bag. With `ahead` non-null (the first block), row k's turn also
+// prefetches the row kForwardPrefetch reads later in the flat sequence (`ahead[k]`, while
+// k < n_ahead).
+template <typename scalar_t, int64_t CB>
+inline void bag_block(const scalar_t* __restrict__ V, const int64_t* __restrict__ idx, const float* __restrict__ w,
+                      int64_t K, int64_t D, int64_t col, float* __restrict__ out, const int64_t* ahead,
+                      int64_t n_ahead) {
+  float acc[CB];
+  for (int64_t j = 0; j < CB; ++j) acc[j] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    if (ahead != nullptr && k < n_ahead) prefetch_row(V + ahead[k] * D, D);
+    const scalar_t* __restrict__ row = V + idx[k] * D + col;
+    const float wk = w[k];
+#pragma omp simd
+    for (int64_t j = 0; j < CB; ++j) acc[j] += wk * load_f(row, j);
+  }
+  for (int64_t j = 0; j < CB; ++j) out[j] = acc[j];
+}
+
 template <typename scalar_t>
 void bag_forward_kernel(const Tensor& values, const Tensor& indices, const Tensor& weights, Tensor& out) {
   const int64_t B = indices.size(0), K = indices.size(1), D = values.size(1);
@@ -108,18 +156,32 @@ void bag_forward_kernel(const Tensor& values, const Tensor& indices, const Tenso
   const int64_t* I = indices.const_data_ptr<int64_t>();
   const float* W = weights.const_data_ptr<float>();
   float* O = out.mutable_data_ptr<float>();
+  const int64_t full = D / kColBlock * kColBlock;
   at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+    const int64_t e_end = b1 * K;
+    // Prime the pipeline: the first rows of this chunk.
+    for (int64_t e = b0 * K; e < std::min(e_end, b0 * K + kForwardPrefetch); ++e) prefetch_row(V + I[e] * D, D);
     for (int64_t b = b0; b < b1; ++b) {
-      float* __restrict__ acc = O + b * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
       const int64_t* idx = I + b * K;
       const float* w = W + b * K;
-      for (int64_t k = 0; k < K; ++k) {
-        if (k + kPrefetchAhead < K) prefetch_row(V + idx[k + kPrefetchAhead] * D, D);
-        const scalar_t* __restrict__ row = V + idx[k] * D;
-        const float wk = w[k];
+      float* o = O + b * D;
+      const int64_t e0 = b * K;
+      const int64_t* ahead = I + e0 + kForwardPrefetch;
+      const int64_t n_ahead = std::max<int64_t>(0, std::min(K, e_end - e0 - kForwardPrefetch));
+      for (int64_t col = 0; col < full; col += kColBlock)
+        bag_block<scalar_t, kColBlock>(V, idx, w, K, D, col, o + col, col == 0 ? ahead : nullptr, n_ahead);
+      if (full == 0) {  // narrow rows: the tail loop below is the only pass, prefetch there
+        for (int64_t k = 0; k < n_ahead; ++k) prefetch_row(V + ahead[k] * D, D);
+      }
+      if (full < D) {
+        const int64_t rest = D - full;
+        for (int64_t j = 0; j < rest; ++j) o[full + j] = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* __restrict__ row = V + idx[k] * D + full;
+          const float wk = w[k];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += wk * to_f(row[d]);
+          for (int64_t j = 0; j < rest; ++j) o[full + j] += wk * load_f(row, j);
+        }
       }
     }
   });
