@@ -86,6 +86,13 @@ def replay_horizon(beta1: float, beta2: float) -> int:
     return max(1, math.ceil(math.log(_TAIL_TOL * scale) / math.log(q)))
 
 
+def has_lazy_tables() -> bool:
+    """Whether any live RowSparseAdam owns a table (else reads need no catch-up, and a compiled
+    graph can skip the call)."""
+    return bool(_READERS)
+
+
+@torch.compiler.disable  # data-dependent in-place row updates: run eagerly (a graph break) when compiled
 def catch_up_before_read(values: torch.Tensor, indices: torch.Tensor) -> None:
     """Bring the rows `indices` of `values` up to date if a RowSparseAdam owns `values`.
 
@@ -198,11 +205,16 @@ class RowSparseAdam(torch.optim.Optimizer):
         self.fused = fused
         self._fused_since_step: set[int] = set()
         self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}
+        def forget(ref: weakref.ref) -> None:  # this optimizer is gone: its tables read as plain tables
+            for key in [k for k, (_, opt_ref) in _READERS.items() if opt_ref is ref]:
+                del _READERS[key]
+
+        self_ref = weakref.ref(self, forget)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() == 0:
                     raise ValueError("RowSparseAdam updates rows; got a 0-dim parameter")
-                _READERS[id(p)] = (weakref.ref(p), weakref.ref(self))
+                _READERS[id(p)] = (weakref.ref(p), self_ref)
 
     # ------------------------------------------------------------------ state
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
