@@ -49,6 +49,13 @@ def sparse_grad(n_rows: int, dim: int, rows: list[int], gen: torch.Generator) ->
     return torch.sparse_coo_tensor(idx[None], torch.randn(len(rows), dim, generator=gen), (n_rows, dim))
 
 
+def step_each(*triples):
+    """Give each (optimizer, param, grad) its gradient and step it."""
+    for opt, p, g in triples:
+        p.grad = g
+        opt.step()
+
+
 def assert_matches_adamw(ours, p, ref, p_ref, rtol=2e-6, atol=1e-7):
     ours.flush()
     st, st_ref = ours.state[p], ref.state[p_ref]
@@ -137,9 +144,7 @@ def test_state_dict_round_trip_mid_run_continues_identically(path):
     for s, g in enumerate(grads[6:], 7):
         for opt in (opt_a, opt_b):
             opt.param_groups[0]["lr"] = lr_at(s)
-        p_a.grad, p_b.grad = g, g.clone()
-        opt_a.step()
-        opt_b.step()
+        step_each((opt_a, p_a, g), (opt_b, p_b, g.clone()))
     opt_a.flush()
     opt_b.flush()
     assert torch.equal(p_a.detach(), p_b.detach())
@@ -173,9 +178,7 @@ def test_dense_grad_zero_rows_equal_sparse(path):
     opt_s, opt_d = RowSparseAdam([p_sparse], lr=0.1), RowSparseAdam([p_dense], lr=0.1)
     for rows in ([1, 4], [4, 6]):
         grad = sparse_grad(8, 5, rows, gen)
-        p_sparse.grad, p_dense.grad = grad, grad.to_dense()
-        opt_s.step()
-        opt_d.step()
+        step_each((opt_s, p_sparse, grad), (opt_d, p_dense, grad.to_dense()))
     opt_s.flush()
     opt_d.flush()
     assert torch.equal(p_dense.detach(), p_sparse.detach())
