@@ -58,7 +58,7 @@ def lookup(
     impl = _resolve_impl(impl, values)
     # A table trained by RowSparseAdam holds rows that are behind dense AdamW until read: bring the
     # rows about to be read up to date first (a dictionary miss for any other table).
-    if not (torch.compiler.is_compiling() and not has_lazy_tables()):
+    if has_lazy_tables():
         catch_up_before_read(values, indices)
     # bf16/fp16 tables read with fp32 weights give an fp32 read (the CPU kernels accumulate in fp32
     # and return it as is; the other paths run in the table's dtype and are cast up).

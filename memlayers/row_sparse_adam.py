@@ -67,6 +67,7 @@ _TAIL_TOL = 1e-8
 # id(param) -> (weakref to param, weakref to its RowSparseAdam). The lookup consults it on
 # every read so stale rows are caught up before they are gathered.
 _READERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+_CATCH_UP: dict[str, Any] = {}
 
 
 def replay_horizon(beta1: float, beta2: float) -> int:
@@ -92,12 +93,17 @@ def has_lazy_tables() -> bool:
     return bool(_READERS)
 
 
-@torch.compiler.disable  # data-dependent in-place row updates: run eagerly (a graph break) when compiled
 def catch_up_before_read(values: torch.Tensor, indices: torch.Tensor) -> None:
     """Bring the rows `indices` of `values` up to date if a RowSparseAdam owns `values`.
 
-    Called by :func:`memlayers.lookup` before every read; a dictionary miss otherwise.
+    Called by :func:`memlayers.lookup` before every read while any RowSparseAdam lives. Data-dependent
+    in-place row updates: wrapped in `torch.compiler.disable` (a graph break under torch.compile) by
+    the first RowSparseAdam, not at import, because that decorator imports torch._dynamo (and triton).
     """
+    _CATCH_UP["fn"](values, indices)
+
+
+def _catch_up(values: torch.Tensor, indices: torch.Tensor) -> None:
     entry = _READERS.get(id(values))
     if entry is None:
         return
@@ -209,6 +215,8 @@ class RowSparseAdam(torch.optim.Optimizer):
             for key in [k for k, (_, opt_ref) in _READERS.items() if opt_ref is ref]:
                 del _READERS[key]
 
+        if "fn" not in _CATCH_UP:
+            _CATCH_UP["fn"] = torch.compiler.disable(_catch_up)
         self_ref = weakref.ref(self, forget)
         for group in self.param_groups:
             for p in group["params"]:
