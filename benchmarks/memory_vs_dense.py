@@ -4,7 +4,9 @@
 
 The 20M quickstart model, dense, against the same model with block 3's FFN replaced by a
 product-key memory of n_keys² values (default 1M), trained with the dense AdamW value recipe and
-with the row-sparse Adam. One fresh process per row. Writes benchmarks/results/memory_vs_dense.{json,md}.
+with the row-sparse optimizers (`NAME:fused` = the update fused into the lookup backward, which needs
+optim.grad_clip=0; plain names run unfused). `--value-dtype bf16` stores the table in bf16. One
+fresh process per row. Writes benchmarks/results/memory_vs_dense.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--optimizers", default="adamw,row_sparse_adam")
+    ap.add_argument("--optimizers", default="adamw,row_sparse_adam,row_sparse_adam:fused,rowwise_adam:fused")
+    ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     base = "configs/quickstart.yaml"
     mem = ["memory.layers=[3]", f"memory.n_keys={args.n_keys}", "memory.heads=4", "memory.k_dim=128", "memory.knn=32"]
     rows = [{"variant": "dense", **measure_in_subprocess(base, [], args.steps, args.warmup, args.device)}]
-    for opt in args.optimizers.split(","):
-        r = measure_in_subprocess(base, [*mem, f"memory.value_optimizer={opt}"], args.steps, args.warmup, args.device)
-        rows.append({"variant": f"memory {args.n_keys**2 / 1e6:.2f}M values, {opt}", **r})
+    mem.append(f"memory.value_dtype={args.value_dtype}")
+    for spec in args.optimizers.split(","):
+        opt, _, mode = spec.partition(":")
+        extra = ["optim.grad_clip=0"] if mode == "fused" else ["memory.fused_value_update=false"]
+        r = measure_in_subprocess(base, [*mem, f"memory.value_optimizer={opt}", *extra], args.steps, args.warmup, args.device)
+        rows.append({"variant": f"memory {args.n_keys**2 / 1e6:.2f}M {args.value_dtype} values, {spec}", **r})
     dense_tps = rows[0]["tokens_per_s"]
     for r in rows:
         r["relative"] = r["tokens_per_s"] / dense_tps
@@ -51,7 +57,7 @@ def main() -> None:
                 ("peak memory (MB)", "{peak_mem_mb:,.0f}"),
             ],
         )
-        + f"\nCommand: `python benchmarks/memory_vs_dense.py --n-keys {args.n_keys}`\n"
+        + f"\nCommand: `python benchmarks/memory_vs_dense.py --n-keys {args.n_keys} --value-dtype {args.value_dtype}`\n"
     )
     write_results("memory_vs_dense", {"machine": m, "device": args.device, "rows": rows}, md, args.out)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from launch.config import Config, plain
@@ -33,8 +34,9 @@ def _memory_factory(cfg: Config, n_layers: int):
         n_keys=m.n_keys,
         v_dim=v_dim,
         # Row-sparse value gradients feed the row-sparse optimizer; dense AdamW needs dense ones.
-        sparse_grad=m.value_optimizer == "row_sparse_adam",
+        sparse_grad=m.value_optimizer in ("row_sparse_adam", "rowwise_adam"),
         lookup_impl=m.lookup_impl,
+        dtype=torch.bfloat16 if m.value_dtype == "bf16" else None,
     )
     try:
         pools = [MemoryPool(**pool_kwargs) for _ in range(1 if m.shared else len(m.layers))]

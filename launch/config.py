@@ -41,8 +41,10 @@ class MemoryConfig:
     shared: bool = True  # one value pool for every memory layer (False: one per layer)
     value_lr: float = 1e-3  # learning rate of the value table (its own optimizer group)
     value_weight_decay: float = 0.0  # weight decay of the value table
-    value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam
+    value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam (same result, touches read rows only) | rowwise_adam (one second moment per row)
     lookup_impl: str = "auto"  # auto | torch | triton | cpu
+    value_dtype: str = "fp32"  # fp32 | bf16: storage of the value table (reads accumulate in fp32; row_sparse_adam/rowwise_adam keep moments in this dtype)
+    fused_value_update: bool = True  # row_sparse_adam/rowwise_adam: step inside the lookup backward where that is exact (optim.grad_clip=0, grad_accum=1, 1 process, one layer per pool)
 
 
 @dataclass
@@ -380,7 +382,8 @@ def validate(cfg: Config) -> None:
         "parallel.backend": (cfg.parallel.backend, ("auto", "gloo", "nccl")),
         "optim.schedule": (cfg.optim.schedule, ("cosine", "constant", "linear")),
         "data.format": (cfg.data.format, ("auto", "text", "jsonl", "parquet")),
-        "memory.value_optimizer": (cfg.memory.value_optimizer, ("adamw", "row_sparse_adam")),
+        "memory.value_optimizer": (cfg.memory.value_optimizer, ("adamw", "row_sparse_adam", "rowwise_adam")),
+        "memory.value_dtype": (cfg.memory.value_dtype, ("fp32", "bf16")),
         "memory.lookup_impl": (cfg.memory.lookup_impl, ("auto", "torch", "triton", "cpu")),
     }
     for key, (value, allowed) in choices.items():

@@ -58,18 +58,24 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     ]
     optimizers: list[torch.optim.Optimizer] = []
     if groups["memory_values"]:
-        if mem.value_optimizer == "row_sparse_adam":
-            from memlayers import RowSparseAdam
+        if mem.value_optimizer in ("row_sparse_adam", "rowwise_adam"):
+            from memlayers import MemoryPool, row_sparse_adam
 
-            optimizers.append(
-                RowSparseAdam(
-                    [{"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr}],
-                    lr=mem.value_lr,
-                    betas=(o.beta1, o.beta2),
-                    eps=o.eps,
-                    weight_decay=mem.value_weight_decay,
-                )
+            cls = row_sparse_adam.RowSparseAdam if mem.value_optimizer == "row_sparse_adam" else row_sparse_adam.RowwiseAdam
+            value_opt = cls(
+                [{"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr}],
+                lr=mem.value_lr,
+                betas=(o.beta1, o.beta2),
+                eps=o.eps,
+                weight_decay=mem.value_weight_decay,
+                fused=mem.fused_value_update and fused_update_is_exact(model, cfg),
             )
+            # Rows nobody read are behind until flushed: every state_dict of a pool (checkpoint,
+            # export) catches them up first, so saved values are dense AdamW's.
+            for m in model.modules():
+                if isinstance(m, MemoryPool):
+                    row_sparse_adam.flush_on_state_dict(m, value_opt)
+            optimizers.append(value_opt)
         else:
             adamw_groups.append(
                 {"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr, "weight_decay": mem.value_weight_decay}
@@ -91,6 +97,25 @@ def reset_base_lrs(optimizers: list[torch.optim.Optimizer], cfg: Config) -> None
     for opt in optimizers:
         for g in opt.param_groups:
             g["base_lr"] = cfg.memory.value_lr if g.get("name") == "memory_values" else cfg.optim.lr
+
+
+def fused_update_is_exact(model: nn.Module, cfg: Config) -> bool:
+    """Whether the value update can run inside the lookup's backward with the unfused result: each
+    table read once per step (one memory layer per pool, no gradient accumulation), no gradient
+    clipping (the global norm is not known until every gradient exists), and one process (replicated
+    values need their gradients averaged first)."""
+    import torch.distributed as dist
+
+    if cfg.optim.grad_clip > 0 or cfg.train.grad_accum != 1:
+        return False
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return False
+    readers: dict[int, int] = {}
+    for m in model.modules():
+        pool = getattr(m, "pool", None)
+        if pool is not None and hasattr(pool, "values"):
+            readers[id(pool)] = readers.get(id(pool), 0) + 1
+    return bool(readers) and all(n == 1 for n in readers.values())
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:

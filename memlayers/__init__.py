@@ -13,14 +13,14 @@ from memlayers.lookup import lookup
 from memlayers.memory import ProductKeyMemory
 from memlayers.pool import MemoryPool
 
-__all__ = ["MemoryPool", "ProductKeyMemory", "RowSparseAdam", "lookup"]
+__all__ = ["MemoryPool", "ProductKeyMemory", "RowSparseAdam", "RowwiseAdam", "lookup"]
 
 
 def __getattr__(name: str) -> Any:
     # The optimizer pulls in the CPU kernel module; resolve it on first use so `import memlayers`
     # stays cheap for users who only want the layer.
-    if name == "RowSparseAdam":
-        from memlayers.row_sparse_adam import RowSparseAdam
+    if name in ("RowSparseAdam", "RowwiseAdam"):
+        from memlayers import row_sparse_adam
 
-        return RowSparseAdam
+        return getattr(row_sparse_adam, name)
     raise AttributeError(f"module 'memlayers' has no attribute {name!r}")

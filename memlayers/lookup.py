@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memlayers.checks import check_lookup_inputs
+from memlayers.row_sparse_adam import catch_up_before_read, has_lazy_tables
 
 IMPLS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "MEMLAYERS_LOOKUP_IMPL"
@@ -44,26 +45,35 @@ def lookup(
     Args:
         values:  (N_slots, Dv) float table.
         indices: (B, K) integer slot ids in [0, N_slots).
-        weights: (B, K) float weights; cast to ``values.dtype`` (the lookup runs in the values' dtype).
+        weights: (B, K) float weights (the CPU kernels use them in fp32; the torch and Triton paths cast
+                 them to ``values.dtype``).
         sparse:  produce a sparse (row) gradient for ``values`` instead of a dense one.
         impl:    "auto" | "torch" | "cpu" | "triton" (see module docstring).
 
     Returns:
-        (B, Dv) tensor in ``values.dtype``: ``out[b] = sum_k weights[b, k] * values[indices[b, k]]``.
+        (B, Dv) tensor of dtype ``promote_types(values.dtype, weights.dtype)`` (a bf16 table read with
+        fp32 weights gives fp32): ``out[b] = sum_k weights[b, k] * values[indices[b, k]]``.
     """
     _check_inputs(values, indices, weights)
     impl = _resolve_impl(impl, values)
+    # A table trained by RowSparseAdam holds rows that are behind dense AdamW until read: bring the
+    # rows about to be read up to date first (a dictionary miss for any other table).
+    if has_lazy_tables():
+        catch_up_before_read(values, indices)
+    # bf16/fp16 tables read with fp32 weights give an fp32 read (the CPU kernels accumulate in fp32
+    # and return it as is; the other paths run in the table's dtype and are cast up).
+    out_dtype = torch.promote_types(values.dtype, weights.dtype)
+    if impl == "cpu" and indices.shape[1] > 0:
+        return _cpu_lookup(values, indices, weights, sparse).to(out_dtype)
     weights = weights.to(values.dtype)
     if indices.shape[1] == 0:
         # embedding_bag rejects empty bags of width 0; the gather form gives zeros that stay in the graph.
-        return torch.einsum("bk,bkd->bd", weights, values[indices])
+        return torch.einsum("bk,bkd->bd", weights, values[indices]).to(out_dtype)
     if impl == "triton":
         from memlayers.triton_lookup import triton_lookup
 
-        return triton_lookup(values, indices, weights, sparse=sparse)
-    if impl == "cpu":
-        return _cpu_lookup(values, indices, weights, sparse)
-    return torch_lookup(values, indices, weights, sparse=sparse)
+        return triton_lookup(values, indices, weights, sparse=sparse).to(out_dtype)
+    return torch_lookup(values, indices, weights, sparse=sparse).to(out_dtype)
 
 
 def torch_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bool = False) -> Tensor:
@@ -76,11 +86,13 @@ def torch_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bo
 # the body of this one function; everything else in this file stays as is.
 # ---------------------------------------------------------------------------------------------------
 def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool) -> Tensor:
-    if torch.compiler.is_compiling() or values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        # The C++ ops have no fake-tensor kernels (the sparse grad's row count is data-dependent), so
-        # compiled graphs keep embedding_bag; and the kernels cover these three dtypes only.
-        return torch_lookup(values, indices, weights, sparse=sparse)
-    from memlayers.lookup_cpu import lookup_cpu
+    if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return torch_lookup(values, indices, weights.to(values.dtype), sparse=sparse)  # the kernels' dtypes only
+    from memlayers.lookup_cpu import lookup_cpu, lookup_cpu_compilable
+
+    if torch.compiler.is_compiling():
+        # Custom ops with fake kernels: one graph node each way, dense value gradient (see lookup_cpu).
+        return lookup_cpu_compilable(values, indices, weights)
 
     # C++ kernels (coalesced row-sparse grads) when they build, else lookup_cpu's torch path.
     return lookup_cpu(values, indices, weights, sparse_grad=sparse)

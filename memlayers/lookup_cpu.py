@@ -177,6 +177,11 @@ class _BagSumCPU(torch.autograd.Function):
         else:
             out32 = _torch_forward(values, indices, weights32)
         ctx.save_for_backward(values, indices, weights32)
+        # Fused value update: a RowSparseAdam(fused=True) owning `values` takes the row gradients
+        # in the backward, so no gradient tensor is built, stored in .grad, or read back.
+        from memlayers.row_sparse_adam import fused_owner  # (that module imports this one)
+
+        ctx.fused = fused_owner(values) if sparse_grad else None
         ctx.sparse_grad = sparse_grad
         ctx.use_native = ops is not None
         ctx.weights_dtype = weights.dtype
@@ -199,7 +204,10 @@ class _BagSumCPU(torch.autograd.Function):
                 values, indices, weights32, grad_out32, need_v, need_w, dense
             )
         grad_values = None
-        if need_v:
+        if need_v and ctx.fused is not None:
+            param, opt = ctx.fused
+            opt.fused_step(param, rows, grad_rows)
+        elif need_v:
             if dense:
                 grad_values = grad_rows
             else:
@@ -262,3 +270,65 @@ def lookup_cpu(
         # A strided view would be copied every call and its gradient routed through the copy.
         warnings.warn("lookup_cpu: values is not contiguous; copying it on every call", stacklevel=2)
     return _BagSumCPU.apply(values_c, indices, weights, sparse_grad, impl != "torch")
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+# The same kernels as torch.library custom ops with fake (meta) kernels and autograd, so a
+# compiled graph keeps them as single opaque nodes (no graph break, no swap to embedding_bag).
+# Under compile the value gradient is dense: a sparse gradient's row count is data-dependent,
+# which a fake kernel cannot express. RowSparseAdam treats all-zero rows of a dense gradient as
+# untouched, so the optimizer math is the same; the fused update is eager-only.
+
+
+@torch.library.custom_op("memlayers::bag_sum_cpu", mutates_args=(), device_types="cpu")
+def bag_sum_op(values: torch.Tensor, indices: torch.Tensor, weights32: torch.Tensor) -> torch.Tensor:
+    """(N, D) table, (B, K) int64 ids, (B, K) fp32 weights -> (B, D) fp32 weighted bag sums."""
+    ops = native_ops()
+    if ops is not None:
+        return ops.bag_forward(values, indices, weights32)
+    return _torch_forward(values, indices, weights32)
+
+
+@bag_sum_op.register_fake
+def _bag_sum_fake(values, indices, weights32):
+    return values.new_empty(indices.shape[0], values.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("memlayers::bag_sum_cpu_backward", mutates_args=(), device_types="cpu")
+def bag_sum_backward_op(
+    values: torch.Tensor, indices: torch.Tensor, weights32: torch.Tensor, grad_out32: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense value grad in values' dtype, fp32 weight grad)."""
+    ops = native_ops()
+    if ops is not None:
+        _, grad_values, grad_w = ops.bag_backward(values, indices, weights32, grad_out32, True, True, True)
+    else:
+        _, grad_values, grad_w = _torch_backward(values, indices, weights32, grad_out32, True, True, True)
+    return grad_values, grad_w
+
+
+@bag_sum_backward_op.register_fake
+def _bag_sum_backward_fake(values, indices, weights32, grad_out32):
+    return torch.empty_like(values), weights32.new_empty(weights32.shape)
+
+
+def _bag_sum_setup(ctx, inputs, output):
+    values, indices, weights32 = inputs
+    ctx.save_for_backward(values, indices, weights32)
+
+
+def _bag_sum_backward(ctx, grad_out):
+    values, indices, weights32 = ctx.saved_tensors
+    grad_values, grad_w = bag_sum_backward_op(values, indices, weights32, grad_out.float().contiguous())
+    return grad_values, None, grad_w
+
+
+bag_sum_op.register_autograd(_bag_sum_backward, setup_context=_bag_sum_setup)
+
+
+def lookup_cpu_compilable(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`lookup_cpu` (dense value grad) through the custom ops: what `memlayers.lookup` runs while
+    torch.compile traces. No data-dependent index check (it would break the graph)."""
+    out32 = bag_sum_op(values.contiguous(), indices.long().contiguous(), weights.float().contiguous())
+    return out32.to(torch.promote_types(values.dtype, weights.dtype))

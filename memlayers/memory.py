@@ -141,7 +141,8 @@ class ProductKeyMemory(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.dim)
         indices, weights = self.select(x2)
-        read = self.pool.read(indices, weights)  # (T, Dv) in the values' dtype
+        # fp32 for a bf16 table (fp32 accumulation); back to the activations' dtype for gate and out.
+        read = self.pool.read(indices, weights).to(x.dtype)
         if self.gate is not None:
             read = read * F.silu(self.gate(x2))
         y = self.out(read)

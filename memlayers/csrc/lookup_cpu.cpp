@@ -17,6 +17,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -80,12 +81,15 @@ Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return t;
 }
 
+#ifndef MEMLAYERS_PF_LOCALITY
+#define MEMLAYERS_PF_LOCALITY 1  // prefetcht2: into L2 (measured faster than t0 and nta for 1 KB rows)
+#endif
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t off = 0; off < bytes; off += 64) {
-    __builtin_prefetch(p + off, 0, 0);
+    __builtin_prefetch(p + off, 0, MEMLAYERS_PF_LOCALITY);
   }
 }
 
@@ -99,7 +103,52 @@ void check_lookup_inputs(const Tensor& values, const Tensor& indices, const Tens
 }
 
 // ---------------------------------------------------------------- forward
-// out[b] = sum_k w[b,k] * values[idx[b,k]], accumulated in fp32 in a thread-local row.
+// out[b] = sum_k w[b,k] * values[idx[b,k]], accumulated in fp32.
+//
+// The reads are random rows, so the forward is bound by memory latency: the kernel keeps
+// kForwardPrefetch rows in flight, counted over the flat (bag, slot) sequence so the next
+// bag's first rows are already on their way while this bag finishes. Columns are done in
+// blocks of kColBlock floats held in registers across the bag's K rows (one store per block
+// instead of a load+store of the accumulator per row); the first block pulls each row into
+// cache (prefetched), the later blocks of the same bag re-read it from L1/L2.
+#ifndef MEMLAYERS_FWD_PREFETCH
+#define MEMLAYERS_FWD_PREFETCH 16
+#endif
+#ifndef MEMLAYERS_COL_BLOCK
+#define MEMLAYERS_COL_BLOCK 64
+#endif
+constexpr int64_t kForwardPrefetch = MEMLAYERS_FWD_PREFETCH;
+constexpr int64_t kColBlock = MEMLAYERS_COL_BLOCK;
+
+inline float load_f(const float* p, int64_t j) { return p[j]; }
+inline float load_f(const c10::BFloat16* p, int64_t j) {
+  // bf16 -> fp32 is a 16-bit shift; spelled out so the compiler vectorises it.
+  const uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[j]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float load_f(const c10::Half* p, int64_t j) { return static_cast<float>(p[j]); }
+
+// One column block of one bag. With `ahead` non-null (the first block), row k's turn also
+// prefetches the row kForwardPrefetch reads later in the flat sequence (`ahead[k]`, while
+// k < n_ahead).
+template <typename scalar_t, int64_t CB>
+inline void bag_block(const scalar_t* __restrict__ V, const int64_t* __restrict__ idx, const float* __restrict__ w,
+                      int64_t K, int64_t D, int64_t col, float* __restrict__ out, const int64_t* ahead,
+                      int64_t n_ahead) {
+  float acc[CB];
+  for (int64_t j = 0; j < CB; ++j) acc[j] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    if (ahead != nullptr && k < n_ahead) prefetch_row(V + ahead[k] * D, D);
+    const scalar_t* __restrict__ row = V + idx[k] * D + col;
+    const float wk = w[k];
+#pragma omp simd
+    for (int64_t j = 0; j < CB; ++j) acc[j] += wk * load_f(row, j);
+  }
+  for (int64_t j = 0; j < CB; ++j) out[j] = acc[j];
+}
+
 template <typename scalar_t>
 void bag_forward_kernel(const Tensor& values, const Tensor& indices, const Tensor& weights, Tensor& out) {
   const int64_t B = indices.size(0), K = indices.size(1), D = values.size(1);
@@ -107,18 +156,32 @@ void bag_forward_kernel(const Tensor& values, const Tensor& indices, const Tenso
   const int64_t* I = indices.const_data_ptr<int64_t>();
   const float* W = weights.const_data_ptr<float>();
   float* O = out.mutable_data_ptr<float>();
+  const int64_t full = D / kColBlock * kColBlock;
   at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+    const int64_t e_end = b1 * K;
+    // Prime the pipeline: the first rows of this chunk.
+    for (int64_t e = b0 * K; e < std::min(e_end, b0 * K + kForwardPrefetch); ++e) prefetch_row(V + I[e] * D, D);
     for (int64_t b = b0; b < b1; ++b) {
-      float* __restrict__ acc = O + b * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
       const int64_t* idx = I + b * K;
       const float* w = W + b * K;
-      for (int64_t k = 0; k < K; ++k) {
-        if (k + kPrefetchAhead < K) prefetch_row(V + idx[k + kPrefetchAhead] * D, D);
-        const scalar_t* __restrict__ row = V + idx[k] * D;
-        const float wk = w[k];
+      float* o = O + b * D;
+      const int64_t e0 = b * K;
+      const int64_t* ahead = I + e0 + kForwardPrefetch;
+      const int64_t n_ahead = std::max<int64_t>(0, std::min(K, e_end - e0 - kForwardPrefetch));
+      for (int64_t col = 0; col < full; col += kColBlock)
+        bag_block<scalar_t, kColBlock>(V, idx, w, K, D, col, o + col, col == 0 ? ahead : nullptr, n_ahead);
+      if (full == 0) {  // narrow rows: the tail loop below is the only pass, prefetch there
+        for (int64_t k = 0; k < n_ahead; ++k) prefetch_row(V + ahead[k] * D, D);
+      }
+      if (full < D) {
+        const int64_t rest = D - full;
+        for (int64_t j = 0; j < rest; ++j) o[full + j] = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* __restrict__ row = V + idx[k] * D + full;
+          const float wk = w[k];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) acc[d] += wk * to_f(row[d]);
+          for (int64_t j = 0; j < rest; ++j) o[full + j] += wk * load_f(row, j);
+        }
       }
     }
   });
@@ -273,71 +336,142 @@ std::tuple<Tensor, Tensor, Tensor> bag_backward(const Tensor& values, const Tens
   return {rows, grad_rows, gw};
 }
 
-// ---------------------------------------------------------------- row-sparse Adam
-// Adam (decoupled weight decay) applied in place to the listed rows only. `rows` must
-// be unique (a coalesced gradient), so rows can be updated in parallel without races.
-// The math mirrors torch.optim.AdamW's single-tensor path:
-//   p *= 1 - lr*wd;  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
-//   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps),  step_size = lr / bc1
+// ---------------------------------------------------------------- exact row-sparse Adam
+// Dense AdamW (torch.optim.AdamW, single-tensor path) applied row by row, lazily: a row is
+// brought up to date only when it is read or gets a gradient. `row_step[r]` is the optimizer
+// step through which row r is current. Catching a row up from step `last` to `upto` replays
+// the steps dense AdamW took with a zero gradient for it:
+//   m = lerp(m, 0, 1-b1);  v = b2*v;  p = p*decay_s - step_size_s*m / (sqrt(v)/bc2sqrt_s + eps)
+// with the per-step scalars of step s read from `hist` (doubles, one row per step:
+// step_size = lr_s/bc1_s, bc2sqrt_s, decay_s = 1 - lr_s*wd, C_s = sum_{j<=s} log(decay_j)).
+// After `horizon` replayed steps the remaining updates are below float resolution (the
+// Python side derives the horizon from the betas; < 0 = replay every step): the rest of the
+// gap is applied in closed form (m *= b1^n, v *= b2^n, p *= exp(C_upto - C_s)).
+// With `grad_rows` non-empty the rows are caught up to `target - 1` and then take step
+// `target` with their gradient; otherwise they are caught up to `target`.
+// `claim`: rows may repeat (raw read indices); each row is claimed with a compare-and-swap
+// on row_step so exactly one thread replays it. Without claim rows must be unique.
 template <typename scalar_t>
-void row_sparse_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& rows,
-                            const Tensor& grad_rows, double lr, double beta1, double beta2, double eps,
-                            double weight_decay, double step_size, double bc2_sqrt) {
+void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& row_step, const Tensor& rows,
+                      const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
+                      double eps, int64_t horizon, bool claim) {
   const int64_t U = rows.numel(), D = param.size(1);
+  const bool has_grad = grad_rows.numel() > 0;
+  const int64_t upto = has_grad ? target - 1 : target;
   scalar_t* Pp = param.mutable_data_ptr<scalar_t>();
   scalar_t* Mp = exp_avg.mutable_data_ptr<scalar_t>();
   scalar_t* Vp = exp_avg_sq.mutable_data_ptr<scalar_t>();
+  int64_t* RS = row_step.mutable_data_ptr<int64_t>();
   const int64_t* R = rows.const_data_ptr<int64_t>();
-  const scalar_t* Gp = grad_rows.const_data_ptr<scalar_t>();
-  const float b1 = beta1, b2 = beta2, one_m_b1 = 1.0 - beta1, one_m_b2 = 1.0 - beta2;
-  const float decay = 1.0 - lr * weight_decay, ss = step_size, inv_bc2 = 1.0 / bc2_sqrt, fe = eps;
+  const scalar_t* Gp = has_grad ? grad_rows.const_data_ptr<scalar_t>() : nullptr;
+  const double* H = hist.const_data_ptr<double>();  // (T+1, 4)
+  const float b1 = beta1, b2 = beta2, omb1 = 1.0 - beta1, omb2 = 1.0 - beta2, fe = eps;
   at::parallel_for(0, U, kGrain, [&](int64_t u0, int64_t u1) {
+    std::vector<float> buf(3 * D);
+    float* __restrict__ p = buf.data();
+    float* __restrict__ m = p + D;
+    float* __restrict__ v = m + D;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t r = R[u];
-      scalar_t* __restrict__ p = Pp + r * D;
-      scalar_t* __restrict__ m = Mp + r * D;
-      scalar_t* __restrict__ v = Vp + r * D;
-      const scalar_t* __restrict__ g = Gp + u * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        const float gd = to_f(g[d]);
-        const float md = b1 * to_f(m[d]) + one_m_b1 * gd;
-        const float vd = b2 * to_f(v[d]) + one_m_b2 * gd * gd;
-        const float pd = to_f(p[d]) * decay - ss * md / (std::sqrt(vd) * inv_bc2 + fe);
-        m[d] = from_f<scalar_t>(md);
-        v[d] = from_f<scalar_t>(vd);
-        p[d] = from_f<scalar_t>(pd);
+      int64_t last = RS[r];
+      if (claim) {
+        if (last < 0 || last >= upto) continue;  // being replayed by another thread, or current
+        if (!__atomic_compare_exchange_n(&RS[r], &last, int64_t(-1), false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+          continue;
       }
+      TORCH_CHECK(last <= upto, "row ", r, " is ahead of the optimizer (row step ", last, " > ", upto, ")");
+      scalar_t* P = Pp + r * D;
+      scalar_t* M = Mp + r * D;
+      scalar_t* V = Vp + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        p[d] = to_f(P[d]);
+        m[d] = to_f(M[d]);
+        v[d] = to_f(V[d]);
+      }
+      const int64_t gap = upto - last;
+      const int64_t n_replay = horizon < 0 ? gap : std::min(gap, horizon);
+      for (int64_t s = last + 1; s <= last + n_replay; ++s) {
+        const double* h = H + 4 * s;
+        const float ss = h[0], bc2s = h[1], dec = h[2];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const float md = m[d] + omb1 * (0.f - m[d]);
+          const float vd = v[d] * b2;
+          p[d] = p[d] * dec + (-ss * md) / (std::sqrt(vd) / bc2s + fe);
+          m[d] = md;
+          v[d] = vd;
+        }
+      }
+      if (gap > n_replay) {
+        const int64_t rest = gap - n_replay;
+        const float fm = std::pow(beta1, double(rest)), fv = std::pow(beta2, double(rest));
+        const float fd = std::exp(H[4 * upto + 3] - H[4 * (last + n_replay) + 3]);
+        for (int64_t d = 0; d < D; ++d) {
+          m[d] *= fm;
+          v[d] *= fv;
+          p[d] *= fd;
+        }
+      }
+      if (has_grad) {
+        const double* h = H + 4 * target;
+        const float ss = h[0], bc2s = h[1], dec = h[2];
+        const scalar_t* __restrict__ g = Gp + u * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const float gd = to_f(g[d]);
+          const float md = m[d] + omb1 * (gd - m[d]);
+          const float vd = v[d] * b2 + omb2 * gd * gd;
+          p[d] = p[d] * dec + (-ss * md) / (std::sqrt(vd) / bc2s + fe);
+          m[d] = md;
+          v[d] = vd;
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        P[d] = from_f<scalar_t>(p[d]);
+        M[d] = from_f<scalar_t>(m[d]);
+        V[d] = from_f<scalar_t>(v[d]);
+      }
+      if (claim) __atomic_store_n(&RS[r], target, __ATOMIC_RELEASE);
+      else RS[r] = target;
     }
   });
 }
 
-void row_sparse_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, const Tensor& rows,
-                      const Tensor& grad_rows, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, double step_size, double bias_correction2_sqrt) {
+void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
+                     const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
+                     double eps, int64_t horizon, bool claim) {
   TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D tensor");
   TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes() &&
                   exp_avg.is_contiguous() && exp_avg_sq.is_contiguous() &&
                   exp_avg.scalar_type() == param.scalar_type() &&
                   exp_avg_sq.scalar_type() == param.scalar_type(),
               "exp_avg / exp_avg_sq must be contiguous and match param's shape and dtype");
+  TORCH_CHECK(row_step.dim() == 1 && row_step.size(0) == param.size(0) && row_step.scalar_type() == at::kLong &&
+                  row_step.is_contiguous(),
+              "row_step must be a contiguous int64 (rows,) tensor");
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
               "rows must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == rows.numel() && grad_rows.size(1) == param.size(1) &&
-                  grad_rows.is_contiguous() && grad_rows.scalar_type() == param.scalar_type(),
-              "grad_rows must be a contiguous (len(rows), D) tensor of param's dtype");
+  TORCH_CHECK(hist.dim() == 2 && hist.size(1) == 4 && hist.size(0) > target && hist.scalar_type() == at::kDouble &&
+                  hist.is_contiguous(),
+              "hist must be a contiguous float64 (steps+1, 4) tensor covering the target step");
+  if (grad_rows.numel() > 0) {
+    TORCH_CHECK(!claim, "rows with gradients must be unique (claim=false)");
+    TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == rows.numel() && grad_rows.size(1) == param.size(1) &&
+                    grad_rows.is_contiguous() && grad_rows.scalar_type() == param.scalar_type(),
+                "grad_rows must be a contiguous (len(rows), D) tensor of param's dtype");
+  }
   switch (param.scalar_type()) {
     case at::kFloat:
-      row_sparse_adam_kernel<float>(param, exp_avg, exp_avg_sq, rows, grad_rows, lr, beta1, beta2, eps,
-                                    weight_decay, step_size, bias_correction2_sqrt);
+      lazy_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, hist, target, beta1, beta2,
+                              eps, horizon, claim);
       break;
     case at::kBFloat16:
-      row_sparse_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, rows, grad_rows, lr, beta1, beta2,
-                                            eps, weight_decay, step_size, bias_correction2_sqrt);
+      lazy_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, hist, target, beta1,
+                                      beta2, eps, horizon, claim);
       break;
     case at::kHalf:
-      row_sparse_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, rows, grad_rows, lr, beta1, beta2, eps,
-                                        weight_decay, step_size, bias_correction2_sqrt);
+      lazy_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, hist, target, beta1,
+                                  beta2, eps, horizon, claim);
       break;
     default: TORCH_CHECK(false, "param dtype must be float32, bfloat16 or float16, got ", param.scalar_type());
   }
@@ -352,8 +486,8 @@ TORCH_LIBRARY(memlayers_cpu, m) {
       "bool need_weights_grad, bool dense) -> (Tensor, Tensor, Tensor)",
       &bag_backward);
   m.def(
-      "row_sparse_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, "
-      "Tensor grad_rows, float lr, float beta1, float beta2, float eps, float weight_decay, float step_size, "
-      "float bias_correction2_sqrt) -> ()",
-      &row_sparse_adam_);
+      "lazy_adam_rows_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
+      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon, "
+      "bool claim) -> ()",
+      &lazy_adam_rows_);
 }

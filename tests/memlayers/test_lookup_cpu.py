@@ -53,7 +53,9 @@ def make_inputs(n_slots, dim, bags, k, seed=0, repeat=True):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("sparse_grad", [True, False])
-@pytest.mark.parametrize("shape", [(40, 37, 7, 5), (16, 8, 5, 1), (300, 64, 9, 12), (3, 1, 4, 6)])
+@pytest.mark.parametrize(
+    "shape", [(40, 37, 7, 5), (16, 8, 5, 1), (300, 64, 9, 12), (3, 1, 4, 6), (200, 130, 150, 9)]  # 130: 2 column blocks + tail
+)
 def test_matches_naive_forward_backward(impl, sparse_grad, shape):
     values, indices, weights, grad_out = make_inputs(*shape)
     v = values.clone().requires_grad_()
@@ -185,3 +187,15 @@ def test_build_failure_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path)
         lookup_cpu(values, indices, weights)
     with pytest.raises(RuntimeError, match="impl='cpp'"):
         lookup_cpu(values, indices, weights, impl="cpp")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dim", [64, 130, 7])
+def test_bf16_forward_blocks_and_tail_match_fp32_of_same_values(impl, dim):
+    """The forward's column blocks (64 wide), tail columns and cross-bag prefetch, in bf16 with fp32 sums."""
+    values, indices, weights, _ = make_inputs(300, dim, 140, 11, seed=3)
+    v16 = values.bfloat16()
+    out = lookup_cpu(v16, indices, weights, impl=impl)
+    ref = naive_lookup(v16.double(), indices, weights)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

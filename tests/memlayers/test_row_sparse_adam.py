@@ -1,16 +1,16 @@
-"""RowSparseAdam against a loop implementation of the documented lazy-Adam math."""
+"""RowSparseAdam against torch.optim.AdamW (foreach=False) on the same gradients: equal to float tolerance."""
 
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import torch
 
 from memlayers import row_sparse_adam as rsa_module
-from memlayers.lookup_cpu import lookup_cpu, native_available
-from memlayers.row_sparse_adam import RowSparseAdam
+from memlayers.lookup import lookup
+from memlayers.lookup_cpu import native_available
+from memlayers.row_sparse_adam import RowSparseAdam, flush_on_state_dict, replay_horizon
 
 PATHS = [
     pytest.param(
@@ -18,6 +18,9 @@ PATHS = [
     ),
     "torch",
 ]
+# (0.9, 0.95): every skipped step replayed (horizon ~300 > the gaps here);
+# (0.5, 0.9): horizon ~30, so the long gaps below go through the closed-form tail.
+BETAS = [(0.9, 0.95), (0.5, 0.9)]
 
 
 @pytest.fixture
@@ -27,154 +30,158 @@ def path(request, monkeypatch):
     return request.param
 
 
-class LoopLazyAdam:
-    """fp64 reference: per touched row, AdamW with the global step count; others untouched."""
-
-    def __init__(self, param, lr, betas, eps, weight_decay):
-        self.p = param.double().clone()
-        self.m = torch.zeros_like(self.p)
-        self.v = torch.zeros_like(self.p)
-        self.lr, self.betas, self.eps, self.wd, self.t = lr, betas, eps, weight_decay, 0
-
-    def step(self, dense_grad: torch.Tensor, touched: set[int]):
-        self.t += 1
-        b1, b2 = self.betas
-        for r in sorted(touched):
-            g = dense_grad[r].double()
-            self.p[r] *= 1 - self.lr * self.wd
-            self.m[r] = b1 * self.m[r] + (1 - b1) * g
-            self.v[r] = b2 * self.v[r] + (1 - b2) * g * g
-            denom = self.v[r].sqrt() / math.sqrt(1 - b2**self.t) + self.eps
-            self.p[r] -= self.lr / (1 - b1**self.t) * self.m[r] / denom
+def lr_at(step: int) -> float:
+    """A schedule that changes every step: warmup then cosine-like decay."""
+    return 1e-2 * min(1.0, step / 5) * (0.5 + 0.5 * torch.cos(torch.tensor(step / 15.0)).item())
 
 
-def sparse_rows_grad(n_rows, dim, rows, seed):
-    """A row-sparse gradient with possibly repeated (uncoalesced) rows, plus its dense sum."""
-    gen = torch.Generator().manual_seed(seed)
+def touched_rows(step: int, n_rows: int, gen: torch.Generator) -> list[int]:
+    """Random subsets; rows 0-2 are touched only at steps 1 and 70 (gaps longer than any horizon);
+    row 3 never; repeats within a step."""
+    rows = torch.randint(4, n_rows, (6,), generator=gen).tolist()
+    if step in (1, 70):
+        rows += [0, 1, 2, 1]
+    return rows
+
+
+def sparse_grad(n_rows: int, dim: int, rows: list[int], gen: torch.Generator) -> torch.Tensor:
     idx = torch.tensor(rows)
-    vals = torch.randn(len(rows), dim, generator=gen)
-    grad = torch.sparse_coo_tensor(idx[None], vals, (n_rows, dim), check_invariants=True)
-    return grad, grad.to_dense()
+    return torch.sparse_coo_tensor(idx[None], torch.randn(len(rows), dim, generator=gen), (n_rows, dim))
 
 
-TOUCHED_PER_STEP = [[0, 3, 3, 7], [1, 3], [9, 0, 5, 2, 2], [7]]  # repeats, overlaps, first touch late
-
-
-@pytest.mark.parametrize("path", PATHS, indirect=True)
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_matches_loop_reference_over_steps(path, weight_decay):
-    n_rows, dim = 12, 37
-    param = torch.nn.Parameter(torch.randn(n_rows, dim, generator=torch.Generator().manual_seed(0)))
-    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
-    opt = RowSparseAdam([param], **kw)
-    ref = LoopLazyAdam(param.detach(), **kw)
-    for step, rows in enumerate(TOUCHED_PER_STEP):
-        grad, dense = sparse_rows_grad(n_rows, dim, rows, seed=step + 1)
-        param.grad = grad
-        before_untouched = param.detach().clone()
+def step_each(*triples):
+    """Give each (optimizer, param, grad) its gradient and step it."""
+    for opt, p, g in triples:
+        p.grad = g
         opt.step()
-        ref.step(dense, set(rows))
-        untouched = [r for r in range(n_rows) if r not in rows]
-        assert torch.equal(param.detach()[untouched], before_untouched[untouched])
-    state = opt.state[param]
-    assert state["step"].item() == len(TOUCHED_PER_STEP)
-    torch.testing.assert_close(param.detach().double(), ref.p, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(state["exp_avg"].double(), ref.m, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(state["exp_avg_sq"].double(), ref.v, rtol=1e-5, atol=1e-7)
+
+
+def assert_matches_adamw(ours, p, ref, p_ref, rtol=2e-6, atol=1e-7):
+    ours.flush()
+    st, st_ref = ours.state[p], ref.state[p_ref]
+    torch.testing.assert_close(p.detach(), p_ref.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(st["exp_avg"], st_ref["exp_avg"], rtol=rtol, atol=atol)
+    torch.testing.assert_close(st["exp_avg_sq"], st_ref["exp_avg_sq"], rtol=rtol, atol=atol * 1e-2)
+    assert st["step"].item() == st_ref["step"].item()
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-def test_all_rows_touched_equals_torch_adamw(path):
-    gen = torch.Generator().manual_seed(1)
-    p1 = torch.nn.Parameter(torch.randn(6, 9, generator=gen))
-    p2 = torch.nn.Parameter(p1.detach().clone())
-    kw = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
-    ours, ref = RowSparseAdam([p1], **kw), torch.optim.AdamW([p2], **kw)
-    for _ in range(3):
-        g = torch.randn(6, 9, generator=gen)
-        p1.grad = g.to_sparse(sparse_dim=1)
-        p2.grad = g.clone()
+@pytest.mark.parametrize("betas", BETAS)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_equals_dense_adamw_with_random_rows_and_schedule(path, betas, weight_decay):
+    n_rows, dim, steps = 24, 37, 80
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(n_rows, dim, generator=gen)
+    p, p_ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    kw = dict(lr=1e-2, betas=betas, eps=1e-8, weight_decay=weight_decay)
+    ours, ref = RowSparseAdam([p], **kw), torch.optim.AdamW([p_ref], foreach=False, **kw)
+    for step in range(1, steps + 1):
+        for opt in (ours, ref):
+            opt.param_groups[0]["lr"] = lr_at(step)
+        rows = touched_rows(step, n_rows, gen)
+        grad = sparse_grad(n_rows, dim, rows, gen)
+        # What the forward would read: caught-up rows equal dense AdamW's rows right now.
+        ours.catch_up_rows(p, torch.tensor(rows))
+        torch.testing.assert_close(p.detach()[rows], p_ref.detach()[rows], rtol=2e-6, atol=1e-7)
+        p.grad, p_ref.grad = grad, grad.to_dense()
         ours.step()
         ref.step()
-    torch.testing.assert_close(p1.detach(), p2.detach(), rtol=1e-6, atol=1e-7)
+        if step == 40:
+            assert_matches_adamw(ours, p, ref, p_ref)
+    assert replay_horizon(*betas) < 70 or betas == (0.9, 0.95)
+    assert_matches_adamw(ours, p, ref, p_ref)
+    assert not torch.equal(p.detach()[3], init[3]) or weight_decay == 0.0  # decay reached a never-read row
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-def test_dense_grad_treats_zero_rows_as_untouched(path):
-    gen = torch.Generator().manual_seed(2)
-    init = torch.randn(8, 5, generator=gen)
-    p_sparse, p_dense = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
-    opt_s, opt_d = RowSparseAdam([p_sparse], lr=0.1), RowSparseAdam([p_dense], lr=0.1)
-    for step, rows in enumerate([[1, 4], [4, 6]]):
-        grad, dense = sparse_rows_grad(8, 5, rows, seed=10 + step)
-        p_sparse.grad, p_dense.grad = grad, dense
-        opt_s.step()
-        opt_d.step()
-    torch.testing.assert_close(p_dense.detach(), p_sparse.detach())
-    assert torch.equal(p_dense.detach()[[0, 2, 3, 5, 7]], init[[0, 2, 3, 5, 7]])
+def test_training_through_lookup_equals_dense_adamw(path):
+    """Reads catch rows up before the gather, so losses and grads follow dense AdamW's trajectory."""
+    n_rows, dim = 64, 16
+    gen = torch.Generator().manual_seed(1)
+    init = torch.randn(n_rows, dim, generator=gen)
+    v, v_ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    kw = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+    ours, ref = RowSparseAdam([v], **kw), torch.optim.AdamW([v_ref], foreach=False, **kw)
+    impl = "cpu" if path == "cpp" else "torch"
+    for step in range(1, 31):
+        # Skewed reads: a few rows every step, most rarely.
+        idx = (torch.rand(8, 4, generator=gen) ** 3 * n_rows).long()
+        w = torch.rand(8, 4, generator=gen)
+        target = torch.randn(8, dim, generator=gen)
+        loss = (lookup(v, idx, w, sparse=True, impl=impl) - target).pow(2).sum()
+        loss_ref = (lookup(v_ref, idx, w, impl="torch") - target).pow(2).sum()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+        loss.backward()
+        loss_ref.backward()
+        ours.step()
+        ref.step()
+        ours.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    assert_matches_adamw(ours, v, ref, v_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-def test_accumulated_lookup_grads_step_like_their_sum(path):
-    """Two micro-batches through lookup_cpu leave an uncoalesced .grad; the step must see the sum."""
-    gen = torch.Generator().manual_seed(3)
-    init = torch.randn(40, 16, generator=gen)
-    batches = [
-        (torch.randint(0, 40, (6, 5), generator=gen), torch.randn(6, 5, generator=gen)) for _ in range(2)
-    ]
-    p_acc = torch.nn.Parameter(init.clone())
-    for idx, w in batches:
-        lookup_cpu(p_acc, idx, w, sparse_grad=True).sum().backward()
-    assert p_acc.grad.is_sparse
-    p_sum = torch.nn.Parameter(init.clone())
-    p_sum.grad = p_acc.grad.detach().coalesce()  # the reference: the same sum, coalesced by torch
-    opt_acc, opt_sum = RowSparseAdam([p_acc], lr=0.05), RowSparseAdam([p_sum], lr=0.05)
-    opt_acc.step()
-    opt_sum.step()
-    torch.testing.assert_close(p_acc.detach(), p_sum.detach())
-    assert not torch.equal(p_acc.detach(), init)
-
-
-@pytest.mark.parametrize("path", PATHS, indirect=True)
-def test_state_dict_round_trip(path):
+def test_state_dict_round_trip_mid_run_continues_identically(path):
+    n_rows, dim = 20, 9
     gen = torch.Generator().manual_seed(4)
-    init = torch.randn(10, 7, generator=gen)
-    grads = [
-        sparse_rows_grad(10, 7, rows, seed=20 + i)[0] for i, rows in enumerate([[0, 2], [2, 5], [9], [0, 5]])
-    ]
+    init = torch.randn(n_rows, dim, generator=gen)
+    grads = [sparse_grad(n_rows, dim, touched_rows(s, n_rows, gen), gen) for s in range(1, 13)]
     p_a = torch.nn.Parameter(init.clone())
-    opt_a = RowSparseAdam([p_a], lr=0.02, weight_decay=0.01)
-    for g in grads[:2]:
+    opt_a = RowSparseAdam([p_a], lr=0.02, betas=(0.9, 0.95), weight_decay=0.01)
+    for s, g in enumerate(grads[:6], 1):
+        opt_a.param_groups[0]["lr"] = lr_at(s)
         p_a.grad = g
         opt_a.step()
     buf = io.BytesIO()
-    torch.save({"param": p_a.detach(), "opt": opt_a.state_dict()}, buf)
+    torch.save({"param": p_a.detach(), "opt": opt_a.state_dict()}, buf)  # lazy rows: no flush
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     p_b = torch.nn.Parameter(ckpt["param"].clone())
     opt_b = RowSparseAdam([p_b], lr=0.5)  # hyper-parameters come back from the checkpoint
     opt_b.load_state_dict(ckpt["opt"])
-    assert opt_b.param_groups[0]["lr"] == 0.02
-    for g in grads[2:]:
-        p_a.grad, p_b.grad = g, g.clone()
-        opt_a.step()
-        opt_b.step()
+    assert opt_b.param_groups[0]["betas"] == (0.9, 0.95)
+    assert opt_b.state[p_b]["lr_history"].dtype == torch.float64
+    for s, g in enumerate(grads[6:], 7):
+        for opt in (opt_a, opt_b):
+            opt.param_groups[0]["lr"] = lr_at(s)
+        step_each((opt_a, p_a, g), (opt_b, p_b, g.clone()))
+    opt_a.flush()
+    opt_b.flush()
     assert torch.equal(p_a.detach(), p_b.detach())
-    assert torch.equal(opt_a.state[p_a]["exp_avg_sq"], opt_b.state[p_b]["exp_avg_sq"])
-    assert opt_b.state[p_b]["step"].item() == 4
+    for key in ("exp_avg", "exp_avg_sq", "row_step", "lr_history"):
+        assert torch.equal(opt_a.state[p_a][key], opt_b.state[p_b][key])
+    assert opt_b.state[p_b]["step"].item() == 12
+
+
+def test_module_state_dict_flushes_first():
+    pool = torch.nn.Module()
+    pool.values = torch.nn.Parameter(torch.randn(10, 4))
+    opt = RowSparseAdam([pool.values], lr=0.1, betas=(0.9, 0.95))
+    flush_on_state_dict(pool, opt)
+    ref_p = torch.nn.Parameter(pool.values.detach().clone())
+    ref = torch.optim.AdamW([ref_p], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    for rows in ([1, 2], [5], [7, 8]):
+        g = sparse_grad(10, 4, rows, torch.Generator().manual_seed(rows[0]))
+        pool.values.grad, ref_p.grad = g, g.to_dense()
+        opt.step()
+        ref.step()
+    assert not torch.allclose(pool.values.detach()[1], ref_p.detach()[1])  # lazy in memory
+    state = pool.state_dict()
+    torch.testing.assert_close(state["values"], ref_p.detach(), rtol=2e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
-def test_weight_decay_is_decoupled_and_touched_rows_only(path):
-    init = torch.ones(4, 3)
-    p = torch.nn.Parameter(init.clone())
-    opt = RowSparseAdam([p], lr=0.1, weight_decay=0.5)
-    # A zero gradient on a touched row isolates the decay: m = v = 0, so p *= 1 - lr*wd.
-    p.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.zeros(1, 3), (4, 3), check_invariants=True)
-    opt.step()
-    expected = init.clone()
-    expected[2] *= 1 - 0.1 * 0.5
-    torch.testing.assert_close(p.detach(), expected)
+def test_dense_grad_zero_rows_equal_sparse(path):
+    gen = torch.Generator().manual_seed(2)
+    init = torch.randn(8, 5, generator=gen)
+    p_sparse, p_dense = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    opt_s, opt_d = RowSparseAdam([p_sparse], lr=0.1), RowSparseAdam([p_dense], lr=0.1)
+    for rows in ([1, 4], [4, 6]):
+        grad = sparse_grad(8, 5, rows, gen)
+        step_each((opt_s, p_sparse, grad), (opt_d, p_dense, grad.to_dense()))
+    opt_s.flush()
+    opt_d.flush()
+    assert torch.equal(p_dense.detach(), p_sparse.detach())
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
@@ -184,12 +191,21 @@ def test_bf16_param_tracks_fp32(path):
     p32, p16 = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.bfloat16())
     o32, o16 = RowSparseAdam([p32], lr=1e-2), RowSparseAdam([p16], lr=1e-2)
     for step in range(3):
-        grad, _ = sparse_rows_grad(16, 32, [1, 5, 5, 11], seed=30 + step)
+        grad = sparse_grad(16, 32, [1, 5, 5, 11 + step], gen)
         p32.grad, p16.grad = grad, grad.bfloat16()
         o32.step()
         o16.step()
+    o32.flush()
+    o16.flush()
     assert o16.state[p16]["exp_avg"].dtype == torch.bfloat16
     torch.testing.assert_close(p16.detach().float(), p32.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_replay_horizon():
+    assert replay_horizon(0.9, 0.81) == -1  # beta1**2 >= beta2: no geometric bound, replay all
+    h = replay_horizon(0.9, 0.95)
+    assert 200 < h < 400
+    assert replay_horizon(0.5, 0.9) < 50
 
 
 def test_bad_arguments_raise():
@@ -202,3 +218,117 @@ def test_bad_arguments_raise():
     p.grad = torch.zeros(3, 2).to_sparse()  # sparse in both dims: not row-sparse
     with pytest.raises(ValueError, match="sparse_dim"):
         opt.step()
+
+
+def _lookup_run(opt_cls, fused: bool, impl: str, steps: int = 12, dtype=torch.float32, **kw):
+    """Train a table through the lookup; returns (values, optimizer, losses)."""
+    gen = torch.Generator().manual_seed(7)
+    v = torch.nn.Parameter(torch.randn(50, 13, generator=gen).to(dtype))
+    opt = opt_cls([v], lr=2e-2, betas=(0.9, 0.95), weight_decay=0.01, fused=fused, **kw)
+    losses = []
+    for step in range(1, steps + 1):
+        opt.param_groups[0]["lr"] = lr_at(step)
+        idx = (torch.rand(6, 5, generator=gen) ** 2 * 50).long()
+        w = torch.rand(6, 5, generator=gen, requires_grad=True)
+        target = torch.randn(6, 13, generator=gen)
+        loss = (lookup(v, idx, w, sparse=True, impl=impl).float() - target).pow(2).sum()
+        loss.backward()
+        assert (v.grad is None) == fused and w.grad is not None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    opt.flush()
+    return v, opt, losses
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward_update_is_bit_identical_to_unfused(dtype):
+    impl = "cpu"
+    v_f, opt_f, loss_f = _lookup_run(RowSparseAdam, True, impl, dtype=dtype)
+    v_u, opt_u, loss_u = _lookup_run(RowSparseAdam, False, impl, dtype=dtype)
+    assert loss_f == loss_u
+    assert torch.equal(v_f.detach(), v_u.detach())
+    for key in ("step", "exp_avg", "exp_avg_sq", "row_step", "lr_history"):
+        assert torch.equal(opt_f.state[v_f][key], opt_u.state[v_u][key])
+    # Same checkpoint format: the fused run's state loads into an unfused optimizer.
+    RowSparseAdam([torch.nn.Parameter(v_f.detach().clone())]).load_state_dict(opt_f.state_dict())
+
+
+@pytest.fixture
+def cpu_lookup_torch_path(monkeypatch):
+    """Run lookup_cpu's pure-torch fallback (covers the fused hook without the C++ kernels)."""
+    from memlayers import lookup_cpu as lc
+
+    monkeypatch.setattr(lc, "native_ops", lambda: None)
+    monkeypatch.setattr(rsa_module, "native_ops", lambda: None)
+
+
+def test_fused_update_on_torch_fallback(cpu_lookup_torch_path):
+    v_f, opt_f, loss_f = _lookup_run(RowSparseAdam, True, "cpu")
+    v_u, opt_u, loss_u = _lookup_run(RowSparseAdam, False, "cpu")
+    assert loss_f == loss_u and torch.equal(v_f.detach(), v_u.detach())
+
+
+class DenseRowwiseAdam:
+    """Reference: partial row-wise Adam applied to EVERY row every step (zero grads included)."""
+
+    def __init__(self, p, lr, betas, eps, weight_decay):
+        self.p, self.lr, self.betas, self.eps, self.wd, self.t = p.detach().clone(), lr, betas, eps, weight_decay, 0
+        self.m = torch.zeros_like(self.p)
+        self.v = torch.zeros(p.shape[0], 1)
+
+    def step(self, g, lr):
+        self.t += 1
+        b1, b2 = self.betas
+        self.p *= 1 - lr * self.wd
+        self.m = self.m + (1 - b1) * (g - self.m)
+        self.v = self.v * b2 + (1 - b2) * (g * g).mean(1, keepdim=True)
+        denom = self.v.sqrt() / (1 - b2**self.t) ** 0.5 + self.eps
+        self.p = self.p - lr / (1 - b1**self.t) * self.m / denom
+
+
+@pytest.mark.parametrize("betas", BETAS)
+def test_rowwise_adam_equals_dense_rowwise_reference(betas):
+    from memlayers.row_sparse_adam import RowwiseAdam
+
+    n_rows, dim = 24, 11
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(n_rows, dim, generator=gen)
+    p = torch.nn.Parameter(init.clone())
+    kw = dict(lr=1e-2, betas=betas, eps=1e-8, weight_decay=0.1)
+    ours, ref = RowwiseAdam([p], **kw), DenseRowwiseAdam(p, **kw)
+    for step in range(1, 81):
+        ours.param_groups[0]["lr"] = lr_at(step)
+        grad = sparse_grad(n_rows, dim, touched_rows(step, n_rows, gen), gen)
+        p.grad = grad
+        ours.step()
+        ref.step(grad.to_dense(), lr_at(step))
+    ours.flush()
+    torch.testing.assert_close(p.detach(), ref.p, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(ours.state[p]["exp_avg"], ref.m, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(ours.state[p]["exp_avg_sq"], ref.v.squeeze(1), rtol=2e-6, atol=1e-9)
+    assert ours.state[p]["exp_avg_sq"].shape == (n_rows,)
+
+
+def test_rowwise_adam_fused_and_state_round_trip():
+    from memlayers.row_sparse_adam import RowwiseAdam
+
+    v_f, opt_f, loss_f = _lookup_run(RowwiseAdam, True, "cpu", dtype=torch.bfloat16)
+    v_u, opt_u, loss_u = _lookup_run(RowwiseAdam, False, "cpu", dtype=torch.bfloat16)
+    assert loss_f == loss_u and torch.equal(v_f.detach(), v_u.detach())
+    opt_b = RowwiseAdam([torch.nn.Parameter(v_f.detach().clone())])
+    opt_b.load_state_dict(opt_f.state_dict())
+    assert next(iter(opt_b.state.values()))["exp_avg_sq"].dtype == torch.float32
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+def test_fused_refuses_two_reads_in_one_step():
+    v = torch.nn.Parameter(torch.randn(10, 4))
+    opt = RowSparseAdam([v], fused=True)
+    idx, w = torch.tensor([[1, 2]]), torch.ones(1, 2)
+    lookup(v, idx, w, sparse=True, impl="cpu").sum().backward()
+    with pytest.raises(RuntimeError, match="two backward passes"):
+        lookup(v, idx, w, sparse=True, impl="cpu").sum().backward()
+    opt.step()
+    lookup(v, idx, w, sparse=True, impl="cpu").sum().backward()  # next step: fine
