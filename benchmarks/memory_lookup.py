@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from memlayers.lookup_cpu import lookup_cpu, native_ops
 from memlayers.lookup import lookup
+from memlayers.lookup_cpu import lookup_cpu, native_ops
 from memlayers.row_sparse_adam import RowSparseAdam, RowwiseAdam
 
 GB = 1 << 30

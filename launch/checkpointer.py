@@ -570,7 +570,15 @@ class Checkpointer:
         trainer_state = read_trainer_state(path)
         flat, aliases, model_state, optim_states = flat_state(model, optimizers, adapter)
         if is_dcp_checkpoint(path):
-            self._read_dcp(path, flat, trainer_state)
+            # Optimizer state that grows with the step count (RowSparseAdam's lr_history) takes its saved length.
+            growing = {
+                f"optim{i}/{name}/{stat}"
+                for i, (opt, osd) in enumerate(zip(optimizers, optim_states))
+                for name, stats in osd["state"].items()
+                for stat in stats
+                if stat in getattr(opt, "growing_state", ())
+            }
+            self._read_dcp(path, flat, trainer_state, growing)
         else:
             _fill_from_full(flat, _legacy_full_state(path, len(optimizers)))
         # DCP wrote into the live tensors; hand them back so FSDP/optimizers see the loaded values.
@@ -597,7 +605,7 @@ class Checkpointer:
         return self.load(path, model, [], adapter)
 
     @staticmethod
-    def _read_dcp(path: Path, flat: dict[str, torch.Tensor], trainer_state: dict) -> None:
+    def _read_dcp(path: Path, flat: dict[str, torch.Tensor], trainer_state: dict, growing: set[str] = frozenset()) -> None:
         meta = read_metadata_file(path / STATE_DIR / METADATA_FILE)
         entries = tensor_entries(meta)
         stored_model = {k[len("model/"):]: s for k, (s, _) in entries.items() if k.startswith("model/")}
@@ -608,6 +616,8 @@ class Checkpointer:
         if missing:
             raise UserError(f"{path / STATE_DIR} has no optimizer state {missing[0]!r}: saved with another optimizer config")
         for key in flat:
+            if key in growing and len(entries[key][0]) == flat[key].dim() == 1:
+                flat[key] = torch.empty(tuple(entries[key][0]), dtype=flat[key].dtype)
             if tuple(flat[key].shape) != tuple(entries[key][0]):
                 raise UserError(f"{path / STATE_DIR}: {key!r} has shape {entries[key][0]}, expected {tuple(flat[key].shape)}")
         _dcp_load(flat, path)

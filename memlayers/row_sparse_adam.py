@@ -355,6 +355,10 @@ class RowSparseAdam(torch.optim.Optimizer):
         hist = state["lr_history"]
         state["lr_history"] = torch.cat([hist, hist.new_tensor([float(lr)])])
 
+    # State whose length grows with the step count (a checkpoint loader must take the saved length
+    # instead of the live one).
+    growing_state = ("lr_history",)
+
     # State that keeps its saved dtype on load (Optimizer.load_state_dict casts every state tensor
     # but `step` to the parameter's dtype).
     _KEEP_DTYPE = ("lr_history", "row_step")

@@ -103,7 +103,7 @@ def test_training_through_lookup_equals_dense_adamw(path):
     kw = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
     ours, ref = RowSparseAdam([v], **kw), torch.optim.AdamW([v_ref], foreach=False, **kw)
     impl = "cpu" if path == "cpp" else "torch"
-    for step in range(1, 31):
+    for _step in range(1, 31):
         # Skewed reads: a few rows every step, most rarely.
         idx = (torch.rand(8, 4, generator=gen) ** 3 * n_rows).long()
         w = torch.rand(8, 4, generator=gen)
