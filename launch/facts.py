@@ -208,19 +208,25 @@ def params_to_hold(n_entities: int, bits_per_param: float = BITS_PER_PARAM) -> i
     return math.ceil(fact_bits(n_entities) / bits_per_param)
 
 
-def training_documents(sources: list[str], fmt: str = "auto", text_field: str = "text") -> list[str]:
-    """The documents of every training source (data.train, then each data.mix path), for training a
-    tokenizer on the mixture the model will see rather than on data.train alone."""
-    from launch.data import load_documents
+def training_documents(data) -> list[str]:
+    """The documents of a `DataConfig`'s whole training mixture: data.train, then each data.mix
+    source (its own format/text_field where given), each document once. The trainer trains its
+    tokenizer on data.train alone; `train_tokenizer(training_documents(cfg.data), ...)` in
+    launch.train.prepare_tokenizer would train it on what the model actually reads."""
+    from launch.data import load_documents, parse_mix
 
-    return [doc for source in sources for doc in load_documents(source, "train", fmt, text_field)]
+    docs = list(load_documents(data.train, "train", data.format, data.text_field))
+    for m in parse_mix(data.mix):
+        docs += load_documents(m.path, "train", m.format or data.format, m.text_field or data.text_field)
+    return docs
 
 
 def mixture_tokenizer(sources: list[str], out: str | Path, vocab_size: int) -> Path:
-    """Train a tokenizer on the training mixture `sources` and write it to `out`."""
+    """Train a tokenizer on every document of the training sources `sources` and write it to `out`."""
+    from launch.data import load_documents
     from launch.tokenizer import train_tokenizer
 
-    return train_tokenizer(training_documents(sources), out, vocab_size)
+    return train_tokenizer([doc for source in sources for doc in load_documents(source, "train")], out, vocab_size)
 
 
 def main(argv: list[str]) -> int:

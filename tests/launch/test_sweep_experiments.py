@@ -252,6 +252,7 @@ def test_mixture_tokenizer_encodes_the_facts_shorter(tmp_path):
 # Quick end-to-end smoke: the capacity pipeline at toy size (a few seconds per process)
 
 
+@pytest.mark.slow
 def test_quick_pipeline_smoke(tmp_path, capsys):
     corpus = tmp_path / "facts"
     assert __import__("launch.facts", fromlist=["main"]).main(
@@ -280,3 +281,15 @@ def test_quick_pipeline_smoke(tmp_path, capsys):
     assert set(summary) == {"dense", "memory"} and all(s["seeds"] == "2" for s in summary.values())
     assert summary["memory"]["values"] == "16" and summary["dense"]["values"] == ""
     assert float(summary["dense"]["peak_rss_mb"]) > 50 and "facts_heldout/exact_match" in summary["dense"]
+
+
+def test_training_documents_cover_the_mixture(tmp_path):
+    from launch.config import DataConfig
+    from launch.facts import training_documents
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("plays text\n")
+    b.write_text("Nima Solk was born in Oslo.\n")
+    docs = training_documents(DataConfig(train=str(a), mix=[{"path": str(b), "ratio": 0.5}]))
+    assert docs == ["plays text\n", "Nima Solk was born in Oslo.\n"]
+    assert training_documents(DataConfig(train=str(a))) == ["plays text\n"]
