@@ -189,7 +189,8 @@ def write_corpus(args: FactsArgs) -> dict[str, Path]:
     _write_jsonl(paths["qa"], qa_rows(people, held_out=True, seed=args.seed))
     _write_jsonl(paths["qa_seen"], qa_rows(people, held_out=False, seed=args.seed))
     _write_jsonl(paths["facts"], people)
-    paths["meta"].write_text(json.dumps({**asdict(args), "attributes": list(ATTRIBUTES)}, indent=2) + "\n")
+    meta = {**asdict(args), "attributes": list(ATTRIBUTES), "fact_bits": fact_bits(args.n_entities), "majority_em": majority_em(people)}
+    paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     return paths
 
 
@@ -206,6 +207,15 @@ def params_to_hold(n_entities: int, bits_per_param: float = BITS_PER_PARAM) -> i
     """Parameters a model needs to store every fact at `bits_per_param`: a model with fewer
     parameters cannot memorise the corpus whatever it is trained on."""
     return math.ceil(fact_bits(n_entities) / bits_per_param)
+
+
+def majority_em(people: list[dict[str, str]]) -> float:
+    """Exact match of always answering each attribute's most common value: the recall a model
+    gets without knowing any person (the floor any memorisation claim has to clear)."""
+    from collections import Counter
+
+    hits = sum(Counter(p[a] for p in people).most_common(1)[0][1] for a in ATTRIBUTES)
+    return hits / (len(people) * len(ATTRIBUTES))
 
 
 def training_documents(data) -> list[str]:
@@ -238,7 +248,8 @@ def main(argv: list[str]) -> int:
     size = paths["train"].stat().st_size
     print(f"wrote {args.n_entities} entities × {len(ATTRIBUTES)} attributes to {args.out}: train.txt ({size / 1e3:.0f} kB), qa.jsonl, qa_seen.jsonl")
     print(f"facts hold {fact_bits(args.n_entities) / 1e3:.1f} kbit ({fact_bits(1):.1f} bits per entity): at {BITS_PER_PARAM:g} bits/param "
-          f"a model needs >= {params_to_hold(args.n_entities) / 1e6:.3f}M parameters to store them ({params_to_hold(args.n_entities, 1.0) / 1e6:.3f}M at 1 bit/param)")
+          f"a model needs >= {params_to_hold(args.n_entities) / 1e6:.3f}M parameters to store them ({params_to_hold(args.n_entities, 1.0) / 1e6:.3f}M at 1 bit/param); "
+          f"majority-answer recall EM {json.loads(paths['meta'].read_text())['majority_em']:.3f}")
     return 0
 
 

@@ -142,9 +142,13 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+        if abs(value) >= 1e5:
+            return f"{value:.3e}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool) and value >= 100_000:
         return f"{value / 1e6:.2f}M"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return str(value)
 
 
@@ -256,10 +260,10 @@ def collect(sweep: Sweep, out: str | Path | None = None, plot_metrics: list[str]
     scols += ["overhead_pct", REACH, REACH_EQUIV] * (target is not None) + ["best"] * tuned
     path["summary"].write_text(to_csv(summary, scols))
     written = {k: path[k] for k in ("md", "csv", "summary")}
-    title = f"sweep {sweep.name}" + (f" (mean ± std over {len(seeds)} seeds)" if seeds else "")
+    title = f"sweep {sweep.name}" + (" (mean ± std over the seeds done: see the table)" if seeds else "")
     kind = sweep.report.plot
     if kind == "values":
-        png = plots.values_plot(summary, plot_metrics or [m for m in metrics if "/" in m or m.startswith("val_")], path["png"], title, sweep.report.line)
+        png = plots.values_plot(summary, plot_metrics or [m for m in metrics if "/" in m or m.startswith("val_")], path["png"], title, sweep.report.line, sweep.report.floors)
     elif kind == "curves":
         shown = [s["arm"] for s in summary if not tuned or s.get("best")]
         png = plots.curves_plot({a: curves[a] for a in shown}, target, reference, path["png"], title)

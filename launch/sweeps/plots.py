@@ -56,7 +56,9 @@ def bars(rows: list[dict[str, Any]], metrics: list[str], path: Path, title: str)
     return _save(fig, path)
 
 
-def values_plot(summary: list[dict[str, Any]], metrics: list[str], path: Path, title: str, line: list[str] | None = None) -> Path | None:
+def values_plot(
+    summary: list[dict[str, Any]], metrics: list[str], path: Path, title: str, line: list[str] | None = None, floors: dict[str, float] | None = None
+) -> Path | None:
     """Metric vs number of memory values (seed mean ± std); the `line` arms (default: every memory
     arm) joined, other memory arms as single markers, dense arms as horizontal lines."""
     plt = _pyplot()
@@ -83,6 +85,8 @@ def values_plot(summary: list[dict[str, Any]], metrics: list[str], path: Path, t
             std = s.get(f"{m}_std") or 0.0
             ax.axhline(s[m], color=c, ls="--", label=f"{s['arm']} ({s.get('params') or 0:,} params)")
             ax.axhspan(s[m] - std, s[m] + std, color=c, alpha=0.12)
+        if floors and m in floors:
+            ax.axhline(floors[m], color="gray", ls=":", label=f"majority answer ({floors[m]:.3f})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("memory values (slots)")
         ax.set_title(m)

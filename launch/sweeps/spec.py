@@ -105,6 +105,7 @@ class ReportSettings:
     tune_metric: str = "val_loss"  # lower is better
     reference: str | None = None  # curves: the arm whose final val loss is the target (e.g. scratch)
     line: list[str] = field(default_factory=list)  # values: the memory arms joined by the line (empty: all)
+    floors: dict[str, float] = field(default_factory=dict)  # values: METRIC -> a no-knowledge baseline drawn dotted
 
 
 @dataclass

@@ -99,8 +99,8 @@ def test_bad_seed_and_grid_specs(tmp_path, body, match):
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
-def test_every_committed_sweep_expands_dry(path, capsys):
-    assert sweep_main([f"sweep={path}", "mode=dry"]) == 0
+def test_every_committed_sweep_expands_dry(path, tmp_path, capsys):
+    assert sweep_main([f"sweep={path}", "mode=dry", f"runs_dir={tmp_path / 'fresh'}"]) == 0  # every run new
     out = capsys.readouterr().out
     sweep = load_sweep(path)
     assert f"{len(sweep.runs)} runs" in out and out.count("-m launch.train") == len(sweep.runs)
@@ -293,3 +293,10 @@ def test_training_documents_cover_the_mixture(tmp_path):
     docs = training_documents(DataConfig(train=str(a), mix=[{"path": str(b), "ratio": 0.5}]))
     assert docs == ["plays text\n", "Nima Solk was born in Oslo.\n"]
     assert training_documents(DataConfig(train=str(a))) == ["plays text\n"]
+
+
+def test_majority_baseline():
+    from launch.facts import ATTRIBUTES, majority_em
+
+    people = [{a: "x" for a in ATTRIBUTES}, {a: "x" for a in ATTRIBUTES}, {**{a: "x" for a in ATTRIBUTES}, "employer": "y"}, {a: "z" for a in ATTRIBUTES}]
+    assert majority_em(people) == pytest.approx(sum([3, 3, 3, 2, 3]) / 20)
