@@ -13,6 +13,10 @@ Writes:
                       templates (never in train.txt): answering needs the fact, not a copied line.
 - DIR/qa_seen.jsonl   the same facts in the training question templates (memorisation check).
 - DIR/facts.jsonl     the ground truth, one entity per line; DIR/meta.json the generator settings.
+- DIR/tokenizer.model with `tokenizer_vocab=N`: a tokenizer trained on the training MIXTURE
+                      (`tokenizer_with`, the plays by default, plus train.txt), so the invented
+                      names get pieces of their own instead of being shredded into bytes and
+                      letters by a tokenizer that never saw them. Point `data.tokenizer` at it.
 
 Everything is a deterministic function of (n_entities, seed, repeats, qa_in_train).
 """
@@ -20,9 +24,10 @@ Everything is a deterministic function of (n_entities, seed, repeats, qa_in_trai
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from launch.config import load_config
@@ -98,6 +103,8 @@ class FactsArgs:
     repeats: int = 8  # renderings of every fact in train.txt
     qa_in_train: bool = True  # add training-template Q/A pairs to train.txt
     overwrite: bool = False  # replace an earlier launch.facts output in `out`
+    tokenizer_vocab: int = 0  # > 0: also train DIR/tokenizer.model (this many pieces) on the mixture
+    tokenizer_with: list[str] = field(default_factory=lambda: ["shakespeare"])  # the other training sources
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -179,16 +186,68 @@ def write_corpus(args: FactsArgs) -> dict[str, Path]:
         _write_jsonl(tmp / names["qa_seen"], qa_rows(people, held_out=False, seed=args.seed))
         _write_jsonl(tmp / names["facts"], people)
         meta = {k: v for k, v in asdict(args).items() if k != "overwrite"}
-        (tmp / names["meta"]).write_text(json.dumps({**meta, "attributes": list(ATTRIBUTES)}, indent=2) + "\n")
+        meta = {**meta, "attributes": list(ATTRIBUTES), "fact_bits": fact_bits(args.n_entities), "majority_em": majority_em(people)}
+        (tmp / names["meta"]).write_text(json.dumps(meta, indent=2) + "\n")
     out = Path(args.out)
     return {key: out / name for key, name in names.items()}
+
+
+VALUE_COUNTS = {"birth_city": len(CITIES), "birth_year": 100, "occupation": len(OCCUPATIONS), "employer": len(EMPLOYERS), "university": len(UNIVERSITIES)}
+BITS_PER_PARAM = 2.0  # knowledge capacity of LMs (Allen-Zhu & Li, "Physics of LMs 3.3"): ~2 bits/param after ~1000 exposures, ~1 after 100
+
+
+def fact_bits(n_entities: int) -> float:
+    """Information in the corpus' facts: each attribute value is a uniform choice among its options."""
+    return n_entities * sum(math.log2(n) for n in VALUE_COUNTS.values())
+
+
+def params_to_hold(n_entities: int, bits_per_param: float = BITS_PER_PARAM) -> int:
+    """Parameters a model needs to store every fact at `bits_per_param`: a model with fewer
+    parameters cannot memorise the corpus whatever it is trained on."""
+    return math.ceil(fact_bits(n_entities) / bits_per_param)
+
+
+def majority_em(people: list[dict[str, str]]) -> float:
+    """Exact match of always answering each attribute's most common value: the recall a model
+    gets without knowing any person (the floor any memorisation claim has to clear)."""
+    from collections import Counter
+
+    hits = sum(Counter(p[a] for p in people).most_common(1)[0][1] for a in ATTRIBUTES)
+    return hits / (len(people) * len(ATTRIBUTES))
+
+
+def training_documents(data) -> list[str]:
+    """The documents of a `DataConfig`'s whole training mixture: data.train, then each data.mix
+    source (its own format/text_field where given), each document once. The trainer trains its
+    tokenizer on data.train alone; `train_tokenizer(training_documents(cfg.data), ...)` in
+    launch.train.prepare_tokenizer would train it on what the model actually reads."""
+    from launch.data import load_documents, parse_mix
+
+    docs = list(load_documents(data.train, "train", data.format, data.text_field))
+    for m in parse_mix(data.mix):
+        docs += load_documents(m.path, "train", m.format or data.format, m.text_field or data.text_field)
+    return docs
+
+
+def mixture_tokenizer(sources: list[str], out: str | Path, vocab_size: int) -> Path:
+    """Train a tokenizer on every document of the training sources `sources` and write it to `out`."""
+    from launch.data import load_documents
+    from launch.tokenizer import train_tokenizer
+
+    return train_tokenizer([doc for source in sources for doc in load_documents(source, "train")], out, vocab_size)
 
 
 def main(argv: list[str]) -> int:
     args = load_config(argv, FactsArgs)
     paths = write_corpus(args)
+    if args.tokenizer_vocab > 0:
+        tok = mixture_tokenizer([*args.tokenizer_with, str(paths["train"])], Path(args.out) / "tokenizer.model", args.tokenizer_vocab)
+        print(f"wrote {tok}: {args.tokenizer_vocab} pieces trained on {' + '.join(args.tokenizer_with)} + train.txt")
     size = paths["train"].stat().st_size
     print(f"wrote {args.n_entities} entities × {len(ATTRIBUTES)} attributes to {args.out}: train.txt ({size / 1e3:.0f} kB), qa.jsonl, qa_seen.jsonl")
+    print(f"facts hold {fact_bits(args.n_entities) / 1e3:.1f} kbit ({fact_bits(1):.1f} bits per entity): at {BITS_PER_PARAM:g} bits/param "
+          f"a model needs >= {params_to_hold(args.n_entities) / 1e6:.3f}M parameters to store them ({params_to_hold(args.n_entities, 1.0) / 1e6:.3f}M at 1 bit/param); "
+          f"majority-answer recall EM {json.loads(paths['meta'].read_text())['majority_em']:.3f}")
     return 0
 
 

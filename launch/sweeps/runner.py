@@ -26,6 +26,7 @@ from launch.sweeps.spec import Run, Sweep, override_args, run_config
 
 GROWN = "grown"  # RUN/grown: the grown checkpoint a grow run starts from
 EVAL = "eval"  # RUN/eval: launch.eval's results.json
+STEPS_LOG = "sweep_steps.jsonl"  # RUN/sweep_steps.jsonl: wall time and peak RSS of each local step
 
 
 @dataclass
@@ -140,10 +141,17 @@ def run_steps(sweep: Sweep, run: Run, nproc: int, env: dict[str, str], log: Path
             f.write(f"\n$ {' '.join(cmd)}\n")
             f.flush()
             t0 = time.time()
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env})
-            f.write(f"[{step.kind} exited {proc.returncode} after {time.time() - t0:.0f}s]\n")
-        if proc.returncode != 0:
-            raise UserError(f"run {run.name}: {step.kind} failed (exit {proc.returncode}); see {log}")
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env})
+            # wait4: this child's own peak RSS (RUSAGE_CHILDREN would be the max over all children)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = code = os.waitstatus_to_exitcode(status)
+            wall = time.time() - t0
+            f.write(f"[{step.kind} exited {code} after {wall:.0f}s]\n")
+        record = {"kind": step.kind, "exit": code, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        with open(log.parent / STEPS_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if code != 0:
+            raise UserError(f"run {run.name}: {step.kind} failed (exit {code}); see {log}")
 
 
 def run_local(sweep: Sweep, runs: list[Run], parallel: int, nproc: int, env: dict[str, str]) -> list[str]:

@@ -12,6 +12,9 @@ runs:                             # explicit override sets (each times the grid 
   - {name: dense, memory.layers: []}
   - {memory.gated: false}
   - {name: scalenet, grow: {from: base, strategy: scalenet, depth: 4}}   # grow another run first
+  - {name: scratch, grid: {optim.lr: [1e-3, 3e-3]}}   # this entry only: one run per value
+seeds: [0, 1, 2]                  # every run once per seed (run.seed), named RUN_seed-S
+report: {plot: values, tune: [optim.lr]}  # how `collect` summarises (see ReportSettings)
 eval: {tasks: ["facts:data/facts/qa.jsonl"], args: {eval.max_new_tokens: 8}}
 local: {parallel: 1, nproc: 1, env: {OMP_NUM_THREADS: "1"}}
 slurm: {nodes: 1, gpus_per_node: 8, partition: learn, time_min: 240}
@@ -19,6 +22,12 @@ slurm: {nodes: 1, gpus_per_node: 8, partition: learn, time_min: 240}
 
 Run names come from the overrides that differ between runs (`layers-0+1_shared-false`): short,
 filesystem-safe, deterministic and unique (a hash suffix settles collisions).
+
+Seeds: with `seeds`, each run is replicated per seed as `NAME_seed-S` (arm NAME); a grow run
+grows from its source's run of the same seed. `collect` then reports mean ± std over the seeds
+of each arm. (A `run.seed` grid axis gives the same names, but grows cannot follow it.)
+An entry's own `grid` (it needs a `name`) makes one run per value, `NAME_KEY-VALUE`, all in
+tuning group NAME: `report.tune` keeps the best of them per group (the learning-rate search).
 """
 
 from __future__ import annotations
@@ -38,8 +47,9 @@ from launch.errors import ConfigError
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MAX_NAME = 80
-_TOP_KEYS = ("name", "base", "out", "overrides", "grid", "runs", "eval", "local", "slurm")
-_RUN_KEYS = ("name", "grow")  # non-config keys a `runs` entry may hold
+_TOP_KEYS = ("name", "base", "out", "overrides", "grid", "runs", "seeds", "eval", "local", "slurm", "report")
+_RUN_KEYS = ("name", "grow", "grid")  # non-config keys a `runs` entry may hold
+SEED_KEY = "run.seed"
 _GROW_KEYS = ("from", "strategy", "depth", "args")
 
 
@@ -86,11 +96,27 @@ class EvalSettings:
 
 
 @dataclass
+class ReportSettings:
+    """How `launch.sweep collect` summarises the runs (per-run rows are always written)."""
+
+    plot: str = "bars"  # bars | values (metrics against memory values, dense arms as lines) | curves (val loss vs step)
+    metrics: list[str] = field(default_factory=list)  # summary/plot metrics; empty: val_ppl and every */exact_match
+    tune: list[str] = field(default_factory=list)  # keys searched per tuning group (entry grids); best mean kept
+    tune_metric: str = "val_loss"  # lower is better
+    reference: str | None = None  # curves: the arm whose final val loss is the target (e.g. scratch)
+    line: list[str] = field(default_factory=list)  # values: the memory arms joined by the line (empty: all)
+    floors: dict[str, float] = field(default_factory=dict)  # values: METRIC -> a no-knowledge baseline drawn dotted
+
+
+@dataclass
 class Run:
     name: str
     overrides: dict[str, Any]  # dotted config key -> value (sweep-wide overrides included)
     varied: dict[str, Any]  # the overrides that distinguish this run (for names and tables)
     grow: GrowStep | None = None
+    arm: str = ""  # the name without the seed: runs of one arm differ only in run.seed
+    group: str = ""  # tuning group: the entry's name when the entry has its own grid, else the arm
+    seed: int | None = None
 
 
 @dataclass
@@ -103,6 +129,7 @@ class Sweep:
     eval: EvalSettings
     local: LocalSettings
     slurm: SlurmSettings
+    report: ReportSettings = field(default_factory=ReportSettings)
 
     def run_dir(self, run: Run | str) -> Path:
         return self.out / (run if isinstance(run, str) else run.name)
@@ -211,6 +238,62 @@ def expand(grid: dict[str, list] | None, runs: list[dict] | None) -> list[dict[s
     return [{**entry, **combo} for entry in entries for combo in combos]
 
 
+def expand_entry_grids(entries: list[dict] | None) -> tuple[list[dict] | None, list[str | None]]:
+    """Entries with their own `grid` become one named entry per combination (`NAME_KEY-VALUE`);
+    returns the entries and each one's tuning group (the entry's name, or None)."""
+    if not entries:
+        return entries, []
+    out: list[dict] = []
+    groups: list[str | None] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "grid" not in entry:
+            out.append(entry)
+            groups.append(None)
+            continue
+        if not entry.get("name"):
+            raise ConfigError(f"runs[{i}]: an entry with its own grid needs a name (the tuning group)")
+        rest = {k: v for k, v in entry.items() if k != "grid"}
+        sets = expand(entry["grid"], None)
+        for combo, suffix in zip(sets, derive_names(sets)):
+            out.append({**rest, **combo, "name": f"{entry['name']}_{suffix}"})
+            groups.append(str(entry["name"]))
+    return out, groups
+
+
+def _seeds(data: Any, path: Path) -> list[int]:
+    if data is None:
+        return []
+    if not isinstance(data, list) or not data or not all(isinstance(s, int) and not isinstance(s, bool) for s in data):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {data!r}")
+    if len(set(data)) != len(data):
+        raise ConfigError(f"{path}: seeds {data} repeat a seed")
+    return list(data)
+
+
+def replicate_seeds(runs: list[Run], seeds: list[int]) -> list[Run]:
+    """Each run once per seed (`NAME_seed-S`, run.seed=S); grows follow their source's seed."""
+    out = []
+    for r in runs:
+        for s in seeds:
+            grow = None
+            if r.grow is not None:
+                grow = GrowStep(f"{r.grow.source}_seed-{s}", r.grow.strategy, r.grow.depth, dict(r.grow.args))
+            out.append(Run(f"{r.name}_seed-{s}", {**r.overrides, SEED_KEY: s}, {**r.varied, SEED_KEY: s}, grow, r.arm, r.group, s))
+    return out
+
+
+def _arms(names: list[str], varied: list[dict[str, Any]], explicit: list[str | None], grid: dict | None) -> list[str]:
+    """Each run's name without its run.seed grid part (the arm its seeds are averaged over)."""
+    if not grid or SEED_KEY not in grid:
+        return names
+    rest = {k: v for k, v in grid.items() if k != SEED_KEY}
+    bare = [{k: v for k, v in var.items() if k != SEED_KEY} for var in varied]
+    if any(explicit):
+        grid_names = derive_names([{k: v[k] for k in rest} for v in bare], dedupe=False) if rest else [""] * len(bare)
+        return [(f"{e}_{g}" if g else e) if e else d for e, g, d in zip(explicit, grid_names, derive_names(bare, dedupe=False))]
+    return derive_names(bare, dedupe=False)
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and validate a sweep file; every run's config is checked against the schema."""
     path = Path(path)
@@ -232,7 +315,10 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: base config {base} not found (paths are relative to the sweep file)")
     name = str(data.get("name") or path.stem)
     common = dict(data.get("overrides") or {})
-    sets = expand(data.get("grid"), data.get("runs"))
+    entries, entry_groups = expand_entry_grids(data.get("runs"))
+    sets = expand(data.get("grid"), entries)
+    per_combo = len(sets) // max(1, len(entries or [{}]))
+    entry_groups = [g for g in (entry_groups or [None]) for _ in range(per_combo)]
 
     explicit, grows, varied = [], [], []
     for i, s in enumerate(sets):
@@ -253,10 +339,21 @@ def load_sweep(path: str | Path) -> Sweep:
     if dupes:
         raise ConfigError(f"{path}: run names {', '.join(dupes)} are used twice")
 
-    runs = [Run(n, {**common, **v}, v, g) for n, v, g in zip(names, varied, grows)]
+    arms = _arms(names, varied, explicit, data.get("grid"))
+    if any(entry_groups) and set(data.get("grid") or {}) - {SEED_KEY}:
+        raise ConfigError(f"{path}: an entry's own grid cannot be combined with a top-level grid (other than run.seed)")
+    runs = [
+        Run(n, {**common, **v}, v, g, arm, grp or arm, v.get(SEED_KEY))
+        for n, v, g, arm, grp in zip(names, varied, grows, arms, entry_groups)
+    ]
     for r in runs:
         if r.grow is not None and r.grow.source not in names:
             raise ConfigError(f"{path}: run {r.name} grows from {r.grow.source!r}, which is not a run of this sweep")
+    seeds = _seeds(data.get("seeds"), path)
+    if seeds:
+        if any(r.seed is not None for r in runs):
+            raise ConfigError(f"{path}: give seeds either as `seeds` or as a run.seed override, not both")
+        runs = replicate_seeds(runs, seeds)
     out = Path(str(data.get("out") or f"runs/sweeps/{name}"))
     sweep = Sweep(
         name=name,
@@ -267,6 +364,7 @@ def load_sweep(path: str | Path) -> Sweep:
         eval=_settings(EvalSettings, data.get("eval"), "eval"),
         local=_settings(LocalSettings, data.get("local"), "local"),
         slurm=_settings(SlurmSettings, data.get("slurm"), "slurm"),
+        report=_settings(ReportSettings, data.get("report"), "report"),
     )
     for r in runs:
         if r.grow is None:
