@@ -27,7 +27,11 @@ class Tokenizer:
         if not path.is_file():
             raise UserError(f"tokenizer model not found: {path}")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:  # a truncated, garbage or non-sentencepiece file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path} is not a sentencepiece tokenizer model ({reason})") from None
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
 
     @property

@@ -280,3 +280,12 @@ def test_a_failed_write_leaves_the_previous_output_whole(tmp_path):
     assert digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp left
     with pytest.raises(UserError, match="not written by other"):
         output_dir(out, command="other", overwrite=True).__enter__()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 500, b"trainer_spec {"])
+def test_garbage_tokenizer_model_is_one_line(capsys, tmp_path, content):
+    bad = tmp_path / "tok.model"
+    bad.write_bytes(content)
+    run = tmp_path / "run"
+    cli_error(capsys, train_cli.main, [f"config={TINY}", f"data.tokenizer={bad}", f"run.dir={run}", "train.steps=1"], str(bad), "sentencepiece")
+    assert not (run / "checkpoints").exists()
