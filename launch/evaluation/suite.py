@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ from launch.evaluation.tasks import (
     Document,
     MultipleChoice,
     TaskSpec,
+    TokenDocument,
     load_examples,
+    open_task_shards,
     parse_task_specs,
     split_shots,
+    text_documents,
 )
 from launch.generate import generate
 from launch.tokenizer import Tokenizer
@@ -107,30 +111,55 @@ def evaluate_generative(ctx: _Ctx, examples: list[QA], shots: list) -> TaskResul
     return TaskResult({"exact_match": em_sum / n, "f1": f1_sum / n, "n": n}, preds)
 
 
-def evaluate_text(ctx: _Ctx, docs: list[Document], limit: int | None) -> TaskResult:
+def _scored_ids(tokenizer: Tokenizer, doc: Document | TokenDocument) -> tuple[list[int], int | None]:
+    """BOS + pieces of a document, and the UTF-8 bytes of its text when known without decoding.
+    A shard document's closing EOS is dropped: the text path encodes BOS + pieces
+    (`Tokenizer.encode_prompt`) and never scores an EOS, so both give the same perplexity."""
+    if isinstance(doc, Document):
+        return tokenizer.encode_prompt(doc.text), len(doc.text.encode("utf-8"))
+    ids = doc.ids.tolist()
+    if ids and ids[-1] == tokenizer.eos_id:
+        ids.pop()
+    return ids, None
+
+
+def evaluate_text(ctx: _Ctx, docs: Iterable[Document | TokenDocument], limit: int | None) -> TaskResult:
     """Perplexity over documents, each encoded BOS + text (`Tokenizer.encode_prompt`) and scored in windows
     of the model's context (see `rolling_windows`; `eval.text_stride` slides them). `limit` caps
-    the number of windows. bits_per_byte = total NLL / ln 2 / UTF-8 bytes of the scored text."""
+    the number of windows. bits_per_byte = total NLL / ln 2 / UTF-8 bytes of the scored text.
+    Documents are consumed one at a time and their windows scored in chunks of a few batches, so
+    memory does not grow with the corpus (a token shard directory of any size streams through)."""
     max_len = ctx.model.cfg.max_seq_len
-    requests, n_bytes, n_docs = [], 0, 0
-    for doc in docs:
-        if limit is not None and len(requests) >= limit:
+    chunk = 8 * max(ctx.cfg.batch_size, 1)
+    pending: list = []
+    nll, tokens, n_windows, n_bytes, n_docs = 0.0, 0, 0, 0, 0
+
+    def score(requests: list) -> None:
+        nonlocal nll, tokens, n_windows
+        lls = loglikelihoods(ctx.model, requests, ctx.cfg.batch_size, max_len, ctx.device)
+        nll -= sum(ll for ll, _ in lls)
+        tokens += sum(len(cont) for _, cont in requests)
+        n_windows += len(requests)
+        requests.clear()
+
+    for doc in tqdm(docs, desc=ctx.name, unit="doc", disable=not ctx.progress, leave=False):
+        if limit is not None and n_windows + len(pending) >= limit:
             break
-        ids = ctx.tokenizer.encode_prompt(doc.text)
+        ids, doc_bytes = _scored_ids(ctx.tokenizer, doc)
         windows = rolling_windows(ids, max_len, ctx.cfg.text_stride or None)
-        if limit is not None and len(requests) + len(windows) > limit:
-            windows = windows[: limit - len(requests)]
+        if limit is not None and n_windows + len(pending) + len(windows) > limit:
+            windows = windows[: limit - n_windows - len(pending)]
+            doc_bytes = None
+        if doc_bytes is None:  # the text of the scored tokens (the tokenizer round-trips exactly)
             scored = sum(len(cont) for _, cont in windows)
-            n_bytes += len(ctx.tokenizer.decode(ids[1 : 1 + scored]).encode("utf-8"))
-        else:
-            n_bytes += len(doc.text.encode("utf-8"))
-        requests += windows
+            doc_bytes = len(ctx.tokenizer.decode(ids[1 : 1 + scored]).encode("utf-8"))
+        n_bytes += doc_bytes
+        pending += windows
         n_docs += 1
-    lls = loglikelihoods(
-        ctx.model, requests, ctx.cfg.batch_size, max_len, ctx.device, desc=ctx.name, progress=ctx.progress
-    )
-    nll = -sum(ll for ll, _ in lls)
-    tokens = sum(len(cont) for _, cont in requests)
+        if len(pending) >= chunk:
+            score(pending)
+    if pending:
+        score(pending)
     if tokens == 0:
         return TaskResult({"nll_per_token": float("nan"), "ppl": float("nan"), "bits_per_byte": float("nan"), "tokens": 0, "n": 0})
     per_token = nll / tokens
@@ -140,16 +169,16 @@ def evaluate_text(ctx: _Ctx, docs: list[Document], limit: int | None) -> TaskRes
             "ppl": math.exp(min(per_token, 700.0)),
             "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
             "tokens": tokens,
-            "windows": len(requests),
+            "windows": n_windows,
             "n": n_docs,
         }
     )
 
 
 def evaluate_task(ctx: _Ctx, task: TaskSpec) -> TaskResult:
-    examples = load_examples(task)
     if task.format.kind == "text":
-        return evaluate_text(ctx, examples, ctx.cfg.limit)
+        return evaluate_text(ctx, text_documents(task, ctx.tokenizer), ctx.cfg.limit)
+    examples = load_examples(task)
     shots, examples = split_shots(task, examples, ctx.cfg.shots)
     if ctx.cfg.limit is not None:
         examples = examples[: ctx.cfg.limit]
@@ -169,6 +198,9 @@ def run_suite(
     """Every task's metrics and predictions; the model is put in eval mode and restored after."""
     info = info or DistInfo()
     specs = parse_task_specs(tasks)
+    for spec in specs:
+        if spec.shards:
+            open_task_shards(spec, tokenizer)  # a mismatched shard directory fails before any task runs
     was_training = model.training
     model.eval()
     results: dict[str, TaskResult] = {}

@@ -10,19 +10,32 @@ exact match and F1) or `Document` (perplexity). Adding a format is one function 
 
 A *task spec* on the command line is `FORMAT:PATH`, optionally followed by `?shots=PATH` (few-shot
 examples from another file of the same format) and/or `?name=NAME`, or a built-in name
-(`shakespeare`, or `text` without a path: the bundled validation plays).
+(`shakespeare`, or `text` without a path: the bundled validation plays). A `text` task's PATH may
+also be a token shard directory made by `python -m launch.tokenize` (documents read as token ids
+from memory-mapped shards, one at a time).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from launch.errors import UserError
+from launch.shards import (
+    ShardError,
+    TokenShards,
+    is_shard_dir,
+    open_shards,
+    read_index,
+    tokenizer_fingerprint,
+)
+from launch.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Example kinds
@@ -93,6 +106,13 @@ class QA:
 @dataclass
 class Document:
     text: str
+
+
+@dataclass
+class TokenDocument:
+    """A document of a token shard directory: BOS + pieces + EOS, as `launch.tokenize` wrote it."""
+
+    ids: np.ndarray
 
 
 Example = MultipleChoice | QA | Document
@@ -270,6 +290,11 @@ class TaskSpec:
     shots_path: Path | None = None
     options: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def shards(self) -> bool:
+        """A `text` task whose path is a token shard directory."""
+        return self.path is not None and self.path.is_dir()
+
 
 def parse_task_spec(spec: str) -> TaskSpec:
     spec = spec.strip()
@@ -292,7 +317,12 @@ def parse_task_spec(spec: str) -> TaskSpec:
         raise UserError(f"task {spec!r} needs a local file: {fmt_name}:/path/to/{fmt_name}.jsonl (nothing is downloaded)")
     else:
         fmt, file = FORMATS[fmt_name], Path(path)
-        if not file.is_file():
+        if fmt.kind == "text" and file.is_dir() and not is_shard_dir(file):
+            raise UserError(
+                f"task {spec!r}: {file} is a directory without index.json; expected a file or a token "
+                "shard directory made by python -m launch.tokenize"
+            )
+        if not file.is_file() and not (fmt.kind == "text" and file.is_dir()):
             raise UserError(f"task {spec!r}: file not found: {file}")
     shots = Path(options["shots"]) if "shots" in options else None
     if shots is not None and not shots.is_file():
@@ -369,6 +399,30 @@ def load_examples(task: TaskSpec) -> list[Example]:
         except UnicodeDecodeError as e:
             raise UserError(f"{task.path}: not UTF-8 text (byte offset {e.start} is {data[e.start]:#04x})") from None
     return parse_rows(task.format, task.path)
+
+
+def open_task_shards(task: TaskSpec, tokenizer: Tokenizer) -> TokenShards:
+    """The memory-mapped shards of a `text` task on a shard directory, refused when they were
+    tokenized with another tokenizer than the model's (their ids would mean other pieces)."""
+    want = tokenizer_fingerprint(tokenizer)
+    got = read_index(task.path).get("tokenizer_sha256")
+    if got != want:
+        raise ShardError(
+            f"task {task.name}: {task.path} was tokenized with another tokenizer (sha256 {str(got)[:12]}…) "
+            f"than the model's {tokenizer.path} ({want[:12]}…): re-tokenize it with python -m launch.tokenize "
+            f"tokenizer={tokenizer.path}"
+        )
+    return open_shards(task.path, want)
+
+
+def text_documents(task: TaskSpec, tokenizer: Tokenizer) -> Iterator[Document | TokenDocument]:
+    """A `text` task's documents one at a time: from a shard directory as token ids (read from
+    the memory map as they are scored, so memory does not grow with the corpus), else parsed."""
+    if task.shards:
+        for ids in open_task_shards(task, tokenizer).documents():
+            yield TokenDocument(ids)
+    else:
+        yield from load_examples(task)
 
 
 def split_shots(task: TaskSpec, examples: list[Example], shots: int) -> tuple[list[Example], list[Example]]:
