@@ -57,6 +57,25 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def run_torchrun_cli(main) -> None:
+    """`launch.errors.run_cli(main)`, then, under torchrun (after the process group is destroyed and
+    every file closed), exit without the interpreter's teardown: torch's C++ background threads have
+    been seen to abort a finished run there ("terminate called without an active exception", -6)."""
+    import sys
+
+    from launch.errors import run_cli
+
+    try:
+        run_cli(main)
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -28,7 +28,7 @@ from launch.checkpointer import Checkpointer, StateAdapter, read_trainer_state
 from launch.config import Config, load_config, to_yaml, validate
 from launch.data import BatchStream, build_datasets, load_documents, shard_tokenizer
 from launch.distributed import DistInfo, all_reduce_sum, any_rank, barrier, destroy, init_distributed
-from launch.errors import TrainingError, UserError, run_cli
+from launch.errors import TrainingError, UserError
 from launch.gradnorm import grad_norm_and_clip
 from launch.metrics import MetricsLogger
 from launch.optim import build_optimizers, lr_multiplier, reset_base_lrs, set_lr
@@ -289,5 +289,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from launch.distributed import run_torchrun_cli
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_cli(main)
+    run_torchrun_cli(main)
