@@ -138,15 +138,19 @@ def json_rows(path: Path, errors: str = "strict") -> Iterator[tuple[int, dict]]:
         for lineno, raw in enumerate(f, 1):
             line = _decode(raw, path, offset, errors)
             offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            yield lineno, row
+            if line.strip():
+                yield lineno, json_object(line, path, lineno)
+
+
+def json_object(line: str, path: Path, lineno: int) -> dict:
+    """One JSON Lines row, which must be an object; anything else fails naming `path:lineno`."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+    return row
 
 
 def _jsonl_documents(path: Path, text_field: str, errors: str) -> Iterator[str]:

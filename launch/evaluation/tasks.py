@@ -17,7 +17,6 @@ from memory-mapped shards, one at a time).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from launch.shards import (
     read_index,
     tokenizer_fingerprint,
 )
+from launch.sources import json_object
 from launch.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -357,15 +357,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line is {raw[e.start]:#04x})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append((lineno, row))
+            if line.strip():
+                rows.append((lineno, json_object(line, path, lineno)))
     return rows
 
 
