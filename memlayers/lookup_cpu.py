@@ -195,6 +195,11 @@ class _BagSumCPU(torch.autograd.Function):
             return None, None, None, None, None
         grad_out32 = grad_out.float().contiguous()
         dense = not ctx.sparse_grad
+        if need_v and ctx.fused is not None and ctx.fused[1].fuses_backward(ctx.fused[0]):
+            # The optimizer step happens inside the backward's loop over the rows: no value gradient.
+            param, opt = ctx.fused
+            grad_w = opt.fused_backward(param, indices, weights32, grad_out32, need_w)
+            return None, None, (grad_w.to(ctx.weights_dtype) if need_w else None), None, None
         if ctx.use_native:
             rows, grad_rows, grad_w = native_ops().bag_backward(
                 values, indices, weights32, grad_out32, need_v, need_w, dense

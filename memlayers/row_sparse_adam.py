@@ -291,7 +291,10 @@ class RowSparseAdam(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return  # no step taken yet: every row is current
-        self._apply_rows(p, state, self._group_of(p), indices.reshape(-1).to(torch.int64), None, claim=True)
+        # Sorted unique rows: the row kernel then walks memory in order (measured 4x faster on 1M x 256
+        # than claiming the raw, repeated reads one compare-and-swap at a time), and the sort is cheap.
+        rows = torch.unique(indices.reshape(-1).to(torch.int64))
+        self._apply_rows(p, state, self._group_of(p), rows, None, claim=False)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -326,10 +329,45 @@ class RowSparseAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def fused_step(self, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """One optimizer step of `p` from its coalesced gradient (unique rows, (U, D) row grads),
-        called from the lookup's backward in fused mode: the same arithmetic as `step()`.
+        called from the lookup's backward in fused mode: the same arithmetic as `step()`."""
+        self._claim_fused(p)
+        self._step_rows(p, self._group_of(p), rows, grad_rows)
 
-        A second call before the next `step()` means the table is read more than once per step
-        (several layers, gradient accumulation): the summed gradient would be needed, so refuse."""
+    def fuses_backward(self, p: torch.Tensor) -> bool:
+        """Whether `fused_backward` can run for `p`: the C++ kernel that applies the update inside the
+        lookup's backward loop (CPU tables; otherwise the backward hands rows to `fused_step`)."""
+        return p.device.type == "cpu" and p.dim() == 2 and native_ops() is not None
+
+    @torch.no_grad()
+    def fused_backward(
+        self,
+        p: torch.Tensor,
+        indices: torch.Tensor,
+        weights32: torch.Tensor,
+        grad_out32: torch.Tensor,
+        need_weights_grad: bool,
+    ) -> torch.Tensor | None:
+        """The lookup's backward and this optimizer's step of `p` in one pass over the unique rows read
+        (FBGEMM's fused backward+update): each row's gradient is summed in registers and applied at once,
+        so no gradient row is written or read back. Bit-identical to the lookup's sparse backward
+        followed by `step()` (tests). Returns grad_weights (fp32, like `indices`) or None."""
+        if not p.is_contiguous():
+            raise ValueError("RowSparseAdam updates rows in place and needs contiguous parameters")
+        self._claim_fused(p)
+        group = self._group_of(p)
+        state = self._state(p)
+        self._advance(state, group["lr"])
+        beta1, beta2 = group["betas"]
+        grad_w = native_ops().bag_backward_adam_(
+            p.detach(), state["exp_avg"], state["exp_avg_sq"], state["row_step"], indices, weights32, grad_out32,
+            need_weights_grad, self._table(p, state, group), int(state["step"].item()), beta1, beta2, group["eps"],
+            replay_horizon(beta1, beta2),
+        )  # fmt: skip
+        return grad_w if need_weights_grad else None
+
+    def _claim_fused(self, p: torch.Tensor) -> None:
+        """A second fused update before the next `step()` means the table is read more than once per
+        step (several layers, gradient accumulation): the summed gradient would be needed, so refuse."""
         if id(p) in self._fused_since_step:
             raise RuntimeError(
                 "RowSparseAdam(fused=True): the value table got two backward passes in one optimizer step "
@@ -337,7 +375,6 @@ class RowSparseAdam(torch.optim.Optimizer):
                 "only for one read per step. Use fused=False (memory.fused_value_update=false)."
             )
         self._fused_since_step.add(id(p))
-        self._step_rows(p, self._group_of(p), rows, grad_rows)
 
     def _step_rows(self, p: torch.Tensor, group: dict[str, Any], rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         if not p.is_contiguous():
@@ -452,6 +489,9 @@ class RowwiseAdam(RowSparseAdam):
             super()._state(p)
             state["exp_avg_sq"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
         return state
+
+    def fuses_backward(self, p: torch.Tensor) -> bool:
+        return False  # no C++ kernel for the row-wise moment: the backward hands rows to fused_step
 
     def _apply_rows(self, p, state, group, rows, grad_rows, claim) -> None:
         if claim:

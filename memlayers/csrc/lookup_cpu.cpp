@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef __linux__
@@ -39,13 +40,6 @@ constexpr int64_t kGrain = 64;
 // Rows ahead to prefetch in the gathers: random rows miss every cache level and the
 // hardware prefetcher cannot guess the next index.
 constexpr int64_t kPrefetchAhead = 4;
-
-inline float to_f(float x) { return x; }
-inline float to_f(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float to_f(c10::Half x) { return static_cast<float>(x); }
-
-template <typename T>
-inline T from_f(float x) { return static_cast<T>(x); }
 
 // Gradient buffers are hundreds of MB and freshly allocated every step: with 4 KiB
 // pages, first-touch page faults cost more than writing the data (measured: 418 MB
@@ -199,9 +193,187 @@ Tensor bag_forward(const Tensor& values, const Tensor& indices, const Tensor& we
   return out;
 }
 
+// ---------------------------------------------------------------- row arithmetic
+// Every kernel below that reads or writes a value row's numbers goes through these few inline
+// functions, on column blocks of kCB floats held in stack arrays the compiler vectorises (the
+// earlier per-row heap buffers ran 4x slower than torch's fused AdamW). So the unfused backward,
+// the unfused optimizer step and the fused backward+update round identically (tests compare
+// them bit for bit).
+constexpr int64_t kCB = 64;
+
+// fp32 -> storage dtype. bf16: round to nearest even, NaN -> 0x7FC0, exactly c10::BFloat16's rule,
+// spelled out with integer ops so the loop vectorises.
+inline void store_f(float* p, int64_t j, float x) { p[j] = x; }
+inline void store_f(c10::BFloat16* p, int64_t j, float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  reinterpret_cast<uint16_t*>(p)[j] = static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+}
+inline void store_f(c10::Half* p, int64_t j, float x) { p[j] = static_cast<c10::Half>(x); }
+
+// Calls fn(col, w) for the column blocks of a D-wide row: w is a compile-time kCB for the full
+// blocks (fixed trip counts vectorise without remainder loops) and a runtime width for the tail.
+template <typename Fn>
+inline void for_blocks(int64_t D, Fn&& fn) {
+  int64_t col = 0;
+  for (; col + kCB <= D; col += kCB) fn(col, std::integral_constant<int64_t, kCB>{});
+  if (col < D) fn(col, D - col);
+}
+
+template <typename scalar_t>
+inline void load_block(const scalar_t* __restrict__ src, int64_t w, float* __restrict__ dst) {
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) dst[j] = load_f(src, j);
+}
+template <typename scalar_t>
+inline void store_block(const float* __restrict__ src, int64_t w, scalar_t* __restrict__ dst) {
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) store_f(dst, j, src[j]);
+}
+// x -> storage dtype -> fp32: what a value written to the table and read back holds.
+template <typename scalar_t>
+inline void round_block(float* __restrict__ x, int64_t w) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    scalar_t tmp[kCB];
+    store_block<scalar_t>(x, w, tmp);
+    load_block<scalar_t>(tmp, w, x);
+  }
+}
+inline float dot_block(const float* __restrict__ a, const float* __restrict__ b, int64_t w) {
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < w; ++j) dot += a[j] * b[j];
+  return dot;
+}
+
+// Dense AdamW (torch.optim.AdamW, single-tensor path) for one row, lazily. `hist` holds per step s
+// (doubles): step_size = lr_s/bc1_s, bc2sqrt_s, decay_s = 1 - lr_s*wd, C_s = sum_{j<=s} log(decay_j).
+// Catching a row up from step `last` to `upto` replays the steps dense AdamW took with a zero
+// gradient for it:  m = lerp(m, 0, 1-b1);  v = b2*v;  p = p*decay_s - step_size_s*m / (sqrt(v)/bc2sqrt_s + eps).
+// After `horizon` replayed steps the remaining updates are below float resolution (the Python side
+// derives the horizon from the betas; < 0 = replay every step) and the rest of the gap is applied in
+// closed form (m *= b1^n, v *= b2^n, p *= exp(C_upto - C_s)).
+struct AdamArgs {
+  const double* H;  // (T+1, 4)
+  double beta1, beta2;
+  float b1, b2, omb1, omb2, eps;
+  int64_t horizon;
+};
+
+struct CatchUp {
+  int64_t first, last;  // replay steps [first, last]
+  bool tail;
+  float fm, fv, fd;
+};
+
+inline CatchUp plan_catch_up(const AdamArgs& a, int64_t from, int64_t upto) {
+  const int64_t gap = upto - from;
+  const int64_t n_replay = a.horizon < 0 ? gap : std::min(gap, a.horizon);
+  CatchUp c{from + 1, from + n_replay, gap > n_replay, 1.f, 1.f, 1.f};
+  if (c.tail) {
+    const int64_t rest = gap - n_replay;
+    c.fm = std::pow(a.beta1, double(rest));
+    c.fv = std::pow(a.beta2, double(rest));
+    c.fd = std::exp(a.H[4 * upto + 3] - a.H[4 * (from + n_replay) + 3]);
+  }
+  return c;
+}
+
+// One element's arithmetic, shared by every loop below (identical expressions -> identical rounding).
+struct StepScalars {
+  float ss, bc2s, dec;  // lr_s/bc1_s, sqrt(bc2_s), 1 - lr_s*wd
+};
+inline StepScalars step_scalars(const AdamArgs& a, int64_t s) {
+  const double* h = a.H + 4 * s;
+  return StepScalars{float(h[0]), float(h[1]), float(h[2])};
+}
+inline void zero_grad_elem(float& p, float& m, float& v, const StepScalars& k, float omb1, float b2, float eps) {
+  const float md = m + omb1 * (0.f - m);
+  const float vd = v * b2;
+  p = p * k.dec + (-k.ss * md) / (std::sqrt(vd) / k.bc2s + eps);
+  m = md;
+  v = vd;
+}
+inline void grad_elem(float& p, float& m, float& v, float g, const StepScalars& k, float omb1, float b2,
+                      float omb2, float eps) {
+  const float md = m + omb1 * (g - m);
+  const float vd = v * b2 + omb2 * g * g;
+  p = p * k.dec + (-k.ss * md) / (std::sqrt(vd) / k.bc2s + eps);
+  m = md;
+  v = vd;
+}
+
+// Replay the zero-gradient steps of `c` on w elements held in fp32 (stack) arrays: one vectorised
+// pass per replayed step (the step scalars are uniform across the pass).
+inline void catch_up_block(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v, int64_t w,
+                           const AdamArgs& a, const CatchUp& c) {
+  const float omb1 = a.omb1, b2 = a.b2, eps = a.eps;
+  for (int64_t s = c.first; s <= c.last; ++s) {
+    const StepScalars k = step_scalars(a, s);
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) zero_grad_elem(p[j], m[j], v[j], k, omb1, b2, eps);
+  }
+  if (c.tail) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      m[j] *= c.fm;
+      v[j] *= c.fv;
+      p[j] *= c.fd;
+    }
+  }
+}
+
+inline bool has_replay(const CatchUp& c) { return c.first <= c.last || c.tail; }
+
+// Catch a D-wide row's (p, m, v) up per `c`, then (with G) take step `target`. Without a replay
+// (the common case: the row was caught up at its read) this is one pass, each element loaded once,
+// updated in registers and stored once; with one the row goes through fp32 stack blocks (one
+// rounding to the storage dtype per catch-up, as the state is stored once).
+template <typename scalar_t>
+inline void adam_row(scalar_t* __restrict__ P, scalar_t* __restrict__ M, scalar_t* __restrict__ V,
+                     const scalar_t* __restrict__ G, int64_t D, const AdamArgs& a, const CatchUp& c,
+                     int64_t target) {
+  const StepScalars k = step_scalars(a, target);
+  const float omb1 = a.omb1, b2 = a.b2, omb2 = a.omb2, eps = a.eps;
+  if (!has_replay(c)) {
+    if (G == nullptr) return;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) {
+      float p = load_f(P, j), m = load_f(M, j), v = load_f(V, j);
+      grad_elem(p, m, v, load_f(G, j), k, omb1, b2, omb2, eps);
+      store_f(P, j, p);
+      store_f(M, j, m);
+      store_f(V, j, v);
+    }
+    return;
+  }
+  for_blocks(D, [&](int64_t col, auto w) {
+    float p[kCB], m[kCB], v[kCB];
+    load_block(P + col, w, p);
+    load_block(M + col, w, m);
+    load_block(V + col, w, v);
+    catch_up_block(p, m, v, w, a, c);
+    if (G != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) grad_elem(p[j], m[j], v[j], load_f(G + col, j), k, omb1, b2, omb2, eps);
+    }
+    store_block(p, w, P + col);
+    store_block(m, w, M + col);
+    store_block(v, w, V + col);
+  });
+}
+
+template <typename scalar_t>
+inline void prefetch_state_row(const scalar_t* P, const scalar_t* M, const scalar_t* V, int64_t r, int64_t D) {
+  prefetch_row(P + r * D, D);
+  prefetch_row(M + r * D, D);
+  prefetch_row(V + r * D, D);
+}
+
 // ---------------------------------------------------------------- backward
-// grad_weights only: per bag, dot(grad_out[b], values[idx[b,k]]). Used when the
-// values need no gradient, so no sort is paid for.
+// grad_weights only: per bag, dot(grad_out[b], values[idx[b,k]]) by column blocks (the same sums
+// as the value-gradient kernels below). Used when the values need no gradient, so no sort is paid.
 template <typename scalar_t>
 void weights_grad_kernel(const Tensor& values, const Tensor& indices, const Tensor& grad_out, Tensor& gw) {
   const int64_t B = indices.size(0), K = indices.size(1), D = values.size(1);
@@ -210,71 +382,147 @@ void weights_grad_kernel(const Tensor& values, const Tensor& indices, const Tens
   const float* G = grad_out.const_data_ptr<float>();
   float* GW = gw.mutable_data_ptr<float>();
   at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+    float p[kCB];
     for (int64_t b = b0; b < b1; ++b) {
       const float* __restrict__ g = G + b * D;
+      const int64_t* idx = I + b * K;
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t* idx = I + b * K;
         if (k + kPrefetchAhead < K) prefetch_row(V + idx[k + kPrefetchAhead] * D, D);
-        const scalar_t* __restrict__ row = V + idx[k] * D;
+        const scalar_t* row = V + idx[k] * D;
         float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += g[d] * to_f(row[d]);
+        for (int64_t col = 0; col < D; col += kCB) {
+          const int64_t w = std::min(kCB, D - col);
+          load_block(row + col, w, p);
+          dot += dot_block(g + col, p, w);
+        }
         GW[b * K + k] = dot;
       }
     }
   });
 }
 
-// The value gradient (plus grad_weights when needed) in one pass over the UNIQUE rows: every value row is read once
-// (coalesced) and its gradient row written once; grad_weights comes from the same
-// read. Entries are grouped by row with a stable sort of the flat indices.
-template <typename scalar_t>
-void fused_backward_kernel(const Tensor& values, const Tensor& weights, const Tensor& grad_out,
-                           const int64_t K, const Tensor& sorted_rows, const Tensor& perm,
-                           const std::vector<int64_t>& seg_start, bool need_gw, bool dense,
-                           Tensor& grad_rows, Tensor& gw) {
+// Reads grouped by row: a stable sort of the flat indices, then segment starts.
+struct RowSegments {
+  Tensor sorted_rows, perm;
+  std::vector<int64_t> seg_start;  // U+1 entries
+  int64_t unique() const { return static_cast<int64_t>(seg_start.size()) - 1; }
+};
+
+RowSegments segment_rows(const Tensor& indices) {
+  RowSegments s;
+  Tensor flat = indices.reshape({-1});
+  std::tie(s.sorted_rows, s.perm) = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const int64_t M = flat.numel();
+  const int64_t* S = s.sorted_rows.const_data_ptr<int64_t>();
+  s.seg_start.reserve(M + 1);
+  for (int64_t e = 0; e < M; ++e) {
+    if (e == 0 || S[e] != S[e - 1]) s.seg_start.push_back(e);
+  }
+  s.seg_start.push_back(M);
+  return s;
+}
+
+// The value gradient (plus grad_weights when needed) in one pass over the UNIQUE rows: every value
+// row is read once, its dot products with the bag gradients give grad_weights, and its summed
+// gradient either goes to `grad_rows` (kFuseAdam false: row u, or row r when dense) or, with
+// kFuseAdam, straight into the AdamW step of that row (FBGEMM's fused backward+update: no gradient
+// row is written or read back). Fused, a row not yet caught up to step target-1 is first caught
+// up as a read would (and rounded to the storage dtype as that write would), the gradient is rounded
+// to the table's dtype as the unfused gradient tensor is, and the row's state is stored once.
+template <typename scalar_t, bool kFuseAdam>
+void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Tensor& grad_out, const int64_t K,
+                          const RowSegments& seg, bool need_gw, bool dense, Tensor& grad_rows, Tensor& gw,
+                          Tensor* exp_avg, Tensor* exp_avg_sq, Tensor* row_step, const AdamArgs* adam,
+                          int64_t target) {
   const int64_t D = values.size(1);
-  const int64_t U = static_cast<int64_t>(seg_start.size()) - 1;
-  const scalar_t* V = values.const_data_ptr<scalar_t>();
+  const int64_t U = seg.unique();
+  const int64_t* SS = seg.seg_start.data();
+  scalar_t* Pp = const_cast<scalar_t*>(values.const_data_ptr<scalar_t>());
   const float* W = weights.const_data_ptr<float>();
   const float* G = grad_out.const_data_ptr<float>();
-  const int64_t* S = sorted_rows.const_data_ptr<int64_t>();
-  const int64_t* P = perm.const_data_ptr<int64_t>();
-  scalar_t* GR = grad_rows.mutable_data_ptr<scalar_t>();
+  const int64_t* S = seg.sorted_rows.const_data_ptr<int64_t>();
+  const int64_t* Pm = seg.perm.const_data_ptr<int64_t>();
+  scalar_t* GR = kFuseAdam ? nullptr : grad_rows.mutable_data_ptr<scalar_t>();
   float* GW = need_gw ? gw.mutable_data_ptr<float>() : nullptr;
+  scalar_t* Mp = kFuseAdam ? exp_avg->mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* Vp = kFuseAdam ? exp_avg_sq->mutable_data_ptr<scalar_t>() : nullptr;
+  int64_t* RS = kFuseAdam ? row_step->mutable_data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, U, kGrain, [&](int64_t u0, int64_t u1) {
-    std::vector<float> acc_buf(D);
-    float* __restrict__ acc = acc_buf.data();
+    float p[kCB], m[kCB], v[kCB], acc[kCB];
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t e0 = seg_start[u], e1 = seg_start[u + 1];
+      const int64_t e0 = SS[u], e1 = SS[u + 1];
       const int64_t r = S[e0];
-      if (u + kPrefetchAhead < u1 && need_gw) prefetch_row(V + S[seg_start[u + kPrefetchAhead]] * D, D);
-      const scalar_t* __restrict__ row = V + r * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t pos = P[e];
-        const float* __restrict__ g = G + (pos / K) * D;
-        const float w = W[pos];
-        if (need_gw) {
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) {
-            dot += g[d] * to_f(row[d]);
-            acc[d] += w * g[d];
+      if (u + kPrefetchAhead < u1) {
+        const int64_t ra = S[SS[u + kPrefetchAhead]];
+        if constexpr (kFuseAdam) prefetch_state_row(Pp, Mp, Vp, ra, D);
+        else if (need_gw) prefetch_row(Pp + ra * D, D);
+      }
+      CatchUp plan{};
+      if constexpr (kFuseAdam) {
+        const int64_t last = RS[r];
+        TORCH_CHECK(last <= target - 1, "row ", r, " is ahead of the optimizer (row step ", last, " > ", target - 1, ")");
+        plan = plan_catch_up(*adam, last, target - 1);
+      }
+      const bool replay = has_replay(plan);
+      for_blocks(D, [&](int64_t col, auto w) {
+        scalar_t* P = Pp + r * D + col;
+        if (need_gw || kFuseAdam) load_block(P, w, p);
+        if constexpr (kFuseAdam) {
+          if (replay) {  // only when a row was not caught up at its read
+            load_block(Mp + r * D + col, w, m);
+            load_block(Vp + r * D + col, w, v);
+            catch_up_block(p, m, v, w, *adam, plan);
+            // As if caught up at the read: stored, then read back (the dot products see that value).
+            round_block<scalar_t>(p, w);
+            round_block<scalar_t>(m, w);
+            round_block<scalar_t>(v, w);
           }
-          GW[pos] = dot;
-        } else {
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * g[d];
         }
-      }
-      {
-        scalar_t* __restrict__ out = GR + (dense ? r : u) * D;
+        for (int64_t j = 0; j < w; ++j) acc[j] = 0.f;
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t pos = Pm[e];
+          const float* __restrict__ g = G + (pos / K) * D + col;
+          const float wt = W[pos];
+          if (need_gw) {
+            const float dot = dot_block(g, p, w);
+            GW[pos] = col == 0 ? dot : GW[pos] + dot;
+          }
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) out[d] = from_f<scalar_t>(acc[d]);
-      }
+          for (int64_t j = 0; j < w; ++j) acc[j] += wt * g[j];
+        }
+        if constexpr (kFuseAdam) {
+          round_block<scalar_t>(acc, w);
+          scalar_t* __restrict__ M = Mp + r * D + col;
+          scalar_t* __restrict__ V = Vp + r * D + col;
+          const AdamArgs& a = *adam;
+          const StepScalars k = step_scalars(a, target);
+          const float omb1 = a.omb1, b2 = a.b2, omb2 = a.omb2, eps = a.eps;
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) {
+            float pj = p[j], mj = replay ? m[j] : load_f(M, j), vj = replay ? v[j] : load_f(V, j);
+            grad_elem(pj, mj, vj, acc[j], k, omb1, b2, omb2, eps);
+            store_f(P, j, pj);
+            store_f(M, j, mj);
+            store_f(V, j, vj);
+          }
+        } else {
+          store_block(acc, w, GR + (dense ? r : u) * D + col);
+        }
+      });
+      if constexpr (kFuseAdam) RS[r] = target;
     }
   });
+}
+
+void check_backward_inputs(const Tensor& values, const Tensor& indices, const Tensor& weights, const Tensor& grad_out) {
+  check_lookup_inputs(values, indices, weights);
+  const int64_t B = indices.size(0), D = values.size(1);
+  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous() && grad_out.dim() == 2 &&
+                  grad_out.size(0) == B && grad_out.size(1) == D,
+              "grad_out must be a contiguous float32 (B, D) tensor");
+  const auto st = values.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "values dtype must be float32, bfloat16 or float16, got ", st);
 }
 
 // Returns (rows, grad_rows, grad_weights):
@@ -284,14 +532,9 @@ void fused_backward_kernel(const Tensor& values, const Tensor& weights, const Te
 std::tuple<Tensor, Tensor, Tensor> bag_backward(const Tensor& values, const Tensor& indices,
                                                 const Tensor& weights, const Tensor& grad_out,
                                                 bool need_values_grad, bool need_weights_grad, bool dense) {
-  check_lookup_inputs(values, indices, weights);
+  check_backward_inputs(values, indices, weights, grad_out);
   const int64_t B = indices.size(0), K = indices.size(1), D = values.size(1);
-  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && grad_out.is_contiguous() && grad_out.dim() == 2 &&
-                  grad_out.size(0) == B && grad_out.size(1) == D,
-              "grad_out must be a contiguous float32 (B, D) tensor");
   const auto st = values.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-              "values dtype must be float32, bfloat16 or float16, got ", st);
   Tensor gw = need_weights_grad ? at::empty({B, K}, weights.options()) : at::empty({0}, weights.options());
   Tensor empty_rows = at::empty({0}, indices.options());
 
@@ -304,142 +547,31 @@ std::tuple<Tensor, Tensor, Tensor> bag_backward(const Tensor& values, const Tens
     return {empty_rows, at::empty({0, D}, values.options()), gw};
   }
 
-  Tensor flat = indices.reshape({-1});
-  auto [sorted_rows, perm] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const int64_t M = flat.numel();
-  const int64_t* S = sorted_rows.const_data_ptr<int64_t>();
-  std::vector<int64_t> seg_start;
-  seg_start.reserve(M + 1);
-  for (int64_t e = 0; e < M; ++e) {
-    if (e == 0 || S[e] != S[e - 1]) seg_start.push_back(e);
-  }
-  seg_start.push_back(M);
-  const int64_t U = static_cast<int64_t>(seg_start.size()) - 1;
-
+  RowSegments seg = segment_rows(indices);
+  const int64_t U = seg.unique();
   Tensor rows = dense ? empty_rows : at::empty({U}, indices.options());
   if (!dense) {
     int64_t* R = rows.mutable_data_ptr<int64_t>();
-    for (int64_t u = 0; u < U; ++u) R[u] = S[seg_start[u]];
+    const int64_t* S = seg.sorted_rows.const_data_ptr<int64_t>();
+    for (int64_t u = 0; u < U; ++u) R[u] = S[seg.seg_start[u]];
   }
   // Dense: rows never touched must read zero; sparse: every row is written.
   Tensor grad_rows = dense ? zeros_large(values.sizes(), values.options()) : empty_large({U, D}, values.options());
-
+  Tensor* none = nullptr;
   if (st == at::kFloat)
-    fused_backward_kernel<float>(values, weights, grad_out, K, sorted_rows, perm, seg_start,
-                                 need_weights_grad, dense, grad_rows, gw);
+    rows_backward_kernel<float, false>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows, gw,
+                                       none, none, none, nullptr, 0);
   else if (st == at::kBFloat16)
-    fused_backward_kernel<c10::BFloat16>(values, weights, grad_out, K, sorted_rows, perm, seg_start,
-                                         need_weights_grad, dense, grad_rows, gw);
+    rows_backward_kernel<c10::BFloat16, false>(values, weights, grad_out, K, seg, need_weights_grad, dense,
+                                               grad_rows, gw, none, none, none, nullptr, 0);
   else
-    fused_backward_kernel<c10::Half>(values, weights, grad_out, K, sorted_rows, perm, seg_start,
-                                     need_weights_grad, dense, grad_rows, gw);
+    rows_backward_kernel<c10::Half, false>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows,
+                                           gw, none, none, none, nullptr, 0);
   return {rows, grad_rows, gw};
 }
 
-// ---------------------------------------------------------------- exact row-sparse Adam
-// Dense AdamW (torch.optim.AdamW, single-tensor path) applied row by row, lazily: a row is
-// brought up to date only when it is read or gets a gradient. `row_step[r]` is the optimizer
-// step through which row r is current. Catching a row up from step `last` to `upto` replays
-// the steps dense AdamW took with a zero gradient for it:
-//   m = lerp(m, 0, 1-b1);  v = b2*v;  p = p*decay_s - step_size_s*m / (sqrt(v)/bc2sqrt_s + eps)
-// with the per-step scalars of step s read from `hist` (doubles, one row per step:
-// step_size = lr_s/bc1_s, bc2sqrt_s, decay_s = 1 - lr_s*wd, C_s = sum_{j<=s} log(decay_j)).
-// After `horizon` replayed steps the remaining updates are below float resolution (the
-// Python side derives the horizon from the betas; < 0 = replay every step): the rest of the
-// gap is applied in closed form (m *= b1^n, v *= b2^n, p *= exp(C_upto - C_s)).
-// With `grad_rows` non-empty the rows are caught up to `target - 1` and then take step
-// `target` with their gradient; otherwise they are caught up to `target`.
-// `claim`: rows may repeat (raw read indices); each row is claimed with a compare-and-swap
-// on row_step so exactly one thread replays it. Without claim rows must be unique.
-template <typename scalar_t>
-void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& row_step, const Tensor& rows,
-                      const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
-                      double eps, int64_t horizon, bool claim) {
-  const int64_t U = rows.numel(), D = param.size(1);
-  const bool has_grad = grad_rows.numel() > 0;
-  const int64_t upto = has_grad ? target - 1 : target;
-  scalar_t* Pp = param.mutable_data_ptr<scalar_t>();
-  scalar_t* Mp = exp_avg.mutable_data_ptr<scalar_t>();
-  scalar_t* Vp = exp_avg_sq.mutable_data_ptr<scalar_t>();
-  int64_t* RS = row_step.mutable_data_ptr<int64_t>();
-  const int64_t* R = rows.const_data_ptr<int64_t>();
-  const scalar_t* Gp = has_grad ? grad_rows.const_data_ptr<scalar_t>() : nullptr;
-  const double* H = hist.const_data_ptr<double>();  // (T+1, 4)
-  const float b1 = beta1, b2 = beta2, omb1 = 1.0 - beta1, omb2 = 1.0 - beta2, fe = eps;
-  at::parallel_for(0, U, kGrain, [&](int64_t u0, int64_t u1) {
-    std::vector<float> buf(3 * D);
-    float* __restrict__ p = buf.data();
-    float* __restrict__ m = p + D;
-    float* __restrict__ v = m + D;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t r = R[u];
-      int64_t last = RS[r];
-      if (claim) {
-        if (last < 0 || last >= upto) continue;  // being replayed by another thread, or current
-        if (!__atomic_compare_exchange_n(&RS[r], &last, int64_t(-1), false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-          continue;
-      }
-      TORCH_CHECK(last <= upto, "row ", r, " is ahead of the optimizer (row step ", last, " > ", upto, ")");
-      scalar_t* P = Pp + r * D;
-      scalar_t* M = Mp + r * D;
-      scalar_t* V = Vp + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        p[d] = to_f(P[d]);
-        m[d] = to_f(M[d]);
-        v[d] = to_f(V[d]);
-      }
-      const int64_t gap = upto - last;
-      const int64_t n_replay = horizon < 0 ? gap : std::min(gap, horizon);
-      for (int64_t s = last + 1; s <= last + n_replay; ++s) {
-        const double* h = H + 4 * s;
-        const float ss = h[0], bc2s = h[1], dec = h[2];
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          const float md = m[d] + omb1 * (0.f - m[d]);
-          const float vd = v[d] * b2;
-          p[d] = p[d] * dec + (-ss * md) / (std::sqrt(vd) / bc2s + fe);
-          m[d] = md;
-          v[d] = vd;
-        }
-      }
-      if (gap > n_replay) {
-        const int64_t rest = gap - n_replay;
-        const float fm = std::pow(beta1, double(rest)), fv = std::pow(beta2, double(rest));
-        const float fd = std::exp(H[4 * upto + 3] - H[4 * (last + n_replay) + 3]);
-        for (int64_t d = 0; d < D; ++d) {
-          m[d] *= fm;
-          v[d] *= fv;
-          p[d] *= fd;
-        }
-      }
-      if (has_grad) {
-        const double* h = H + 4 * target;
-        const float ss = h[0], bc2s = h[1], dec = h[2];
-        const scalar_t* __restrict__ g = Gp + u * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          const float gd = to_f(g[d]);
-          const float md = m[d] + omb1 * (gd - m[d]);
-          const float vd = v[d] * b2 + omb2 * gd * gd;
-          p[d] = p[d] * dec + (-ss * md) / (std::sqrt(vd) / bc2s + fe);
-          m[d] = md;
-          v[d] = vd;
-        }
-      }
-      for (int64_t d = 0; d < D; ++d) {
-        P[d] = from_f<scalar_t>(p[d]);
-        M[d] = from_f<scalar_t>(m[d]);
-        V[d] = from_f<scalar_t>(v[d]);
-      }
-      if (claim) __atomic_store_n(&RS[r], target, __ATOMIC_RELEASE);
-      else RS[r] = target;
-    }
-  });
-}
-
-void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
-                     const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
-                     double eps, int64_t horizon, bool claim) {
+void check_adam_state(const Tensor& param, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,
+                      const Tensor& hist, int64_t target) {
   TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D tensor");
   TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes() &&
                   exp_avg.is_contiguous() && exp_avg_sq.is_contiguous() &&
@@ -449,29 +581,106 @@ void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row
   TORCH_CHECK(row_step.dim() == 1 && row_step.size(0) == param.size(0) && row_step.scalar_type() == at::kLong &&
                   row_step.is_contiguous(),
               "row_step must be a contiguous int64 (rows,) tensor");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
-              "rows must be a contiguous 1-D int64 tensor");
   TORCH_CHECK(hist.dim() == 2 && hist.size(1) == 4 && hist.size(0) > target && hist.scalar_type() == at::kDouble &&
                   hist.is_contiguous(),
               "hist must be a contiguous float64 (steps+1, 4) tensor covering the target step");
+}
+
+AdamArgs make_adam_args(const Tensor& hist, double beta1, double beta2, double eps, int64_t horizon) {
+  return AdamArgs{hist.const_data_ptr<double>(), beta1, beta2, float(beta1), float(beta2),
+                  float(1.0 - beta1), float(1.0 - beta2), float(eps), horizon};
+}
+
+// Fused backward + AdamW step of the value table (row-sparse, exact: see rows_backward_kernel and
+// lazy_adam_rows_). Returns grad_weights (B, K) float32 (empty when not needed).
+Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& indices,
+                          const Tensor& weights, const Tensor& grad_out, bool need_weights_grad, const Tensor& hist,
+                          int64_t target, double beta1, double beta2, double eps, int64_t horizon) {
+  check_backward_inputs(param, indices, weights, grad_out);
+  check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target);
+  TORCH_CHECK(target >= 1, "target step must be >= 1");
+  const int64_t B = indices.size(0), K = indices.size(1);
+  Tensor gw = need_weights_grad ? at::empty({B, K}, weights.options()) : at::empty({0}, weights.options());
+  RowSegments seg = segment_rows(indices);
+  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
+  Tensor none;
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      rows_backward_kernel<float, true>(param, weights, grad_out, K, seg, need_weights_grad, false, none, gw,
+                                        &exp_avg, &exp_avg_sq, &row_step, &a, target);
+      break;
+    case at::kBFloat16:
+      rows_backward_kernel<c10::BFloat16, true>(param, weights, grad_out, K, seg, need_weights_grad, false, none, gw,
+                                                &exp_avg, &exp_avg_sq, &row_step, &a, target);
+      break;
+    default:
+      rows_backward_kernel<c10::Half, true>(param, weights, grad_out, K, seg, need_weights_grad, false, none, gw,
+                                            &exp_avg, &exp_avg_sq, &row_step, &a, target);
+  }
+  return gw;
+}
+
+// ---------------------------------------------------------------- exact row-sparse Adam
+// Dense AdamW applied row by row, lazily: a row is brought up to date only when it is read or gets a
+// gradient. `row_step[r]` is the optimizer step through which row r is current. With `grad_rows`
+// non-empty the rows are caught up to `target - 1` and then take step `target` with their gradient;
+// otherwise they are caught up to `target`. `claim`: rows may repeat (raw read indices); each row is
+// claimed with a compare-and-swap on row_step so exactly one thread replays it. Without claim rows
+// must be unique.
+template <typename scalar_t>
+void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& row_step, const Tensor& rows,
+                      const Tensor& grad_rows, const AdamArgs& a, int64_t target, bool claim) {
+  const int64_t U = rows.numel(), D = param.size(1);
+  const bool has_grad = grad_rows.numel() > 0;
+  const int64_t upto = has_grad ? target - 1 : target;
+  scalar_t* Pp = param.mutable_data_ptr<scalar_t>();
+  scalar_t* Mp = exp_avg.mutable_data_ptr<scalar_t>();
+  scalar_t* Vp = exp_avg_sq.mutable_data_ptr<scalar_t>();
+  int64_t* RS = row_step.mutable_data_ptr<int64_t>();
+  const int64_t* R = rows.const_data_ptr<int64_t>();
+  const scalar_t* Gp = has_grad ? grad_rows.const_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, U, kGrain, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r = R[u];
+      // No software prefetch here: rows arrive sorted, which the hardware prefetcher follows (measured:
+      // prefetching three state rows ahead made this loop 1.5x slower).
+      int64_t last = RS[r];
+      if (claim) {
+        if (last < 0 || last >= upto) continue;  // being replayed by another thread, or current
+        if (!__atomic_compare_exchange_n(&RS[r], &last, int64_t(-1), false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+          continue;
+      }
+      TORCH_CHECK(last <= upto, "row ", r, " is ahead of the optimizer (row step ", last, " > ", upto, ")");
+      adam_row<scalar_t>(Pp + r * D, Mp + r * D, Vp + r * D, has_grad ? Gp + u * D : nullptr, D, a,
+                         plan_catch_up(a, last, upto), target);
+      if (claim) __atomic_store_n(&RS[r], target, __ATOMIC_RELEASE);
+      else RS[r] = target;
+    }
+  });
+}
+
+void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
+                     const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
+                     double eps, int64_t horizon, bool claim) {
+  check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target);
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "rows must be a contiguous 1-D int64 tensor");
   if (grad_rows.numel() > 0) {
     TORCH_CHECK(!claim, "rows with gradients must be unique (claim=false)");
     TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == rows.numel() && grad_rows.size(1) == param.size(1) &&
                     grad_rows.is_contiguous() && grad_rows.scalar_type() == param.scalar_type(),
                 "grad_rows must be a contiguous (len(rows), D) tensor of param's dtype");
   }
+  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
   switch (param.scalar_type()) {
     case at::kFloat:
-      lazy_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, hist, target, beta1, beta2,
-                              eps, horizon, claim);
+      lazy_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target, claim);
       break;
     case at::kBFloat16:
-      lazy_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, hist, target, beta1,
-                                      beta2, eps, horizon, claim);
+      lazy_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target, claim);
       break;
     case at::kHalf:
-      lazy_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, hist, target, beta1,
-                                  beta2, eps, horizon, claim);
+      lazy_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target, claim);
       break;
     default: TORCH_CHECK(false, "param dtype must be float32, bfloat16 or float16, got ", param.scalar_type());
   }
@@ -490,4 +699,9 @@ TORCH_LIBRARY(memlayers_cpu, m) {
       "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon, "
       "bool claim) -> ()",
       &lazy_adam_rows_);
+  m.def(
+      "bag_backward_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
+      "Tensor indices, Tensor weights, Tensor grad_out, bool need_weights_grad, Tensor hist, int target, "
+      "float beta1, float beta2, float eps, int horizon) -> Tensor",
+      &bag_backward_adam_);
 }

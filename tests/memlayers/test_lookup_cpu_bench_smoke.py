@@ -35,4 +35,6 @@ def test_quick_benchmark_writes_expected_fields(tmp_path):
     assert any(m.startswith("FBGEMM") for m in steps)  # measured, or recorded as not importable
 
     md = (tmp_path / "memory_lookup.md").read_text()
-    assert "shared 2-core machine" in md and "RowSparseAdam" in md
+    assert "Load average at start" in md and "RowSparseAdam" in md
+    floor = next(r for m, r in steps.items() if m.startswith("floor:"))
+    assert floor["value_step"]["ms"] > 0 and floor["unique_rows_per_step"] > 0 and floor["copy_gbps"] > 0

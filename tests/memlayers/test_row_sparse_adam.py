@@ -332,3 +332,64 @@ def test_fused_refuses_two_reads_in_one_step():
         lookup(v, idx, w, sparse=True, impl="cpu").sum().backward()
     opt.step()
     lookup(v, idx, w, sparse=True, impl="cpu").sum().backward()  # next step: fine
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype):
+    """The fused backward+update brings rows that were NOT caught up at their read (gaps of several
+    steps, some past the replay horizon) up to date itself: state and grad_weights equal catching the
+    rows up first, then the unfused sparse backward and step. Width 150 = two full column blocks and a
+    tail; repeated slots within and across bags."""
+    from memlayers.lookup_cpu import native_ops
+    from memlayers.row_sparse_adam import step_table
+
+    ops = native_ops()
+    gen = torch.Generator().manual_seed(5)
+    n_rows, dim, target = 40, 150, 30
+    betas, eps = (0.9, 0.95), 1e-8
+    hist = step_table(torch.rand(target + 1, dtype=torch.float64, generator=gen) * 1e-2, *betas, 0.01)
+    horizon = 5  # short, so that long gaps also run through the closed-form tail
+    state = [torch.randn(n_rows, dim, generator=gen).to(dtype) for _ in range(3)]
+    state[2] = state[2].abs()
+    row_step = torch.randint(0, target, (n_rows,), generator=gen)
+    idx = torch.randint(0, n_rows, (7, 9), generator=gen)
+    idx[0, :3] = idx[1, 0]  # repeats
+    w = torch.rand(7, 9, generator=gen)
+    grad_out = torch.randn(7, dim, generator=gen)
+
+    fused = [t.clone() for t in state] + [row_step.clone()]
+    gw_fused = ops.bag_backward_adam_(*fused, idx, w, grad_out, True, hist, target, *betas, eps, horizon)
+
+    ref = [t.clone() for t in state] + [row_step.clone()]
+    rows = torch.unique(idx)
+    empty = ref[0].new_empty(0, dim)
+    ops.lazy_adam_rows_(*ref, rows, empty, hist, target - 1, *betas, eps, horizon, False)  # catch up
+    rows_u, grad_rows, gw_ref = ops.bag_backward(ref[0], idx, w, grad_out, True, True, False)
+    ops.lazy_adam_rows_(*ref, rows_u, grad_rows, hist, target, *betas, eps, horizon, False)
+    assert torch.equal(gw_fused, gw_ref)
+    for a, b in zip(fused, ref):
+        assert torch.equal(a, b)
+    untouched = torch.ones(n_rows, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(fused[3][untouched], row_step[untouched])  # rows not read are left alone
+    assert bool((fused[3][rows] == target).all())
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+def test_bf16_gradient_rows_round_like_torch():
+    """The kernels' vectorised fp32 -> bf16 store rounds to nearest even exactly as torch's cast: the
+    bf16 table's gradient rows equal the same fp32 sums cast with `.bfloat16()`."""
+    from memlayers.lookup_cpu import native_ops
+
+    ops = native_ops()
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(64, 70, generator=gen).bfloat16()
+    idx = torch.randint(0, 64, (33, 6), generator=gen)
+    w = torch.rand(33, 6, generator=gen)
+    grad_out = torch.randn(33, 70, generator=gen) * 1e3
+    _, g16, gw16 = ops.bag_backward(values, idx, w, grad_out, True, True, True)
+    _, g32, gw32 = ops.bag_backward(values.float(), idx, w, grad_out, True, True, True)
+    assert g16.dtype == torch.bfloat16
+    assert torch.equal(g16.view(torch.int16), g32.bfloat16().view(torch.int16))
+    assert torch.equal(gw16, gw32)
