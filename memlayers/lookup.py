@@ -70,8 +70,10 @@ def lookup(
         # embedding_bag rejects empty bags of width 0; the gather form gives zeros that stay in the graph.
         return torch.einsum("bk,bkd->bd", weights, values[indices]).to(out_dtype)
     if impl == "triton":
-        from memlayers.triton_lookup import triton_lookup
+        from memlayers.triton_lookup import triton_lookup, triton_lookup_compilable
 
+        if torch.compiler.is_compiling():  # custom ops: one graph node each way, dense value gradient
+            return triton_lookup_compilable(values, indices, weights).to(out_dtype)
         return triton_lookup(values, indices, weights, sparse=sparse).to(out_dtype)
     return torch_lookup(values, indices, weights, sparse=sparse).to(out_dtype)
 

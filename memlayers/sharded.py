@@ -189,6 +189,11 @@ class ShardedMemoryPool(MemoryPool):
         )
         self.register_buffer("usage_counts", None, persistent=False)
         self.reset_parameters()
+        # torch.compile leaves the sharded read out of the compiled region (a graph break on each side):
+        # its token counts are data-dependent and its collectives are autograd Functions dynamo cannot
+        # trace. The lookup kernel inside it runs eagerly, as do the collectives; the rest of the
+        # block compiles. Wrapped here, not at import, because the wrapper imports torch._dynamo.
+        self._read = torch.compiler.disable(sharded_lookup)
 
     @classmethod
     def from_pool(cls, pool: MemoryPool, group: ProcessGroup) -> ShardedMemoryPool:
@@ -208,7 +213,7 @@ class ShardedMemoryPool(MemoryPool):
     def read(self, indices: Tensor, weights: Tensor) -> Tensor:
         if self.track_usage:
             self._count(indices)  # this rank's own tokens only, as with an unsharded pool
-        return sharded_lookup(
+        return self._read(
             self.values, indices, weights, self.group, sparse=self.sparse_grad, impl=self.lookup_impl
         )
 

@@ -177,3 +177,55 @@ def triton_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: b
     if values.stride(-1) != 1:
         values = values.contiguous()
     return _TritonBagLookup.apply(values, indices.contiguous(), weights.contiguous(), sparse)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+# The same kernels as torch.library custom ops with fake (meta) kernels and autograd, so a compiled
+# graph keeps them as opaque nodes (no graph break, no swap to embedding_bag). Under compile the value
+# gradient is dense: a sparse gradient's row count is data-dependent, which a fake kernel cannot express.
+
+
+@torch.library.custom_op("memlayers::bag_sum_triton", mutates_args=())
+def bag_sum_triton_op(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """(N, D) table, (B, K) int64 ids, (B, K) weights in values' dtype -> (B, D) in values' dtype."""
+    return bag_forward(values, indices, weights)
+
+
+@bag_sum_triton_op.register_fake
+def _bag_sum_triton_fake(values, indices, weights):
+    return values.new_empty(indices.shape[0], values.shape[1])
+
+
+@torch.library.custom_op("memlayers::bag_sum_triton_backward", mutates_args=())
+def bag_sum_triton_backward_op(
+    values: Tensor, indices: Tensor, weights: Tensor, grad_out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(dense value grad in values' dtype, weight grad in weights' dtype)."""
+    grad_weights = bag_grad_weights(values, indices, grad_out, weights.dtype)
+    slots, rows = bag_grad_values_rows(indices, weights, grad_out.to(values.dtype))
+    return torch.zeros_like(values).index_copy_(0, slots, rows), grad_weights
+
+
+@bag_sum_triton_backward_op.register_fake
+def _bag_sum_triton_backward_fake(values, indices, weights, grad_out):
+    return torch.empty_like(values), torch.empty_like(weights)
+
+
+def _triton_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _triton_backward(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    grad_values, grad_weights = bag_sum_triton_backward_op(values, indices, weights, grad_out.contiguous())
+    return grad_values, None, grad_weights
+
+
+bag_sum_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup)
+
+
+def triton_lookup_compilable(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """`triton_lookup` (dense value grad) through the custom ops: what `memlayers.lookup` runs while
+    torch.compile traces."""
+    return bag_sum_triton_op(values.contiguous(), indices.contiguous(), weights.contiguous())
