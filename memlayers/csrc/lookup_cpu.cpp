@@ -454,7 +454,7 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
       const int64_t r = S[e0];
       if (u + kPrefetchAhead < u1) {
         const int64_t ra = S[SS[u + kPrefetchAhead]];
-        if constexpr (kFuseAdam) prefetch_state_row(Pp, Mp, Vp, ra, D);
+        if constexpr (kFuseAdam) prefetch_row(Pp + ra * D, D);
         else if (need_gw) prefetch_row(Pp + ra * D, D);
       }
       CatchUp plan{};
