@@ -480,7 +480,8 @@ class RowwiseAdam(RowSparseAdam):
 
     Rows that are not read replay dense (every-row) partial row-wise Adam's zero-gradient steps on
     their next read, as in RowSparseAdam. `exp_avg_sq` is an fp32 (rows,) tensor whatever the
-    table's dtype. Runs the vectorised torch row path (no C++ kernel).
+    table's dtype. The row kernel is C++ on CPU (the denominator is one scalar per row and step, so a
+    catch-up costs a multiply-add per element), else vectorised torch ops.
     """
 
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -498,6 +499,15 @@ class RowwiseAdam(RowSparseAdam):
             rows = torch.unique(rows)
         p2d = p.detach().view(p.shape[0], -1)
         beta1, beta2 = group["betas"]
+        ops = native_ops()
+        if ops is not None and p.device.type == "cpu":
+            grads = grad_rows if grad_rows is not None else p2d.new_empty(0, p2d.shape[1])
+            ops.lazy_rowwise_adam_rows_(
+                p2d, state["exp_avg"].view_as(p2d), state["exp_avg_sq"], state["row_step"], rows.contiguous(), grads,
+                self._table(p, state, group), int(state["step"].item()), beta1, beta2, group["eps"],
+                replay_horizon(beta1, beta2),
+            )  # fmt: skip
+            return
         _torch_rows(
             p2d, state["exp_avg"].view_as(p2d), state["exp_avg_sq"].view(-1, 1), state["row_step"], rows,
             grad_rows, self._table(p, state, group).to(p.device), int(state["step"].item()), beta1, beta2,

@@ -686,6 +686,133 @@ void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row
   }
 }
 
+// ---------------------------------------------------------------- exact partial row-wise Adam
+// FBGEMM's partial row-wise Adam (full first moment m, ONE second moment per row: the running mean
+// over the row of g^2), made exact like lazy_adam_rows_: rows are caught up on read by replaying the
+// zero-gradient steps dense row-wise Adam took (m = lerp(m, 0, 1-b1); v_row = b2*v_row;
+// p = p*decay - step_size*m / (sqrt(v_row)/bc2sqrt + eps)), closed-form tail after `horizon` steps.
+// The denominator is one scalar per row and step, so a replay costs a multiply-add per element.
+// `exp_avg_sq` is an fp32 (rows,) tensor whatever the table's dtype.
+template <typename scalar_t>
+void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& row_step,
+                              const Tensor& rows, const Tensor& grad_rows, const AdamArgs& a, int64_t target) {
+  const int64_t U = rows.numel(), D = param.size(1);
+  const bool has_grad = grad_rows.numel() > 0;
+  const int64_t upto = has_grad ? target - 1 : target;
+  scalar_t* Pp = param.mutable_data_ptr<scalar_t>();
+  scalar_t* Mp = exp_avg.mutable_data_ptr<scalar_t>();
+  float* VR = exp_avg_sq.mutable_data_ptr<float>();
+  int64_t* RS = row_step.mutable_data_ptr<int64_t>();
+  const int64_t* R = rows.const_data_ptr<int64_t>();
+  const scalar_t* Gp = has_grad ? grad_rows.const_data_ptr<scalar_t>() : nullptr;
+  const float omb1 = a.omb1, b2 = a.b2, omb2 = a.omb2, eps = a.eps;
+  at::parallel_for(0, U, kGrain, [&](int64_t u0, int64_t u1) {
+    std::vector<float> den;  // per replayed step: sqrt(v_row)/bc2sqrt + eps
+    std::vector<StepScalars> ks;
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r = R[u];
+      const int64_t last = RS[r];
+      TORCH_CHECK(last <= upto, "row ", r, " is ahead of the optimizer (row step ", last, " > ", upto, ")");
+      const CatchUp c = plan_catch_up(a, last, upto);
+      scalar_t* P = Pp + r * D;
+      scalar_t* M = Mp + r * D;
+      float vr = VR[r];
+      if (has_replay(c)) {
+        den.clear();
+        ks.clear();
+        for (int64_t s = c.first; s <= c.last; ++s) {
+          const StepScalars k = step_scalars(a, s);
+          vr = vr * b2;
+          den.push_back(std::sqrt(vr) / k.bc2s + eps);
+          ks.push_back(k);
+        }
+        const int64_t n = static_cast<int64_t>(ks.size());
+        for_blocks(D, [&](int64_t col, auto w) {
+          float p[kCB], m[kCB];
+          load_block(P + col, w, p);
+          load_block(M + col, w, m);
+          for (int64_t i = 0; i < n; ++i) {
+            const float dec = ks[i].dec, ss = ks[i].ss, dn = den[i];
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+              const float md = m[j] + omb1 * (0.f - m[j]);
+              p[j] = p[j] * dec + (-ss * md) / dn;
+              m[j] = md;
+            }
+          }
+          if (c.tail) {
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+              m[j] *= c.fm;
+              p[j] *= c.fd;
+            }
+          }
+          store_block(p, w, P + col);
+          store_block(m, w, M + col);
+        });
+        if (c.tail) vr *= c.fv;
+      }
+      if (has_grad) {
+        const scalar_t* G = Gp + u * D;
+        float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t j = 0; j < D; ++j) sq += load_f(G, j) * load_f(G, j);
+        const StepScalars k = step_scalars(a, target);
+        vr = vr * b2 + omb2 * (sq / float(D));
+        const float dn = std::sqrt(vr) / k.bc2s + eps;
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) {
+          const float gj = load_f(G, j);
+          float mj = load_f(M, j);
+          mj = mj + omb1 * (gj - mj);
+          store_f(P, j, load_f(P, j) * k.dec + (-k.ss * mj) / dn);
+          store_f(M, j, mj);
+        }
+      }
+      VR[r] = vr;
+      RS[r] = target;
+    }
+  });
+}
+
+void lazy_rowwise_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
+                             const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
+                             double eps, int64_t horizon) {
+  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D tensor");
+  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg.is_contiguous() &&
+                  exp_avg.scalar_type() == param.scalar_type(),
+              "exp_avg must be contiguous and match param's shape and dtype");
+  TORCH_CHECK(exp_avg_sq.dim() == 1 && exp_avg_sq.size(0) == param.size(0) && exp_avg_sq.is_contiguous() &&
+                  exp_avg_sq.scalar_type() == at::kFloat,
+              "exp_avg_sq must be a contiguous float32 (rows,) tensor");
+  TORCH_CHECK(row_step.dim() == 1 && row_step.size(0) == param.size(0) && row_step.scalar_type() == at::kLong &&
+                  row_step.is_contiguous(),
+              "row_step must be a contiguous int64 (rows,) tensor");
+  TORCH_CHECK(hist.dim() == 2 && hist.size(1) == 4 && hist.size(0) > target && hist.scalar_type() == at::kDouble &&
+                  hist.is_contiguous(),
+              "hist must be a contiguous float64 (steps+1, 4) tensor covering the target step");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "rows must be a contiguous 1-D int64 tensor of unique rows");
+  if (grad_rows.numel() > 0) {
+    TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == rows.numel() && grad_rows.size(1) == param.size(1) &&
+                    grad_rows.is_contiguous() && grad_rows.scalar_type() == param.scalar_type(),
+                "grad_rows must be a contiguous (len(rows), D) tensor of param's dtype");
+  }
+  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      lazy_rowwise_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      break;
+    case at::kBFloat16:
+      lazy_rowwise_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      break;
+    case at::kHalf:
+      lazy_rowwise_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      break;
+    default: TORCH_CHECK(false, "param dtype must be float32, bfloat16 or float16, got ", param.scalar_type());
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(memlayers_cpu, m) {
@@ -704,4 +831,8 @@ TORCH_LIBRARY(memlayers_cpu, m) {
       "Tensor indices, Tensor weights, Tensor grad_out, bool need_weights_grad, Tensor hist, int target, "
       "float beta1, float beta2, float eps, int horizon) -> Tensor",
       &bag_backward_adam_);
+  m.def(
+      "lazy_rowwise_adam_rows_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
+      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon) -> ()",
+      &lazy_rowwise_adam_rows_);
 }
