@@ -18,16 +18,10 @@ from launch.config import Config
 
 
 def memory_value_params(model: nn.Module) -> list[nn.Parameter]:
-    try:
-        from memlayers import MemoryPool
-    except ImportError:
-        return []
-    seen, out = set(), []
-    for m in model.modules():
-        if isinstance(m, MemoryPool) and id(m.values) not in seen:
-            seen.add(id(m.values))
-            out.append(m.values)
-    return out
+    """Every memory value table of `model`, once each (shared pools included)."""
+    from memlayers.layout import MemoryLayout
+
+    return MemoryLayout(model).values()
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:

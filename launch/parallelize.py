@@ -94,6 +94,12 @@ def check_layout(cfg: Config, world: int) -> None:
             raise ConfigError(
                 f"parallel.memory={p.memory} must divide the memory value width {v_dim} (memory.v_dim, or model.dim when unset)"
             )
+    if p.memory > 1 and cfg.memory.layers and cfg.memory.value_optimizer == "rowwise_adam":
+        raise ConfigError(
+            "memory.value_optimizer=rowwise_adam with parallel.memory > 1 is not supported: its one second moment "
+            "per row is a mean over the whole row, and each rank holds only a column slice; use row_sparse_adam "
+            "or adamw (both shard exactly)"
+        )
     if p.memory > 1 and world > 1 and cfg.eval.every and cfg.eval.tasks:
         raise ConfigError(
             "eval.tasks during training is not supported with parallel.memory > 1 (ranks would run "

@@ -389,7 +389,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Tensors of an HF directory: safetensors (single or sharded), else pytorch_model.bin loaded
     with weights_only=True (no code is unpickled)."""
     if (hf_dir / WEIGHTS_INDEX).is_file():
-        files = sorted(set(json.loads((hf_dir / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        files = _index_files(hf_dir / WEIGHTS_INDEX)
     elif (hf_dir / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:
@@ -407,6 +407,22 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     for fname in files:
         state.update(read_safetensors(hf_dir / fname))
     return state
+
+
+def _index_files(index: Path) -> list[str]:
+    """The shard files a sharded safetensors index names; a damaged index fails in one line naming it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # torn JSON, not UTF-8, no/odd weight_map
+        raise UserError(
+            f"cannot read {index}: expected a JSON object with a \"weight_map\" of tensor name -> shard file "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        ) from None
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise UserError(f"cannot read {index}: weight_map names {name!r}, expected a file name in {index.parent}")
+    return files
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -99,6 +99,7 @@ def test_meta_build_init_with_tensor_and_memory_parallel_on_four_ranks():
         (["parallel.data=zero"], 2, "parallel.data='zero': expected ddp or fsdp"),
         (["parallel.tensor=2", "grow.strategy=stack"], 2, "parallel.tensor=2 with grow.strategy=stack"),
         (["train.activation_checkpoint=some"], 1, "train.activation_checkpoint='some'"),
+        (["parallel.memory=2", "memory.value_optimizer=rowwise_adam"], 2, "rowwise_adam with parallel.memory > 1"),
     ],
 )
 def test_impossible_layouts_fail_clearly(overrides, world, match):

@@ -256,6 +256,17 @@ def test_truncated_weights_are_named(capsys, tiny_checkpoint, hf_export, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "index", ['{"weight_map": {"a": "model-0', '{"metadata": {}}', '{"weight_map": {"a": "../elsewhere.safetensors"}}']
+)
+def test_damaged_safetensors_index_is_named(capsys, hf_export, tmp_path, index):
+    src = tmp_path / "hf"
+    shutil.copytree(hf_export, src)
+    (src / "model.safetensors.index.json").write_text(index)  # torn, no weight_map, a path outside the export
+    cli_error(capsys, convert.main, ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], "model.safetensors.index.json")
+    assert not (tmp_path / "out").exists()
+
+
 def test_rope_scaling_next_to_default_rope_parameters(capsys, hf_export, tmp_path):
     src = tmp_path / "hf"
     shutil.copytree(hf_export, src)
