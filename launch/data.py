@@ -161,6 +161,18 @@ def parse_mix(mix: list) -> list[MixSource]:
     return sources
 
 
+def training_documents(data) -> list[str]:
+    """The documents of a `DataConfig`'s whole training mixture: data.train, then each data.mix source
+    (its own format/text_field where given), each document once. The trainer trains its tokenizer on
+    these, so the pieces are learnt from what the model actually reads."""
+    docs = load_documents(data.train, "train", data.format, data.text_field, data.encoding_errors)
+    for m in parse_mix(data.mix):
+        docs += load_documents(
+            m.path, "train", m.format or data.format, m.text_field or data.text_field, data.encoding_errors
+        )
+    return docs
+
+
 class MixedSequences:
     """Several packed sources behind one index space, in fixed proportions.
 

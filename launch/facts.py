@@ -216,19 +216,6 @@ def majority_em(people: list[dict[str, str]]) -> float:
     return hits / (len(people) * len(ATTRIBUTES))
 
 
-def training_documents(data) -> list[str]:
-    """The documents of a `DataConfig`'s whole training mixture: data.train, then each data.mix
-    source (its own format/text_field where given), each document once. The trainer trains its
-    tokenizer on data.train alone; `train_tokenizer(training_documents(cfg.data), ...)` in
-    launch.train.prepare_tokenizer would train it on what the model actually reads."""
-    from launch.data import load_documents, parse_mix
-
-    docs = list(load_documents(data.train, "train", data.format, data.text_field))
-    for m in parse_mix(data.mix):
-        docs += load_documents(m.path, "train", m.format or data.format, m.text_field or data.text_field)
-    return docs
-
-
 def mixture_tokenizer(sources: list[str], out: str | Path, vocab_size: int) -> Path:
     """Train a tokenizer on every document of the training sources `sources` and write it to `out`."""
     from launch.data import load_documents

@@ -26,7 +26,7 @@ from launch import parallelize as par
 from launch.build import active_params, build_model
 from launch.checkpointer import Checkpointer, StateAdapter, read_trainer_state
 from launch.config import Config, load_config, to_yaml, validate
-from launch.data import BatchStream, build_datasets, load_documents, shard_tokenizer
+from launch.data import BatchStream, build_datasets, shard_tokenizer, training_documents
 from launch.distributed import DistInfo, all_reduce_sum, any_rank, barrier, destroy, init_distributed
 from launch.errors import TrainingError, UserError
 from launch.gradnorm import grad_norm_and_clip
@@ -66,8 +66,7 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
         path = shard_tokenizer(cfg.data.train)
     else:
         if info.is_main and not run_tok.is_file():
-            docs = load_documents(cfg.data.train, "train", cfg.data.format, cfg.data.text_field, cfg.data.encoding_errors)
-            train_tokenizer(docs, run_tok, cfg.model.vocab_size)
+            train_tokenizer(training_documents(cfg.data), run_tok, cfg.model.vocab_size)  # data.train + data.mix
         barrier()
         path = run_tok
     tok = Tokenizer(path)

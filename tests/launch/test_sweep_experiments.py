@@ -285,7 +285,7 @@ def test_quick_pipeline_smoke(tmp_path, capsys):
 
 def test_training_documents_cover_the_mixture(tmp_path):
     from launch.config import DataConfig
-    from launch.facts import training_documents
+    from launch.data import training_documents
 
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("plays text\n")

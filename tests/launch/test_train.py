@@ -160,3 +160,18 @@ def test_tokenizer_cli(tmp_path):
     assert tok.decode(tok.encode(text)) == text
     proc = run_module("launch.tokenizer", f"out={tmp_path / 'x.model'}", "data.train=/nope/x.txt", check=False)
     assert proc.returncode == 2 and "matches no files" in proc.stderr
+
+
+def test_tokenizer_is_trained_on_the_whole_mixture(tmp_path):
+    """Without data.tokenizer the run trains its tokenizer on data.train AND the data.mix sources:
+    text only the mixed-in corpus has costs fewer pieces than under a tokenizer of data.train alone."""
+    from launch.tokenizer import Tokenizer
+
+    facts = tmp_path / "facts.txt"
+    facts.write_text("".join(f"Zorblaxian Quendrith was born in Vexmoor in {1900 + i % 90}.\n" for i in range(20000)))
+    pieces = {}
+    for name, extra in (("plays", []), ("mixture", [f"data.mix=[{{path: {facts}, ratio: 0.3}}]"])):
+        run_dir = tmp_path / name
+        train(run_dir, "train.steps=1", "train.ckpt_every=0", "train.val_every=0", *extra)
+        pieces[name] = len(Tokenizer(run_dir / "tokenizer.model").encode("Zorblaxian Quendrith was born in Vexmoor."))
+    assert pieces["mixture"] < 0.7 * pieces["plays"], pieces
