@@ -200,6 +200,8 @@ def bench_lookup(rows, dim, bags, slots, reps, warmup, max_gb, device) -> list[d
 
             def fwd_bwd(fn=fn):
                 values.grad = w.grad = None
+                for copy in _BF16.values():  # the bf16 table's own gradient must not accumulate across reps
+                    copy.grad = None
                 fn(values, indices, w).backward(grad_out)
                 sync()
 

@@ -497,9 +497,16 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
           const AdamArgs& a = *adam;
           const StepScalars k = step_scalars(a, target);
           const float omb1 = a.omb1, b2 = a.b2, omb2 = a.omb2, eps = a.eps;
+          if (!replay) {  // the common case: m, v straight from the table (two loops, no select: both vectorise)
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+              m[j] = load_f(M, j);
+              v[j] = load_f(V, j);
+            }
+          }
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) {
-            float pj = p[j], mj = replay ? m[j] : load_f(M, j), vj = replay ? v[j] : load_f(V, j);
+            float pj = p[j], mj = m[j], vj = v[j];
             grad_elem(pj, mj, vj, acc[j], k, omb1, b2, omb2, eps);
             store_f(P, j, pj);
             store_f(M, j, mj);
