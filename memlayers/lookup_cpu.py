@@ -342,3 +342,26 @@ def lookup_cpu_compilable(values: torch.Tensor, indices: torch.Tensor, weights: 
     torch.compile traces. No data-dependent index check (it would break the graph)."""
     out32 = bag_sum_op(values.contiguous(), indices.long().contiguous(), weights.float().contiguous())
     return out32.to(torch.promote_types(values.dtype, weights.dtype))
+
+
+# ----------------------------------------------------------------------------- product-key top-K
+
+
+@torch.library.custom_op("memlayers::product_topk_cpu", mutates_args=(), device_types="cpu")
+def product_topk_op(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., 2, N) fp32/fp64 scores -> (each half's top-k ids (..., 2, k), flat positions a*k + b of the k
+    best sums top1[a] + top2[b] (..., k)), both in descending score order. The C++ kernel when it builds,
+    else two torch.topk (the decision is made here, inside the op, so compiled graphs need no guard)."""
+    ops = native_ops()
+    if ops is not None:
+        return ops.product_topk(scores, k)
+    top_s, top_i = scores.topk(k, dim=-1)
+    cand = (top_s[..., 0, :, None] + top_s[..., 1, None, :]).flatten(-2)
+    return top_i, cand.topk(k, dim=-1).indices
+
+
+@product_topk_op.register_fake
+def _product_topk_fake(scores, k):
+    return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64), scores.new_empty(
+        (*scores.shape[:-2], k), dtype=torch.int64
+    )

@@ -287,3 +287,61 @@ def test_dynamo_traces_full_graph():
     compiled = torch.compile(mem, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), mem(x))
     assert mem.pool.usage_stats()["mem_reads"] == 2 * 15 * 2 * 4
+
+
+@pytest.mark.parametrize("n, k", [(64, 8), (37, 37), (50, 1), (128, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_product_topk_kernel_equals_two_torch_topks(n, k, dtype, monkeypatch):
+    """The C++ product-key search returns torch.topk's ids in torch.topk's (descending) order: each
+    half's top-k, then the k best sums of the two lists without forming the k*k candidates."""
+    from memlayers import lookup_cpu
+
+    if not lookup_cpu.native_available():
+        pytest.skip("C++ extension did not build")
+    scores = torch.randn(5, 3, 2, n, dtype=dtype, generator=torch.Generator().manual_seed(n + k))
+    top_i, best_pos = lookup_cpu.product_topk_op(scores, k)
+    monkeypatch.setattr(lookup_cpu, "native_ops", lambda: None)  # the op's torch fallback
+    ref_i, ref_pos = lookup_cpu.product_topk_op(scores, k)
+    assert torch.equal(top_i, ref_i) and torch.equal(best_pos, ref_pos)
+    # and against brute force over the full n x n sums
+    top_s = scores.gather(-1, top_i)
+    best = top_s[..., 0, :].gather(-1, best_pos // k) + top_s[..., 1, :].gather(-1, best_pos % k)
+    full = (scores[..., 0, :, None] + scores[..., 1, None, :]).flatten(-2)
+    torch.testing.assert_close(best, full.topk(k, dim=-1).values, rtol=0, atol=0)
+
+
+def test_product_topk_ties_go_to_the_lower_index():
+    from memlayers import lookup_cpu
+
+    if not lookup_cpu.native_available():
+        pytest.skip("C++ extension did not build")
+    scores = torch.zeros(1, 2, 6)
+    scores[0, 0, 4] = scores[0, 0, 1] = 1.0
+    top_i, best_pos = lookup_cpu.product_topk_op(scores, 3)
+    assert top_i[0, 0].tolist() == [1, 4, 0] and top_i[0, 1].tolist() == [0, 1, 2]
+    assert best_pos[0].tolist() == [0, 1, 2]  # sums 1, 1, 1 (first list's best with each of the second's)
+
+
+def test_memory_layer_with_the_cpp_search_equals_the_torch_search(monkeypatch):
+    """Forward (bit for bit) and every parameter gradient (to float rounding: the scores' gradient is
+    accumulated in another order) of a memory layer are the same with either search."""
+    from memlayers import lookup_cpu
+
+    if not lookup_cpu.native_available():
+        pytest.skip("C++ extension did not build")
+
+    def run():
+        torch.manual_seed(0)
+        pool = MemoryPool(n_keys=12, v_dim=20, lookup_impl="cpu")
+        layer = ProductKeyMemory(dim=16, pool=pool, heads=2, k_dim=8, knn=5)
+        x = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
+        y = layer(x)
+        y.square().sum().backward()
+        return y.detach(), {n: p.grad.to_dense() if p.grad.is_sparse else p.grad for n, p in layer.named_parameters()}
+
+    y_cpp, g_cpp = run()
+    monkeypatch.setattr(lookup_cpu, "native_ops", lambda: None)
+    y_ref, g_ref = run()
+    assert torch.equal(y_cpp, y_ref)
+    for name in g_ref:
+        torch.testing.assert_close(g_cpp[name], g_ref[name], rtol=1e-6, atol=1e-7, msg=name)
