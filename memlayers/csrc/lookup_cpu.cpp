@@ -578,20 +578,39 @@ std::tuple<Tensor, Tensor, Tensor> bag_backward(const Tensor& values, const Tens
   return {rows, grad_rows, gw};
 }
 
+// rowwise: exp_avg_sq is one fp32 second moment per row (partial row-wise Adam), else a full table.
 void check_adam_state(const Tensor& param, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,
-                      const Tensor& hist, int64_t target) {
+                      const Tensor& hist, int64_t target, bool rowwise = false) {
   TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D tensor");
-  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes() &&
-                  exp_avg.is_contiguous() && exp_avg_sq.is_contiguous() &&
-                  exp_avg.scalar_type() == param.scalar_type() &&
-                  exp_avg_sq.scalar_type() == param.scalar_type(),
-              "exp_avg / exp_avg_sq must be contiguous and match param's shape and dtype");
+  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg.is_contiguous() &&
+                  exp_avg.scalar_type() == param.scalar_type(),
+              "exp_avg must be contiguous and match param's shape and dtype");
+  if (rowwise) {
+    TORCH_CHECK(exp_avg_sq.dim() == 1 && exp_avg_sq.size(0) == param.size(0) && exp_avg_sq.is_contiguous() &&
+                    exp_avg_sq.scalar_type() == at::kFloat,
+                "exp_avg_sq must be a contiguous float32 (rows,) tensor");
+  } else {
+    TORCH_CHECK(exp_avg_sq.sizes() == param.sizes() && exp_avg_sq.is_contiguous() &&
+                    exp_avg_sq.scalar_type() == param.scalar_type(),
+                "exp_avg_sq must be contiguous and match param's shape and dtype");
+  }
   TORCH_CHECK(row_step.dim() == 1 && row_step.size(0) == param.size(0) && row_step.scalar_type() == at::kLong &&
                   row_step.is_contiguous(),
               "row_step must be a contiguous int64 (rows,) tensor");
   TORCH_CHECK(hist.dim() == 2 && hist.size(1) == 4 && hist.size(0) > target && hist.scalar_type() == at::kDouble &&
                   hist.is_contiguous(),
               "hist must be a contiguous float64 (steps+1, 4) tensor covering the target step");
+}
+
+// rows: 1-D int64 row ids; grad_rows: empty, or one gradient row per id in param's dtype.
+void check_rows(const Tensor& param, const Tensor& rows, const Tensor& grad_rows) {
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "rows must be a contiguous 1-D int64 tensor");
+  if (grad_rows.numel() > 0) {
+    TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == rows.numel() && grad_rows.size(1) == param.size(1) &&
+                    grad_rows.is_contiguous() && grad_rows.scalar_type() == param.scalar_type(),
+                "grad_rows must be a contiguous (len(rows), D) tensor of param's dtype");
+  }
 }
 
 AdamArgs make_adam_args(const Tensor& hist, double beta1, double beta2, double eps, int64_t horizon) {
@@ -671,14 +690,8 @@ void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row
                      const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
                      double eps, int64_t horizon, bool claim) {
   check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target);
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
-              "rows must be a contiguous 1-D int64 tensor");
-  if (grad_rows.numel() > 0) {
-    TORCH_CHECK(!claim, "rows with gradients must be unique (claim=false)");
-    TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == rows.numel() && grad_rows.size(1) == param.size(1) &&
-                    grad_rows.is_contiguous() && grad_rows.scalar_type() == param.scalar_type(),
-                "grad_rows must be a contiguous (len(rows), D) tensor of param's dtype");
-  }
+  check_rows(param, rows, grad_rows);
+  TORCH_CHECK(grad_rows.numel() == 0 || !claim, "rows with gradients must be unique (claim=false)");
   const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
   switch (param.scalar_type()) {
     case at::kFloat:
@@ -786,26 +799,8 @@ void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq
 void lazy_rowwise_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
                              const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
                              double eps, int64_t horizon) {
-  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "param must be a contiguous 2-D tensor");
-  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg.is_contiguous() &&
-                  exp_avg.scalar_type() == param.scalar_type(),
-              "exp_avg must be contiguous and match param's shape and dtype");
-  TORCH_CHECK(exp_avg_sq.dim() == 1 && exp_avg_sq.size(0) == param.size(0) && exp_avg_sq.is_contiguous() &&
-                  exp_avg_sq.scalar_type() == at::kFloat,
-              "exp_avg_sq must be a contiguous float32 (rows,) tensor");
-  TORCH_CHECK(row_step.dim() == 1 && row_step.size(0) == param.size(0) && row_step.scalar_type() == at::kLong &&
-                  row_step.is_contiguous(),
-              "row_step must be a contiguous int64 (rows,) tensor");
-  TORCH_CHECK(hist.dim() == 2 && hist.size(1) == 4 && hist.size(0) > target && hist.scalar_type() == at::kDouble &&
-                  hist.is_contiguous(),
-              "hist must be a contiguous float64 (steps+1, 4) tensor covering the target step");
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
-              "rows must be a contiguous 1-D int64 tensor of unique rows");
-  if (grad_rows.numel() > 0) {
-    TORCH_CHECK(grad_rows.dim() == 2 && grad_rows.size(0) == rows.numel() && grad_rows.size(1) == param.size(1) &&
-                    grad_rows.is_contiguous() && grad_rows.scalar_type() == param.scalar_type(),
-                "grad_rows must be a contiguous (len(rows), D) tensor of param's dtype");
-  }
+  check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target, /*rowwise=*/true);
+  check_rows(param, rows, grad_rows);
   const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
   switch (param.scalar_type()) {
     case at::kFloat:

@@ -136,19 +136,7 @@ def test_compiled_triton_memory_layer_has_no_graph_break_and_matches_eager():
         pool = MemoryPool(n_keys=8, v_dim=24, lookup_impl="triton")
         return ProductKeyMemory(dim=16, pool=pool, heads=2, k_dim=8, knn=4).to(DEVICE)
 
-    torch._dynamo.reset()
-    eager, layer = make_layer(), make_layer()
+    from ._compile_checks import assert_compiles_like_eager
+
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    explanation = torch._dynamo.explain(layer)(x)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    ops = {str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert any("bag_sum_triton" in o for o in ops), ops
-    assert not any("embedding_bag" in o for o in ops)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    y_eager, y_comp = eager(x), compiled(x)
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-6)
-    y_eager.square().sum().backward()
-    y_comp.square().sum().backward()
-    for (name, p_e), p_c in zip(eager.named_parameters(), layer.parameters()):
-        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_compiles_like_eager(make_layer(), make_layer(), x, "bag_sum_triton")
