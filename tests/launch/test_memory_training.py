@@ -111,3 +111,28 @@ def test_replicated_values_on_two_ranks_match_one_rank(tmp_path, mode, value_opt
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-5)
+
+
+def test_whole_memory_model_compiles_with_no_graph_break():
+    """torch.compile(fullgraph=True) of a whole memory Transformer (two memory layers on one shared pool):
+    one graph, our lookup and product-key search as custom ops, no embedding_bag, outputs equal eager."""
+    import gc
+
+    from memlayers import row_sparse_adam
+
+    gc.collect()  # dead RowSparseAdams from other tests would make reads catch up (a deliberate break)
+    assert not row_sparse_adam.has_lazy_tables()
+    cfg = cfg_of("memory.layers=[0,1]", "memory.lookup_impl=cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(tokens)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    ops = {str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("bag_sum_cpu" in o for o in ops) and any("product_topk_cpu" in o for o in ops), ops
+    assert not any("embedding_bag" in o for o in ops)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
