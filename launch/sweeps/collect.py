@@ -18,6 +18,8 @@ from launch.sweeps.spec import Sweep, format_value
 from launch.sweeps.summary import (
     REACH,
     REACH_EQUIV,
+    USED_EQUIV,
+    WORTH,
     mark_best,
     mean_curve,
     numeric,
@@ -181,13 +183,14 @@ def _pm(mean: Any, std: Any) -> str:
 
 def summary_markdown(summary: list[dict[str, Any]], metrics: list[str], tuned: bool, reach: bool) -> str:
     cols = ["arm", "seeds", "params", "active_params", "values", *metrics]
-    extra = (["overhead_pct", REACH, REACH_EQUIV] if reach else []) + (["best"] if tuned else [])
+    extra = (["overhead_pct", REACH, REACH_EQUIV, USED_EQUIV, WORTH] if reach else []) + (["best"] if tuned else [])
     lines = ["| " + " | ".join(cols + extra) + " |", "|" + "---|" * len(cols + extra)]
     for s in summary:
         cells = [s["arm"], f"{s['seeds']}/{s['of']}", _cell(s.get("params")), _cell(s.get("active_params")), _cell(s.get("values"))]
         cells += [_pm(s.get(m), s.get(f"{m}_std")) for m in metrics]
         if reach:
             cells += [_cell(s.get("overhead_pct")), _cell(s.get(REACH)) or "not reached", _cell(s.get(REACH_EQUIV)) or "—"]
+            cells += [_cell(s.get(USED_EQUIV)), _cell(s.get(WORTH)) or "beyond its end"]
         if tuned:
             cells.append("**best**" if s.get("best") else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -251,13 +254,15 @@ def collect(sweep: Sweep, out: str | Path | None = None, plot_metrics: list[str]
     if target is not None:
         body += (f"\nTarget: `{reference}`'s final mean val loss {target:.4f}. `{REACH}`: first validation step "
                  f"(after growth for grown arms) where the seed-mean val loss is at or below it; `{REACH_EQUIV}` adds the "
-                 "base's steps scaled by base depth / grown depth.\n")
+                 f"base's steps scaled by base depth / grown depth. `{USED_EQUIV}`: the steps the arm trained, counted the "
+                 f"same way; `{WORTH}`: the first step at which `{reference}`'s seed-mean val loss reaches this arm's final "
+                 f"mean — an arm that matches more reference steps than it used trained more efficiently.\n")
     if tuned:
         body += f"\n`best`: lowest mean `{sweep.report.tune_metric}` in its tuning group (search over {', '.join(sweep.report.tune)}).\n"
     path["md"].write_text(header + body + "\n## Per run\n\n" + to_markdown(rows, cols))
     path["csv"].write_text(to_csv(rows, cols))
     scols = ["arm", "group", "seeds", "of", "params", "active_params", "values", *[x for m in metrics for x in (m, f"{m}_std")]]
-    scols += ["overhead_pct", REACH, REACH_EQUIV] * (target is not None) + ["best"] * tuned
+    scols += ["overhead_pct", REACH, REACH_EQUIV, USED_EQUIV, WORTH] * (target is not None) + ["best"] * tuned
     path["summary"].write_text(to_csv(summary, scols))
     written = {k: path[k] for k in ("md", "csv", "summary")}
     title = f"sweep {sweep.name}" + (" (mean ± std over the seeds done: see the table)" if seeds else "")

@@ -12,6 +12,8 @@ from launch.sweeps.spec import Sweep
 
 REACH = "steps_to_target"  # first step whose seed-mean val loss <= the reference's final mean
 REACH_EQUIV = "equiv_steps_to_target"  # the same plus base training, in grown-depth step equivalents
+USED_EQUIV = "equiv_steps_used"  # the arm's own steps (plus base training, as above) at its last validation
+WORTH = "reference_steps_matched"  # first step at which the reference's seed-mean val loss <= this arm's final mean
 
 
 def numeric(value: Any) -> bool:
@@ -84,11 +86,16 @@ def reach_reference(
         return None
     target = curves[ref][-1][1]
     for s in summary:
-        reach = first_reaching(curves.get(s["arm"], []), target)
-        s[REACH] = reach
-        if reach is not None and s["arm"] in layers:
+        curve = curves.get(s["arm"], [])
+        base = 0.0
+        if s["arm"] in layers:
             depth, base_depth, base_steps = layers[s["arm"]]
-            s[REACH_EQUIV] = round(base_steps * base_depth / depth + reach)
-        else:
-            s[REACH_EQUIV] = reach
+            base = base_steps * base_depth / depth
+        reach = first_reaching(curve, target)
+        s[REACH] = reach
+        s[REACH_EQUIV] = round(base + reach) if reach is not None else None
+        # When an arm stops short of the target: how many reference steps its final loss is worth,
+        # against what it spent (equivalent steps) — the efficiency read off the curves.
+        s[USED_EQUIV] = round(base + curve[-1][0]) if curve else None
+        s[WORTH] = first_reaching(curves[ref], curve[-1][1]) if curve else None
     return ref, target

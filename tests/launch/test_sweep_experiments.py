@@ -217,6 +217,10 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
     assert summary["grown"]["steps_to_target"] == "6"  # first step at or below scratch's final 3.0
     assert summary["grown"]["equiv_steps_to_target"] == "16"  # + 20 base steps at half the depth
     assert summary["scratch"]["steps_to_target"] == "30" and summary["base"]["steps_to_target"] == ""
+    assert summary["grown"]["equiv_steps_used"] == "20"  # 10 steps + 20 base steps at half the depth
+    assert summary["grown"]["reference_steps_matched"] == ""  # 2.9 is below anything scratch reached
+    assert summary["base"]["reference_steps_matched"] == "20"  # base ends at 3.5: scratch is at 4.0 at step 10, 3.2 at 20
+
     assert "Target: `scratch`'s final mean val loss 3.0000" in written["md"].read_text()
     if "png" in written:
         assert written["png"].stat().st_size > 1000
