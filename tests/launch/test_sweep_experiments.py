@@ -133,7 +133,7 @@ def test_growth_sweep_tunes_every_arm_with_the_same_grid():
     for r in sweep.runs:
         groups.setdefault(r.group, set()).add(r.overrides["optim.lr"])
     lrs = groups.pop("base_4L")
-    assert len(lrs) == 1 and all(v == {0.001, 0.002, 0.003, 0.005, 0.008} for v in groups.values())
+    assert len(lrs) == 1 and all(v == {0.001, 0.002, 0.003, 0.005, 0.008, 0.012} for v in groups.values())
     ranks = {r.grow.args.get("grow.adapter_rank") for r in sweep.runs if r.grow and r.grow.strategy == "scalenet"}
     assert ranks == {1, 4, 8}
     steps = {r.group: r.overrides["train.steps"] for r in sweep.runs}
