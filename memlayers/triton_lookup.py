@@ -143,6 +143,12 @@ def bag_grad_values_rows(indices: Tensor, weights: Tensor, grad_out: Tensor) -> 
     return unique.to(torch.int64), rows
 
 
+def _dense_rows(values: Tensor, slots: Tensor, rows: Tensor) -> Tensor:
+    """The dense value gradient from the coalesced one. Slots are unique, so this is a plain scatter:
+    no accumulation, no atomics."""
+    return torch.zeros_like(values).index_copy_(0, slots, rows)
+
+
 class _TritonBagLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, weights: Tensor, sparse: bool) -> Tensor:  # type: ignore[override]
@@ -164,8 +170,7 @@ class _TritonBagLookup(torch.autograd.Function):
                     slots.unsqueeze(0), rows, values.shape, is_coalesced=True, check_invariants=False
                 )
             else:
-                # Slots are unique, so this is a plain scatter: no accumulation, no atomics.
-                grad_values = torch.zeros_like(values).index_copy_(0, slots, rows)
+                grad_values = _dense_rows(values, slots, rows)
         return grad_values, None, grad_weights, None
 
 
@@ -204,7 +209,7 @@ def bag_sum_triton_backward_op(
     """(dense value grad in values' dtype, weight grad in weights' dtype)."""
     grad_weights = bag_grad_weights(values, indices, grad_out, weights.dtype)
     slots, rows = bag_grad_values_rows(indices, weights, grad_out.to(values.dtype))
-    return torch.zeros_like(values).index_copy_(0, slots, rows), grad_weights
+    return _dense_rows(values, slots, rows), grad_weights
 
 
 @bag_sum_triton_backward_op.register_fake

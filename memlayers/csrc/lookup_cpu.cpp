@@ -651,12 +651,11 @@ Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tenso
 // Dense AdamW applied row by row, lazily: a row is brought up to date only when it is read or gets a
 // gradient. `row_step[r]` is the optimizer step through which row r is current. With `grad_rows`
 // non-empty the rows are caught up to `target - 1` and then take step `target` with their gradient;
-// otherwise they are caught up to `target`. `claim`: rows may repeat (raw read indices); each row is
-// claimed with a compare-and-swap on row_step so exactly one thread replays it. Without claim rows
-// must be unique.
+// otherwise they are caught up to `target` (rows already current are left as they are). Rows must be
+// unique (the Python side passes them sorted: see RowSparseAdam.catch_up_rows).
 template <typename scalar_t>
 void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& row_step, const Tensor& rows,
-                      const Tensor& grad_rows, const AdamArgs& a, int64_t target, bool claim) {
+                      const Tensor& grad_rows, const AdamArgs& a, int64_t target) {
   const int64_t U = rows.numel(), D = param.size(1);
   const bool has_grad = grad_rows.numel() > 0;
   const int64_t upto = has_grad ? target - 1 : target;
@@ -671,37 +670,30 @@ void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor
       const int64_t r = R[u];
       // No software prefetch here: rows arrive sorted, which the hardware prefetcher follows (measured:
       // prefetching three state rows ahead made this loop 1.5x slower).
-      int64_t last = RS[r];
-      if (claim) {
-        if (last < 0 || last >= upto) continue;  // being replayed by another thread, or current
-        if (!__atomic_compare_exchange_n(&RS[r], &last, int64_t(-1), false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-          continue;
-      }
+      const int64_t last = RS[r];
       TORCH_CHECK(last <= upto, "row ", r, " is ahead of the optimizer (row step ", last, " > ", upto, ")");
       adam_row<scalar_t>(Pp + r * D, Mp + r * D, Vp + r * D, has_grad ? Gp + u * D : nullptr, D, a,
                          plan_catch_up(a, last, upto), target);
-      if (claim) __atomic_store_n(&RS[r], target, __ATOMIC_RELEASE);
-      else RS[r] = target;
+      RS[r] = target;
     }
   });
 }
 
 void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
                      const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
-                     double eps, int64_t horizon, bool claim) {
+                     double eps, int64_t horizon) {
   check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target);
   check_rows(param, rows, grad_rows);
-  TORCH_CHECK(grad_rows.numel() == 0 || !claim, "rows with gradients must be unique (claim=false)");
   const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
   switch (param.scalar_type()) {
     case at::kFloat:
-      lazy_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target, claim);
+      lazy_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
       break;
     case at::kBFloat16:
-      lazy_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target, claim);
+      lazy_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
       break;
     case at::kHalf:
-      lazy_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target, claim);
+      lazy_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
       break;
     default: TORCH_CHECK(false, "param dtype must be float32, bfloat16 or float16, got ", param.scalar_type());
   }
@@ -930,8 +922,7 @@ TORCH_LIBRARY(memlayers_cpu, m) {
       &bag_backward);
   m.def(
       "lazy_adam_rows_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
-      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon, "
-      "bool claim) -> ()",
+      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon) -> ()",
       &lazy_adam_rows_);
   m.def(
       "bag_backward_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "

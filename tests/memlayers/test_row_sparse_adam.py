@@ -374,9 +374,9 @@ def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype):
     ref = [t.clone() for t in state] + [row_step.clone()]
     rows = torch.unique(idx)
     empty = ref[0].new_empty(0, dim)
-    ops.lazy_adam_rows_(*ref, rows, empty, hist, target - 1, *betas, eps, horizon, False)  # catch up
+    ops.lazy_adam_rows_(*ref, rows, empty, hist, target - 1, *betas, eps, horizon)  # catch up
     rows_u, grad_rows, gw_ref = ops.bag_backward(ref[0], idx, w, grad_out, True, True, False)
-    ops.lazy_adam_rows_(*ref, rows_u, grad_rows, hist, target, *betas, eps, horizon, False)
+    ops.lazy_adam_rows_(*ref, rows_u, grad_rows, hist, target, *betas, eps, horizon)
     assert torch.equal(gw_fused, gw_ref)
     for a, b in zip(fused, ref):
         assert torch.equal(a, b)
