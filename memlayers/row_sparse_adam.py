@@ -291,8 +291,8 @@ class RowSparseAdam(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return  # no step taken yet: every row is current
-        # Sorted unique rows: the row kernel then walks memory in order (measured 4x faster on 1M x 256
-        # than claiming the raw, repeated reads one compare-and-swap at a time), and the sort is cheap.
+        # Sorted unique rows: the row kernel then walks memory in order (measured 1.3x faster on 1M x 256:
+        # 135 vs 180 ms, than claiming the raw, repeated reads one compare-and-swap at a time); the sort is cheap.
         rows = torch.unique(indices.reshape(-1).to(torch.int64))
         self._apply_rows(p, state, self._group_of(p), rows, None)
 

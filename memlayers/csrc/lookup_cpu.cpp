@@ -197,7 +197,7 @@ Tensor bag_forward(const Tensor& values, const Tensor& indices, const Tensor& we
 // ---------------------------------------------------------------- row arithmetic
 // Every kernel below that reads or writes a value row's numbers goes through these few inline
 // functions, on column blocks of kCB floats held in stack arrays the compiler vectorises (the
-// earlier per-row heap buffers ran 4x slower than torch's fused AdamW). So the unfused backward,
+// earlier per-row heap buffers ran 3x slower than torch's fused AdamW). So the unfused backward,
 // the unfused optimizer step and the fused backward+update round identically (tests compare
 // them bit for bit).
 constexpr int64_t kCB = 64;
