@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from memlayers.hugepages import advise_huge_pages
 from memlayers.lookup import lookup
 from memlayers.lookup_cpu import lookup_cpu, native_ops
 from memlayers.row_sparse_adam import RowSparseAdam, RowwiseAdam
@@ -125,6 +126,15 @@ def lookup_methods(device: str) -> dict[str, tuple[Callable, float]]:
     }
 
 
+def table(src: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of `src` allocated as memlayers allocates value tables: advised onto 2 MiB pages on CPU
+    (memlayers.hugepages; every method here reads the same kind of table; MEMLAYERS_NO_HUGE_PAGES=1
+    measures 4 KiB pages instead)."""
+    out = torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device)
+    advise_huge_pages(out)
+    return out.copy_(src)
+
+
 _BF16: dict[int, torch.Tensor] = {}
 
 
@@ -132,7 +142,7 @@ def _bf16_copy(v: torch.Tensor) -> torch.Tensor:
     """A bf16 leaf copy of the benchmark table, made once per table."""
     if id(v) not in _BF16:
         _BF16.clear()
-        _BF16[id(v)] = v.detach().bfloat16().requires_grad_()
+        _BF16[id(v)] = table(v.detach(), torch.bfloat16).requires_grad_()
     return _BF16[id(v)]
 
 
@@ -176,7 +186,7 @@ def _fbgemm_cuda_fn() -> Callable | None:
 def bench_lookup(rows, dim, bags, slots, reps, warmup, max_gb, device) -> list[dict]:
     indices, weights, grad_out = make_inputs(rows, bags, slots, dim)
     indices, weights, grad_out = indices.to(device), weights.to(device), grad_out.to(device)
-    values = torch.randn(rows, dim, device=device).requires_grad_()
+    values = table(torch.randn(rows, dim, device=device)).requires_grad_()
     w = weights.clone().requires_grad_()
     table_gb = rows * dim * 4 / GB
     gather_gb = bags * slots * dim * 4 / GB
@@ -256,6 +266,10 @@ def value_step_cases() -> dict[str, dict]:
         "lookup_cpu, bf16 table + RowSparseAdam fused": dict(
             fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True), mem=1.7, dtype=torch.bfloat16
         ),
+        "lookup_cpu, bf16 table + RowSparseAdam fused, stochastic rounding": dict(
+            fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True, rounding="stochastic"), mem=1.7,
+            dtype=torch.bfloat16,
+        ),
     }
 
 
@@ -285,7 +299,7 @@ def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]
         if need > max_gb:
             rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
         else:
-            values = torch.nn.Parameter((torch.randn(rows, dim) * 0.02).to(case.get("dtype", torch.float32)))
+            values = torch.nn.Parameter(table(torch.randn(rows, dim) * 0.02, case.get("dtype", torch.float32)))
             w = weights.clone().requires_grad_()
             opt = case["opt"]([values])
 
@@ -438,7 +452,9 @@ def write_markdown(report: dict, path: Path) -> None:
         ),
         f"Sizes: {report['config']['bags']} bags x {report['config']['slots']} slots, uniform random slots; "
         f"reps {report['config']['reps']} after {report['config']['warmup']} warmup. "
-        f"C++ extension: {report['native']}.",
+        f"C++ extension: {report['native']}. Tables (every method's) on "
+        + ("2 MiB pages (memlayers.hugepages)." if m.get("huge_pages", False) else "4 KiB pages (MEMLAYERS_NO_HUGE_PAGES=1).")
+        + " Our optimizers' moments also use 2 MiB pages; torch's optimizers allocate theirs as usual.",
         "",
         "## Lookup forward + backward (grads for values and weights)",
         "",
@@ -529,6 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+            "huge_pages": os.environ.get("MEMLAYERS_NO_HUGE_PAGES") != "1",
         },
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "native": native,

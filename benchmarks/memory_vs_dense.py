@@ -5,8 +5,9 @@
 The 20M quickstart model, dense, against the same model with block 3's FFN replaced by a
 product-key memory of n_keys² values (default 1M), trained with the dense AdamW value recipe and
 with the row-sparse optimizers (`NAME:fused` = the update fused into the lookup backward, which needs
-optim.grad_clip=0; plain names run unfused). `--value-dtype bf16` stores the table in bf16. One
-fresh process per row. Writes benchmarks/results/memory_vs_dense.{json,md}.
+optim.grad_clip=0; plain names run unfused; `NAME:fused:stochastic` adds stochastic rounding of the
+bf16 stores). `--value-dtype bf16` stores the table in bf16. One fresh process per row. Writes
+benchmarks/results/memory_vs_dense.{json,md} (`memory_vs_dense_bf16` for bf16 values).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def main() -> None:
     mem.append(f"memory.value_dtype={args.value_dtype}")
     for spec in args.optimizers.split(","):
         opt, _, mode = spec.partition(":")
+        mode, _, rounding = mode.partition(":")
         extra = ["optim.grad_clip=0"] if mode == "fused" else ["memory.fused_value_update=false"]
+        if rounding:
+            extra.append(f"memory.value_rounding={rounding}")
         r = measure_in_subprocess(base, [*mem, f"memory.value_optimizer={opt}", *extra], args.steps, args.warmup, args.device)
         rows.append({"variant": f"memory {args.n_keys**2 / 1e6:.2f}M {args.value_dtype} values, {spec}", **r})
     dense_tps = rows[0]["tokens_per_s"]
@@ -57,9 +61,11 @@ def main() -> None:
                 ("peak memory (MB)", "{peak_mem_mb:,.0f}"),
             ],
         )
-        + f"\nCommand: `python benchmarks/memory_vs_dense.py --n-keys {args.n_keys} --value-dtype {args.value_dtype}`\n"
+        + f"\nCommand: `python benchmarks/memory_vs_dense.py --n-keys {args.n_keys} --value-dtype {args.value_dtype} "
+        f"--steps {args.steps} --warmup {args.warmup} --optimizers {args.optimizers}`\n"
     )
-    write_results("memory_vs_dense", {"machine": m, "device": args.device, "rows": rows}, md, args.out)
+    name = "memory_vs_dense" if args.value_dtype == "fp32" else f"memory_vs_dense_{args.value_dtype}"
+    write_results(name, {"machine": m, "device": args.device, "rows": rows}, md, args.out)
 
 
 if __name__ == "__main__":

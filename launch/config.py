@@ -44,7 +44,9 @@ class MemoryConfig:
     value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam (same result, touches read rows only) | rowwise_adam (one second moment per row)
     lookup_impl: str = "auto"  # auto | torch | triton | cpu
     value_dtype: str = "fp32"  # fp32 | bf16: storage of the value table (reads accumulate in fp32; row_sparse_adam/rowwise_adam keep moments in this dtype)
-    fused_value_update: bool = True  # row_sparse_adam/rowwise_adam: step inside the lookup backward where that is exact (optim.grad_clip=0, grad_accum=1, 1 process, one layer per pool)
+    value_rounding: str = "nearest"  # nearest | stochastic: how row_sparse_adam/rowwise_adam round bf16 stores of values and moments (stochastic keeps updates below half a bf16 step in expectation)
+    fused_value_update: bool = True  # row_sparse_adam/rowwise_adam: step inside the lookup backward where that is exact (no clipping of the values: optim.grad_clip=0 or memory.clip_values=false; grad_accum=1, 1 process, one layer per pool)
+    clip_values: bool = True  # count the value tables in optim.grad_clip's global norm (false: values are neither counted nor scaled, as FBGEMM TBE does; lets the fused update run with clipping on)
 
 
 @dataclass
@@ -384,6 +386,7 @@ def validate(cfg: Config) -> None:
         "data.format": (cfg.data.format, ("auto", "text", "jsonl", "parquet")),
         "memory.value_optimizer": (cfg.memory.value_optimizer, ("adamw", "row_sparse_adam", "rowwise_adam")),
         "memory.value_dtype": (cfg.memory.value_dtype, ("fp32", "bf16")),
+        "memory.value_rounding": (cfg.memory.value_rounding, ("nearest", "stochastic")),
         "memory.lookup_impl": (cfg.memory.lookup_impl, ("auto", "torch", "triton", "cpu")),
     }
     for key, (value, allowed) in choices.items():
@@ -393,6 +396,13 @@ def validate(cfg: Config) -> None:
     validate_eval(cfg.eval)
     if not cfg.run.dir:
         raise ConfigError("run.dir is empty: expected the run directory")
+    m = cfg.memory
+    if m.value_rounding == "stochastic" and (m.value_dtype != "bf16" or m.value_optimizer == "adamw"):
+        raise ConfigError(
+            f"memory.value_rounding=stochastic rounds the bf16 stores of the row-sparse value optimizers; it needs "
+            f"memory.value_dtype=bf16 (got {m.value_dtype}) and memory.value_optimizer=row_sparse_adam or "
+            f"rowwise_adam (got {m.value_optimizer})"
+        )
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if cfg.data.batch_size % cfg.train.grad_accum:

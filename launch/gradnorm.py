@@ -15,13 +15,16 @@ def _mesh_key(g: torch.Tensor):
 
 
 @torch.no_grad()
-def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float, memory: MemoryLayout) -> float:
-    """L2 norm of all gradients, each logical element once; scales them to `max_norm` when above."""
+def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float, memory: MemoryLayout, clip_values: bool = True) -> float:
+    """L2 norm of all gradients, each logical element once; scales them to `max_norm` when above.
+    `clip_values=False` leaves the memory value tables out of both the norm and the scaling (FBGEMM
+    TBE's practice): their update then need not wait for the global norm, so it can be fused into
+    the lookup backward with clipping on."""
     values = {id(p) for p in memory.values()}
     grads = [p.grad for p in dict.fromkeys(params) if p.grad is not None and id(p) not in values]
     dense = [g for g in grads if not g.is_sparse]
     sparse = [g for g in grads if g.is_sparse]
-    norm_sq = memory.grad_sq_norm().double()
+    norm_sq = memory.grad_sq_norm().double() if clip_values else torch.zeros((), dtype=torch.float64)
     # DTensors on different meshes (FSDP over "dp", tensor parallel over ("dp","tp") or "tp") and
     # plain tensors cannot share one foreach call: one norm per mesh, reduced to a plain number.
     by_mesh: dict = {}
@@ -39,5 +42,6 @@ def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float, memory: Memo
         scale = max_norm / (total + 1e-6)
         for g in grads:
             g.mul_(scale)
-        memory.clip_(scale)
+        if clip_values:
+            memory.clip_(scale)
     return total

@@ -63,6 +63,8 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
                 eps=o.eps,
                 weight_decay=mem.value_weight_decay,
                 fused=mem.fused_value_update and fused_update_is_exact(model, cfg),
+                rounding=mem.value_rounding,
+                rounding_seed=cfg.run.seed,
             )
             # Rows nobody read are behind until flushed: every state_dict of a pool (checkpoint,
             # export) catches them up first, so saved values are dense AdamW's.
@@ -95,12 +97,13 @@ def reset_base_lrs(optimizers: list[torch.optim.Optimizer], cfg: Config) -> None
 
 def fused_update_is_exact(model: nn.Module, cfg: Config) -> bool:
     """Whether the value update can run inside the lookup's backward with the unfused result: each
-    table read once per step (one memory layer per pool, no gradient accumulation), no gradient
-    clipping (the global norm is not known until every gradient exists), and one process (replicated
-    values need their gradients averaged first)."""
+    table read once per step (one memory layer per pool, no gradient accumulation), no clipping of
+    the values (the global norm is not known until every gradient exists: optim.grad_clip=0, or
+    memory.clip_values=false to leave the values out of it), and one process (replicated values
+    need their gradients averaged first)."""
     import torch.distributed as dist
 
-    if cfg.optim.grad_clip > 0 or cfg.train.grad_accum != 1:
+    if (cfg.optim.grad_clip > 0 and cfg.memory.clip_values) or cfg.train.grad_accum != 1:
         return False
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return False

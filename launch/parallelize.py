@@ -261,10 +261,13 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config) -> Parallelized:
 
 def materialize(par: Parallelized, device: torch.device, seed: int) -> Parallelized:
     """Allocate this rank's shards on `device`, initialise them (layout-independent), then wrap DDP."""
+    from memlayers.hugepages import advise_huge_pages
     from scalenet import to_empty_tied
 
     model, layout = par.model, par.layout
     to_empty_tied(model, device)
+    for values in par.memory.values():  # before the init touches them (memlayers.hugepages)
+        advise_huge_pages(values)
     model.init_weights(seed=seed, regions=par.memory.regions())
     if layout.mesh is None or layout.dp_size == 1 or layout.data != "ddp":
         return par

@@ -162,7 +162,7 @@ class Trainer:
                 f"loss is {loss_value} at step {self.step + 1}; stopping without saving. "
                 f"Newest finite checkpoint: {self.checkpointer.newest_intact() or 'none'}"
             )
-        gnorm = grad_norm_and_clip(self.params, self.cfg.optim.grad_clip, self.memory)
+        gnorm = grad_norm_and_clip(self.params, self.cfg.optim.grad_clip, self.memory, self.cfg.memory.clip_values)
         if not math.isfinite(gnorm):  # the update would make the weights non-finite
             raise TrainingError(
                 f"gradient norm is {gnorm} at step {self.step + 1}; stopping without saving. "

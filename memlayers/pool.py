@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from memlayers.hugepages import advise_huge_pages
 from memlayers.lookup import lookup
 
 
@@ -53,6 +54,7 @@ class MemoryPool(nn.Module):
         self.lookup_impl = lookup_impl
         self.track_usage = False
         self.values = nn.Parameter(torch.empty(self.n_slots, v_dim, device=device, dtype=dtype))
+        advise_huge_pages(self.values)  # random rows of a large table: 2 MiB pages (memlayers.hugepages)
         # Registered (so .to()/.to_empty() move it) but empty until tracking is switched on.
         self.register_buffer("usage_counts", None, persistent=False)
         self.reset_parameters()

@@ -41,6 +41,11 @@ at its own reads, and the closed-form tail rounds differently when a gap is spli
 
 bf16/fp16 tables: moments are stored in the parameter's dtype, the arithmetic is fp32, and a
 catch-up keeps the row in fp32 registers across the replayed steps (one rounding per catch-up).
+`rounding="stochastic"` rounds the bf16 stores of p, m and v stochastically (up with probability
+equal to the dropped fraction): round-to-nearest loses every update below half a bf16 step, which
+biases v upwards (b2*v + (1-b2)*g^2 moves only when g^2 is several times v) and drops late small
+steps of p. The dither is a hash of the value's fp32 bits, the row, the step and the tensor, so
+it is deterministic: resumes, column shards and the fused/unfused/catch-up paths round alike.
 
 The row kernel is C++ (memlayers/csrc/lookup_cpu.cpp) on CPU when it builds, else vectorised
 torch ops over the touched rows (CUDA included).
@@ -56,6 +61,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from memlayers.hugepages import empty_huge_like
 from memlayers.lookup_cpu import native_ops
 
 __all__ = ["RowSparseAdam", "RowwiseAdam", "catch_up_before_read", "flush_on_state_dict", "fused_owner", "replay_horizon"]
@@ -195,7 +201,11 @@ class RowSparseAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         fused: bool = False,
+        rounding: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -209,6 +219,9 @@ class RowSparseAdam(torch.optim.Optimizer):
         # fused: the lookup's backward hands each value gradient straight to `fused_step` (no .grad);
         # exact only when the table is read once per optimizer step (see fused_owner).
         self.fused = fused
+        # bf16 stores: < 0 rounds to nearest even, else stochastically with this seed (any dtype
+        # other than bf16 ignores it).
+        self.rounding_seed = (int(rounding_seed) & 0xFFFFFFFF) if rounding == "stochastic" else -1
         self._fused_since_step: set[int] = set()
         self._tables: dict[int, tuple[tuple, torch.Tensor]] = {}
         def forget(ref: weakref.ref) -> None:  # this optimizer is gone: its tables read as plain tables
@@ -229,8 +242,9 @@ class RowSparseAdam(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            # table-sized moments: 2 MiB pages for their random row accesses (memlayers.hugepages)
+            state["exp_avg"] = empty_huge_like(p).zero_()
+            state["exp_avg_sq"] = empty_huge_like(p).zero_()
             state["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
             state["lr_history"] = torch.zeros(1, dtype=torch.float64)
         return state
@@ -279,10 +293,12 @@ class RowSparseAdam(torch.optim.Optimizer):
             grads = grad_rows if grad_rows is not None else p2d.new_empty(0, p2d.shape[1])
             getattr(ops, self._native_kernel)(
                 p2d, m2d, v, row_step, rows.contiguous(), grads, table, target, beta1, beta2, group["eps"], horizon,
+                self.rounding_seed,
             )  # fmt: skip
             return
         _torch_rows(p2d, m2d, v.view(-1, 1) if self._rowwise else v, row_step, rows, grad_rows, table.to(p.device),
-                    target, beta1, beta2, group["eps"], horizon, rowwise=self._rowwise)  # fmt: skip
+                    target, beta1, beta2, group["eps"], horizon, rowwise=self._rowwise,
+                    rounding_seed=self.rounding_seed)  # fmt: skip
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -361,7 +377,7 @@ class RowSparseAdam(torch.optim.Optimizer):
         grad_w = native_ops().bag_backward_adam_(
             p.detach(), state["exp_avg"], state["exp_avg_sq"], state["row_step"], indices, weights32, grad_out32,
             need_weights_grad, self._table(p, state, group), int(state["step"].item()), beta1, beta2, group["eps"],
-            replay_horizon(beta1, beta2),
+            replay_horizon(beta1, beta2), self.rounding_seed,
         )  # fmt: skip
         return grad_w if need_weights_grad else None
 
@@ -411,6 +427,10 @@ class RowSparseAdam(torch.optim.Optimizer):
         for i, p in zip(ids, params):
             for key, value in kept.get(i, {}).items():
                 self.state[p][key] = value.to("cpu" if key == "lr_history" else p.device)
+            for key in ("exp_avg", "exp_avg_sq"):  # loaded moments onto huge pages, one at a time
+                value = self.state[p].get(key)
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.device.type == "cpu":
+                    self.state[p][key] = empty_huge_like(value).copy_(value)
 
 
 def _torch_rows(
@@ -427,6 +447,7 @@ def _torch_rows(
     eps: float,
     horizon: int,
     rowwise: bool = False,
+    rounding_seed: int = -1,
 ) -> None:
     """The C++ kernel's math in vectorised torch ops over unique `rows` (any device).
     rowwise: v2d is (rows, 1), one second moment per row fed by the row's mean squared gradient."""
@@ -464,10 +485,45 @@ def _torch_rows(
         g_sq = (g * g).mean(dim=1, keepdim=True) if rowwise else g * g
         v = v * beta2 + (1 - beta2) * g_sq
         p = p * dec + (-ss * m) / (v.sqrt() / bc2s + eps)
-    p2d.index_copy_(0, rows, p.to(p2d.dtype))
-    m2d.index_copy_(0, rows, m.to(m2d.dtype))
-    v2d.index_copy_(0, rows, v.to(v2d.dtype))
+    for which, (dst, x) in enumerate(((p2d, p), (m2d, m), (v2d, v))):
+        if dst.dtype == torch.bfloat16 and rounding_seed >= 0:
+            dst.index_copy_(0, rows, stochastic_bf16(x, rows, target, which, rounding_seed))
+        else:
+            dst.index_copy_(0, rows, x.to(dst.dtype))
     row_step.index_fill_(0, rows, target)
+
+
+# ---------------------------------------------------------------- stochastic bf16 rounding
+# The C++ kernel's rounding (memlayers/csrc/lookup_cpu.cpp, store_rounding / store_r) in int64
+# torch ops: uint32 arithmetic is emulated with masks, and products are split in 16-bit halves so
+# no int64 product overflows.
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stochastic_bf16(x: torch.Tensor, rows: torch.Tensor, step: int, which: int, seed: int) -> torch.Tensor:
+    """fp32 (U, D) -> bf16, rounded up with probability equal to the dropped fraction; the dither is
+    a hash of each value's bits and (row, step, which: 0 param / 1 exp_avg / 2 exp_avg_sq, seed)."""
+    r = rows.to(torch.int64).view(-1, 1)
+    k = _mix32((r & _M32) ^ _mix32(((r >> 32) + ((0x9E3779B9 * (which + 1)) & _M32)) & _M32))
+    k = _mix32(k ^ (step & _M32))
+    k = _mix32(k ^ (seed & _M32))
+    xf = x.float().reshape(r.shape[0], -1).contiguous()
+    u = xf.view(torch.int32).to(torch.int64) & _M32
+    out = (u + (_mix32(u ^ k) & 0xFFFF)) >> 16
+    out = torch.where(xf.isnan(), torch.full_like(out, 0x7FC0), out)
+    return (out - (out >= 0x8000).to(torch.int64) * 0x10000).to(torch.int16).view(torch.bfloat16).view_as(x)
 
 
 class RowwiseAdam(RowSparseAdam):

@@ -213,6 +213,46 @@ inline void store_f(c10::BFloat16* p, int64_t j, float x) {
 }
 inline void store_f(c10::Half* p, int64_t j, float x) { p[j] = static_cast<c10::Half>(x); }
 
+// Stochastic rounding of the optimizer's bf16 stores (RowSparseAdam(rounding="stochastic")): an
+// update smaller than half a bf16 step (2^-9 relative) is otherwise lost every time, e.g.
+// v = b2*v + (1-b2)*g^2 only moves when g^2 differs from v by more than ~4x, so v ratchets upwards.
+// Rounding up with probability equal to the dropped fraction keeps every update in expectation.
+// The 16 dither bits are a hash of the fp32 value's bits and a per-(row, step, tensor) key, not of
+// the column: so column shards of a table round exactly like the whole table, resumed runs like
+// uninterrupted ones, and every kernel path (fused, unfused, catch-up) like the others.
+// memlayers/row_sparse_adam.py (_stochastic_bf16) is the same function in torch ops.
+// The rounding is a compile-time type, so the round-to-nearest loops stay exactly as they were
+// (a runtime flag in the element loop cost 2x on bf16 tables: measured).
+struct Nearest {};
+struct Stochastic {
+  uint32_t key;
+};
+inline uint32_t mix32(uint32_t x) {  // "lowbias32" integer hash (Wellons): full avalanche, vectorises
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+// which: 0 = param, 1 = exp_avg, 2 = exp_avg_sq.
+inline Stochastic stochastic_key(int64_t seed, int64_t row, int64_t step, uint32_t which) {
+  uint32_t k = mix32(static_cast<uint32_t>(row) ^ mix32(static_cast<uint32_t>(row >> 32) + 0x9E3779B9u * (which + 1u)));
+  k = mix32(k ^ static_cast<uint32_t>(step));
+  return Stochastic{mix32(k ^ static_cast<uint32_t>(seed))};
+}
+template <typename Rounding>
+inline void store_r(float* p, int64_t j, float x, const Rounding&) { p[j] = x; }
+template <typename Rounding>
+inline void store_r(c10::Half* p, int64_t j, float x, const Rounding&) { store_f(p, j, x); }
+inline void store_r(c10::BFloat16* p, int64_t j, float x, const Nearest&) { store_f(p, j, x); }
+inline void store_r(c10::BFloat16* p, int64_t j, float x, const Stochastic& r) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + (mix32(u ^ r.key) & 0xFFFFu)) >> 16;
+  reinterpret_cast<uint16_t*>(p)[j] = static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+}
+
 // Calls fn(col, w) for the column blocks of a D-wide row: w is a compile-time kCB for the full
 // blocks (fixed trip counts vectorise without remainder loops) and a runtime width for the tail.
 template <typename Fn>
@@ -232,12 +272,17 @@ inline void store_block(const float* __restrict__ src, int64_t w, scalar_t* __re
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) store_f(dst, j, src[j]);
 }
+template <typename scalar_t, typename Rounding>
+inline void store_block_r(const float* __restrict__ src, int64_t w, scalar_t* __restrict__ dst, const Rounding& r) {
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) store_r(dst, j, src[j], r);
+}
 // x -> storage dtype -> fp32: what a value written to the table and read back holds.
-template <typename scalar_t>
-inline void round_block(float* __restrict__ x, int64_t w) {
+template <typename scalar_t, typename Rounding = Nearest>
+inline void round_block(float* __restrict__ x, int64_t w, const Rounding& r = Rounding{}) {
   if constexpr (!std::is_same_v<scalar_t, float>) {
     scalar_t tmp[kCB];
-    store_block<scalar_t>(x, w, tmp);
+    store_block_r<scalar_t>(x, w, tmp, r);
     load_block<scalar_t>(tmp, w, x);
   }
 }
@@ -260,7 +305,31 @@ struct AdamArgs {
   double beta1, beta2;
   float b1, b2, omb1, omb2, eps;
   int64_t horizon;
+  int64_t rounding_seed;  // < 0: stores round to nearest even; else stochastically (bf16)
 };
+// The roundings of one row's (p, m, v) stored as of optimizer step `step`.
+template <typename Rounding>
+struct RowRnd {
+  Rounding p, m, v;
+};
+template <typename Rounding>
+inline RowRnd<Rounding> row_rounding(const AdamArgs& a, int64_t row, int64_t step) {
+  if constexpr (std::is_same_v<Rounding, Stochastic>) {
+    return RowRnd<Rounding>{stochastic_key(a.rounding_seed, row, step, 0), stochastic_key(a.rounding_seed, row, step, 1),
+                     stochastic_key(a.rounding_seed, row, step, 2)};
+  } else {
+    return RowRnd<Rounding>{};
+  }
+}
+// Calls fn(Rounding{}) with the rounding type a kernel of `scalar_t` runs with: stochastic only for bf16
+// tables with a seed (fp32 stores are exact; fp16 keeps round-to-nearest).
+template <typename scalar_t, typename Fn>
+inline void with_rounding(int64_t seed, Fn&& fn) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (seed >= 0) return fn(Stochastic{0u});
+  }
+  fn(Nearest{});
+}
 
 struct CatchUp {
   int64_t first, last;  // replay steps [first, last]
@@ -331,11 +400,12 @@ inline bool has_replay(const CatchUp& c) { return c.first <= c.last || c.tail; }
 // (the common case: the row was caught up at its read) this is one pass, each element loaded once,
 // updated in registers and stored once; with one the row goes through fp32 stack blocks (one
 // rounding to the storage dtype per catch-up, as the state is stored once).
-template <typename scalar_t>
+template <typename scalar_t, typename Rounding>
 inline void adam_row(scalar_t* __restrict__ P, scalar_t* __restrict__ M, scalar_t* __restrict__ V,
                      const scalar_t* __restrict__ G, int64_t D, const AdamArgs& a, const CatchUp& c,
-                     int64_t target) {
+                     int64_t target, int64_t row) {
   const StepScalars k = step_scalars(a, target);
+  const RowRnd<Rounding> rr = row_rounding<Rounding>(a, row, target);
   const float omb1 = a.omb1, b2 = a.b2, omb2 = a.omb2, eps = a.eps;
   if (!has_replay(c)) {
     if (G == nullptr) return;
@@ -343,9 +413,9 @@ inline void adam_row(scalar_t* __restrict__ P, scalar_t* __restrict__ M, scalar_
     for (int64_t j = 0; j < D; ++j) {
       float p = load_f(P, j), m = load_f(M, j), v = load_f(V, j);
       grad_elem(p, m, v, load_f(G, j), k, omb1, b2, omb2, eps);
-      store_f(P, j, p);
-      store_f(M, j, m);
-      store_f(V, j, v);
+      store_r(P, j, p, rr.p);
+      store_r(M, j, m, rr.m);
+      store_r(V, j, v, rr.v);
     }
     return;
   }
@@ -359,9 +429,9 @@ inline void adam_row(scalar_t* __restrict__ P, scalar_t* __restrict__ M, scalar_
 #pragma omp simd
       for (int64_t j = 0; j < w; ++j) grad_elem(p[j], m[j], v[j], load_f(G + col, j), k, omb1, b2, omb2, eps);
     }
-    store_block(p, w, P + col);
-    store_block(m, w, M + col);
-    store_block(v, w, V + col);
+    store_block_r(p, w, P + col, rr.p);
+    store_block_r(m, w, M + col, rr.m);
+    store_block_r(v, w, V + col, rr.v);
   });
 }
 
@@ -430,7 +500,7 @@ RowSegments segment_rows(const Tensor& indices) {
 // row is written or read back). Fused, a row not yet caught up to step target-1 is first caught
 // up as a read would (and rounded to the storage dtype as that write would), the gradient is rounded
 // to the table's dtype as the unfused gradient tensor is, and the row's state is stored once.
-template <typename scalar_t, bool kFuseAdam>
+template <typename scalar_t, bool kFuseAdam, typename Rounding = Nearest>
 void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Tensor& grad_out, const int64_t K,
                           const RowSegments& seg, bool need_gw, bool dense, Tensor& grad_rows, Tensor& gw,
                           Tensor* exp_avg, Tensor* exp_avg_sq, Tensor* row_step, const AdamArgs* adam,
@@ -459,10 +529,13 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
         else if (need_gw) prefetch_row(Pp + ra * D, D);
       }
       CatchUp plan{};
+      RowRnd<Rounding> at_read{}, at_step{};
       if constexpr (kFuseAdam) {
         const int64_t last = RS[r];
         TORCH_CHECK(last <= target - 1, "row ", r, " is ahead of the optimizer (row step ", last, " > ", target - 1, ")");
         plan = plan_catch_up(*adam, last, target - 1);
+        at_read = row_rounding<Rounding>(*adam, r, target - 1);
+        at_step = row_rounding<Rounding>(*adam, r, target);
       }
       const bool replay = has_replay(plan);
       for_blocks(D, [&](int64_t col, auto w) {
@@ -474,9 +547,9 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
             load_block(Vp + r * D + col, w, v);
             catch_up_block(p, m, v, w, *adam, plan);
             // As if caught up at the read: stored, then read back (the dot products see that value).
-            round_block<scalar_t>(p, w);
-            round_block<scalar_t>(m, w);
-            round_block<scalar_t>(v, w);
+            round_block<scalar_t>(p, w, at_read.p);
+            round_block<scalar_t>(m, w, at_read.m);
+            round_block<scalar_t>(v, w, at_read.v);
           }
         }
         for (int64_t j = 0; j < w; ++j) acc[j] = 0.f;
@@ -509,9 +582,9 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
           for (int64_t j = 0; j < w; ++j) {
             float pj = p[j], mj = m[j], vj = v[j];
             grad_elem(pj, mj, vj, acc[j], k, omb1, b2, omb2, eps);
-            store_f(P, j, pj);
-            store_f(M, j, mj);
-            store_f(V, j, vj);
+            store_r(P, j, pj, at_step.p);
+            store_r(M, j, mj, at_step.m);
+            store_r(V, j, vj, at_step.v);
           }
         } else {
           store_block(acc, w, GR + (dense ? r : u) * D + col);
@@ -613,23 +686,25 @@ void check_rows(const Tensor& param, const Tensor& rows, const Tensor& grad_rows
   }
 }
 
-AdamArgs make_adam_args(const Tensor& hist, double beta1, double beta2, double eps, int64_t horizon) {
+AdamArgs make_adam_args(const Tensor& hist, double beta1, double beta2, double eps, int64_t horizon,
+                        int64_t rounding_seed) {
   return AdamArgs{hist.const_data_ptr<double>(), beta1, beta2, float(beta1), float(beta2),
-                  float(1.0 - beta1), float(1.0 - beta2), float(eps), horizon};
+                  float(1.0 - beta1), float(1.0 - beta2), float(eps), horizon, rounding_seed};
 }
 
 // Fused backward + AdamW step of the value table (row-sparse, exact: see rows_backward_kernel and
 // lazy_adam_rows_). Returns grad_weights (B, K) float32 (empty when not needed).
 Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& indices,
                           const Tensor& weights, const Tensor& grad_out, bool need_weights_grad, const Tensor& hist,
-                          int64_t target, double beta1, double beta2, double eps, int64_t horizon) {
+                          int64_t target, double beta1, double beta2, double eps, int64_t horizon,
+                          int64_t rounding_seed) {
   check_backward_inputs(param, indices, weights, grad_out);
   check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target);
   TORCH_CHECK(target >= 1, "target step must be >= 1");
   const int64_t B = indices.size(0), K = indices.size(1);
   Tensor gw = need_weights_grad ? at::empty({B, K}, weights.options()) : at::empty({0}, weights.options());
   RowSegments seg = segment_rows(indices);
-  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
+  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon, rounding_seed);
   Tensor none;
   switch (param.scalar_type()) {
     case at::kFloat:
@@ -637,8 +712,11 @@ Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tenso
                                         &exp_avg, &exp_avg_sq, &row_step, &a, target);
       break;
     case at::kBFloat16:
-      rows_backward_kernel<c10::BFloat16, true>(param, weights, grad_out, K, seg, need_weights_grad, false, none, gw,
-                                                &exp_avg, &exp_avg_sq, &row_step, &a, target);
+      with_rounding<c10::BFloat16>(rounding_seed, [&](auto rnd) {
+        rows_backward_kernel<c10::BFloat16, true, decltype(rnd)>(param, weights, grad_out, K, seg, need_weights_grad,
+                                                                 false, none, gw, &exp_avg, &exp_avg_sq, &row_step,
+                                                                 &a, target);
+      });
       break;
     default:
       rows_backward_kernel<c10::Half, true>(param, weights, grad_out, K, seg, need_weights_grad, false, none, gw,
@@ -653,7 +731,7 @@ Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tenso
 // non-empty the rows are caught up to `target - 1` and then take step `target` with their gradient;
 // otherwise they are caught up to `target` (rows already current are left as they are). Rows must be
 // unique (the Python side passes them sorted: see RowSparseAdam.catch_up_rows).
-template <typename scalar_t>
+template <typename scalar_t, typename Rounding>
 void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& row_step, const Tensor& rows,
                       const Tensor& grad_rows, const AdamArgs& a, int64_t target) {
   const int64_t U = rows.numel(), D = param.size(1);
@@ -672,8 +750,8 @@ void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor
       // prefetching three state rows ahead made this loop 1.5x slower).
       const int64_t last = RS[r];
       TORCH_CHECK(last <= upto, "row ", r, " is ahead of the optimizer (row step ", last, " > ", upto, ")");
-      adam_row<scalar_t>(Pp + r * D, Mp + r * D, Vp + r * D, has_grad ? Gp + u * D : nullptr, D, a,
-                         plan_catch_up(a, last, upto), target);
+      adam_row<scalar_t, Rounding>(Pp + r * D, Mp + r * D, Vp + r * D, has_grad ? Gp + u * D : nullptr, D, a,
+                         plan_catch_up(a, last, upto), target, r);
       RS[r] = target;
     }
   });
@@ -681,19 +759,25 @@ void lazy_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor
 
 void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
                      const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
-                     double eps, int64_t horizon) {
+                     double eps, int64_t horizon, int64_t rounding_seed) {
   check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target);
   check_rows(param, rows, grad_rows);
-  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
+  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon, rounding_seed);
   switch (param.scalar_type()) {
     case at::kFloat:
-      lazy_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      with_rounding<float>(rounding_seed, [&](auto rnd) {
+        lazy_adam_kernel<float, decltype(rnd)>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      });
       break;
     case at::kBFloat16:
-      lazy_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      with_rounding<c10::BFloat16>(rounding_seed, [&](auto rnd) {
+        lazy_adam_kernel<c10::BFloat16, decltype(rnd)>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      });
       break;
     case at::kHalf:
-      lazy_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      with_rounding<c10::Half>(rounding_seed, [&](auto rnd) {
+        lazy_adam_kernel<c10::Half, decltype(rnd)>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      });
       break;
     default: TORCH_CHECK(false, "param dtype must be float32, bfloat16 or float16, got ", param.scalar_type());
   }
@@ -706,7 +790,7 @@ void lazy_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row
 // p = p*decay - step_size*m / (sqrt(v_row)/bc2sqrt + eps)), closed-form tail after `horizon` steps.
 // The denominator is one scalar per row and step, so a replay costs a multiply-add per element.
 // `exp_avg_sq` is an fp32 (rows,) tensor whatever the table's dtype.
-template <typename scalar_t>
+template <typename scalar_t, typename Rounding>
 void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& row_step,
                               const Tensor& rows, const Tensor& grad_rows, const AdamArgs& a, int64_t target) {
   const int64_t U = rows.numel(), D = param.size(1);
@@ -731,6 +815,7 @@ void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq
       scalar_t* M = Mp + r * D;
       float vr = VR[r];
       if (has_replay(c)) {
+        const RowRnd<Rounding> at_upto = row_rounding<Rounding>(a, r, upto);
         den.clear();
         ks.clear();
         for (int64_t s = c.first; s <= c.last; ++s) {
@@ -760,8 +845,8 @@ void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq
               p[j] *= c.fd;
             }
           }
-          store_block(p, w, P + col);
-          store_block(m, w, M + col);
+          store_block_r(p, w, P + col, at_upto.p);
+          store_block_r(m, w, M + col, at_upto.m);
         });
         if (c.tail) vr *= c.fv;
       }
@@ -771,6 +856,7 @@ void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq
 #pragma omp simd reduction(+ : sq)
         for (int64_t j = 0; j < D; ++j) sq += load_f(G, j) * load_f(G, j);
         const StepScalars k = step_scalars(a, target);
+        const RowRnd<Rounding> at_step = row_rounding<Rounding>(a, r, target);
         vr = vr * b2 + omb2 * (sq / float(D));
         const float dn = std::sqrt(vr) / k.bc2s + eps;
 #pragma omp simd
@@ -778,8 +864,8 @@ void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq
           const float gj = load_f(G, j);
           float mj = load_f(M, j);
           mj = mj + omb1 * (gj - mj);
-          store_f(P, j, load_f(P, j) * k.dec + (-k.ss * mj) / dn);
-          store_f(M, j, mj);
+          store_r(P, j, load_f(P, j) * k.dec + (-k.ss * mj) / dn, at_step.p);
+          store_r(M, j, mj, at_step.m);
         }
       }
       VR[r] = vr;
@@ -790,19 +876,25 @@ void lazy_rowwise_adam_kernel(Tensor& param, Tensor& exp_avg, Tensor& exp_avg_sq
 
 void lazy_rowwise_adam_rows_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& rows,
                              const Tensor& grad_rows, const Tensor& hist, int64_t target, double beta1, double beta2,
-                             double eps, int64_t horizon) {
+                             double eps, int64_t horizon, int64_t rounding_seed) {
   check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target, /*rowwise=*/true);
   check_rows(param, rows, grad_rows);
-  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon);
+  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon, rounding_seed);
   switch (param.scalar_type()) {
     case at::kFloat:
-      lazy_rowwise_adam_kernel<float>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      with_rounding<float>(rounding_seed, [&](auto rnd) {
+        lazy_rowwise_adam_kernel<float, decltype(rnd)>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      });
       break;
     case at::kBFloat16:
-      lazy_rowwise_adam_kernel<c10::BFloat16>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      with_rounding<c10::BFloat16>(rounding_seed, [&](auto rnd) {
+        lazy_rowwise_adam_kernel<c10::BFloat16, decltype(rnd)>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      });
       break;
     case at::kHalf:
-      lazy_rowwise_adam_kernel<c10::Half>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      with_rounding<c10::Half>(rounding_seed, [&](auto rnd) {
+        lazy_rowwise_adam_kernel<c10::Half, decltype(rnd)>(param, exp_avg, exp_avg_sq, row_step, rows, grad_rows, a, target);
+      });
       break;
     default: TORCH_CHECK(false, "param dtype must be float32, bfloat16 or float16, got ", param.scalar_type());
   }
@@ -922,16 +1014,18 @@ TORCH_LIBRARY(memlayers_cpu, m) {
       &bag_backward);
   m.def(
       "lazy_adam_rows_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
-      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon) -> ()",
+      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon, "
+      "int rounding_seed=-1) -> ()",
       &lazy_adam_rows_);
   m.def(
       "bag_backward_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
       "Tensor indices, Tensor weights, Tensor grad_out, bool need_weights_grad, Tensor hist, int target, "
-      "float beta1, float beta2, float eps, int horizon) -> Tensor",
+      "float beta1, float beta2, float eps, int horizon, int rounding_seed=-1) -> Tensor",
       &bag_backward_adam_);
   m.def(
       "lazy_rowwise_adam_rows_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
-      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon) -> ()",
+      "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon, "
+      "int rounding_seed=-1) -> ()",
       &lazy_rowwise_adam_rows_);
   m.def("product_topk(Tensor scores, int K) -> (Tensor, Tensor)", &product_topk);
 }

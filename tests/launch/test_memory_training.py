@@ -67,11 +67,19 @@ def test_active_params_count_value_rows_read_not_the_table():
         ("memory.k_dim=15", "k_dim"),
         ("memory.knn=300", "knn"),
         ("memory.value_optimizer=sgd", "memory.value_optimizer"),
+        ("memory.value_rounding=up", "memory.value_rounding"),
+        ("memory.value_rounding=stochastic", "memory.value_dtype=bf16"),  # fp32 table: nothing to round
     ],
 )
 def test_impossible_memory_settings_fail_clearly(override, match):
     with pytest.raises(ConfigError, match=match):
         build_model(cfg_of(override))
+
+
+def test_stochastic_rounding_reaches_the_value_optimizer():
+    overrides = ["memory.value_optimizer=row_sparse_adam", "memory.value_dtype=bf16", "memory.value_rounding=stochastic", "run.seed=5"]
+    value_opt = build_optimizers(build_model(cfg_of(*overrides)), cfg_of(*overrides))[-1]
+    assert value_opt.rounding_seed == 5
 
 
 def test_two_models_in_one_process_are_independent():
@@ -94,6 +102,57 @@ def test_memory_model_trains_resumes_and_logs_usage(tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     for r in straight:
         assert 0 < r["mem_slots_read_frac"] <= 1 and 0 < r["mem_usage_entropy"] <= 1
+
+
+@pytest.mark.parametrize(
+    "overrides,fused",
+    [
+        (["optim.grad_clip=0"], True),
+        (["optim.grad_clip=1.0"], False),  # the values' gradients must exist for the global norm
+        (["optim.grad_clip=1.0", "memory.clip_values=false"], True),
+        (["optim.grad_clip=0", "train.grad_accum=2"], False),
+    ],
+)
+def test_fused_value_update_only_where_exact(overrides, fused):
+    model = build_model(cfg_of("memory.value_optimizer=row_sparse_adam", *overrides))
+    value_opt = build_optimizers(model, cfg_of("memory.value_optimizer=row_sparse_adam", *overrides))[-1]
+    assert value_opt.fused is fused
+
+
+def test_values_left_out_of_clipping_keep_their_gradient():
+    """memory.clip_values=false: the global norm and the clip scale cover every other gradient."""
+    from launch.gradnorm import grad_norm_and_clip
+    from memlayers.layout import MemoryLayout
+
+    model = build_model(cfg_of("memory.value_optimizer=adamw"))
+    model(torch.randint(0, 64, (2, 16))).float().pow(2).mean().backward()
+    layout = MemoryLayout(model)
+    values = {id(p) for p in layout.values()}
+    params = [p for p in model.parameters() if p.grad is not None]
+    before = {id(p): p.grad.clone() for p in params}
+    others = [p for p in params if id(p) not in values]
+    norm_others = float(torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in others])))
+    with_values = grad_norm_and_clip(params, 0, layout)  # max_norm 0: measures, scales nothing
+    total = grad_norm_and_clip(params, 1e-3, layout, clip_values=False)
+    assert total == pytest.approx(norm_others, rel=1e-6) and with_values > total * (1 + 1e-4)
+    for p in params:
+        if id(p) in values:
+            assert torch.equal(p.grad, before[id(p)])
+        else:
+            torch.testing.assert_close(p.grad, before[id(p)] * (1e-3 / (total + 1e-6)))
+
+
+def test_fused_update_with_values_out_of_clipping_equals_unfused(tmp_path):
+    """Clipping on (and active: a small max norm), values out of it: the fused run logs the unfused
+    run's losses and gradient norms bit for bit."""
+    args = [f"config={TINY_MEMORY}", "train.steps=6", "train.log_every=1", "train.val_every=0",
+            "memory.value_optimizer=row_sparse_adam", "optim.grad_clip=0.05", "memory.clip_values=false"]
+    run_module("launch.train", *args, f"run.dir={tmp_path / 'fused'}")
+    run_module("launch.train", *args, f"run.dir={tmp_path / 'unfused'}", "memory.fused_value_update=false")
+    fused = [r for r in read_metrics(tmp_path / "fused") if "loss" in r]
+    unfused = [r for r in read_metrics(tmp_path / "unfused") if "loss" in r]
+    assert len(fused) == 6 and all(r["grad_norm"] > 0.05 for r in fused)  # clipping acted every step
+    assert [(r["loss"], r["grad_norm"]) for r in fused] == [(r["loss"], r["grad_norm"]) for r in unfused]
 
 
 @pytest.mark.slow

@@ -127,17 +127,23 @@ def test_capacity_sweep_has_the_issue_arms():
     assert base.data.mix[0]["ratio"] * base.train.steps * base.data.batch_size * base.data.seq_len > 1e9
 
 
-def test_growth_sweep_tunes_every_arm_with_the_same_grid():
-    sweep = load_sweep(SWEEPS / "growth_scalenet.yaml")
+@pytest.mark.parametrize(
+    "name,grid,ranks",
+    [
+        ("growth_scalenet.yaml", {0.001, 0.002, 0.003, 0.005, 0.008, 0.012, 0.018}, {1, 4, 8}),
+        ("growth_scalenet_long.yaml", {0.005, 0.008, 0.012}, {1}),
+    ],
+)
+def test_growth_sweep_tunes_every_arm_with_the_same_grid(name, grid, ranks):
+    sweep = load_sweep(SWEEPS / name)
     groups: dict[str, set] = {}
     for r in sweep.runs:
         groups.setdefault(r.group, set()).add(r.overrides["optim.lr"])
     lrs = groups.pop("base_4L")
-    assert len(lrs) == 1 and all(v == {0.001, 0.002, 0.003, 0.005, 0.008, 0.012} for v in groups.values())
-    ranks = {r.grow.args.get("grow.adapter_rank") for r in sweep.runs if r.grow and r.grow.strategy == "scalenet"}
-    assert ranks == {1, 4, 8}
+    assert len(lrs) == 1 and all(v == grid for v in groups.values())
+    assert {r.grow.args.get("grow.adapter_rank") for r in sweep.runs if r.grow and r.grow.strategy == "scalenet"} == ranks
     steps = {r.group: r.overrides["train.steps"] for r in sweep.runs}
-    assert steps["scratch_8L"] == 3 * steps["scalenet_r1"]
+    assert steps["scratch_8L"] == 3 * steps["scalenet_r1"]  # scratch trains 3B, every grown arm B
     assert sweep.report.reference == "scratch_8L" and sweep.report.tune == ["optim.lr"]
 
 

@@ -242,11 +242,14 @@ def _lookup_run(opt_cls, fused: bool, impl: str, steps: int = 12, dtype=torch.fl
 
 
 @pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_backward_update_is_bit_identical_to_unfused(dtype):
+@pytest.mark.parametrize(
+    "dtype,rounding",
+    [(torch.float32, "nearest"), (torch.bfloat16, "nearest"), (torch.bfloat16, "stochastic")],
+)
+def test_fused_backward_update_is_bit_identical_to_unfused(dtype, rounding):
     impl = "cpu"
-    v_f, opt_f, loss_f = _lookup_run(RowSparseAdam, True, impl, dtype=dtype)
-    v_u, opt_u, loss_u = _lookup_run(RowSparseAdam, False, impl, dtype=dtype)
+    v_f, opt_f, loss_f = _lookup_run(RowSparseAdam, True, impl, dtype=dtype, rounding=rounding)
+    v_u, opt_u, loss_u = _lookup_run(RowSparseAdam, False, impl, dtype=dtype, rounding=rounding)
     assert loss_f == loss_u
     assert torch.equal(v_f.detach(), v_u.detach())
     for key in ("step", "exp_avg", "exp_avg_sq", "row_step", "lr_history"):
@@ -345,8 +348,8 @@ def test_fused_refuses_two_reads_in_one_step():
 
 
 @pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype):
+@pytest.mark.parametrize("dtype,seed", [(torch.float32, -1), (torch.bfloat16, -1), (torch.bfloat16, 1234)])
+def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype, seed):
     """The fused backward+update brings rows that were NOT caught up at their read (gaps of several
     steps, some past the replay horizon) up to date itself: state and grad_weights equal catching the
     rows up first, then the unfused sparse backward and step. Width 150 = two full column blocks and a
@@ -369,14 +372,14 @@ def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype):
     grad_out = torch.randn(7, dim, generator=gen)
 
     fused = [t.clone() for t in state] + [row_step.clone()]
-    gw_fused = ops.bag_backward_adam_(*fused, idx, w, grad_out, True, hist, target, *betas, eps, horizon)
+    gw_fused = ops.bag_backward_adam_(*fused, idx, w, grad_out, True, hist, target, *betas, eps, horizon, seed)
 
     ref = [t.clone() for t in state] + [row_step.clone()]
     rows = torch.unique(idx)
     empty = ref[0].new_empty(0, dim)
-    ops.lazy_adam_rows_(*ref, rows, empty, hist, target - 1, *betas, eps, horizon)  # catch up
+    ops.lazy_adam_rows_(*ref, rows, empty, hist, target - 1, *betas, eps, horizon, seed)  # catch up
     rows_u, grad_rows, gw_ref = ops.bag_backward(ref[0], idx, w, grad_out, True, True, False)
-    ops.lazy_adam_rows_(*ref, rows_u, grad_rows, hist, target, *betas, eps, horizon)
+    ops.lazy_adam_rows_(*ref, rows_u, grad_rows, hist, target, *betas, eps, horizon, seed)
     assert torch.equal(gw_fused, gw_ref)
     for a, b in zip(fused, ref):
         assert torch.equal(a, b)
@@ -403,3 +406,97 @@ def test_bf16_gradient_rows_round_like_torch():
     assert g16.dtype == torch.bfloat16
     assert torch.equal(g16.view(torch.int16), g32.bfloat16().view(torch.int16))
     assert torch.equal(gw16, gw32)
+
+
+# ---------------------------------------------------------------- stochastic bf16 rounding
+
+
+def test_stochastic_bf16_rounds_to_a_neighbour_without_bias():
+    from memlayers.row_sparse_adam import stochastic_bf16
+
+    one_ulp = 2.0**-7  # bf16 spacing in [1, 2)
+    x = torch.full((4000, 8), 1.0 + 0.3 * one_ulp)
+    rows = torch.arange(4000)
+    out = stochastic_bf16(x, rows, step=5, which=0, seed=9).float()
+    assert set(out.unique().tolist()) == {1.0, 1.0 + one_ulp}  # only the two neighbours
+    assert abs((out == 1.0 + one_ulp).float().mean().item() - 0.3) < 0.02  # up with probability 0.3
+    exact = torch.tensor([[0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"), 3.0e38, 1e-40]])
+    assert torch.equal(stochastic_bf16(exact, rows[:1], 1, 0, 0).float(), exact.bfloat16().float())
+    assert stochastic_bf16(torch.tensor([[float("nan")]]), rows[:1], 1, 0, 0).isnan().all()
+    # Deterministic in (value, row, step, tensor, seed); another step dithers differently.
+    again = stochastic_bf16(x, rows, 5, 0, 9).float()
+    assert torch.equal(out, again) and not torch.equal(out, stochastic_bf16(x, rows, 6, 0, 9).float())
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.parametrize("kernel", ["lazy_adam_rows_", "lazy_rowwise_adam_rows_"])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_cpp_stochastic_rounding_is_the_torch_function(kernel, with_grad):
+    """The C++ kernels' bf16 stochastic store equals `stochastic_bf16` (same hash, same dither) of
+    the fp32 result the same kernel computes on an fp32 copy of the state; so does the torch fallback's."""
+    from memlayers.lookup_cpu import native_ops
+    from memlayers.row_sparse_adam import _torch_rows, step_table, stochastic_bf16
+
+    ops = native_ops()
+    rowwise = kernel == "lazy_rowwise_adam_rows_"
+    gen = torch.Generator().manual_seed(11)
+    n_rows, dim, target, seed = 30, 150, 20, 77
+    betas, eps, horizon = (0.9, 0.95), 1e-8, 6
+    hist = step_table(torch.rand(target + 1, dtype=torch.float64, generator=gen) * 1e-2, *betas, 0.01)
+    p, m = (torch.randn(n_rows, dim, generator=gen).bfloat16() for _ in range(2))
+    v = torch.rand(n_rows, generator=gen) if rowwise else torch.rand(n_rows, dim, generator=gen).bfloat16()
+    rows = torch.arange(0, n_rows, 2)
+    upto = target - 1 if with_grad else target
+    # rowwise stores a replayed row before its gradient step: give its gradient rows no gap
+    row_step = torch.full((n_rows,), upto) if (rowwise and with_grad) else torch.randint(0, upto + 1, (n_rows,), generator=gen)
+    grads = torch.randn(rows.numel(), dim, generator=gen).bfloat16() if with_grad else p.new_empty(0, dim)
+
+    def run(dtype, rounding_seed, torch_path=False):
+        st = [p.to(dtype).clone(), m.to(dtype).clone(), v.clone() if rowwise else v.to(dtype).clone(), row_step.clone()]
+        g = grads.to(dtype)
+        if torch_path:
+            _torch_rows(st[0], st[1], st[2].view(-1, 1) if rowwise else st[2], st[3], rows, g if with_grad else None,
+                        hist, target, *betas, eps, horizon, rowwise=rowwise, rounding_seed=rounding_seed)  # fmt: skip
+        else:
+            getattr(ops, kernel)(*st, rows, g, hist, target, *betas, eps, horizon, rounding_seed)
+        return st
+
+    # (the torch ops round their fp32 arithmetic a little differently from C++: each path against itself)
+    for torch_path in (False, True):
+        exact, sr = run(torch.float32, -1, torch_path), run(torch.bfloat16, seed, torch_path)
+        for which in (0, 1) if rowwise else (0, 1, 2):
+            expect = exact[which].bfloat16()
+            expect[rows] = stochastic_bf16(exact[which][rows], rows, target, which, seed)
+            keep = row_step[rows] == target  # rows already current are left alone
+            expect[rows[keep]] = (p, m, v)[which][rows[keep]]
+            assert torch.equal(sr[which], expect)
+    nearest = run(torch.bfloat16, -1)
+    assert not torch.equal(nearest[0], run(torch.bfloat16, seed)[0])
+
+
+@pytest.mark.parametrize("opt_cls", ["RowSparseAdam", "RowwiseAdam"])
+def test_stochastic_rounding_keeps_updates_below_half_a_bf16_step(opt_cls, row_kernel):
+    """A bf16 table whose every update is ~0.1 of a bf16 step: round-to-nearest drops each one (the
+    table never moves), stochastic rounding keeps them in expectation (it tracks the fp32 run)."""
+    cls = getattr(rsa_module, opt_cls)
+    runs = {}
+    for name, dtype, rounding in (("fp32", torch.float32, "nearest"), ("nearest", torch.bfloat16, "nearest"),
+                                  ("stochastic", torch.bfloat16, "stochastic")):  # fmt: skip
+        # distinct values in [1.25, 1.5) (bf16 spacing 2**-7 there), so elements dither independently
+        p = torch.nn.Parameter((1.25 + torch.randint(0, 32, (128, 32), generator=torch.Generator().manual_seed(0)) * 2.0**-7).to(dtype))
+        start = p.detach().float().clone()
+        # Adam's step is ~lr when the gradient is steady: lr = 0.1 * bf16 spacing (2**-7).
+        opt = cls([p], lr=0.1 * 2.0**-7, betas=(0.9, 0.99), rounding=rounding, rounding_seed=3)
+        for _ in range(200):
+            p.grad = torch.ones(128, 32, dtype=dtype)
+            opt.step()
+        opt.flush()
+        runs[name] = start - p.detach().float()
+    assert runs["fp32"].mean() > 0.1  # ~200 steps of 0.1 ulp = ~0.15
+    assert torch.equal(runs["nearest"], torch.zeros_like(runs["nearest"]))  # every update lost
+    assert runs["stochastic"].mean().item() == pytest.approx(runs["fp32"].mean().item(), rel=0.02)
+
+
+def test_rounding_argument_is_checked():
+    with pytest.raises(ValueError, match="rounding"):
+        RowSparseAdam([torch.nn.Parameter(torch.zeros(3, 2))], rounding="up")
