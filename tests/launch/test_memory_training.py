@@ -91,8 +91,19 @@ def test_two_models_in_one_process_are_independent():
     assert isinstance(a.layers[1].feed_forward, ProductKeyMemory) and isinstance(a.memory_pools[0], MemoryPool)
 
 
-def test_memory_model_trains_resumes_and_logs_usage(tmp_path):
-    args = [f"config={TINY_MEMORY}", f"run.dir={tmp_path}", "train.steps=8", "train.ckpt_every=4", "train.log_every=2", "train.val_every=0"]
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        # bf16 table, stochastic rounding, fused update with clipping on: the dither is a function of
+        # (value, row, step), so the resumed run must still equal the straight one bit for bit
+        ["memory.value_optimizer=row_sparse_adam", "memory.value_dtype=bf16", "memory.value_rounding=stochastic",
+         "memory.clip_values=false"],
+    ],
+)
+def test_memory_model_trains_resumes_and_logs_usage(tmp_path, extra):
+    args = [f"config={TINY_MEMORY}", f"run.dir={tmp_path}", "train.steps=8", "train.ckpt_every=4", "train.log_every=2",
+            "train.val_every=0", *extra]
     run_module("launch.train", *args, env={"LAUNCH_FAULT": "kill:7"}, check=False)
     run_module("launch.train", *args)
     resumed = [r for r in read_metrics(tmp_path) if "loss" in r]

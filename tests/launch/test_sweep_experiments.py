@@ -131,7 +131,7 @@ def test_capacity_sweep_has_the_issue_arms():
     "name,grid,ranks",
     [
         ("growth_scalenet.yaml", {0.001, 0.002, 0.003, 0.005, 0.008, 0.012, 0.018}, {1, 4, 8}),
-        ("growth_scalenet_long.yaml", {0.005, 0.008, 0.012}, {1}),
+        ("growth_scalenet_long.yaml", {0.003, 0.005, 0.008, 0.012}, {1}),
     ],
 )
 def test_growth_sweep_tunes_every_arm_with_the_same_grid(name, grid, ranks):
