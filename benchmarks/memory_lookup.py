@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from memlayers.hugepages import advise_huge_pages
+from memlayers.hugepages import empty_huge_like
 from memlayers.lookup import lookup
 from memlayers.lookup_cpu import lookup_cpu, native_ops
 from memlayers.row_sparse_adam import RowSparseAdam, RowwiseAdam
@@ -130,9 +130,7 @@ def table(src: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A copy of `src` allocated as memlayers allocates value tables: advised onto 2 MiB pages on CPU
     (memlayers.hugepages; every method here reads the same kind of table; MEMLAYERS_NO_HUGE_PAGES=1
     measures 4 KiB pages instead)."""
-    out = torch.empty(src.shape, dtype=dtype or src.dtype, device=src.device)
-    advise_huge_pages(out)
-    return out.copy_(src)
+    return empty_huge_like(src, dtype).copy_(src)
 
 
 _BF16: dict[int, torch.Tensor] = {}

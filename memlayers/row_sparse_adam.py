@@ -494,7 +494,7 @@ def _torch_rows(
 
 
 # ---------------------------------------------------------------- stochastic bf16 rounding
-# The C++ kernel's rounding (memlayers/csrc/lookup_cpu.cpp, store_rounding / store_r) in int64
+# The C++ kernel's rounding (memlayers/csrc/lookup_cpu.cpp, stochastic_key / store_r) in int64
 # torch ops: uint32 arithmetic is emulated with masks, and products are split in 16-bit halves so
 # no int64 product overflows.
 _M32 = 0xFFFFFFFF

@@ -220,7 +220,7 @@ inline void store_f(c10::Half* p, int64_t j, float x) { p[j] = static_cast<c10::
 // The 16 dither bits are a hash of the fp32 value's bits and a per-(row, step, tensor) key, not of
 // the column: so column shards of a table round exactly like the whole table, resumed runs like
 // uninterrupted ones, and every kernel path (fused, unfused, catch-up) like the others.
-// memlayers/row_sparse_adam.py (_stochastic_bf16) is the same function in torch ops.
+// memlayers/row_sparse_adam.py (stochastic_bf16) is the same function in torch ops.
 // The rounding is a compile-time type, so the round-to-nearest loops stay exactly as they were
 // (a runtime flag in the element loop cost 2x on bf16 tables: measured).
 struct Nearest {};
@@ -267,15 +267,14 @@ inline void load_block(const scalar_t* __restrict__ src, int64_t w, float* __res
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) dst[j] = load_f(src, j);
 }
-template <typename scalar_t>
-inline void store_block(const float* __restrict__ src, int64_t w, scalar_t* __restrict__ dst) {
-#pragma omp simd
-  for (int64_t j = 0; j < w; ++j) store_f(dst, j, src[j]);
-}
 template <typename scalar_t, typename Rounding>
 inline void store_block_r(const float* __restrict__ src, int64_t w, scalar_t* __restrict__ dst, const Rounding& r) {
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) store_r(dst, j, src[j], r);
+}
+template <typename scalar_t>
+inline void store_block(const float* __restrict__ src, int64_t w, scalar_t* __restrict__ dst) {
+  store_block_r(src, w, dst, Nearest{});
 }
 // x -> storage dtype -> fp32: what a value written to the table and read back holds.
 template <typename scalar_t, typename Rounding = Nearest>
