@@ -515,6 +515,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--skip-value-step", action="store_true")
     ap.add_argument(
+        "--devices",
+        nargs="+",
+        choices=["cpu", "cuda"],
+        default=["cpu", "cuda"],
+        help="where to run the lookup cases (cuda only when available); the value step runs on cpu",
+    )
+    ap.add_argument(
         "--clock",
         choices=["wall", "thread"],
         default="wall",
@@ -550,15 +557,13 @@ def main(argv: list[str] | None = None) -> dict:
         "lookup": [],
         "value_step": [],
     }
+    devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
     for dim in args.dims:
-        report["lookup"] += bench_lookup(
-            args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb, "cpu"
-        )
-        if torch.cuda.is_available():
+        for device in devices:
             report["lookup"] += bench_lookup(
-                args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb, "cuda"
+                args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb, device
             )
-        if not args.skip_value_step:
+        if not args.skip_value_step and "cpu" in devices:
             report["value_step"] += bench_value_step(
                 args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb
             )

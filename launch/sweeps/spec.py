@@ -13,6 +13,7 @@ runs:                             # explicit override sets (each times the grid 
   - {memory.gated: false}
   - {name: scalenet, grow: {from: base, strategy: scalenet, depth: 4}}   # grow another run first
   - {name: scratch, grid: {optim.lr: [1e-3, 3e-3]}}   # this entry only: one run per value
+  - {name: noisy_arm, seeds: [0, 1, 2, 3, 4]}   # this entry's own seeds replace `seeds`
 seeds: [0, 1, 2]                  # every run once per seed (run.seed), named RUN_seed-S
 report: {plot: values, tune: [optim.lr]}  # how `collect` summarises (see ReportSettings)
 eval: {tasks: ["facts:data/facts/qa.jsonl"], args: {eval.max_new_tokens: 8}}
@@ -25,7 +26,8 @@ filesystem-safe, deterministic and unique (a hash suffix settles collisions).
 
 Seeds: with `seeds`, each run is replicated per seed as `NAME_seed-S` (arm NAME); a grow run
 grows from its source's run of the same seed. `collect` then reports mean ± std over the seeds
-of each arm. (A `run.seed` grid axis gives the same names, but grows cannot follow it.)
+of each arm. An entry's own `seeds` list replaces the sweep's for that entry (more seeds for a
+noisy arm without rerunning the others). (A `run.seed` grid axis gives the same names, but grows cannot follow it.)
 An entry's own `grid` (it needs a `name`) makes one run per value, `NAME_KEY-VALUE`, all in
 tuning group NAME: `report.tune` keeps the best of them per group (the learning-rate search).
 """
@@ -48,7 +50,7 @@ from launch.errors import ConfigError
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MAX_NAME = 80
 _TOP_KEYS = ("name", "base", "out", "overrides", "grid", "runs", "seeds", "eval", "local", "slurm", "report")
-_RUN_KEYS = ("name", "grow", "grid")  # non-config keys a `runs` entry may hold
+_RUN_KEYS = ("name", "grow", "grid", "seeds")  # non-config keys a `runs` entry may hold
 SEED_KEY = "run.seed"
 _GROW_KEYS = ("from", "strategy", "depth", "args")
 
@@ -260,21 +262,27 @@ def expand_entry_grids(entries: list[dict] | None) -> tuple[list[dict] | None, l
     return out, groups
 
 
-def _seeds(data: Any, path: Path) -> list[int]:
+def _seeds(data: Any, path: Path, where: str = "") -> list[int]:
     if data is None:
         return []
     if not isinstance(data, list) or not data or not all(isinstance(s, int) and not isinstance(s, bool) for s in data):
-        raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {data!r}")
+        raise ConfigError(f"{path}: {where}seeds must be a non-empty list of integers, got {data!r}")
     if len(set(data)) != len(data):
-        raise ConfigError(f"{path}: seeds {data} repeat a seed")
+        raise ConfigError(f"{path}: {where}seeds {data} repeat a seed")
     return list(data)
 
 
-def replicate_seeds(runs: list[Run], seeds: list[int]) -> list[Run]:
-    """Each run once per seed (`NAME_seed-S`, run.seed=S); grows follow their source's seed."""
+def replicate_seeds(runs: list[Run], seeds: list[int], own: list[list[int] | None] | None = None) -> list[Run]:
+    """Each run once per seed (`NAME_seed-S`, run.seed=S); grows follow their source's seed.
+    `own[i]`, where given, replaces `seeds` for run i (an entry's own `seeds` list); a run with
+    neither stays unseeded."""
     out = []
-    for r in runs:
-        for s in seeds:
+    for i, r in enumerate(runs):
+        run_seeds = (own[i] if own and own[i] is not None else None) or seeds
+        if not run_seeds:
+            out.append(r)
+            continue
+        for s in run_seeds:
             grow = None
             if r.grow is not None:
                 grow = GrowStep(f"{r.grow.source}_seed-{s}", r.grow.strategy, r.grow.depth, dict(r.grow.args))
@@ -320,10 +328,11 @@ def load_sweep(path: str | Path) -> Sweep:
     per_combo = len(sets) // max(1, len(entries or [{}]))
     entry_groups = [g for g in (entry_groups or [None]) for _ in range(per_combo)]
 
-    explicit, grows, varied = [], [], []
+    explicit, grows, varied, own_seeds = [], [], [], []
     for i, s in enumerate(sets):
         explicit.append(s.pop("name", None))
         grows.append(_grow_step(s.pop("grow"), f"{path} run {i}") if "grow" in s else None)
+        own_seeds.append(_seeds(s.pop("seeds"), path, f"run {explicit[-1] or i}: ") if "seeds" in s else None)
         varied.append(s)
     if any(explicit) and data.get("grid"):
         # a named entry times a grid: the grid's part of the name keeps the runs apart
@@ -350,10 +359,17 @@ def load_sweep(path: str | Path) -> Sweep:
         if r.grow is not None and r.grow.source not in names:
             raise ConfigError(f"{path}: run {r.name} grows from {r.grow.source!r}, which is not a run of this sweep")
     seeds = _seeds(data.get("seeds"), path)
-    if seeds:
+    if seeds or any(o is not None for o in own_seeds):
         if any(r.seed is not None for r in runs):
             raise ConfigError(f"{path}: give seeds either as `seeds` or as a run.seed override, not both")
-        runs = replicate_seeds(runs, seeds)
+        runs = replicate_seeds(runs, seeds, own_seeds)
+        seeded = {r.name for r in runs}
+        for r in runs:
+            if r.grow is not None and r.grow.source not in seeded:
+                raise ConfigError(
+                    f"{path}: run {r.name} grows from {r.grow.source!r}, which this sweep does not train "
+                    "(a grow entry's seeds must be seeds of its source)"
+                )
     out = Path(str(data.get("out") or f"runs/sweeps/{name}"))
     sweep = Sweep(
         name=name,

@@ -78,6 +78,35 @@ def test_seed_grid_axis_gives_arms_too(tmp_path):
     assert [(r.name, r.arm, r.seed) for r in sweep.runs] == [("a_seed-1", "a", 1), ("a_seed-2", "a", 2), ("b_seed-1", "b", 1), ("b_seed-2", "b", 2)]
 
 
+def test_an_entry_s_own_seeds_replace_the_sweep_s(tmp_path):
+    """More seeds for one noisy arm without rerunning the others; a grow entry may only use seeds
+    its source trains."""
+    body = {
+        "runs": [
+            {"name": "a"},
+            {"name": "noisy", "optim.lr": 0.01, "seeds": [0, 1, 2, 3]},
+            {"name": "g", "grow": {"from": "noisy", "strategy": "stack_copy", "depth": 4}, "seeds": [3]},
+        ],
+        "seeds": [0, 1],
+    }
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    assert [(r.name, r.arm, r.seed) for r in sweep.runs] == [
+        ("a_seed-0", "a", 0), ("a_seed-1", "a", 1),
+        ("noisy_seed-0", "noisy", 0), ("noisy_seed-1", "noisy", 1), ("noisy_seed-2", "noisy", 2), ("noisy_seed-3", "noisy", 3),
+        ("g_seed-3", "g", 3),
+    ]  # fmt: skip
+    assert "seeds" not in sweep.get("noisy_seed-3").overrides and sweep.get("noisy_seed-3").overrides["run.seed"] == 3
+    assert sweep.get("g_seed-3").grow.source == "noisy_seed-3"
+    # without a sweep-wide list only the entry with seeds is replicated
+    sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b", "seeds": [5]}]}))
+    assert [(r.name, r.seed) for r in sweep.runs] == [("a", None), ("b_seed-5", 5)]
+    body["runs"][2]["seeds"] = [7]
+    with pytest.raises(ConfigError, match="g_seed-7 grows from 'noisy_seed-7'"):
+        load_sweep(write_sweep(tmp_path, body))
+    with pytest.raises(ConfigError, match="run b: seeds .* repeat a seed"):
+        load_sweep(write_sweep(tmp_path, {"runs": [{"name": "b", "seeds": [1, 1]}]}))
+
+
 @pytest.mark.parametrize(
     "body, match",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,27 @@ def test_quick_benchmark_writes_expected_fields(tmp_path):
     assert "Load average at start" in md and "RowSparseAdam" in md
     floor = next(r for m, r in steps.items() if m.startswith("floor:"))
     assert floor["value_step"]["ms"] > 0 and floor["unique_rows_per_step"] > 0 and floor["copy_gbps"] > 0
+
+
+def test_gpu_check_script_parses_and_names_files_that_exist():
+    """benchmarks/gpu_check.sh runs only on a lent GPU machine; catch syntax errors and renamed
+    scripts or test files here, where a broken script costs nothing."""
+    script = BENCH.parent / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    repo = BENCH.parents[1]
+    named = set(re.findall(r"(?:benchmarks|tests)/[\w/]+\.py", script.read_text()))
+    assert {"benchmarks/memory_lookup.py", "benchmarks/memory_vs_dense.py", "tests/memlayers/test_triton_lookup.py"} <= named
+    assert [p for p in sorted(named) if not (repo / p).is_file()] == []
+
+
+def test_lookup_benchmark_runs_on_the_devices_asked(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--skip-value-step", "--devices", "cpu", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "memory_lookup.json").read_text())
+    assert report["value_step"] == [] and report["lookup"]
+    assert {r["device"] for r in report["lookup"]} == {"cpu"}
