@@ -261,6 +261,45 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
         assert written["png"].stat().st_size > 1000
 
 
+def test_facts_by_attribute_against_hand_counts(tmp_path):
+    """benchmarks/facts_by_attribute.py: EM per attribute per run, mean ± std per arm, majority floors,
+    runs without predictions counted as missing, and a clear error for predictions of another file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("facts_by_attribute", REPO / "benchmarks" / "facts_by_attribute.py")
+    fba = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fba)
+    qa = [
+        {"question": "q1", "answer": "x", "attribute": "city"},
+        {"question": "q2", "answer": "x", "attribute": "city"},
+        {"question": "q3", "answer": "y", "attribute": "city"},
+        {"question": "q4", "answer": "1", "attribute": "year"},
+    ]
+    qa_path = tmp_path / "qa.jsonl"
+    qa_path.write_text("".join(json.dumps(r) + "\n" for r in qa))
+    path = write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b", "seeds": [0]}], "seeds": [0, 1]})
+    ems = {"a_seed-0": [1, 0, 0, 1], "a_seed-1": [1, 1, 1, 0]}  # b_seed-0 has no predictions
+    for run, em in ems.items():
+        d = tmp_path / "runs" / run / "eval" / "predictions"
+        d.mkdir(parents=True)
+        (d / "facts_seen.jsonl").write_text("".join(json.dumps({"question": q["question"], "em": e}) + "\n" for q, e in zip(qa, em)))
+    attributes, floors, rows = fba.by_attribute(path, "facts_seen", qa_path)
+    assert attributes == ["city", "year"] and floors == {"city": pytest.approx(2 / 3), "year": 1.0}
+    a, b = rows
+    assert a["seeds"] == "2/2" and b["seeds"] == "0/1" and b["city"] is None
+    assert a["city"] == pytest.approx((1 / 3 + 1) / 2) and a["year"] == pytest.approx(0.5)
+    assert a["year_std"] == pytest.approx(statistics.stdev([1, 0]))
+    assert a["all"] == pytest.approx(((1 / 3 + 1) / 2 + (1 + 0) / 2) / 2)
+    out = tmp_path / "res" / "by_attr"
+    assert fba.main(["--sweep", str(path), "--task", "facts_seen", "--qa", str(qa_path), "--out", str(out)]) == 0
+    md = Path(f"{out}.md").read_text()
+    assert "| majority answer | | 0.667 | 1.000 | 0.833 |" in md and "| a | 2/2 | 0.667 ± 0.471 | 0.500 ± 0.707 |" in md
+    assert next(csv.DictReader(Path(f"{out}.csv").open()))["arm"] == "majority_answer"
+    qa_path.write_text("".join(json.dumps({**r, "question": r["question"] + "?"}) + "\n" for r in qa))
+    with pytest.raises(ValueError, match="row 0 answers 'q1', the QA file asks 'q1\\?'"):
+        fba.by_attribute(path, "facts_seen", qa_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Facts: capacity estimate and the mixture tokenizer
 
