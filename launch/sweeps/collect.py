@@ -33,6 +33,12 @@ BASE_COLUMNS = (
 )
 
 
+# Memory runs only: slot use in the last logging window (memlayers' MemoryPool.usage_stats), i.e. the
+# fraction of all slots read at least once and the normalised entropy of the reads. A table that is
+# mostly unread holds parameters the model cannot use, which no loss column shows.
+MEMORY_COLUMNS = {"slots_read": "mem_slots_read_frac", "usage_entropy": "mem_usage_entropy"}
+
+
 def _last(records: list[dict], key: str) -> Any:
     for r in reversed(records):
         if key in r and r[key] is not None:
@@ -123,6 +129,7 @@ def collect_rows(sweep: Sweep, curves: dict[str, list[tuple[int, float]]] | None
             "values": facts.get("values"),
             "tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,  # median: robust to a busy machine
         }
+        row |= {col: v for col, key in MEMORY_COLUMNS.items() if (v := _last(train, key)) is not None}
         row |= step_costs(run_dir)
         row |= eval_metrics(run_dir, records)
         if curves is not None:
@@ -133,9 +140,10 @@ def collect_rows(sweep: Sweep, curves: dict[str, list[tuple[int, float]]] | None
 
 def columns(rows: list[dict[str, Any]]) -> list[str]:
     seen = dict.fromkeys(k for r in rows for k in r)
-    varied = [k for k in seen if k not in BASE_COLUMNS and "/" not in k]
+    varied = [k for k in seen if k not in BASE_COLUMNS and k not in MEMORY_COLUMNS and "/" not in k]
     evals = [k for k in seen if "/" in k]
-    return ["run", *varied, *[c for c in BASE_COLUMNS if c != "run"], *evals]
+    memory = [k for k in MEMORY_COLUMNS if k in seen]
+    return ["run", *varied, *[c for c in BASE_COLUMNS if c != "run"], *memory, *evals]
 
 
 def _cell(value: Any) -> str:
@@ -172,7 +180,8 @@ def to_csv(rows: list[dict[str, Any]], cols: list[str]) -> str:
 def summary_metrics(sweep: Sweep, cols: list[str]) -> list[str]:
     """report.metrics, else val_loss, val_ppl and every exact-match column; plus the costs."""
     chosen = sweep.report.metrics or ["val_loss", "val_ppl", *[c for c in cols if c.endswith("/exact_match")]]
-    return [*chosen, *[c for c in ("tokens_per_s", "peak_rss_mb", "train_wall_s") if c not in chosen]]
+    extra = [c for c in MEMORY_COLUMNS if c in cols] + ["tokens_per_s", "peak_rss_mb", "train_wall_s"]
+    return [*chosen, *[c for c in extra if c not in chosen]]
 
 
 def _pm(mean: Any, std: Any) -> str:

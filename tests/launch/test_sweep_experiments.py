@@ -261,6 +261,29 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
         assert written["png"].stat().st_size > 1000
 
 
+def test_collect_reports_memory_slot_use_of_memory_runs_only(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "dense", "memory.layers": []}, {"name": "mem"}], "seeds": [0, 1]}))
+    for r in sweep.runs:
+        _fake(sweep.run_dir(r), [(10, 4.0)], 0.1)
+        if r.arm == "mem":  # two logging windows: the last one counts
+            frac = 0.2 + 0.1 * r.seed
+            windows = [{"step": 5, "loss": 4.5, "mem_slots_read_frac": 0.9, "mem_usage_entropy": 0.9}]
+            windows += [{"step": 10, "loss": 4.1, "mem_slots_read_frac": frac, "mem_usage_entropy": 0.5}]
+            with (sweep.run_dir(r) / "metrics.jsonl").open("a") as f:
+                f.write("".join(json.dumps(w) + "\n" for w in windows))
+    written = collect(sweep, tmp_path / "m")
+    runs = {row["run"]: row for row in csv.DictReader(written["csv"].open())}
+    assert float(runs["mem_seed-1"]["slots_read"]) == pytest.approx(0.3) and runs["mem_seed-0"]["usage_entropy"] == "0.5"
+    assert runs["dense_seed-0"]["slots_read"] == ""
+    summary = {row["arm"]: row for row in csv.DictReader(written["summary"].open())}
+    assert float(summary["mem"]["slots_read"]) == pytest.approx(0.25) and summary["dense"]["slots_read"] == ""
+    # a sweep without memory runs gets no such columns
+    (tmp_path / "d").mkdir()
+    sweep = load_sweep(write_sweep(tmp_path / "d", {"runs": [{"name": "dense", "memory.layers": []}]}))
+    _fake(sweep.run_dir(sweep.runs[0]), [(10, 4.0)], 0.1)
+    assert "slots_read" not in collect(sweep, tmp_path / "d" / "res")["csv"].read_text()
+
+
 def test_facts_by_attribute_against_hand_counts(tmp_path):
     """benchmarks/facts_by_attribute.py: EM per attribute per run, mean ± std per arm, majority floors,
     runs without predictions counted as missing, and a clear error for predictions of another file."""
