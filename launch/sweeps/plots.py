@@ -78,8 +78,10 @@ def values_plot(
         ax.errorbar(xs, ys, yerr=errs, fmt="o-", color="tab:blue", capsize=4, label="Memory+ (block FFN -> memory)")
         for s in pts:
             ax.annotate(s["arm"], (s["values"], s[m]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        for s in (o for o in others if numeric(o.get(m))):
-            ax.errorbar([s["values"]], [s[m]], yerr=[s.get(f"{m}_std") or 0.0], fmt="s", capsize=3, label=s["arm"])
+        for j, s in enumerate(others):  # colours after the dense lines' so no marker matches a line
+            if numeric(s.get(m)):
+                c = colors[(1 + len(dense) + j) % len(colors)]
+                ax.errorbar([s["values"]], [s[m]], yerr=[s.get(f"{m}_std") or 0.0], fmt="s", capsize=3, color=c, label=s["arm"])
         for i, s in enumerate(d for d in dense if numeric(d.get(m))):
             c = colors[(i + 1) % len(colors)]
             std = s.get(f"{m}_std") or 0.0
