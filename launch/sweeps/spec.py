@@ -278,7 +278,7 @@ def replicate_seeds(runs: list[Run], seeds: list[int], own: list[list[int] | Non
     neither stays unseeded."""
     out = []
     for i, r in enumerate(runs):
-        run_seeds = (own[i] if own and own[i] is not None else None) or seeds
+        run_seeds = (own[i] if own else None) or seeds
         if not run_seeds:
             out.append(r)
             continue
