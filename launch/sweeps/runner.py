@@ -103,6 +103,20 @@ def plan(sweep: Sweep, run: Run) -> list[Step]:
     return steps
 
 
+def check_trained_before_eval(sweep: Sweep, run: Run, step: Step) -> None:
+    """Refuse to evaluate a run whose trainer exited 0 before train.steps.
+
+    The trainer checkpoints and exits 0 on SIGTERM (pre-emption, a killed sweep), so a clean
+    exit does not mean training finished; evaluating that checkpoint would spend an eval on a
+    model nobody asked about. The run stays `partial` and the next sweep resumes it."""
+    if step.kind == "eval" and not is_trained(sweep, run):
+        at, target = trained_step(sweep.run_dir(run)), target_steps(sweep, run)
+        raise UserError(
+            f"run {run.name}: training stopped at step {at} of train.steps={target} (SIGTERM or pre-emption?); "
+            "not evaluating a partial checkpoint. Run the sweep again to resume it"
+        )
+
+
 def command(step: Step, nproc: int = 1, torchrun: list[str] | None = None) -> list[str]:
     """The process to start for `step`: python -m, or torchrun for a distributed train step."""
     if step.distributed and (nproc > 1 or torchrun):
@@ -136,6 +150,7 @@ def run_steps(sweep: Sweep, run: Run, nproc: int, env: dict[str, str], log: Path
     """Run the missing steps of one run, appending their output to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     for step in plan(sweep, run):
+        check_trained_before_eval(sweep, run, step)
         cmd = command(step, nproc)
         with open(log, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
@@ -220,6 +235,7 @@ class SlurmJob:
         for step in plan(sweep, run):
             if step.kind != "train" and node != 0:
                 continue  # grow and eval are single-process: the first node does them
+            check_trained_before_eval(sweep, run, step)
             cmd = command(step, self.nproc_per_node, torchrun)
             print(f"$ {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, check=True)

@@ -183,6 +183,26 @@ def test_local_skips_finished_and_resumes_unfinished(tmp_path, small_corpus, cap
     assert all(r["steps"] == "4" and r["state"] == "done" and float(r["val_ppl"]) > 1 for r in rows)
 
 
+def test_local_does_not_evaluate_a_trainer_that_exited_early(tmp_path, small_corpus, capsys, monkeypatch):
+    """A trainer exits 0 after checkpointing on SIGTERM; the runner must not then evaluate that
+    partial checkpoint. Simulated by a train command that stops at step 2 of 4 and exits 0."""
+    from launch.sweeps import runner
+
+    path = write_sweep(tmp_path, {"overrides": {**FAST, **small_corpus}, "eval": {"tasks": ["facts:qa.jsonl"]}})
+    sweep = load_sweep(path)
+    (run,) = sweep.runs
+    real_command = runner.command
+    monkeypatch.setattr(runner, "command", lambda step, *a, **k: [*real_command(step, *a, **k), *(["train.steps=2"] if step.kind == "train" else [])])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert sweep_main([f"sweep={path}", "mode=local"]) != 0
+    out = capsys.readouterr().out
+    assert "training stopped at step 2 of train.steps=4" in out and "[failed]" in out
+    assert [s for s, _ in list_checkpoints(sweep.run_dir(run))] == [2]
+    assert not (sweep.run_dir(run) / "eval").exists()  # no eval was started
+    assert "launch.eval" not in (sweep.run_dir(run) / "sweep.log").read_text()
+    assert state(sweep, run) == "partial"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="submitit not installed")
 def test_slurm_path_through_submitit_local_executor(tmp_path, small_corpus, capsys):
     path = write_sweep(tmp_path, {"overrides": {**small_corpus, **FAST, "train.steps": 2}, "slurm": {"gpus_per_node": 0, "time_min": 5}})
