@@ -56,6 +56,7 @@ def _memory_factory(cfg: Config, n_layers: int):
                 knn=m.knn,
                 gated=m.gated,
                 qk_norm=m.qk_norm,
+                query_batchnorm=m.query_batchnorm,
             )
         except ValueError as e:
             raise ConfigError(f"memory: {e}") from None

@@ -38,6 +38,7 @@ class MemoryConfig:
     v_dim: int | None = None  # None: model.dim
     gated: bool = True  # Memory+ silu input gate
     qk_norm: bool = False  # RMS-normalise queries and keys before scoring
+    query_batchnorm: bool = False  # batch-normalise query features over the batch's tokens (Lample et al. 2019; synced across data-parallel ranks, running estimates in eval)
     shared: bool = True  # one value pool for every memory layer (False: one per layer)
     value_lr: float = 1e-3  # learning rate of the value table (its own optimizer group)
     value_weight_decay: float = 0.0  # weight decay of the value table

@@ -294,11 +294,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """The RoPE tables (non-persistent buffers: recomputed, never loaded)."""
+        """The RoPE tables (non-persistent buffers: recomputed, never loaded) and the running
+        estimates of any normalisation that keeps them (memory query batchnorm)."""
         device = self.rope_cos.device
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for m in self.modules():
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         seen, total = set(), 0

@@ -38,6 +38,7 @@ from launch.config import Config
 from launch.distributed import DistInfo
 from launch.errors import ConfigError
 from memlayers.layout import MemoryLayout
+from memlayers.query_norm import set_query_norm_group
 
 CHECKPOINT_MODES = ("none", "full", "selective")
 
@@ -251,6 +252,10 @@ def parallelize(model: nn.Module, layout: Layout, cfg: Config) -> Parallelized:
     """Apply the layout to a model on the meta device (see the module docstring for the order)."""
     apply_tensor_parallel(model, layout)
     memory = MemoryLayout(model, layout.group("memory"), layout.group("replica"), layout.dp_size)
+    if layout.dp_size > 1:
+        # Query batchnorm statistics over the global batch: ranks in "dp" hold different tokens
+        # (tensor-parallel peers hold the same ones, so they are not in the group).
+        set_query_norm_group(model, layout.group("dp"))
     apply_activation_checkpointing(model.layers, cfg.train.activation_checkpoint)
     if cfg.train.compile:
         apply_compile(model.layers)

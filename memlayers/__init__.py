@@ -12,8 +12,9 @@ from typing import Any
 from memlayers.lookup import lookup
 from memlayers.memory import ProductKeyMemory
 from memlayers.pool import MemoryPool
+from memlayers.query_norm import QueryBatchNorm, set_query_norm_group
 
-__all__ = ["MemoryPool", "ProductKeyMemory", "RowSparseAdam", "RowwiseAdam", "lookup"]
+__all__ = ["MemoryPool", "ProductKeyMemory", "QueryBatchNorm", "RowSparseAdam", "RowwiseAdam", "lookup", "set_query_norm_group"]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from memlayers.lookup_cpu import product_topk_op
 from memlayers.pool import MemoryPool
+from memlayers.query_norm import QueryBatchNorm
 
 _QK_NORM_EPS = 1e-6
 
@@ -39,6 +40,9 @@ class ProductKeyMemory(nn.Module):
         gated:  Memory+ output ``out(read * silu(gate(x)))``; plain ``out(read)`` when False.
         qk_norm: RMS-normalise (no learnable scale) each half-query and each sub-key over its k/2 dims
             before scoring, so both halves' scores live on one scale.
+        query_batchnorm: batch-normalise the query features over the batch's tokens (learned affine,
+            running estimates in eval) before scoring, as Lample et al. 2019 do against slot collapse;
+            see :mod:`memlayers.query_norm` (``set_query_norm_group`` synchronises it across ranks).
         own_pool: register ``pool`` as this layer's submodule (``mem.pool.values`` then appears in
             ``mem.parameters()`` and ``mem.state_dict()``). Use it for a standalone layer. Default False:
             the layer keeps a plain reference and the pool's owner (e.g. ``model.memory_pool``) must
@@ -67,6 +71,7 @@ class ProductKeyMemory(nn.Module):
         knn: int = 32,
         gated: bool = True,
         qk_norm: bool = False,
+        query_batchnorm: bool = False,
         *,
         own_pool: bool = False,
         bias: bool = True,
@@ -92,6 +97,7 @@ class ProductKeyMemory(nn.Module):
 
         factory = {"device": device, "dtype": dtype}
         self.query = nn.Linear(dim, heads * k_dim, bias=bias, **factory)
+        self.query_norm = QueryBatchNorm(heads * k_dim, **factory) if query_batchnorm else None
         self.keys = nn.Parameter(torch.empty(heads, 2, self.n_keys, k_dim // 2, **factory))
         self.gate = nn.Linear(dim, self.v_dim, bias=bias, **factory) if gated else None
         self.out = nn.Linear(self.v_dim, dim, bias=bias, **factory)
@@ -113,6 +119,8 @@ class ProductKeyMemory(nn.Module):
                 nn.init.normal_(lin.weight, mean=0.0, std=lin.in_features**-0.5 if std is None else std)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
+        if self.query_norm is not None:
+            self.query_norm.reset_parameters()
         if self.own_pool:
             self.pool.reset_parameters()
 
@@ -131,6 +139,8 @@ class ProductKeyMemory(nn.Module):
             spec[f"{name}.weight"] = ("normal", 0.0, lin.in_features**-0.5)
             if lin.bias is not None:
                 spec[f"{name}.bias"] = ("constant", 0.0)
+        if self.query_norm is not None:
+            spec.update({f"query_norm.{k}": v for k, v in self.query_norm.init_spec().items()})
         if self.own_pool:
             spec.update({f"pool.{k}": v for k, v in self.pool.init_spec().items()})
         return spec
@@ -162,7 +172,10 @@ class ProductKeyMemory(nn.Module):
         # fp64 so the reference tests can be tight).
         acc = torch.promote_types(self.keys.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            q = q.to(acc).view(T, H, 2, half)
+            q = q.to(acc)
+            if self.query_norm is not None:
+                q = self.query_norm(q)
+            q = q.view(T, H, 2, half)
             keys = self.keys.to(acc)
             if self.qk_norm:
                 q = F.rms_norm(q, (half,), eps=_QK_NORM_EPS)
@@ -190,7 +203,8 @@ class ProductKeyMemory(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, heads={self.heads}, k_dim={self.k_dim}, knn={self.knn}, n_keys={self.n_keys}, "
-            f"v_dim={self.v_dim}, gated={self.gated}, qk_norm={self.qk_norm}, own_pool={self.own_pool}"
+            f"v_dim={self.v_dim}, gated={self.gated}, qk_norm={self.qk_norm}, "
+            f"query_batchnorm={self.query_norm is not None}, own_pool={self.own_pool}"
         )
 
 

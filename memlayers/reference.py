@@ -32,12 +32,25 @@ def _rms(t: Tensor, eps: float = 1e-6) -> Tensor:
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def reference_query_batchnorm(bn, q: Tensor) -> Tensor:
+    """Per-feature batch norm of (T, F) queries written out: batch mean and biased variance in
+    training, the running estimates in eval (the module's running estimates are not touched)."""
+    if bn.training:
+        mean = q.sum(0) / q.shape[0]
+        var = ((q - mean) ** 2).sum(0) / q.shape[0]
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    return (q - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+
+
 def reference_select(mem: ProductKeyMemory, x: Tensor) -> tuple[Tensor, Tensor]:
     """Brute force slot selection for tokens x (T, d): (T, H*K) slots and (T, H*K) weights."""
     H, half, N, K = mem.heads, mem.k_dim // 2, mem.n_keys, mem.knn
     q = x @ mem.query.weight.t()
     if mem.query.bias is not None:
         q = q + mem.query.bias
+    if mem.query_norm is not None:
+        q = reference_query_batchnorm(mem.query_norm, q)
     q = q.view(x.shape[0], H, mem.k_dim)
     slots, weights = [], []
     for h in range(H):

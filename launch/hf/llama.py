@@ -144,6 +144,7 @@ def hf_config(model: Transformer, cfg: Config, layout: MemoryLayout | None, dtyp
         memory_v_dim=mem.v_dim or m.dim,
         memory_gated=mem.gated,
         memory_qk_norm=mem.qk_norm,
+        memory_query_batchnorm=mem.query_batchnorm,
         memory_bias=True,
     )
     kwargs["architectures"] = ["MemoryLlamaForCausalLM"]
@@ -381,6 +382,7 @@ def memory_config_from_hf(hf: dict, source: str) -> MemoryConfig:
         v_dim=get("memory_v_dim"),
         gated=bool(get("memory_gated")),
         qk_norm=bool(get("memory_qk_norm")),
+        query_batchnorm=bool(get("memory_query_batchnorm")),
         shared=shared,
     )
 

@@ -14,6 +14,7 @@ Memory fields (all stored in config.json):
     memory_v_dim     value width Dv
     memory_gated     Memory+ gate: out(read * silu(gate(x))) instead of out(read)
     memory_qk_norm   RMS-normalise half-queries and sub-keys before scoring
+    memory_query_batchnorm  batch-normalise the query features (running estimates in eval)
     memory_bias      biases on query / gate / out
 """
 
@@ -30,6 +31,7 @@ MEMORY_DEFAULTS = {
     "memory_v_dim": None,
     "memory_gated": True,
     "memory_qk_norm": False,
+    "memory_query_batchnorm": False,
     "memory_bias": True,
 }
 

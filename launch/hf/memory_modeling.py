@@ -33,6 +33,31 @@ def _rms_norm(t: torch.Tensor, eps: float) -> torch.Tensor:
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
 
 
+class QueryBatchNorm(nn.Module):
+    """Batch norm of the query features (memlayers.QueryBatchNorm): batch statistics in training
+    (this process's tokens), the running estimates in eval."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var, mean = torch.var_mean(q, dim=0, unbiased=False)
+            if q.shape[0] > 1:
+                with torch.no_grad():
+                    unbiased = var * (q.shape[0] / (q.shape[0] - 1))
+                    self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                    self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean.to(q.dtype), self.running_var.to(q.dtype)
+        return (q - mean) * torch.rsqrt(var + self.eps) * self.weight.to(q.dtype) + self.bias.to(q.dtype)
+
+
 class MemoryValuePool(nn.Module):
     """One value table, read by every memory layer whose pool id points at it."""
 
@@ -50,6 +75,7 @@ class ProductKeyMemoryMLP(nn.Module):
         self.n_keys, self.v_dim = setting("memory_n_keys"), setting("memory_v_dim")
         self.qk_norm = setting("memory_qk_norm")
         self.query = nn.Linear(dim, self.heads * self.k_dim, bias=bias)
+        self.query_norm = QueryBatchNorm(self.heads * self.k_dim) if setting("memory_query_batchnorm") else None
         self.keys = nn.Parameter(torch.empty(self.heads, 2, self.n_keys, self.k_dim // 2))
         self.gate = nn.Linear(dim, self.v_dim, bias=bias) if setting("memory_gated") else None
         self.out = nn.Linear(self.v_dim, dim, bias=bias)
@@ -64,7 +90,10 @@ class ProductKeyMemoryMLP(nn.Module):
         q = self.query(x)
         acc = torch.promote_types(self.keys.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            q = q.to(acc).view(T, H, 2, half)
+            q = q.to(acc)
+            if self.query_norm is not None:
+                q = self.query_norm(q)
+            q = q.view(T, H, 2, half)
             keys = self.keys.to(acc)
             if self.qk_norm:
                 q, keys = _rms_norm(q, QK_NORM_EPS), _rms_norm(keys, QK_NORM_EPS)
@@ -117,3 +146,8 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
             nn.init.uniform_(module.keys, -bound, bound)
         elif isinstance(module, MemoryValuePool):
             nn.init.normal_(module.values, mean=0.0, std=module.values.shape[1] ** -0.5)
+        elif isinstance(module, QueryBatchNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            module.running_mean.zero_()
+            module.running_var.fill_(1.0)

@@ -48,6 +48,10 @@ PER_LAYER = {
     "feed_forward.gate.bias": "mlp.gate.bias",
     "feed_forward.out.weight": "mlp.out.weight",
     "feed_forward.out.bias": "mlp.out.bias",
+    "feed_forward.query_norm.weight": "mlp.query_norm.weight",
+    "feed_forward.query_norm.bias": "mlp.query_norm.bias",
+    "feed_forward.query_norm.running_mean": "mlp.query_norm.running_mean",
+    "feed_forward.query_norm.running_var": "mlp.query_norm.running_var",
 }
 
 POOL = ("memory_pools.{j}.values", "model.memory_pools.{j}.values")

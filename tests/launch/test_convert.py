@@ -54,6 +54,20 @@ def _random_model(argv: list[str], seed: int = 0):
     return model.eval(), cfg
 
 
+def randomise_query_norms(model, seed: int = 5) -> int:
+    """Give every memory query batchnorm a non-trivial affine and running estimates (at init they
+    are 1, 0, 0, 1: an export that dropped them would still match). Returns how many there were."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith("query_norm") and m is not None:
+                for t, (lo, hi) in zip((m.weight, m.bias, m.running_mean, m.running_var), ((0.5, 1.5), (-0.5, 0.5), (-1, 1), (0.5, 2))):
+                    t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+                n += 1
+    return n
+
+
 def _tokens(vocab: int, shape=(2, 24), seed: int = 1) -> torch.Tensor:
     return torch.randint(4, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -240,11 +254,13 @@ def test_grown_to_hf_is_a_plain_deeper_llama_with_adapters_merged(sp_path, tmp_p
     assert shared[0].attention.wq.weight is shared[2].attention.wq.weight  # tied in ours, unshared in HF
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_memory_to_hf_remote_code_logits_and_generate(sp_path, tmp_path, shared):
+@pytest.mark.parametrize("shared, query_bn", [(True, False), (False, True)])
+def test_memory_to_hf_remote_code_logits_and_generate(sp_path, tmp_path, shared, query_bn):
     model, cfg = _random_model(
-        [f"config={MEMORY_YAML}", "memory.layers=[0,1]", f"memory.shared={shared}", "memory.qk_norm=true"]
+        [f"config={MEMORY_YAML}", "memory.layers=[0,1]", f"memory.shared={shared}", "memory.qk_norm=true",
+         f"memory.query_batchnorm={query_bn}"]
     )
+    assert randomise_query_norms(model) == (2 if query_bn else 0)
     out = export_model(model, cfg, sp_path, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "memory_llama" and "AutoModelForCausalLM" in config["auto_map"]
@@ -252,6 +268,7 @@ def test_memory_to_hf_remote_code_logits_and_generate(sp_path, tmp_path, shared)
     hf = _load_hf(out, remote=True)
     assert len(hf.model.memory_pools) == (1 if shared else 2)
     assert hf.model.layers[1].mlp.pool is hf.model.memory_pools[0 if shared else 1]
+    assert (hf.model.layers[1].mlp.query_norm is not None) == query_bn
     _assert_same_logits(model, hf, _tokens(cfg.model.vocab_size, shape=(2, 40)))
     _assert_same_greedy(model, hf, [1, 40, 41, 42])
 
@@ -313,11 +330,15 @@ def test_from_hf_then_to_hf_reproduces_every_tensor_bitwise(sp_path, tmp_path, t
 
 
 def test_memory_model_round_trips_through_hf(sp_path, tmp_path):
-    model, cfg = _random_model([f"config={MEMORY_YAML}", "memory.layers=[0,1]", "memory.shared=false"])
+    model, cfg = _random_model(
+        [f"config={MEMORY_YAML}", "memory.layers=[0,1]", "memory.shared=false", "memory.query_batchnorm=true"]
+    )
+    assert randomise_query_norms(model) == 2
     export_model(model, cfg, sp_path, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ckpt")
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config.memory.layers == [0, 1] and not loaded.config.memory.shared
+    assert loaded.config.memory.query_batchnorm
     assert memory_layout(loaded.model).pool_ids == [0, 1]
     theirs = loaded.model.state_dict()
     for name, t in model.state_dict().items():

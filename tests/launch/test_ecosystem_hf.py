@@ -25,6 +25,7 @@ from launch.hf import export_checkpoint  # noqa: E402
 from launch.hf.llama import write_checkpoint_dir  # noqa: E402
 from launch.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from tests.conftest import REPO, TINY  # noqa: E402
+from tests.launch.test_convert import randomise_query_norms  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
 MEMORY_YAML = str(REPO / "configs" / "memory" / "tiny_memory.yaml")
@@ -68,8 +69,10 @@ def exports(sp_path, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         # rope_theta != 10000: transformers 4.x reading only 5.x's rope_parameters would use 10000
         "dense": _model([f"config={TINY}", "model.rope_theta=500000"], sp_path),
         "grown": _grown(sp_path),
-        "memory": _model([f"config={MEMORY_YAML}", "memory.layers=[0,1]"], sp_path, seed=2),
+        # query batchnorm: its running estimates must travel too (and be used in eval mode)
+        "memory": _model([f"config={MEMORY_YAML}", "memory.layers=[0,1]", "memory.query_batchnorm=true"], sp_path, seed=2),
     }
+    assert randomise_query_norms(models["memory"][0]) == 2
     out = {}
     for kind, (model, cfg) in models.items():
         ckpt = root / kind

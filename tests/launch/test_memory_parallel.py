@@ -128,6 +128,22 @@ def test_memory_parallel_training_matches_one_rank_and_reshards(one_rank, two_me
     assert_same_run(one_rank, p1)
 
 
+def test_query_batchnorm_trains_on_two_ranks_like_one_and_resumes_on_one(tmp_path):
+    """Batch statistics over the global batch (synced across the data-parallel ranks), the running
+    estimates the same on every rank (validation uses them), and checkpointed with the model."""
+    qbn = "memory.query_batchnorm=true"
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, qbn)
+    train(two, qbn, "parallel.memory=2", nproc=2)
+    assert_same_run(one, two)
+    resumed = resume_copy(two, tmp_path / "resumed")
+    assert "resuming from" in train(resumed, qbn).stdout
+    assert_same_run(one, resumed)
+    plain = tmp_path / "plain"
+    train(plain)  # the option changes the model: the runs above would match without it otherwise
+    assert records(plain)[-1]["val_loss"] != pytest.approx(records(one)[-1]["val_loss"], rel=1e-4)
+
+
 @pytest.mark.slow
 def test_checkpoint_from_two_memory_ranks_resumes_on_four_with_fsdp(one_rank, two_memory_ranks, tmp_path):
     p4 = resume_copy(two_memory_ranks, tmp_path / "p4")
