@@ -104,20 +104,20 @@ def init_parameters(
 
 def module_specs(model: nn.Module, leaf_rule) -> dict[str, Spec]:
     """Specs for every parameter under canonical names: a module with `init_spec()` declares its
-    subtree (memory layers, value pools); any other module's own parameters go to
-    `leaf_rule(name, module, param_name) -> Spec`."""
+    subtree (memory layers, value pools); every parameter nobody declared goes to
+    `leaf_rule(name, module, param_name) -> Spec` — also inside a declaring module's subtree, where
+    ScaleNet's adapters land when a grown model's memory layers get them."""
     specs: dict[str, Spec] = {}
     owned: list[str] = []
     for mname, module in model.named_modules():
         prefix = f"{mname}." if mname else ""
-        if any(prefix.startswith(o) for o in owned):
-            continue
-        if module is not model and hasattr(module, "init_spec"):
+        outer = any(prefix.startswith(o) for o in owned)  # inside a subtree declared above
+        if module is not model and not outer and hasattr(module, "init_spec"):
             for k, v in module.init_spec().items():
                 specs.setdefault(prefix + k, v)
             owned.append(prefix)
-            continue
         for pname, _ in module.named_parameters(recurse=False):
-            specs.setdefault(prefix + pname, leaf_rule(mname, module, pname))
+            if prefix + pname not in specs:
+                specs[prefix + pname] = leaf_rule(mname, module, pname)
     # Tied tensors are initialised under their first name: map every alias's spec to it as well.
     return specs

@@ -56,6 +56,7 @@ def shared_deepcopy(
     shared_objects: Iterable[Any] = (),
     *,
     share_params: bool = False,
+    share_buffers: bool | None = None,
     share_external: bool = True,
 ) -> M:
     """``copy.deepcopy(module)`` where some objects are kept, not copied.
@@ -64,6 +65,8 @@ def shared_deepcopy(
         shared_objects: objects the copy must reference as-is (e.g. a ``MemoryPool`` or a config).
         share_params: keep every parameter and buffer (the same ``nn.Parameter`` objects): the copy is
             a new module tree computing with the same tensors, i.e. a tied view of ``module``.
+        share_buffers: keep every buffer too (default: as ``share_params``); False gives the copy its
+            own buffers (copies of the current values) around shared parameters.
         share_external: also keep everything :func:`external_refs` finds (unregistered module/tensor
             attributes such as a memory layer's pool). On by default because such attributes are
             references to objects owned elsewhere.
@@ -74,6 +77,7 @@ def shared_deepcopy(
         keep += external_refs(module)
     if share_params:
         keep += [p for _, p in module.named_parameters(remove_duplicate=False)]
+    if share_params if share_buffers is None else share_buffers:
         keep += [b for _, b in module.named_buffers(remove_duplicate=False)]
     for obj in keep:
         memo[id(obj)] = obj

@@ -12,8 +12,11 @@ grown stack starts out computing f_{g(0)} ∘ ... in mapping order (not the base
 not function-preserving; see the ``llama_pro`` strategy for that).
 
 How positions are built: each position is a *tied view* of its source, a new module tree of the
-block's own class whose parameters and buffers are the source's objects, with targeted linears
-swapped for :class:`~scalenet.adapter.AdaptedLinear`. The view is the block itself (same forward,
+block's own class whose parameters are the source's objects, with targeted linears swapped for
+:class:`~scalenet.adapter.AdaptedLinear`. Buffers (running statistics, e.g. a memory layer's query
+batchnorm) are each position's own copies: a position normalises with the statistics of its own
+inputs in training, so the estimates it uses in eval must be its own too (shared, they would be a
+mixture of every position's; and `to_empty` could not keep them tied anyway). The view is the block itself (same forward,
 same ``*args/**kwargs``, e.g. ``block(x, rope, cache=...)``), so the model's loop is unchanged, per-
 position Python state (a layer index, a KV cache passed by the caller) is never shared, and
 ``torch.compile`` sees ordinary modules. Objects the block references without registering (a memory
@@ -137,7 +140,7 @@ def tied_view(
 
     Returns the view and the set of target patterns that matched something (for "matches nothing" errors).
     """
-    view = shared_deepcopy(block, shared_objects, share_params=True)
+    view = shared_deepcopy(block, shared_objects, share_params=True, share_buffers=False)
     if untie_norms:
         untie_norm_params(view)
     matched: set[str] = set()

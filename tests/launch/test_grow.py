@@ -108,6 +108,34 @@ def test_grown_checkpoint_continues_training(grown, tiny_checkpoint, tmp_path, s
         assert changed == (strategy != "llama_pro" or pos in (1, 3)), pos
 
 
+def test_grown_memory_model_with_query_batchnorm_trains_and_resumes(tmp_path):
+    """A memory model grows like a dense one: adapters on the memory layer's linears get an init rule
+    (they once failed with "no initialisation declared"), the value pool stays one table, and each
+    position keeps its own query-batchnorm running estimates through grow, training and resume."""
+    memory_yaml = REPO / "configs" / "memory" / "tiny_memory.yaml"
+    base, grown_dir, run = tmp_path / "base", tmp_path / "grown", tmp_path / "run"
+    common = ["train.val_every=0", "train.log_every=1", "memory.query_batchnorm=true"]
+    assert train_cli.main([f"config={memory_yaml}", f"run.dir={base}", "train.steps=3", "train.ckpt_every=3", *common]) == 0
+    assert grow_cli.main([f"checkpoint={base}", f"out={grown_dir}", "grow.strategy=scalenet", "grow.adapter_rank=2"]) == 0
+    grown_model = load_checkpoint(grown_dir).model
+    layer_of = {i: layer.feed_forward for i, layer in enumerate(grown_model.layers) if hasattr(layer.feed_forward, "query_norm")}
+    assert sorted(layer_of) == [1, 3]  # memory in block 1 of 2; stacked: positions 1 and 3
+    a, b = layer_of[1], layer_of[3]
+    assert a.keys is b.keys and a.pool is b.pool and a.query_norm.weight is b.query_norm.weight
+    assert a.query_norm.running_var is not b.query_norm.running_var
+    torch.testing.assert_close(a.query_norm.running_var, b.query_norm.running_var)  # copied at growth
+    assert not torch.equal(a.query_norm.running_var, torch.ones_like(a.query_norm.running_var))  # trained ones
+
+    shutil.copytree(base / "data_cache", run / "data_cache")
+    argv = [f"config={grown_dir}/config.yaml", f"run.dir={run}", f"train.init_from={grown_dir}", "train.ckpt_every=2", *common]
+    assert train_cli.main([*argv, "train.steps=2"]) == 0
+    assert train_cli.main([*argv, "train.steps=4"]) == 0  # resumes from step 2
+    after = load_checkpoint(run).model
+    a, b = (after.layers[i].feed_forward.query_norm for i in (1, 3))
+    assert not torch.equal(a.running_mean, b.running_mean)  # each position tracked its own inputs
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint format
 

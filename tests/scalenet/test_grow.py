@@ -251,3 +251,41 @@ def test_meta_device_growth_stays_tied_through_to_empty_tied():
         again = grow(nn.ModuleList(toys.Block(i) for i in range(2)))
     again.to_empty(device="cpu")
     assert again[0].attention.wq.weight is not again[2].attention.wq.weight
+
+
+class _BatchNormBlock(nn.Module):
+    """A block with running statistics: x + W2 relu(BN(W1 x)) over (tokens, features)."""
+
+    def __init__(self, dim: int = DIM):
+        super().__init__()
+        self.w1, self.bn, self.w2 = nn.Linear(dim, 2 * dim), nn.BatchNorm1d(2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(torch.relu(self.bn(self.w1(x))))
+
+
+def test_positions_share_parameters_but_keep_their_own_running_statistics():
+    from scalenet import to_empty_tied
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList(_BatchNormBlock() for _ in range(2))
+    with torch.no_grad():
+        layers[0].bn.running_mean.normal_()
+    grown = grow(layers, adapter_rank=2)
+    assert grown[2].bn.weight is grown[0].bn.weight is layers[0].bn.weight  # parameters tied
+    assert grown[2].bn.running_mean is not grown[0].bn.running_mean  # statistics per position
+    torch.testing.assert_close(grown[2].bn.running_mean, layers[0].bn.running_mean)  # copied values
+    x = torch.randn(32, DIM, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    for block in grown:  # train mode: each position updates its own estimates from its own inputs
+        x = block(x)
+    assert not torch.allclose(grown[0].bn.running_mean, grown[2].bn.running_mean)
+    state = grown.state_dict()
+    assert not torch.equal(state["0.bn.running_var"], state["2.bn.running_var"])
+    # rebuilt on meta (as a checkpoint load does): ties come back, every position loads its own statistics
+    with torch.device("meta"):
+        again = grow(nn.ModuleList(_BatchNormBlock() for _ in range(2)), adapter_rank=2)
+    to_empty_tied(again, "cpu")
+    again.load_state_dict(state)
+    assert again[2].w1.weight is again[0].w1.weight
+    for name, t in again.state_dict().items():
+        assert torch.equal(t, state[name]), name
