@@ -63,8 +63,9 @@ def shared_deepcopy(
 
     Args:
         shared_objects: objects the copy must reference as-is (e.g. a ``MemoryPool`` or a config).
-        share_params: keep every parameter and buffer (the same ``nn.Parameter`` objects): the copy is
-            a new module tree computing with the same tensors, i.e. a tied view of ``module``.
+        share_params: keep every parameter (the same ``nn.Parameter`` objects) and, unless
+            ``share_buffers`` says otherwise, every buffer: the copy is a new module tree computing with
+            the same tensors, i.e. a tied view of ``module``.
         share_buffers: keep every buffer too (default: as ``share_params``); False gives the copy its
             own buffers (copies of the current values) around shared parameters.
         share_external: also keep everything :func:`external_refs` finds (unregistered module/tensor

@@ -16,10 +16,10 @@ block's own class whose parameters are the source's objects, with targeted linea
 :class:`~scalenet.adapter.AdaptedLinear`. Buffers (running statistics, e.g. a memory layer's query
 batchnorm) are each position's own copies: a position normalises with the statistics of its own
 inputs in training, so the estimates it uses in eval must be its own too (shared, they would be a
-mixture of every position's; and `to_empty` could not keep them tied anyway). The view is the block itself (same forward,
-same ``*args/**kwargs``, e.g. ``block(x, rope, cache=...)``), so the model's loop is unchanged, per-
-position Python state (a layer index, a KV cache passed by the caller) is never shared, and
-``torch.compile`` sees ordinary modules. Objects the block references without registering (a memory
+mixture of every position's; and `to_empty` could not keep them tied anyway). The view is the block
+itself (same forward, same ``*args/**kwargs``, e.g. ``block(x, rope, cache=...)``), so the model's
+loop is unchanged, per-position Python state (a layer index, a KV cache passed by the caller) is
+never shared, and ``torch.compile`` sees ordinary modules. Objects the block references without registering (a memory
 layer's value pool) stay the same objects in every view.
 """
 
