@@ -317,7 +317,8 @@ def test_facts_by_attribute_against_hand_counts(tmp_path):
     assert fba.main(["--sweep", str(path), "--task", "facts_seen", "--qa", str(qa_path), "--out", str(out)]) == 0
     md = Path(f"{out}.md").read_text()
     assert "| majority answer | | 0.667 | 1.000 | 0.833 |" in md and "| a | 2/2 | 0.667 ± 0.471 | 0.500 ± 0.707 |" in md
-    assert next(csv.DictReader(Path(f"{out}.csv").open()))["arm"] == "majority_answer"
+    with Path(f"{out}.csv").open() as f:
+        assert next(csv.DictReader(f))["arm"] == "majority_answer"
     qa_path.write_text("".join(json.dumps({**r, "question": r["question"] + "?"}) + "\n" for r in qa))
     with pytest.raises(ValueError, match="row 0 answers 'q1', the QA file asks 'q1\\?'"):
         fba.by_attribute(path, "facts_seen", qa_path)

@@ -36,7 +36,7 @@ def test_matches_torch_batchnorm1d_train_and_eval():
         for m in (ours, theirs):
             m.weight.copy_(w)
             m.bias.copy_(b)
-    for step in range(3):
+    for _ in range(3):
         q = (torch.randn(11, 6, generator=g, dtype=F64) * 4 + 7).requires_grad_(True)
         q2 = q.detach().clone().requires_grad_(True)
         gy = torch.randn(11, 6, generator=g, dtype=F64)
