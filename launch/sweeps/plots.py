@@ -2,7 +2,8 @@
 
 - `bars`: one horizontal bar panel per metric, one bar per run.
 - `values_plot`: each metric against the number of memory values (log axis), seed mean with ±std
-  error bars; arms without memory (dense) as horizontal lines with a ±std band.
+  error bars, one joined line per group of arms (`report.line`); arms without memory (dense) as
+  horizontal lines with a ±std band.
 - `curves_plot`: validation loss against steps per arm (seed mean, ±std band), with the
   reference arm's final loss as a dashed line (the growth experiment's target).
 """
@@ -56,37 +57,59 @@ def bars(rows: list[dict[str, Any]], metrics: list[str], path: Path, title: str)
     return _save(fig, path)
 
 
+DEFAULT_LINE = "Memory+ (block FFN -> memory)"
+
+
+def value_lines(summary: list[dict[str, Any]], line: list[str] | dict[str, list[str]] | None) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Split the memory arms (those with `values`) into the plot's joined lines and lone markers.
+
+    `line` is a list of arms (one line), a mapping label -> arms (one line each, e.g. two read
+    widths across the value sweep), or empty (every memory arm on one line). Each line's arms are
+    sorted by their number of values."""
+    memory = [s for s in summary if s.get("values")]
+    groups = line if isinstance(line, dict) else ({DEFAULT_LINE: list(line)} if line else {DEFAULT_LINE: [s["arm"] for s in memory]})
+    lines = {label: sorted((s for s in memory if s["arm"] in arms), key=lambda s: s["values"]) for label, arms in groups.items()}
+    joined = {a for arms in groups.values() for a in arms}
+    return {k: v for k, v in lines.items() if v}, [s for s in memory if s["arm"] not in joined]
+
+
 def values_plot(
-    summary: list[dict[str, Any]], metrics: list[str], path: Path, title: str, line: list[str] | None = None, floors: dict[str, float] | None = None
+    summary: list[dict[str, Any]],
+    metrics: list[str],
+    path: Path,
+    title: str,
+    line: list[str] | dict[str, list[str]] | None = None,
+    floors: dict[str, float] | None = None,
 ) -> Path | None:
-    """Metric vs number of memory values (seed mean ± std); the `line` arms (default: every memory
-    arm) joined, other memory arms as single markers, dense arms as horizontal lines."""
+    """Metric vs number of memory values (seed mean ± std); the `line` arms joined (see
+    `value_lines`), other memory arms as single markers, dense arms as horizontal lines."""
     plt = _pyplot()
     metrics = [m for m in metrics if any(numeric(s.get(m)) for s in summary)]
-    on_line = lambda s: s.get("values") and (not line or s["arm"] in line)  # noqa: E731
-    memory = sorted((s for s in summary if on_line(s)), key=lambda s: s["values"])
-    others = [s for s in summary if s.get("values") and not on_line(s)]
-    if plt is None or not metrics or not memory:
+    lines, others = value_lines(summary, line)
+    if plt is None or not metrics or not lines:
         return None
     dense = [s for s in summary if not s.get("values")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # one colour per drawn series, in order: the lines, the dense arms, the lone markers
+    color = lambda i: colors[i % len(colors)]  # noqa: E731
     for ax, m in zip(axes[0], metrics):
-        pts = [s for s in memory if numeric(s.get(m))]
-        xs, ys = [s["values"] for s in pts], [s[m] for s in pts]
-        errs = [s.get(f"{m}_std") or 0.0 for s in pts]
-        ax.errorbar(xs, ys, yerr=errs, fmt="o-", color="tab:blue", capsize=4, label="Memory+ (block FFN -> memory)")
-        for s in pts:
-            ax.annotate(s["arm"], (s["values"], s[m]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        for j, s in enumerate(others):  # colours after the dense lines' so no marker matches a line
-            if numeric(s.get(m)):
-                c = colors[(1 + len(dense) + j) % len(colors)]
-                ax.errorbar([s["values"]], [s[m]], yerr=[s.get(f"{m}_std") or 0.0], fmt="s", capsize=3, color=c, label=s["arm"])
+        for j, (label, arms) in enumerate(lines.items()):
+            pts = [s for s in arms if numeric(s.get(m))]
+            xs, ys = [s["values"] for s in pts], [s[m] for s in pts]
+            errs = [s.get(f"{m}_std") or 0.0 for s in pts]
+            ax.errorbar(xs, ys, yerr=errs, fmt="o-", color=color(j), capsize=4, label=label)
+            for s in pts:
+                ax.annotate(s["arm"], (s["values"], s[m]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         for i, s in enumerate(d for d in dense if numeric(d.get(m))):
-            c = colors[(i + 1) % len(colors)]
+            c = color(len(lines) + i)
             std = s.get(f"{m}_std") or 0.0
             ax.axhline(s[m], color=c, ls="--", label=f"{s['arm']} ({s.get('params') or 0:,} params)")
             ax.axhspan(s[m] - std, s[m] + std, color=c, alpha=0.12)
+        for j, s in enumerate(others):
+            if numeric(s.get(m)):
+                c = color(len(lines) + len(dense) + j)
+                ax.errorbar([s["values"]], [s[m]], yerr=[s.get(f"{m}_std") or 0.0], fmt="s", capsize=3, color=c, label=s["arm"])
         if floors and m in floors:
             ax.axhline(floors[m], color="gray", ls=":", label=f"majority answer ({floors[m]:.3f})")
         ax.set_xscale("log", base=2)

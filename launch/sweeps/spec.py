@@ -106,7 +106,8 @@ class ReportSettings:
     tune: list[str] = field(default_factory=list)  # keys searched per tuning group (entry grids); best mean kept
     tune_metric: str = "val_loss"  # lower is better
     reference: str | None = None  # curves: the arm whose final val loss is the target (e.g. scratch)
-    line: list[str] = field(default_factory=list)  # values: the memory arms joined by the line (empty: all)
+    # values: the memory arms joined by one line, or LABEL -> arms for several lines (empty: all, one line)
+    line: list[str] | dict[str, list[str]] = field(default_factory=list)
     floors: dict[str, float] = field(default_factory=dict)  # values: METRIC -> a no-knowledge baseline drawn dotted
 
 
@@ -382,10 +383,23 @@ def load_sweep(path: str | Path) -> Sweep:
         slurm=_settings(SlurmSettings, data.get("slurm"), "slurm"),
         report=_settings(ReportSettings, data.get("report"), "report"),
     )
+    _check_line(sweep.report.line, {r.arm for r in runs}, path)
     for r in runs:
         if r.grow is None:
             run_config(sweep, r)  # fail now, not hours into the sweep
     return sweep
+
+
+def _check_line(line: Any, arms: set[str], path: Path) -> None:
+    """report.line: a list of arms, or LABEL -> list of arms; every arm named must be in the sweep."""
+    groups = line if isinstance(line, dict) else {"": line}
+    for label, members in groups.items():
+        where = f"report.line.{label}" if label else "report.line"
+        if not isinstance(members, list):
+            raise ConfigError(f"{path}: {where} must be a list of arm names, got {members!r}")
+        unknown = [a for a in members if a not in arms]
+        if unknown:
+            raise ConfigError(f"{path}: {where} names {', '.join(map(str, unknown))}, not arms of this sweep; arms: {', '.join(sorted(arms))}")
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:

@@ -28,7 +28,8 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def summarise(sweep: Sweep, rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-    """One row per arm, in sweep order: seeds done, constants of the arm, METRIC and METRIC_std."""
+    """One row per arm, in sweep order: seeds done, constants of the arm (from any run of it), and
+    METRIC and METRIC_std over the finished (`done`) runs only."""
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for run, row in zip(sweep.runs, rows):
         by_arm.setdefault(run.arm, []).append(row)
@@ -40,8 +41,8 @@ def summarise(sweep: Sweep, rows: list[dict[str, Any]], metrics: list[str]) -> l
         s: dict[str, Any] = {"arm": arm, "group": groups[arm], "seeds": len(done), "of": len(members)}
         for key in ("params", "active_params", "values"):
             s[key] = next((m[key] for m in use if m.get(key) is not None), None)
-        for metric in metrics:
-            s[metric], s[f"{metric}_std"] = mean_std([m[metric] for m in use if numeric(m.get(metric))])
+        for metric in metrics:  # finished seeds only: a partial run's figures are not results yet
+            s[metric], s[f"{metric}_std"] = mean_std([m[metric] for m in done if numeric(m.get(metric))])
         out.append(s)
     return out
 

@@ -20,8 +20,10 @@ from launch.errors import ConfigError
 from launch.facts import FactsArgs, fact_bits, mixture_tokenizer, params_to_hold, write_corpus
 from launch.sweep import main as sweep_main
 from launch.sweeps.collect import collect
+from launch.sweeps.plots import DEFAULT_LINE, value_lines
 from launch.sweeps.runner import plan
 from launch.sweeps.spec import load_sweep, run_config
+from launch.sweeps.summary import summarise
 from launch.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,6 +118,9 @@ def test_an_entry_s_own_seeds_replace_the_sweep_s(tmp_path):
         ({"runs": [{"grid": {"optim.lr": [0.1]}}]}, "needs a name"),
         ({"runs": [{"name": "a", "grid": {"optim.lr": [0.1]}}], "grid": {"optim.warmup_steps": [1, 2]}}, "cannot be combined"),
         ({"report": {"plott": "values"}}, "unknown key"),
+        ({"runs": [{"name": "a"}], "report": {"line": ["b"]}}, r"report.line names b, not arms"),
+        ({"runs": [{"name": "a"}], "report": {"line": {"wide": ["a", "c"]}}}, r"report.line.wide names c, not arms"),
+        ({"runs": [{"name": "a"}], "report": {"line": {"wide": "a"}}}, r"report.line.wide must be a list"),
     ],
 )
 def test_bad_seed_and_grid_specs(tmp_path, body, match):
@@ -261,8 +266,38 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
         assert written["png"].stat().st_size > 1000
 
 
+def test_summary_metrics_come_from_finished_runs_only(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b"}], "seeds": [0, 1]}))
+    state = {"a_seed-0": "done", "a_seed-1": "partial", "b_seed-0": "partial", "b_seed-1": "new"}
+    rows = [{"run": r.name, "state": state[r.name], "params": 7, "val_ppl": 10.0 * (i + 1)} for i, r in enumerate(sweep.runs)]
+    a, b = summarise(sweep, rows, ["val_ppl"])
+    assert (a["seeds"], a["of"], a["val_ppl"], a["val_ppl_std"]) == (1, 2, 10.0, 0.0)  # the partial seed's 20 left out
+    assert (b["seeds"], b["params"], b["val_ppl"]) == (0, 7, None)  # nothing finished: constants, no figures
+
+
+def test_value_lines_group_memory_arms_by_label_and_sort_by_values():
+    summary = [
+        {"arm": "dense"},
+        {"arm": "m1M", "values": 1 << 20},
+        {"arm": "m16k", "values": 1 << 14},
+        {"arm": "w1M", "values": 1 << 20},
+        {"arm": "w16k", "values": 1 << 14},
+        {"arm": "ablation", "values": 1 << 16},
+    ]
+    arms = lambda ss: [s["arm"] for s in ss]  # noqa: E731
+    lines, others = value_lines(summary, {"narrow": ["m1M", "m16k"], "wide": ["w16k", "w1M"], "none run": ["x"]})
+    assert {k: arms(v) for k, v in lines.items()} == {"narrow": ["m16k", "m1M"], "wide": ["w16k", "w1M"]}
+    assert arms(others) == ["ablation"]  # a memory arm on no line: a lone marker; dense: neither
+    lines, others = value_lines(summary, ["m16k", "m1M"])  # the one-line form
+    assert list(lines) == [DEFAULT_LINE] and arms(lines[DEFAULT_LINE]) == ["m16k", "m1M"]
+    assert arms(others) == ["w1M", "w16k", "ablation"]
+    lines, others = value_lines(summary, [])  # empty: every memory arm on one line
+    assert arms(lines[DEFAULT_LINE]) == ["m16k", "w16k", "ablation", "m1M", "w1M"] and others == []
+
+
 def test_collect_reports_memory_slot_use_of_memory_runs_only(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "dense", "memory.layers": []}, {"name": "mem"}], "seeds": [0, 1]}))
+    body = {"overrides": {"train.steps": 10}, "runs": [{"name": "dense", "memory.layers": []}, {"name": "mem"}], "seeds": [0, 1]}
+    sweep = load_sweep(write_sweep(tmp_path, body))
     for r in sweep.runs:
         _fake(sweep.run_dir(r), [(10, 4.0)], 0.1)
         if r.arm == "mem":  # two logging windows: the last one counts
