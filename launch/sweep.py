@@ -6,7 +6,7 @@ then `python -m launch.sweep collect sweep=FILE [out=PREFIX]` for the results ta
   finished runs are skipped and unfinished ones resume from their last checkpoint.
 - `slurm` submits one job array through submitit (torchrun inside each job); `cluster=local`
   uses submitit's local executor instead of sbatch, and `wait=true` blocks until the jobs end.
-- `only=[NAME,...]` restricts any mode to some runs; `slurm.KEY=VALUE` overrides job parameters.
+- `only=[NAME,...]` restricts any mode to some runs (a run's name, or an arm's for all its seeds); `slurm.KEY=VALUE` overrides job parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class SweepArgs:
     mode: str = "dry"  # local | slurm | dry
     parallel: int | None = None  # local: runs at once (default: the sweep file's local.parallel)
     nproc: int | None = None  # local: processes per run (default: local.nproc)
-    only: list[str] = field(default_factory=list)  # run only these run names
+    only: list[str] = field(default_factory=list)  # run only these runs (run names, or arm names: all seeds)
     cluster: str = "slurm"  # slurm mode: slurm | local (submitit's local executor, for testing)
     wait: bool = False  # slurm mode: block until every job ends
     out: str | None = None  # collect: output path prefix (default SWEEP_OUT/results)
@@ -51,10 +51,28 @@ def _load(args: SweepArgs, argv: list[str]) -> Sweep:
             key = arg.split("=", 1)[0].removeprefix("slurm.")
             setattr(sweep.slurm, key, getattr(args.slurm, key))
     if args.only:
-        unknown = [n for n in args.only if n not in {r.name for r in sweep.runs}]
-        if unknown:
-            raise ConfigError(f"only={args.only}: no run named {', '.join(unknown)}; runs are {', '.join(r.name for r in sweep.runs)}")
+        selected(sweep, args.only)  # fail on an unknown name before anything runs
     return sweep
+
+
+def selected(sweep: Sweep, only: list[str]) -> set[str] | None:
+    """The run names `only=` picks: each entry a run name, or an arm name for all of its seeds
+    (`only=[dense,memory_1M]` = every seed of both); None = every run."""
+    if not only:
+        return None
+    names: set[str] = set()
+    unknown = []
+    for n in only:
+        picked = {r.name for r in sweep.runs if n in (r.name, r.arm)}
+        names |= picked
+        if not picked:
+            unknown.append(n)
+    if unknown:
+        arms = ", ".join(dict.fromkeys(r.arm for r in sweep.runs))
+        raise ConfigError(
+            f"only={only}: no run or arm named {', '.join(unknown)}; arms are {arms} (runs: ARM_seed-N where the sweep has seeds)"
+        )
+    return names
 
 
 def dry(sweep: Sweep, names: set[str] | None, nproc: int) -> None:
@@ -80,7 +98,7 @@ def main(argv: list[str]) -> int:
         for kind, path in collect(sweep, args.out).items():
             print(f"wrote {kind}: {path}")
         return 0
-    names = set(args.only) if args.only else None
+    names = selected(sweep, args.only)
     runs = [r for r in sweep.runs if names is None or r.name in names]
     nproc = args.nproc or sweep.local.nproc
     if args.mode == "dry":

@@ -126,7 +126,7 @@ def test_dry_prints_runs_commands_and_job_parameters(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # dry touches nothing
     with pytest.raises(ConfigError, match="mode='fast'"):
         sweep_main([f"sweep={path}", "mode=fast"])
-    with pytest.raises(ConfigError, match="no run named"):
+    with pytest.raises(ConfigError, match="no run or arm named nope"):
         sweep_main([f"sweep={path}", "mode=dry", "only=[nope]"])
 
 

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from launch.errors import ConfigError
 from launch.facts import FactsArgs, fact_bits, mixture_tokenizer, params_to_hold, write_corpus
 from launch.sweep import main as sweep_main
+from launch.sweep import selected
 from launch.sweeps.collect import collect
 from launch.sweeps.plots import DEFAULT_LINE, value_lines
 from launch.sweeps.runner import plan
@@ -107,6 +108,15 @@ def test_an_entry_s_own_seeds_replace_the_sweep_s(tmp_path):
         load_sweep(write_sweep(tmp_path, body))
     with pytest.raises(ConfigError, match="run b: seeds .* repeat a seed"):
         load_sweep(write_sweep(tmp_path, {"runs": [{"name": "b", "seeds": [1, 1]}]}))
+
+
+def test_only_takes_run_names_and_arm_names(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b"}, {"name": "c", "seeds": [7]}], "seeds": [0, 1]}))
+    assert selected(sweep, []) is None
+    assert selected(sweep, ["a"]) == {"a_seed-0", "a_seed-1"}  # an arm: all its seeds
+    assert selected(sweep, ["b_seed-1", "c"]) == {"b_seed-1", "c_seed-7"}
+    with pytest.raises(ConfigError, match=r"no run or arm named a_seed-2, d; arms are a, b, c"):
+        selected(sweep, ["a_seed-2", "a", "d"])
 
 
 @pytest.mark.parametrize(
