@@ -329,14 +329,19 @@ def test_collect_reports_memory_slot_use_of_memory_runs_only(tmp_path):
     assert "slots_read" not in collect(sweep, tmp_path / "d" / "res")["csv"].read_text()
 
 
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_facts_by_attribute_against_hand_counts(tmp_path):
     """benchmarks/facts_by_attribute.py: EM per attribute per run, mean ± std per arm, majority floors,
     runs without predictions counted as missing, and a clear error for predictions of another file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("facts_by_attribute", REPO / "benchmarks" / "facts_by_attribute.py")
-    fba = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fba)
+    fba = _load_benchmark("facts_by_attribute")
     qa = [
         {"question": "q1", "answer": "x", "attribute": "city"},
         {"question": "q2", "answer": "x", "attribute": "city"},
@@ -371,6 +376,45 @@ def test_facts_by_attribute_against_hand_counts(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Facts: capacity estimate and the mixture tokenizer
+
+
+def test_value_trend_against_hand_computed_statistics(tmp_path):
+    """benchmarks/value_trend.py: slope per doubling, P(monotonic) and the ratio to a baseline."""
+    vt = _load_benchmark("value_trend")
+    assert vt.ols_slope([0, 1, 2], [1, 3, 5]) == pytest.approx(2.0)
+    assert vt.percentile([0.0, 1.0, 2.0, 3.0], 0.5) == pytest.approx(1.5)
+    # separated arms: every resample rises; slope over log2(values) = 0.1 per doubling x 2 doublings apart
+    r = vt.trend([(1 << 18, [0.5, 0.5]), (1 << 14, [0.1, 0.1]), (1 << 16, [0.3, 0.3])], [0.1, 0.3], boot=500)
+    assert [a["values"] for a in r["arms"]] == [1 << 14, 1 << 16, 1 << 18]  # sorted by values
+    assert r["slope_per_doubling"] == pytest.approx(0.1) and r["slope_ci95"] == pytest.approx([0.1, 0.1])
+    assert r["means_rise"] and r["p_monotonic"] == 1.0
+    assert r["ratio_largest_to_baseline"] == pytest.approx(0.5 / 0.2)
+    lo, hi = r["ratio_ci95"]  # baseline resamples: means 0.1, 0.2 or 0.3
+    assert lo == pytest.approx(0.5 / 0.3) and hi == pytest.approx(0.5 / 0.1)
+    # overlapping seeds: the means rise, but not in every resample
+    r = vt.trend([(4, [0.1, 0.4]), (16, [0.2, 0.35])], None, boot=2000)
+    assert r["means_rise"] and 0.3 < r["p_monotonic"] < 0.9 and "ratio_ci95" not in r
+    with pytest.raises(ValueError, match="two different numbers of values"):
+        vt.trend([(4, [0.1]), (4, [0.2])], None, boot=0)
+
+    # end to end on a collect-style table: unfinished runs are left out
+    path = write_sweep(tmp_path, {"runs": [{"name": "dense", "memory.layers": []}, {"name": "m16"}, {"name": "m64"}], "seeds": [0, 1]})
+    table = tmp_path / "t.csv"
+    rows = [("dense_seed-0", "", "done", 0.1), ("dense_seed-1", "", "done", 0.2), ("m16_seed-0", 16, "done", 0.2),
+            ("m16_seed-1", 16, "done", 0.3), ("m64_seed-0", 64, "done", 0.6), ("m64_seed-1", 64, "partial", 0.9)]  # fmt: skip
+    table.write_text("run,values,state,facts_seen/exact_match\n" + "".join(f"{r},{v},{st},{m}\n" for r, v, st, m in rows))
+    out = tmp_path / "res" / "trend"
+    argv = ["--csv", str(table), "--sweep", str(path), "--arms", "m64,m16", "--baseline", "dense", "--boot", "200", "--out", str(out)]
+    assert vt.main(argv) == 0
+    result = json.loads(Path(f"{out}.json").read_text())
+    assert result["arm_names"] == ["m16", "m64"] and result["arms"][1]["runs"] == [0.6]  # the partial seed is not a result
+    assert result["slope_per_doubling"] == pytest.approx(0.175)  # least squares of (4, .2), (4, .3), (6, .6)
+    assert result["ratio_largest_to_baseline"] == pytest.approx(0.6 / 0.15)
+    assert "| m64 | 64 | 0.600 | 0.600 ± 0.000 |" in Path(f"{out}.md").read_text()
+    with pytest.raises(SystemExit, match="no finished runs of nope"):
+        vt.main(argv[:5] + ["nope"] + argv[6:])
+    with pytest.raises(SystemExit, match="dense: not memory arms"):
+        vt.main(argv[:5] + ["dense,m16"] + argv[6:])
 
 
 def test_capacity_estimate():
