@@ -163,6 +163,8 @@ def test_capacity_sweep_has_the_issue_arms():
     for a in ("memory_16k", "memory_64k", "memory_256k", "memory_1M"):
         assert abs(counts[a][1] / dense_active - 1) < 0.4  # equal active parameters up to the keys
     assert counts["dense_5M"][0] >= counts["memory_64k"][0]  # the denser comparison: more total params
+    assert abs(counts["dense_0.45M"][1] / counts["memory_1M"][1] - 1) < 0.02  # dense at the 1M arm's active params
+    assert all(c.memory.qk_norm and c.memory.heads * c.memory.knn == 128 for c in configs.values() if c.memory.layers)
     assert configs["memory_64k_2layers_shared"].memory.shared and not configs["memory_64k_2layers_per_layer"].memory.shared
     assert not configs["memory_64k_ungated"].memory.gated
     # the corpus is beyond the dense model at 2 bits/param; every fact ~100 statement exposures
