@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch.sweeps.spec import load_sweep  # noqa: E402
+from launch.sweeps.summary import mean_std  # noqa: E402
 
 
 def ols_slope(xs: list[float], ys: list[float]) -> float:
@@ -85,8 +86,12 @@ def trend(groups: list[tuple[int, list[float]]], baseline: list[float] | None, b
             ratios.append(q)
     slopes.sort()
     ratios.sort()
+    def described(ys: list[float]) -> dict:
+        mean, std = mean_std(ys)
+        return {"runs": ys, "mean": mean, "std": std}
+
     out = {
-        "arms": [{"values": v, "runs": ys, "mean": statistics.fmean(ys), "std": statistics.stdev(ys) if len(ys) > 1 else 0.0} for v, ys in groups],
+        "arms": [{"values": v, **described(ys)} for v, ys in groups],
         "slope_per_doubling": slope,
         "slope_ci95": [percentile(slopes, 0.025), percentile(slopes, 0.975)] if boot else None,
         "means_rise": rising,
@@ -94,7 +99,7 @@ def trend(groups: list[tuple[int, list[float]]], baseline: list[float] | None, b
         "boot": boot,
     }
     if baseline:
-        out["baseline"] = {"runs": baseline, "mean": statistics.fmean(baseline), "std": statistics.stdev(baseline) if len(baseline) > 1 else 0.0}
+        out["baseline"] = described(baseline)
         out["ratio_largest_to_baseline"] = ratio
         out["ratio_ci95"] = [percentile(ratios, 0.025), percentile(ratios, 0.975)] if boot else None
     return out
@@ -125,7 +130,7 @@ def markdown(result: dict, arms: list[str], baseline: str | None, metric: str) -
     if baseline:
         b = result["baseline"]
         lines.append(f"| {baseline} (baseline) | — | {fmt(b['runs'])} | {b['mean']:.3f} ± {b['std']:.3f} |")
-    lo, hi = result["slope_ci95"] or (float("nan"), float("nan"))
+    lo, hi = result["slope_ci95"]
     lines += [
         "",
         f"- Slope per doubling of the values (least squares over all runs): **{result['slope_per_doubling']:+.4f}** (95% bootstrap interval {lo:+.4f} … {hi:+.4f}).",
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boot", type=int, default=20000)
     ap.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
+    if args.boot < 1:
+        raise SystemExit(f"--boot {args.boot}: the report's intervals need at least one bootstrap resample")
     runs = read_runs(args.csv, args.sweep, args.metric)
     arms = args.arms.split(",")
     missing = [a for a in arms + ([args.baseline] if args.baseline else []) if not runs.get(a)]

@@ -415,6 +415,8 @@ def test_value_trend_against_hand_computed_statistics(tmp_path):
     assert "| m64 | 64 | 0.600 | 0.600 ± 0.000 |" in Path(f"{out}.md").read_text()
     with pytest.raises(SystemExit, match="no finished runs of nope"):
         vt.main(argv[:5] + ["nope"] + argv[6:])
+    with pytest.raises(SystemExit, match="--boot 0: the report's intervals need at least one"):
+        vt.main(argv[:-4] + ["--boot", "0"])
     with pytest.raises(SystemExit, match="dense: not memory arms"):
         vt.main(argv[:5] + ["dense,m16"] + argv[6:])
 
