@@ -9,6 +9,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+
+# A fresh .venv takes ~3.2 GB (torch, triton, transformers, lm-eval) and .venv-hf4 ~1.1 GB: check the
+# disk first, so a full disk is one clear line instead of an OSError halfway through pip (which
+# leaves a half-built environment behind).
+need_mb=0
+[ -x .venv/bin/python ] || need_mb=$([ "${1:-}" = "dev" ] && echo 3500 || echo 1200)
+[ "${1:-}" != "dev" ] || [ -x .venv-hf4/bin/python ] || need_mb=$((need_mb + 1200))
+if [ "$need_mb" -gt 0 ]; then
+  free_mb=$(df -Pk . | awk 'NR == 2 {print int($4 / 1024)}')
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+    echo "setup.sh: $(pwd) has ${free_mb} MB free; the environments to build need about ${need_mb} MB." >&2
+    echo "setup.sh: free disk space (old clones, runs/ checkpoints, pip's cache) and run it again." >&2
+    exit 1
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 TORCH="torch==2.13.0"
