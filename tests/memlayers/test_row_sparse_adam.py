@@ -390,6 +390,76 @@ def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype, see
 
 
 @pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.parametrize(
+    "dtype,seed,dim",
+    [(torch.float32, -1, 150), (torch.float32, -1, 64), (torch.bfloat16, -1, 150), (torch.bfloat16, 1234, 70),
+     (torch.float16, -1, 13)],
+)  # fmt: skip
+def test_forward_reading_lagging_rows_equals_catch_up_then_forward(dtype, seed, dim):
+    """bag_forward_adam reads rows behind the optimizer as a catch-up would leave them (replayed in
+    registers, rounded as the catch-up's store), writing nothing: its output equals catching the rows
+    up, then the plain forward, bit for bit. Gaps past the (short) replay horizon, rows already
+    current, repeats within and across bags, full column blocks and a tail."""
+    from memlayers.lookup_cpu import native_ops
+    from memlayers.row_sparse_adam import step_table
+
+    ops = native_ops()
+    gen = torch.Generator().manual_seed(11)
+    n_rows, upto = 40, 25
+    betas, eps, horizon = (0.9, 0.95), 1e-8, 6
+    hist = step_table(torch.rand(upto + 1, dtype=torch.float64, generator=gen) * 1e-2, *betas, 0.05)
+    state = [torch.randn(n_rows, dim, generator=gen).to(dtype) for _ in range(3)]
+    state[2] = state[2].abs()
+    row_step = torch.randint(0, upto + 1, (n_rows,), generator=gen)
+    row_step[:5] = upto  # some rows current
+    idx = torch.randint(0, n_rows, (9, 7), generator=gen)
+    idx[0, :3] = idx[1, 0]
+    idx[2, 0] = 0
+    w = torch.rand(9, 7, generator=gen)
+
+    before = [t.clone() for t in state] + [row_step.clone()]
+    out = ops.bag_forward_adam(*state, row_step, idx, w, hist, upto, *betas, eps, horizon, seed)
+    for a, b in zip([*state, row_step], before):
+        assert torch.equal(a, b)  # nothing written
+
+    ref = [t.clone() for t in state] + [row_step.clone()]
+    ops.lazy_adam_rows_(*ref, torch.unique(idx), ref[0].new_empty(0, dim), hist, upto, *betas, eps, horizon, seed)
+    assert bool((ref[3][idx] == upto).all()) and bool((row_step[idx] < upto).any())
+    assert torch.equal(out, ops.bag_forward(ref[0], idx, w))
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+def test_fused_training_read_defers_the_catch_up_to_the_backward():
+    """With a fused RowSparseAdam a differentiated read leaves lagging rows in place (row_step
+    unchanged until the backward steps them); a read under no_grad catches them up as before; and the
+    read values equal the caught-up table's (the loss-level bit identity with the unfused path is
+    test_fused_backward_update_is_bit_identical_to_unfused)."""
+    gen = torch.Generator().manual_seed(3)
+    v = torch.nn.Parameter(torch.randn(30, 16, generator=gen))
+    opt = RowSparseAdam([v], lr=1e-2, fused=True)
+    for rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8]):  # rows 0-5 fall behind
+        lookup(v, torch.tensor([rows]), torch.ones(1, 3), sparse=True, impl="cpu").sum().backward()
+        opt.step()
+    row_step = opt.state[v]["row_step"]
+    idx, w = torch.tensor([[0, 1, 7], [3, 3, 9]]), torch.rand(2, 3, generator=gen)
+    out = lookup(v, idx, w, sparse=True, impl="cpu")
+    assert row_step[[0, 1, 3]].tolist() == [1, 1, 2]  # not caught up by the training read
+    caught_up = v.detach().clone()
+    probe = RowSparseAdam([torch.nn.Parameter(caught_up)], lr=1e-2)
+    probe.load_state_dict(opt.state_dict())
+    probe.catch_up_rows(probe.param_groups[0]["params"][0], idx)
+    torch.testing.assert_close(out.detach(), (w[..., None] * caught_up[idx]).sum(1), rtol=1e-6, atol=1e-7)
+    stale = (w[..., None] * v.detach()[idx]).sum(1)
+    assert not torch.allclose(out.detach(), stale, rtol=1e-6, atol=1e-7)  # the lag is visible in the read
+    out.sum().backward()
+    assert row_step[[0, 1, 3, 7, 9]].tolist() == [4] * 5  # caught up and stepped by the fused backward
+    opt.step()
+    with torch.no_grad():
+        lookup(v, torch.tensor([[2, 4]]), torch.ones(1, 2), sparse=True, impl="cpu")
+    assert row_step[[2, 4]].tolist() == [4, 4]  # an eval read stores the catch-up
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
 def test_bf16_gradient_rows_round_like_torch():
     """The kernels' vectorised fp32 -> bf16 store rounds to nearest even exactly as torch's cast: the
     bf16 table's gradient rows equal the same fp32 sums cast with `.bfloat16()`."""
