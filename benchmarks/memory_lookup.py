@@ -19,14 +19,12 @@ Writes benchmarks/results/memory_lookup.json and .md. It measures; it asserts no
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -260,11 +258,6 @@ def value_step_cases() -> dict[str, dict]:
         "lookup_cpu + RowSparseAdam fused into the backward": dict(
             fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True), mem=3.4
         ),
-        # The same with the catch-up stored at the read (a separate pass over the rows read, as before the
-        # fused backward took lagging rows over): what deferring the catch-up to the backward saves.
-        "lookup_cpu + RowSparseAdam fused, catch-up stored at read": dict(
-            fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True), mem=3.4, defer=False
-        ),
         "lookup_cpu + RowwiseAdam fused into the backward": dict(
             fn=ours_sparse, opt=lambda p: RowwiseAdam(p, lr=lr, fused=True), mem=2.4
         ),
@@ -292,19 +285,6 @@ STOCK_ADAM = (
 VALUE_STEP_BATCHES = 4
 
 
-@contextlib.contextmanager
-def _catch_up_deferral(enabled: bool):
-    """With enabled False, lookup stores every catch-up at the read (its pass before the deferral)."""
-    module = sys.modules["memlayers.lookup"]  # (the package re-exports the function under the same name)
-    saved = module.defers_catch_up
-    if not enabled:
-        module.defers_catch_up = lambda values: False
-    try:
-        yield
-    finally:
-        module.defers_catch_up = saved
-
-
 def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]:
     indices, weights, grad_out = make_inputs(rows, bags, slots, dim, seed=1)
     gen = torch.Generator().manual_seed(2)
@@ -330,8 +310,7 @@ def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]
                 opt.step()
 
             try:
-                with _catch_up_deferral(case.get("defer", True)):
-                    rec["value_step"] = timeit(step, warmup, reps)
+                rec["value_step"] = timeit(step, warmup, reps)
             except Exception as err:  # e.g. a fused optimizer missing on this build
                 rec["skipped"] = f"{type(err).__name__}: {err}"[:200]
             del values, opt, w

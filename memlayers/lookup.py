@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memlayers.checks import check_lookup_inputs
-from memlayers.row_sparse_adam import catch_up_before_read, defers_catch_up, has_lazy_tables
+from memlayers.row_sparse_adam import catch_up_before_read, has_lazy_tables
 
 IMPLS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "MEMLAYERS_LOOKUP_IMPL"
@@ -57,26 +57,14 @@ def lookup(
     _check_inputs(values, indices, weights)
     impl = _resolve_impl(impl, values)
     # A table trained by RowSparseAdam holds rows that are behind dense AdamW until read: bring the
-    # rows about to be read up to date first (a dictionary miss for any other table). A training read
-    # of a fused RowSparseAdam's table on the CPU kernels reads them as caught up instead, and its
-    # backward stores them (defers_catch_up).
-    deferred = False
+    # rows about to be read up to date first (a dictionary miss for any other table).
     if has_lazy_tables():
-        deferred = (
-            impl == "cpu"
-            and sparse
-            and indices.shape[1] > 0
-            and values.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling()
-            and defers_catch_up(values)
-        )
-        if not deferred:
-            catch_up_before_read(values, indices)
+        catch_up_before_read(values, indices)
     # bf16/fp16 tables read with fp32 weights give an fp32 read (the CPU kernels accumulate in fp32
     # and return it as is; the other paths run in the table's dtype and are cast up).
     out_dtype = torch.promote_types(values.dtype, weights.dtype)
     if impl == "cpu" and indices.shape[1] > 0:
-        return _cpu_lookup(values, indices, weights, sparse, deferred).to(out_dtype)
+        return _cpu_lookup(values, indices, weights, sparse).to(out_dtype)
     weights = weights.to(values.dtype)
     if indices.shape[1] == 0:
         # embedding_bag rejects empty bags of width 0; the gather form gives zeros that stay in the graph.
@@ -99,7 +87,7 @@ def torch_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bo
 # CPU DISPATCH POINT. The perf work (memlayers/lookup_cpu.py) plugs its kernel in here by changing
 # the body of this one function; everything else in this file stays as is.
 # ---------------------------------------------------------------------------------------------------
-def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool, deferred: bool = False) -> Tensor:
+def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool) -> Tensor:
     if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return torch_lookup(values, indices, weights.to(values.dtype), sparse=sparse)  # the kernels' dtypes only
     from memlayers.lookup_cpu import lookup_cpu, lookup_cpu_compilable
@@ -109,7 +97,7 @@ def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool, 
         return lookup_cpu_compilable(values, indices, weights)
 
     # C++ kernels (coalesced row-sparse grads) when they build, else lookup_cpu's torch path.
-    return lookup_cpu(values, indices, weights, sparse_grad=sparse, _deferred_catch_up=deferred)
+    return lookup_cpu(values, indices, weights, sparse_grad=sparse)
 
 
 @functools.cache

@@ -174,23 +174,19 @@ def _torch_backward(
 
 class _BagSumCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, indices, weights, sparse_grad: bool, use_native: bool, deferred: bool):
+    def forward(ctx, values, indices, weights, sparse_grad: bool, use_native: bool):
         weights32 = weights.float().contiguous()
         ops = native_ops() if use_native else None
+        if ops is not None:
+            out32 = ops.bag_forward(values, indices, weights32)
+        else:
+            out32 = _torch_forward(values, indices, weights32)
+        ctx.save_for_backward(values, indices, weights32)
         # Fused value update: a RowSparseAdam(fused=True) owning `values` takes the row gradients
         # in the backward, so no gradient tensor is built, stored in .grad, or read back.
         from memlayers.row_sparse_adam import fused_owner  # (that module imports this one)
 
         ctx.fused = fused_owner(values) if sparse_grad else None
-        out32 = None
-        if deferred and ops is not None and ctx.fused is not None:
-            # Rows behind the optimizer are read as caught up, not stored: the fused backward does both.
-            out32 = ctx.fused[1].read_caught_up(ctx.fused[0], indices, weights32)
-        if out32 is None:
-            out32 = ops.bag_forward(values, indices, weights32) if ops is not None else _torch_forward(
-                values, indices, weights32
-            )
-        ctx.save_for_backward(values, indices, weights32)
         ctx.sparse_grad = sparse_grad
         ctx.use_native = ops is not None
         ctx.weights_dtype = weights.dtype
@@ -201,14 +197,14 @@ class _BagSumCPU(torch.autograd.Function):
         values, indices, weights32 = ctx.saved_tensors
         need_v, _, need_w = ctx.needs_input_grad[:3]
         if not (need_v or need_w):
-            return None, None, None, None, None, None
+            return None, None, None, None, None
         grad_out32 = grad_out.float().contiguous()
         dense = not ctx.sparse_grad
         if need_v and ctx.fused is not None and ctx.fused[1].fuses_backward(ctx.fused[0]):
             # The optimizer step happens inside the backward's loop over the rows: no value gradient.
             param, opt = ctx.fused
             grad_w = opt.fused_backward(param, indices, weights32, grad_out32, need_w)
-            return None, None, (grad_w.to(ctx.weights_dtype) if need_w else None), None, None, None
+            return None, None, (grad_w.to(ctx.weights_dtype) if need_w else None), None, None
         if ctx.use_native:
             rows, grad_rows, grad_w = native_ops().bag_backward(
                 values, indices, weights32, grad_out32, need_v, need_w, dense
@@ -229,7 +225,7 @@ class _BagSumCPU(torch.autograd.Function):
                     rows.unsqueeze(0), grad_rows, values.shape, is_coalesced=True, check_invariants=False
                 )
         grad_weights = grad_w.to(ctx.weights_dtype) if need_w else None
-        return grad_values, None, grad_weights, None, None, None
+        return grad_values, None, grad_weights, None, None
 
 
 def _check_inputs(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, impl: str) -> None:
@@ -257,7 +253,6 @@ def lookup_cpu(
     *,
     sparse_grad: bool = False,
     impl: str = "auto",
-    _deferred_catch_up: bool = False,
 ) -> torch.Tensor:
     """Weighted bag sum over rows of `values` on CPU: out[b] = sum_k w[b,k] * values[idx[b,k]].
 
@@ -270,9 +265,6 @@ def lookup_cpu(
             (`RowSparseAdam`, `torch.optim.SparseAdam`, SGD).
         impl: "auto" (C++ kernels if they build, else torch), "cpp" (error if they do
             not build), or "torch" (the pure-torch path).
-        _deferred_catch_up: internal (set by `memlayers.lookup` when `defers_catch_up` holds): the
-            rows were not caught up before this read; a fused RowSparseAdam owning `values` reads
-            them as caught up and its fused backward stores them.
 
     Returns:
         (bags, v_dim) tensor of dtype promote_types(values.dtype, weights.dtype).
@@ -287,7 +279,7 @@ def lookup_cpu(
     if values_c is not values and values.requires_grad:
         # A strided view would be copied every call and its gradient routed through the copy.
         warnings.warn("lookup_cpu: values is not contiguous; copying it on every call", stacklevel=2)
-    return _BagSumCPU.apply(values_c, indices, weights, sparse_grad, impl != "torch", _deferred_catch_up)
+    return _BagSumCPU.apply(values_c, indices, weights, sparse_grad, impl != "torch")
 
 
 # ----------------------------------------------------------------------------- torch.compile

@@ -22,10 +22,7 @@ This optimizer keeps dense AdamW's result while touching only the rows that are 
 * the step for a row with a gradient is then AdamW's step with the global step count.
 
 Why catch up on read (and not only at the next gradient): the forward pass must see the value
-dense AdamW would have at that moment, or the gradients themselves would differ. In fused mode with
-the C++ kernels a differentiated read need not *store* the caught-up row (:func:`defers_catch_up`):
-the forward computes it in registers, and the fused backward, which replays lagging rows itself,
-catches it up and steps it in one pass (the same numbers, bit for bit; less memory traffic).
+dense AdamW would have at that moment, or the gradients themselves would differ.
 
 Equality: for fp32 parameters the values, `exp_avg` and `exp_avg_sq` after any sequence of
 steps (random row subsets, changing learning rates, weight decay) equal torch.optim.AdamW's
@@ -67,15 +64,7 @@ import torch.nn.functional as F
 from memlayers.hugepages import empty_huge_like
 from memlayers.lookup_cpu import native_ops
 
-__all__ = [
-    "RowSparseAdam",
-    "RowwiseAdam",
-    "catch_up_before_read",
-    "defers_catch_up",
-    "flush_on_state_dict",
-    "fused_owner",
-    "replay_horizon",
-]
+__all__ = ["RowSparseAdam", "RowwiseAdam", "catch_up_before_read", "flush_on_state_dict", "fused_owner", "replay_horizon"]
 
 # Catch-up tail tolerance: the updates dropped after `horizon` replayed steps sum to at most
 # this fraction of the learning rate (see replay_horizon).
@@ -139,21 +128,6 @@ def fused_owner(values: torch.Tensor) -> tuple[torch.Tensor, RowSparseAdam] | No
     if param is not values or opt is None or not opt.fused:
         return None
     return param, opt
-
-
-def defers_catch_up(values: torch.Tensor) -> bool:
-    """Whether a read of `values` about to happen may leave its lagging rows where they are.
-
-    True when a fused RowSparseAdam with the C++ fused backward owns the table and this read will be
-    differentiated (grad mode on, `values` requires grad): the forward then reads lagging rows as
-    caught up without writing them (:meth:`RowSparseAdam.read_caught_up`), and the fused backward
-    catches them up and steps them in one pass. A read that is never differentiated leaves them as
-    they were, which is as exact as before. Callers check the lookup path (CPU kernel, sparse grad,
-    eager); everything about the optimizer is decided here."""
-    if not (torch.is_grad_enabled() and values.requires_grad and values.is_contiguous()):
-        return False
-    owner = fused_owner(values)
-    return owner is not None and owner[1].defers_reads(owner[0])
 
 
 def flush_on_state_dict(module: torch.nn.Module, optimizer: RowSparseAdam) -> None:
@@ -406,28 +380,6 @@ class RowSparseAdam(torch.optim.Optimizer):
             replay_horizon(beta1, beta2), self.rounding_seed,
         )  # fmt: skip
         return grad_w if need_weights_grad else None
-
-    def defers_reads(self, p: torch.Tensor) -> bool:
-        """Whether differentiated reads of `p` can skip the catch-up on read (see `defers_catch_up`):
-        the C++ fused backward replays a lagging row itself; the row-wise variant has no such kernel."""
-        return not self._rowwise and self.fuses_backward(p)
-
-    @torch.no_grad()
-    def read_caught_up(self, p: torch.Tensor, indices: torch.Tensor, weights32: torch.Tensor) -> torch.Tensor | None:
-        """The lookup's forward (fp32 (B, D)) with every read row as caught up to the current step,
-        computed in registers for rows that lag, writing nothing (table and state are untouched).
-        Bit-identical to `catch_up_rows` followed by the plain forward. None before the first step
-        (every row is current: the plain forward applies)."""
-        state = self.state.get(p)
-        if not state:
-            return None
-        group = self._group_of(p)
-        beta1, beta2 = group["betas"]
-        return native_ops().bag_forward_adam(
-            p.detach(), state["exp_avg"], state["exp_avg_sq"], state["row_step"], indices, weights32,
-            self._table(p, state, group), int(state["step"].item()), beta1, beta2, group["eps"],
-            replay_horizon(beta1, beta2), self.rounding_seed,
-        )  # fmt: skip
 
     def _claim_fused(self, p: torch.Tensor) -> None:
         """A second fused update before the next `step()` means the table is read more than once per

@@ -724,101 +724,6 @@ Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tenso
   return gw;
 }
 
-// Forward of a table a fused RowSparseAdam steps in the lookup's backward, with rows that may be behind
-// step `upto`: each lagging row is read as a catch-up would leave it (its zero-gradient steps replayed
-// in registers and rounded as that store would round), but nothing is written. The fused backward
-// that follows catches the row up and takes the step in the same pass (rows_backward_kernel's replay
-// branch), so a lagging row's (p, m, v) cross memory once per step instead of being read, written,
-// read again by this forward, and read and written by the backward. The sums are the plain forward's
-// (same order, same expression), so the output equals catching up, then bag_forward, bit for bit.
-template <typename scalar_t, typename Rounding>
-void bag_forward_adam_kernel(const Tensor& values, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                             const Tensor& row_step, const Tensor& indices, const Tensor& weights, const AdamArgs& a,
-                             int64_t upto, Tensor& out) {
-  const int64_t B = indices.size(0), K = indices.size(1), D = values.size(1);
-  const scalar_t* P = values.const_data_ptr<scalar_t>();
-  const scalar_t* Mp = exp_avg.const_data_ptr<scalar_t>();
-  const scalar_t* Vp = exp_avg_sq.const_data_ptr<scalar_t>();
-  const int64_t* RS = row_step.const_data_ptr<int64_t>();
-  const int64_t* I = indices.const_data_ptr<int64_t>();
-  const float* W = weights.const_data_ptr<float>();
-  float* O = out.mutable_data_ptr<float>();
-  at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
-    std::vector<CatchUp> plan(K);
-    std::vector<RowRnd<Rounding>> rnd(K);
-    std::vector<uint8_t> lag(K);
-    float p[kCB], m[kCB], v[kCB], acc[kCB];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t* idx = I + b * K;
-      const float* wb = W + b * K;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t r = idx[k], last = RS[r];
-        TORCH_CHECK(last <= upto, "row ", r, " is ahead of the optimizer (row step ", last, " > ", upto, ")");
-        lag[k] = last < upto;
-        if (lag[k]) {
-          plan[k] = plan_catch_up(a, last, upto);
-          rnd[k] = row_rounding<Rounding>(a, r, upto);
-        }
-      }
-      for_blocks(D, [&](int64_t col, auto w) {
-        for (int64_t j = 0; j < w; ++j) acc[j] = 0.f;
-        for (int64_t k = 0; k < K; ++k) {
-          if (col == 0 && k + kForwardPrefetch < K) {
-            const int64_t ra = idx[k + kForwardPrefetch];
-            prefetch_row(P + ra * D, D);
-            if (lag[k + kForwardPrefetch]) {
-              prefetch_row(Mp + ra * D, D);
-              prefetch_row(Vp + ra * D, D);
-            }
-          }
-          const int64_t off = idx[k] * D + col;
-          const float wk = wb[k];
-          if (lag[k]) {
-            load_block(P + off, w, p);
-            load_block(Mp + off, w, m);
-            load_block(Vp + off, w, v);
-            catch_up_block(p, m, v, w, a, plan[k]);
-            round_block<scalar_t>(p, w, rnd[k].p);
-#pragma omp simd
-            for (int64_t j = 0; j < w; ++j) acc[j] += wk * p[j];
-          } else {
-            const scalar_t* __restrict__ row = P + off;
-#pragma omp simd
-            for (int64_t j = 0; j < w; ++j) acc[j] += wk * load_f(row, j);
-          }
-        }
-        for (int64_t j = 0; j < w; ++j) O[b * D + col + j] = acc[j];
-      });
-    }
-  });
-}
-
-Tensor bag_forward_adam(const Tensor& values, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& row_step,
-                        const Tensor& indices, const Tensor& weights, const Tensor& hist, int64_t upto, double beta1,
-                        double beta2, double eps, int64_t horizon, int64_t rounding_seed) {
-  check_lookup_inputs(values, indices, weights);
-  check_adam_state(values, exp_avg, exp_avg_sq, row_step, hist, upto);
-  Tensor out = at::empty({indices.size(0), values.size(1)}, values.options().dtype(at::kFloat));
-  const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon, rounding_seed);
-  switch (values.scalar_type()) {
-    case at::kFloat:
-      bag_forward_adam_kernel<float, Nearest>(values, exp_avg, exp_avg_sq, row_step, indices, weights, a, upto, out);
-      break;
-    case at::kBFloat16:
-      with_rounding<c10::BFloat16>(rounding_seed, [&](auto rnd) {
-        bag_forward_adam_kernel<c10::BFloat16, decltype(rnd)>(values, exp_avg, exp_avg_sq, row_step, indices, weights,
-                                                              a, upto, out);
-      });
-      break;
-    case at::kHalf:
-      bag_forward_adam_kernel<c10::Half, Nearest>(values, exp_avg, exp_avg_sq, row_step, indices, weights, a, upto,
-                                                  out);
-      break;
-    default: TORCH_CHECK(false, "values dtype must be float32, bfloat16 or float16, got ", values.scalar_type());
-  }
-  return out;
-}
-
 // ---------------------------------------------------------------- exact row-sparse Adam
 // Dense AdamW applied row by row, lazily: a row is brought up to date only when it is read or gets a
 // gradient. `row_step[r]` is the optimizer step through which row r is current. With `grad_rows`
@@ -1121,10 +1026,5 @@ TORCH_LIBRARY(memlayers_cpu, m) {
       "Tensor rows, Tensor grad_rows, Tensor hist, int target, float beta1, float beta2, float eps, int horizon, "
       "int rounding_seed=-1) -> ()",
       &lazy_rowwise_adam_rows_);
-  m.def(
-      "bag_forward_adam(Tensor values, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, Tensor indices, "
-      "Tensor weights, Tensor hist, int upto, float beta1, float beta2, float eps, int horizon, "
-      "int rounding_seed=-1) -> Tensor",
-      &bag_forward_adam);
   m.def("product_topk(Tensor scores, int K) -> (Tensor, Tensor)", &product_topk);
 }
