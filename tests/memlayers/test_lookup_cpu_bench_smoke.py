@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_lookup.py"
 
 
@@ -39,6 +41,22 @@ def test_quick_benchmark_writes_expected_fields(tmp_path):
     assert "Load average at start" in md and "RowSparseAdam" in md
     floor = next(r for m, r in steps.items() if m.startswith("floor:"))
     assert floor["value_step"]["ms"] > 0 and floor["unique_rows_per_step"] > 0 and floor["copy_gbps"] > 0
+
+
+def test_product_topk_benchmark_runs_and_writes_its_table(tmp_path):
+    from memlayers.lookup_cpu import native_available
+
+    if not native_available():
+        pytest.skip("C++ extension did not build")
+    script = BENCH.parent / "product_topk.py"
+    args = ["--tokens", "8", "--heads", "2", "--n-keys", "64", "--knn", "8", "--reps", "2", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+                          cwd=BENCH.parents[1])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "product_topk.json").read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert len(methods) == 3 and methods[1].startswith("ours") and all(r["ms"] > 0 for r in report["rows"])
+    assert "top-8" in (tmp_path / "product_topk.md").read_text()
 
 
 def test_gpu_check_script_parses_and_names_files_that_exist():

@@ -322,6 +322,33 @@ def test_product_topk_ties_go_to_the_lower_index():
     assert best_pos[0].tolist() == [0, 1, 2]  # sums 1, 1, 1 (first list's best with each of the second's)
 
 
+@pytest.mark.parametrize("kind", ["random", "ties", "neg_inf", "nan"])
+@pytest.mark.parametrize("n, k", [(1024, 32), (128, 8), (23, 5), (64, 16)])
+def test_product_topk_half_lists_equal_a_stable_sort(kind, n, k):
+    """Each half's top-k ids equal a stable descending sort's first k (ties to the lower index, NaN
+    first), on rows that take the kernel's pre-threshold (n >= 4k) and rows that do not: many ties
+    (rounded scores), rows half -inf (a chunk maximum of -inf), and NaN scores (the fallback path)."""
+    from memlayers import lookup_cpu
+
+    if not lookup_cpu.native_available():
+        pytest.skip("C++ extension did not build")
+    scores = torch.randn(257, 2, n, generator=torch.Generator().manual_seed(n + k))
+    if kind == "ties":
+        scores = (scores * 2).round()
+    elif kind == "neg_inf":
+        scores[::3, :, : n // 2] = float("-inf")
+    elif kind == "nan":
+        scores[::7, 0, 3] = float("nan")
+    top_i, _ = lookup_cpu.product_topk_op(scores, k)
+    ref = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    if kind == "nan":
+        assert bool((top_i[::7, 0, 0] == 3).all())  # NaN ranks first, as in torch.topk
+        clean = torch.ones(257, dtype=torch.bool)
+        clean[::7] = False
+        top_i, ref = top_i[clean], ref[clean]
+    assert torch.equal(top_i, ref)
+
+
 def test_memory_layer_with_the_cpp_search_equals_the_torch_search(monkeypatch):
     """Forward (bit for bit) and every parameter gradient (to float rounding: the scores' gradient is
     accumulated in another order) of a memory layer are the same with either search."""
