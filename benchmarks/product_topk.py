@@ -13,24 +13,13 @@ Writes benchmarks/results/product_topk.{json,md}. It measures; it asserts nothin
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from common import RESULTS, machine, md_table, write_results
+from memory_lookup import timeit
 
 from memlayers.lookup_cpu import native_ops
-
-
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def stock_search(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,11 +42,12 @@ def main() -> None:
         raise SystemExit("product_topk.py: the C++ extension did not build; nothing to compare")
     scores = torch.randn(args.tokens * args.heads, 2, args.n_keys, generator=torch.Generator().manual_seed(0))
     k = args.knn
-    rows = [
-        {"method": "torch: topk of each half + topk of the k*k sums", "ms": median_ms(lambda: stock_search(scores, k), args.reps)},
-        {"method": "ours: memlayers::product_topk", "ms": median_ms(lambda: ops.product_topk(scores, k), args.reps)},
-        {"method": "amax over the same scores (one read, not a search)", "ms": median_ms(lambda: scores.amax(-1), args.reps)},
-    ]  # fmt: skip
+    cases = {
+        "torch: topk of each half + topk of the k*k sums": lambda: stock_search(scores, k),
+        "ours: memlayers::product_topk": lambda: ops.product_topk(scores, k),
+        "amax over the same scores (one read, not a search)": lambda: scores.amax(-1),
+    }
+    rows = [{"method": name, **timeit(fn, warmup=2, reps=args.reps)} for name, fn in cases.items()]
     stock = rows[0]["ms"]
     for r in rows:
         r["speedup"] = stock / r["ms"]

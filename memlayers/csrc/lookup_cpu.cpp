@@ -925,8 +925,8 @@ void top_k_row(const T* x, int64_t n, int64_t K, int64_t* out, std::vector<std::
   if (n >= 4 * K) {
     // Pre-threshold: cut the row into K chunks. Each chunk's maximum is reached by a score of its own,
     // so at least K scores reach the smallest of those maxima, t0: the K-th best is >= t0 and no score
-    // below t0 can rank. Two vectorised passes (maxima, then a branch-free gather of the scores >= t0,
-    // ~10% of them on random scores) replace the compare-and-partition loop below. A row with a NaN
+    // below t0 can rank. A vectorised pass for the maxima and a branch-free gather of the scores >= t0
+    // (~10% of them on random scores) replace the compare-and-partition loop below. A row with a NaN
     // takes that loop (NaN ranks first there, as in torch.topk).
     const int64_t c = n / K;
     T t0 = std::numeric_limits<T>::infinity();
