@@ -89,6 +89,19 @@ def measure_in_subprocess(config: str, overrides: list[str], steps: int, warmup:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def results_dir(value: str) -> Path:
+    """argparse type of --out: a folder (NAME.json and NAME.md are written inside it). Checked when the
+    arguments are parsed, so a file path fails at once instead of after minutes of measuring."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        import argparse
+
+        raise argparse.ArgumentTypeError(
+            f"{value} is a file; --out takes a folder (the results are written as <name>.json and <name>.md in it)"
+        )
+    return path
+
+
 def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, md_table, write_results
+from common import RESULTS, machine, md_table, results_dir, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,7 @@ def main() -> None:
         "--baseline", type=Path, default=None, help="another checkout to run the same trainer command with"
     )
     ap.add_argument("--baseline-max-copies", type=int, default=12)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=results_dir, default=RESULTS)
     ap.add_argument(
         "--add-build",
         action="store_true",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, md_table, write_results  # noqa: E402
+from common import RESULTS, machine, md_table, results_dir, write_results  # noqa: E402
 
 ARMS = [
     ("ours", "eager"),
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--modes", nargs="+", default=["eager", "compile"])
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=results_dir, default=RESULTS)
     args = ap.parse_args()
     rows = []
     for dtype in args.dtypes:

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import RESULTS, machine, md_table, measure_in_subprocess, write_results
+from common import RESULTS, machine, md_table, measure_in_subprocess, results_dir, write_results
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--optimizers", default="adamw,row_sparse_adam,row_sparse_adam:fused,rowwise_adam:fused")
     ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=results_dir, default=RESULTS)
     args = ap.parse_args()
     base = "configs/quickstart.yaml"
     mem = ["memory.layers=[3]", f"memory.n_keys={args.n_keys}", "memory.heads=4", "memory.k_dim=128", "memory.knn=32"]

@@ -13,10 +13,9 @@ Writes benchmarks/results/product_topk.{json,md}. It measures; it asserts nothin
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from common import RESULTS, machine, md_table, write_results
+from common import RESULTS, machine, md_table, results_dir, write_results
 from memory_lookup import timeit
 
 from memlayers.lookup_cpu import native_ops
@@ -35,7 +34,7 @@ def main() -> None:
     ap.add_argument("--n-keys", type=int, default=1024)
     ap.add_argument("--knn", type=int, default=32)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=results_dir, default=RESULTS)
     args = ap.parse_args()
     ops = native_ops()
     if ops is None:

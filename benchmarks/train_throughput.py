@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import RESULTS, machine, md_table, measure_in_subprocess, write_results
+from common import RESULTS, machine, md_table, measure_in_subprocess, results_dir, write_results
 
 MODELS = {
     "tiny": ("configs/tiny.yaml", []),
@@ -26,7 +25,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=results_dir, default=RESULTS)
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):

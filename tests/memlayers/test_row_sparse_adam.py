@@ -500,3 +500,42 @@ def test_stochastic_rounding_keeps_updates_below_half_a_bf16_step(opt_cls, row_k
 def test_rounding_argument_is_checked():
     with pytest.raises(ValueError, match="rounding"):
         RowSparseAdam([torch.nn.Parameter(torch.zeros(3, 2))], rounding="up")
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_one_pass_replay_rounds_like_the_block_replay(with_grad):
+    """Rows a few steps behind are caught up in one vectorised pass (up to 8 replayed steps), longer gaps
+    through the column-block loop. fp32 stores are exact, so catching a row up 12 steps at once (block
+    path), in two calls of 6 or in twelve of 1 (one-pass path) must give the same bits; the last call
+    optionally takes the gradient step too. Width 150: full vectors and a remainder."""
+    from memlayers.lookup_cpu import native_ops
+    from memlayers.row_sparse_adam import step_table
+
+    ops = native_ops()
+    gen = torch.Generator().manual_seed(21)
+    n_rows, dim, target = 12, 150, 14
+    betas, eps, horizon = (0.9, 0.95), 1e-8, 300
+    hist = step_table(torch.rand(target + 1, dtype=torch.float64, generator=gen) * 1e-2, *betas, 0.01)
+    p, m = (torch.randn(n_rows, dim, generator=gen) for _ in range(2))
+    v = torch.rand(n_rows, dim, generator=gen)
+    rows = torch.arange(n_rows)
+    grads = torch.randn(n_rows, dim, generator=gen)
+    none = p.new_empty(0, dim)
+    end = target - 1 if with_grad else target  # replayed through `end`, then the gradient step
+
+    def run(chunks):
+        st = [p.clone(), m.clone(), v.clone(), torch.full((n_rows,), end - 12)]
+        for i, upto in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if last and with_grad:
+                ops.lazy_adam_rows_(*st, rows, grads, hist, upto + 1, *betas, eps, horizon)
+            else:
+                ops.lazy_adam_rows_(*st, rows, none, hist, upto, *betas, eps, horizon)
+        return st
+
+    at_once = run([end])
+    assert bool((at_once[3] == target).all())
+    for chunks in ([end - 6, end], list(range(end - 11, end + 1))):
+        for a, b in zip(at_once, run(chunks)):
+            assert torch.equal(a, b)
