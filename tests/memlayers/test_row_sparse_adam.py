@@ -539,3 +539,22 @@ def test_one_pass_replay_rounds_like_the_block_replay(with_grad):
     for chunks in ([end - 6, end], list(range(end - 11, end + 1))):
         for a, b in zip(at_once, run(chunks)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+def test_unique_rows_equals_torch_unique():
+    """The catch-up's bitmap unique (memlayers_cpu::unique_rows) gives torch.unique's sorted ids: word
+    boundaries, the first and last row, heavy repeats, many threads' bitmaps, empty input; ids out of
+    range raise instead of writing outside the bitmap."""
+    from memlayers.lookup_cpu import native_ops
+
+    ops = native_ops()
+    gen = torch.Generator().manual_seed(3)
+    for n_rows, shape in [(1, (3, 2)), (130, (7, 9)), (1000, (4096, 8)), (1 << 20, (512, 128))]:
+        idx = torch.randint(0, n_rows, shape, generator=gen)
+        idx.view(-1)[: min(4, idx.numel())] = torch.tensor([0, n_rows - 1, min(63, n_rows - 1), min(64, n_rows - 1)])[: min(4, idx.numel())]
+        assert torch.equal(ops.unique_rows(idx, n_rows), torch.unique(idx))
+    assert ops.unique_rows(torch.empty(0, 5, dtype=torch.int64), 10).numel() == 0
+    for bad in (-1, 10):
+        with pytest.raises(RuntimeError, match="out of range for a table of 10 rows"):
+            ops.unique_rows(torch.tensor([[1, bad, 2]]), 10)
