@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,20 @@ def run_module(module: str, *args: str, env: dict | None = None, nproc: int = 1,
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
     else:
         cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # Own session, so a timeout can kill torchrun AND its workers (subprocess.run's kill reaches only
+    # torchrun: a hung worker was left running for half an hour after its test had failed).
+    with subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as child:  # fmt: skip
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
+            raise AssertionError(
+                f"{' '.join(cmd)} timed out after {timeout} s (every process of it killed)\n"
+                f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
+            ) from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
     return proc
