@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -94,8 +95,6 @@ def results_dir(value: str) -> Path:
     arguments are parsed, so a file path fails at once instead of after minutes of measuring."""
     path = Path(value)
     if path.exists() and not path.is_dir():
-        import argparse
-
         raise argparse.ArgumentTypeError(
             f"{value} is a file; --out takes a folder (the results are written as <name>.json and <name>.md in it)"
         )

@@ -403,8 +403,10 @@ inline bool has_replay(const CatchUp& c) { return c.first <= c.last || c.tail; }
 // slower than the block loop). The column-block loop in adam_row (three loops per 64 columns through
 // stack arrays) took 1.5-1.7x this pass's time for a catch-up 1-4 steps behind (1M x 256 fp32 table,
 // 412k sorted rows: 138/149/175 ms vs 80/82/118 ms), at equal memory traffic.
-// The arithmetic is zero_grad_elem / grad_elem's, expression for expression: fp32 results are
-// bit-identical to the block loop's (tested: one catch-up of 12 steps vs 2 x 6 vs 12 x 1).
+// The arithmetic restates zero_grad_elem / grad_elem expression for expression, on purpose: calling
+// them here (references, a StepScalars per step) left this loop scalar again (measured 191 vs 50 ms
+// for a catch-up one step behind). fp32 results are bit-identical to the block loop's (tested: one
+// catch-up of 12 steps vs 2 x 6 vs 12 x 1; a mutant of this copy's rounding fails it).
 constexpr int kMaxPassReplay = 8;
 struct PassScalars {
   float ss[kMaxPassReplay + 1], bc2s[kMaxPassReplay + 1], dec[kMaxPassReplay + 1];  // [N] = the gradient step
@@ -441,16 +443,15 @@ __attribute__((noinline)) void adam_row_pass(scalar_t* __restrict__ P, scalar_t*
     store_r(V, j, v, rr.v);
   }
 }
-// Replays [first, first + n) (n <= kMaxPassReplay, no closed-form tail) then, with kGrad, step `target`.
+// Replays [first, first + n) (n <= kMaxPassReplay, no closed-form tail) then, with kGrad, the step of `k`.
 template <bool kGrad, typename scalar_t, typename Rounding>
 inline void adam_row_one_pass(scalar_t* P, scalar_t* M, scalar_t* V, const scalar_t* G, int64_t D, const AdamArgs& a,
-                              int64_t first, int64_t n, int64_t target, const RowRnd<Rounding>& rr) {
+                              int64_t first, int64_t n, const StepScalars& k, const RowRnd<Rounding>& rr) {
   PassScalars s{};
   for (int64_t i = 0; i < n; ++i) {
-    const StepScalars k = step_scalars(a, first + i);
-    s.ss[i] = k.ss, s.bc2s[i] = k.bc2s, s.dec[i] = k.dec;
+    const StepScalars ki = step_scalars(a, first + i);
+    s.ss[i] = ki.ss, s.bc2s[i] = ki.bc2s, s.dec[i] = ki.dec;
   }
-  const StepScalars k = step_scalars(a, target);
   s.ss[n] = k.ss, s.bc2s[n] = k.bc2s, s.dec[n] = k.dec;
   s.omb1 = a.omb1, s.b2 = a.b2, s.omb2 = a.omb2, s.eps = a.eps;
   switch (n) {
@@ -480,8 +481,8 @@ inline void adam_row(scalar_t* __restrict__ P, scalar_t* __restrict__ M, scalar_
   if (!has_replay(c) && G == nullptr) return;
   if (fits_one_pass(c)) {
     const int64_t n = has_replay(c) ? c.last - c.first + 1 : 0;
-    if (G != nullptr) return adam_row_one_pass<true>(P, M, V, G, D, a, c.first, n, target, rr);
-    return adam_row_one_pass<false>(P, M, V, G, D, a, c.first, n, target, rr);
+    if (G != nullptr) return adam_row_one_pass<true>(P, M, V, G, D, a, c.first, n, k, rr);
+    return adam_row_one_pass<false>(P, M, V, G, D, a, c.first, n, k, rr);
   }
   for_blocks(D, [&](int64_t col, auto w) {
     float p[kCB], m[kCB], v[kCB];
@@ -505,7 +506,9 @@ inline void adam_row(scalar_t* __restrict__ P, scalar_t* __restrict__ M, scalar_
 // instruction in it), so that loop ran without any. Measured (1M x 256 fp32 table, the 412k sorted
 // unique rows of 4096 x 128 uniform reads): fused backward+update 148 -> 117 ms, catch-up one step
 // behind 79 -> 68 ms; prefetcht0 (into L1) gained nothing in the fused kernel (its gradient rows
-// need L1), 2 / 8 / 16 rows ahead measured alike.
+// need L1), 2 / 8 / 16 rows ahead measured alike. The gathers keep prefetch_row (__builtin_prefetch,
+// which gcc does emit there): the explicit instruction in the forward measured no better (19.0-21.4
+// vs 15.3-20.3 ms, three runs each).
 constexpr int64_t kStatePrefetch = 8;
 template <typename scalar_t>
 inline void prefetch_row_l2(const scalar_t* row, int64_t dim) {
@@ -1156,7 +1159,7 @@ Tensor unique_rows(const Tensor& indices, int64_t n_rows) {
     }
   });
   for (int t = 0; t < n_maps; ++t) {
-    TORCH_CHECK(bad[t] < 0, "slot id ", I[bad[t] < 0 ? 0 : bad[t]], " at flat position ", bad[t],
+    TORCH_CHECK(bad[t] < 0, "slot id ", I[bad[t]], " at flat position ", bad[t],  // message built on failure only
                 " is out of range for a table of ", n_rows, " rows");
   }
   uint64_t* merged = maps[0].data();
