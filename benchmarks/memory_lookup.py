@@ -23,7 +23,6 @@ import gc
 import itertools
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine
 
 from memlayers.hugepages import empty_huge_like
 from memlayers.lookup import lookup
@@ -38,16 +38,6 @@ from memlayers.lookup_cpu import lookup_cpu, native_ops
 from memlayers.row_sparse_adam import RowSparseAdam, RowwiseAdam
 
 GB = 1 << 30
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --clock thread: one torch thread, timed by the CPU time of this thread (time.thread_time), so
@@ -545,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     report = {
         "machine": {
-            "cpu_model": cpu_model(),
+            "cpu_model": machine()["cpu"],
             "num_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -6,7 +6,9 @@ The 20M quickstart model, dense, against the same model with block 3's FFN repla
 product-key memory of n_keys² values (default 1M), trained with the dense AdamW value recipe and
 with the row-sparse optimizers (`NAME:fused` = the update fused into the lookup backward, which needs
 optim.grad_clip=0; plain names run unfused; `NAME:fused:stochastic` adds stochastic rounding of the
-bf16 stores). `--value-dtype bf16` stores the table in bf16. One fresh process per row. Writes
+bf16 stores). `--value-dtype bf16` stores the table in bf16. One fresh process per row; each memory row's
+process also builds the dense model and alternates steps with it (`measure_training_paired`), so the ratio
+is measured under one machine state. Writes
 benchmarks/results/memory_vs_dense.{json,md} (`memory_vs_dense_bf16` for bf16 values).
 """
 
@@ -38,12 +40,15 @@ def main() -> None:
         extra = ["optim.grad_clip=0"] if mode == "fused" else ["memory.fused_value_update=false"]
         if rounding:
             extra.append(f"memory.value_rounding={rounding}")
-        r = measure_in_subprocess(base, [*mem, f"memory.value_optimizer={opt}", *extra], args.steps, args.warmup, args.device)
+        overrides = [*mem, f"memory.value_optimizer={opt}", *extra]
+        r = measure_in_subprocess(base, overrides, args.steps, args.warmup, args.device, paired_with=[])
         rows.append({"variant": f"memory {args.n_keys**2 / 1e6:.2f}M {args.value_dtype} values, {spec}", **r})
     dense_tps = rows[0]["tokens_per_s"]
     for r in rows:
         r["relative"] = r["tokens_per_s"] / dense_tps
         r["params_m"], r["active_m"] = r["params"] / 1e6, r["active_params"] / 1e6
+        lo, hi = r.get("relative_paired_range", (1.0, 1.0))
+        r["paired"] = f"{r.get('relative_paired', 1.0):.2f}× ({lo:.2f}–{hi:.2f})"
     m = machine()
     md = (
         f"# Memory model vs dense baseline\n\nMachine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch "
@@ -56,10 +61,15 @@ def main() -> None:
                 ("params", "{params_m:.1f}M"),
                 ("active/token", "{active_m:.1f}M"),
                 ("tokens/s", "{tokens_per_s:,.0f}"),
-                ("vs dense", "{relative:.2f}×"),
+                ("vs dense, paired (range)", "{paired}"),
+                ("vs dense, separate runs", "{relative:.2f}×"),
                 ("peak memory (MB)", "{peak_mem_mb:,.0f}"),
             ],
         )
+        + "\n`paired`: the memory model and the dense one in one process, steps alternating; the median over "
+        "pairs of dense step time / memory step time (range: min–max pair). `separate runs`: tokens/s of the "
+        "memory model's run over the dense row's run, measured one after the other; on a shared machine the "
+        "load can drift between them.\n"
         + f"\nCommand: `python benchmarks/memory_vs_dense.py --n-keys {args.n_keys} --value-dtype {args.value_dtype} "
         f"--steps {args.steps} --warmup {args.warmup} --optimizers {args.optimizers}`\n"
     )

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memlayers.lookup_cpu import product_topk_op
+from memlayers.key_search import product_key_topk_op
 from memlayers.pool import MemoryPool
 from memlayers.query_norm import QueryBatchNorm
 
@@ -180,16 +180,16 @@ class ProductKeyMemory(nn.Module):
             if self.qk_norm:
                 q = F.rms_norm(q, (half,), eps=_QK_NORM_EPS)
                 keys = F.rms_norm(keys, (half,), eps=_QK_NORM_EPS)
-            # (T, H, 2, half) x (H, 2, N, half) -> (T, H, 2, N)
-            scores = torch.einsum("thcd,hcnd->thcn", q, keys)
-            if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
-                # C++ search (no K*K candidate tensor; ~1.5x faster than two torch.topk here); the scores
-                # are gathered by differentiable torch ops, in the same descending order.
-                top_i, best_pos = product_topk_op(scores.detach().contiguous(), K)
-                top_s = scores.gather(-1, top_i)  # (T, H, 2, K)
+            if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+                # C++ search (no K*K candidate tensor; ~1.5x faster than two torch.topk here) over scores
+                # written into a reused buffer, with a K-sparse backward (memlayers/key_search.py); the
+                # sums of the winners are formed by differentiable torch ops, in the same descending order.
+                top_s, top_i, best_pos = product_key_topk_op(q, keys.contiguous(), K)  # (T, H, 2, K) x2, (T, H, K)
                 s1, s2 = top_s[:, :, 0], top_s[:, :, 1]
                 best_s = s1.gather(-1, best_pos // K) + s2.gather(-1, best_pos % K)  # (T, H, K)
             else:
+                # (T, H, 2, half) x (H, 2, N, half) -> (T, H, 2, N)
+                scores = torch.einsum("thcd,hcnd->thcn", q, keys)
                 top_s, top_i = scores.topk(K, dim=-1)  # (T, H, 2, K)
                 s1, s2 = top_s[:, :, 0], top_s[:, :, 1]
                 cand_s = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).view(T, H, K * K)
