@@ -7,18 +7,24 @@ Stock = two `torch.topk` over the halves plus the k*k candidate sums and their `
 ProductKeyMemory runs without the kernel); ours = `memlayers::product_topk` (indices; same ids, same
 order: tested). The default shape is the 20M memory model's (16 x 128 tokens, 4 heads, 1M values,
 top-32). Also times `amax` over the same scores: reading them once, the least any search costs.
+A second table times the whole search with its backward, from the queries and sub-keys (`--half`
+= k_dim / 2) to their gradients: the portable route (`einsum` scores, the C++ top-k on a contiguous
+copy, `gather`; autograd builds a dense score gradient) against `memlayers::product_key_topk_cpu`
+(scores into a reused buffer, K-sparse backward), alternating reps.
 Writes benchmarks/results/product_topk.{json,md}. It measures; it asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from common import RESULTS, machine, md_table, results_dir, write_results
 from memory_lookup import timeit
 
-from memlayers.lookup_cpu import native_ops
+from memlayers.key_search import product_key_topk_op
+from memlayers.lookup_cpu import native_ops, product_topk_op
 
 
 def stock_search(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -27,12 +33,52 @@ def stock_search(scores: torch.Tensor, k: int) -> torch.Tensor:
     return sums.topk(k, dim=-1).indices
 
 
+def einsum_route(q: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """What ProductKeyMemory.select ran before key_search: all scores by einsum, gathered with autograd."""
+    scores = torch.einsum("thcd,hcnd->thcn", q, keys)
+    top_i, _ = product_topk_op(scores.detach().contiguous(), k)
+    return scores.gather(-1, top_i)
+
+
+def search_with_backward(args) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    T, H, N, half, k = args.tokens, args.heads, args.n_keys, args.half, args.knn
+    q = torch.randn(T, H, 2, half, generator=gen, requires_grad=True)
+    keys = torch.randn(H, 2, N, half, generator=gen, requires_grad=True)
+    grad = torch.randn(T, H, 2, k, generator=gen)
+    routes = {
+        "einsum + C++ top-k + gather, autograd (dense score gradient)": einsum_route,
+        "ours: memlayers::product_key_topk_cpu (K-sparse backward)": lambda q, keys, k: product_key_topk_op(q, keys, k)[0],
+    }
+
+    def run(route) -> float:
+        q.grad = keys.grad = None
+        t0 = time.perf_counter()
+        route(q, keys, k).backward(grad)
+        return (time.perf_counter() - t0) * 1e3
+
+    times: dict[str, list[float]] = {name: [] for name in routes}
+    for route in [*routes.values()] * 2:  # warmup
+        run(route)
+    for _ in range(args.reps):  # alternating, so drift on a shared machine hits both alike
+        for name, route in routes.items():
+            times[name].append(run(route))
+    rows = []
+    for name, ts in times.items():
+        ts.sort()
+        rows.append({"method": name, "ms": ts[len(ts) // 2], "min_ms": ts[0]})
+    for r in rows:
+        r["speedup"] = rows[0]["ms"] / r["ms"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--n-keys", type=int, default=1024)
     ap.add_argument("--knn", type=int, default=32)
+    ap.add_argument("--half", type=int, default=64, help="half of k_dim (the 20M memory model: k_dim 128)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", type=results_dir, default=RESULTS)
     args = ap.parse_args()
@@ -50,15 +96,19 @@ def main() -> None:
     stock = rows[0]["ms"]
     for r in rows:
         r["speedup"] = stock / r["ms"]
+    full = search_with_backward(args)
     shape = f"{args.tokens} tokens x {args.heads} heads, 2 x {args.n_keys} sub-keys, top-{k}"
     md = (
         "# Product-key search (CPU)\n\n"
-        f"Machine: {machine()}; {shape}; median of {args.reps} after 2 warmup.\n\n"
+        f"Machine: {machine()['cpu']}, {machine()['torch_threads']} threads; {shape}; median of {args.reps} after 2 warmup.\n\n"
         + md_table(rows, [("method", "{method}"), ("ms", "{ms:.1f}"), ("vs torch", "{speedup:.2f}x")])
+        + f"\n## Search forward + backward (scores from queries and sub-keys, half-dim {args.half}, to their gradients)\n\n"
+        + md_table(full, [("route", "{method}"), ("ms", "{ms:.1f}"), ("min ms", "{min_ms:.1f}"), ("vs einsum route", "{speedup:.2f}x")])
         + "\nCommand: `python benchmarks/product_topk.py "
-        + f"--tokens {args.tokens} --heads {args.heads} --n-keys {args.n_keys} --knn {k}`\n"
+        + f"--tokens {args.tokens} --heads {args.heads} --n-keys {args.n_keys} --knn {k} --half {args.half}`\n"
     )
-    write_results("product_topk", {"machine": machine(), "shape": vars(args) | {"out": str(args.out)}, "rows": rows}, md, args.out)
+    payload = {"machine": machine(), "shape": vars(args) | {"out": str(args.out)}, "rows": rows, "with_backward": full}
+    write_results("product_topk", payload, md, args.out)
 
 
 if __name__ == "__main__":

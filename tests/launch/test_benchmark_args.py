@@ -33,3 +33,19 @@ def test_results_dir_accepts_new_and_existing_folders(tmp_path):
         sys.path.remove(str(BENCHMARKS))
     assert results_dir(str(tmp_path)) == tmp_path
     assert results_dir(str(tmp_path / "new")) == tmp_path / "new"
+
+
+def test_paired_measurement_alternates_two_models_in_one_process():
+    """measure_training_paired (memory_vs_dense.py's ratio): both models step in one process, the ratio
+    is a median over pairs inside the pairs' range, and the base model's speed is reported beside it."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import measure_training_paired
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    mem = ["memory.layers=[1]", "memory.n_keys=16", "memory.heads=2", "memory.k_dim=16", "memory.knn=4"]
+    r = measure_training_paired("configs/tiny.yaml", mem, [], steps=3, warmup=1)
+    lo, hi = r["relative_paired_range"]
+    assert 0 < lo <= r["relative_paired"] <= hi
+    assert r["tokens_per_s"] > 0 and r["base_tokens_per_s_paired"] > 0 and r["peak_mem_mb"] > 0
+    assert r["params"] > r["active_params"]  # the memory model was measured, not the dense base

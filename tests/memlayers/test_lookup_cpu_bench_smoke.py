@@ -49,7 +49,7 @@ def test_product_topk_benchmark_runs_and_writes_its_table(tmp_path):
     if not native_available():
         pytest.skip("C++ extension did not build")
     script = BENCH.parent / "product_topk.py"
-    args = ["--tokens", "8", "--heads", "2", "--n-keys", "64", "--knn", "8", "--reps", "2", "--out", str(tmp_path)]
+    args = ["--tokens", "8", "--heads", "2", "--n-keys", "64", "--knn", "8", "--half", "4", "--reps", "2", "--out", str(tmp_path)]
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
                           cwd=BENCH.parents[1])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -57,6 +57,9 @@ def test_product_topk_benchmark_runs_and_writes_its_table(tmp_path):
     methods = [r["method"] for r in report["rows"]]
     assert len(methods) == 3 and methods[1].startswith("ours") and all(r["ms"] > 0 for r in report["rows"])
     assert "top-8" in (tmp_path / "product_topk.md").read_text()
+    routes = report["with_backward"]
+    assert [r["method"].split(":")[0] for r in routes] == ["einsum + C++ top-k + gather, autograd (dense score gradient)", "ours"]
+    assert all(r["ms"] > 0 and r["min_ms"] <= r["ms"] for r in routes)
 
 
 def test_gpu_check_script_parses_and_names_files_that_exist():
