@@ -12,7 +12,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["memory_vs_dense.py", "product_topk.py", "train_throughput.py"])
+@pytest.mark.parametrize("script", ["memory_vs_dense.py", "product_topk.py", "train_throughput.py", "cross_entropy.py"])
 def test_out_that_is_a_file_fails_before_measuring(script, tmp_path):
     existing = tmp_path / "results.md"
     existing.write_text("keep me\n")
@@ -49,3 +49,20 @@ def test_paired_measurement_alternates_two_models_in_one_process():
     assert 0 < lo <= r["relative_paired"] <= hi
     assert r["tokens_per_s"] > 0 and r["base_tokens_per_s_paired"] > 0 and r["peak_mem_mb"] > 0
     assert r["params"] > r["active_params"]  # the memory model was measured, not the dense base
+
+
+def test_cross_entropy_benchmark_writes_both_dtypes(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "cross_entropy.py"), "--tokens", "16", "--vocab", "40", "--reps", "2",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    rows = json.loads((tmp_path / "cross_entropy.json").read_text())["rows"]
+    assert [(r["dtype"], r["method"]) for r in rows] == [
+        ("float32", "F.cross_entropy(logits.float())"), ("float32", "cross_entropy_rows"),
+        ("bfloat16", "F.cross_entropy(logits.float())"), ("bfloat16", "cross_entropy_rows"),
+    ]  # fmt: skip
+    assert all(r["ms"] > 0 for r in rows)

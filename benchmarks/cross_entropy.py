@@ -1,0 +1,72 @@
+"""The training loss over the vocabulary: `F.cross_entropy` against `launch.cross_entropy.cross_entropy_rows`.
+
+    python benchmarks/cross_entropy.py [--tokens 2048] [--vocab 8192] [--reps 15]
+
+Forward + backward from a fresh logits tensor (as the model's output is every step), fp32 and bf16
+logits, the two methods alternating rep by rep so drift on a shared machine hits both alike. The default
+shape is the 20M model's step (16 x 128 tokens, 8k vocabulary). Writes
+benchmarks/results/cross_entropy.{json,md}. It measures; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, machine, md_table, results_dir, write_results
+
+from launch.cross_entropy import cross_entropy_rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", type=results_dir, default=RESULTS)
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
+    base = torch.randn(args.tokens, args.vocab, generator=gen)
+    methods = {
+        "F.cross_entropy(logits.float())": lambda x: F.cross_entropy(x.float(), targets),
+        "cross_entropy_rows": lambda x: cross_entropy_rows(x, targets),
+    }
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        src = base.to(dtype)
+
+        def run(fn, src=src) -> float:
+            logits = src.clone().requires_grad_()
+            t0 = time.perf_counter()
+            fn(logits).backward()
+            return (time.perf_counter() - t0) * 1e3
+
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for fn in [*methods.values()] * 2:  # warmup
+            run(fn)
+        for _ in range(args.reps):
+            for name, fn in methods.items():
+                times[name].append(run(fn))
+        first = None
+        for name, ts in times.items():
+            ts.sort()
+            ms = ts[len(ts) // 2]
+            first = first or ms
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "method": name, "ms": ms, "min_ms": ts[0], "speedup": first / ms})
+    m = machine()
+    md = (
+        "# Cross-entropy over the vocabulary: forward + backward\n\n"
+        f"Machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; {args.tokens} tokens x "
+        f"{args.vocab} vocabulary; median of {args.reps} alternating reps after 2 warmup each.\n\n"
+        + md_table(rows, [("logits", "{dtype}"), ("method", "{method}"), ("ms", "{ms:.1f}"), ("min ms", "{min_ms:.1f}"),
+                          ("vs F.cross_entropy", "{speedup:.2f}x")])  # fmt: skip
+        + f"\nCommand: `python benchmarks/cross_entropy.py --tokens {args.tokens} --vocab {args.vocab} --reps {args.reps}`\n"
+    )
+    write_results("cross_entropy", {"machine": m, "args": vars(args) | {"out": str(args.out)}, "rows": rows}, md, args.out)
+
+
+if __name__ == "__main__":
+    main()
