@@ -10,6 +10,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,7 +95,9 @@ def measure_training(config: str, overrides: list[str], steps: int, warmup: int,
     """Optimizer steps of the configured model on random tokens: tokens/s (median step time after
     warmup) and peak memory (CUDA allocator peak, or this process's peak RSS on CPU)."""
     step, info = _training_step(config, overrides, device)
-    times = sorted(t for i, t in enumerate(step() for _ in range(warmup + steps)) if i >= warmup)
+    for _ in range(warmup):
+        step()
+    times = sorted(step() for _ in range(steps))
     step_s = times[len(times) // 2]
     tokens = info["batch"] * info["seq_len"]
     return {**info, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_mem_mb": _peak_mem(device) / 2**20}
@@ -137,6 +140,25 @@ def measure_training_paired(
         "relative_paired_range": [ratios[0], ratios[-1]],
         "peak_mem_mb": peak / 2**20,
     }
+
+
+def alternating_ms(runs: dict[str, Callable[[], float]], reps: int, warmup: int = 2) -> list[dict]:
+    """Times several methods rep by rep in turn (A, B, A, B, ...), so drift on a shared machine hits all
+    alike. Each callable runs one rep and returns its own time in ms (so it can leave set-up out).
+    Returns one row per method, in order: median `ms`, `min_ms`, and `speedup` over the first method."""
+    for run in [*runs.values()] * warmup:
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            times[name].append(run())
+    rows = []
+    for name, ts in times.items():
+        ts.sort()
+        rows.append({"method": name, "ms": ts[len(ts) // 2], "min_ms": ts[0]})
+    for r in rows:
+        r["speedup"] = rows[0]["ms"] / r["ms"]
+    return rows
 
 
 def measure_in_subprocess(

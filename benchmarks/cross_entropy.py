@@ -11,11 +11,12 @@ benchmarks/results/cross_entropy.{json,md}. It measures; it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, machine, md_table, results_dir, write_results
+from common import RESULTS, alternating_ms, machine, md_table, results_dir, write_results
 
 from launch.cross_entropy import cross_entropy_rows
 
@@ -44,18 +45,8 @@ def main() -> None:
             fn(logits).backward()
             return (time.perf_counter() - t0) * 1e3
 
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        for fn in [*methods.values()] * 2:  # warmup
-            run(fn)
-        for _ in range(args.reps):
-            for name, fn in methods.items():
-                times[name].append(run(fn))
-        first = None
-        for name, ts in times.items():
-            ts.sort()
-            ms = ts[len(ts) // 2]
-            first = first or ms
-            rows.append({"dtype": str(dtype).removeprefix("torch."), "method": name, "ms": ms, "min_ms": ts[0], "speedup": first / ms})
+        timed = alternating_ms({name: functools.partial(run, fn) for name, fn in methods.items()}, args.reps)
+        rows += [{"dtype": str(dtype).removeprefix("torch."), **r} for r in timed]
     m = machine()
     md = (
         "# Cross-entropy over the vocabulary: forward + backward\n\n"

@@ -17,10 +17,11 @@ Writes benchmarks/results/product_topk.{json,md}. It measures; it asserts nothin
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
-from common import RESULTS, machine, md_table, results_dir, write_results
+from common import RESULTS, alternating_ms, machine, md_table, results_dir, write_results
 from memory_lookup import timeit
 
 from memlayers.key_search import product_key_topk_op
@@ -57,19 +58,7 @@ def search_with_backward(args) -> list[dict]:
         route(q, keys, k).backward(grad)
         return (time.perf_counter() - t0) * 1e3
 
-    times: dict[str, list[float]] = {name: [] for name in routes}
-    for route in [*routes.values()] * 2:  # warmup
-        run(route)
-    for _ in range(args.reps):  # alternating, so drift on a shared machine hits both alike
-        for name, route in routes.items():
-            times[name].append(run(route))
-    rows = []
-    for name, ts in times.items():
-        ts.sort()
-        rows.append({"method": name, "ms": ts[len(ts) // 2], "min_ms": ts[0]})
-    for r in rows:
-        r["speedup"] = rows[0]["ms"] / r["ms"]
-    return rows
+    return alternating_ms({name: functools.partial(run, route) for name, route in routes.items()}, args.reps)
 
 
 def main() -> None:
