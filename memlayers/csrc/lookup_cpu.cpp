@@ -597,6 +597,18 @@ RowSegments segment_rows(const Tensor& indices) {
 // row is written or read back). Fused, a row not yet caught up to step target-1 is first caught
 // up as a read would (and rounded to the storage dtype as that write would), the gradient is rounded
 // to the table's dtype as the unfused gradient tensor is, and the row's state is stored once.
+//
+// The reads' weights and weight gradients are used in row order, i.e. at random positions of the
+// (B, K) tensors (2 MB each at 4096 x 128, past L2). Inside the row loop, whose state rows already
+// keep the memory system busy, those scattered loads and read-modify-writes (one per column block)
+// stalled it: so the weights are first gathered into row order and the weight gradients are summed
+// in row order, then scattered back, each in a separate independent pass. The bag-gradient rows of
+// the row kGradPrefetch unique rows ahead are prefetched (random rows of a (B, D) tensor larger than
+// L2). Measured on the fused step (1M x 256 fp32 table, 4096 x 128 uniform reads, the two builds
+// alternating in one process, median of 55 pairs): the gather/scatter 1.06x and 1.13x in two runs,
+// the prefetch another 1.06-1.07x (8 and 16 rows ahead alike). Same sums in the same order: the
+// results are bit-identical.
+constexpr int64_t kGradPrefetch = 8;
 template <typename scalar_t, bool kFuseAdam, typename Rounding = Nearest>
 void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Tensor& grad_out, const int64_t K,
                           const RowSegments& seg, bool need_gw, bool dense, Tensor& grad_rows, Tensor& gw,
@@ -615,6 +627,14 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
   scalar_t* Mp = kFuseAdam ? exp_avg->mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* Vp = kFuseAdam ? exp_avg_sq->mutable_data_ptr<scalar_t>() : nullptr;
   int64_t* RS = kFuseAdam ? row_step->mutable_data_ptr<int64_t>() : nullptr;
+  // Weights and weight gradients in row order (entry e belongs to read Pm[e]).
+  const int64_t n_reads = seg.seg_start.back();
+  std::vector<float> w_sorted(static_cast<size_t>(n_reads)), gw_sorted(need_gw ? static_cast<size_t>(n_reads) : 0);
+  float* WS = w_sorted.data();
+  float* GWS = gw_sorted.data();
+  at::parallel_for(0, n_reads, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) WS[e] = W[Pm[e]];
+  });
   at::parallel_for(0, U, kGrain, [&](int64_t u0, int64_t u1) {
     float p[kCB], m[kCB], v[kCB], acc[kCB];
     for (int64_t u = u0; u < u1; ++u) {
@@ -624,6 +644,9 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
         if (u + kStatePrefetch < u1) prefetch_state_row(Pp, Mp, Vp, S[SS[u + kStatePrefetch]], D);
       } else if (need_gw && u + kPrefetchAhead < u1) {
         prefetch_row(Pp + S[SS[u + kPrefetchAhead]] * D, D);
+      }
+      if (u + kGradPrefetch < u1) {
+        for (int64_t e = SS[u + kGradPrefetch]; e < SS[u + kGradPrefetch + 1]; ++e) prefetch_row(G + (Pm[e] / K) * D, D);
       }
       CatchUp plan{};
       RowRnd<Rounding> at_read{}, at_step{};
@@ -653,10 +676,10 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
         for (int64_t e = e0; e < e1; ++e) {
           const int64_t pos = Pm[e];
           const float* __restrict__ g = G + (pos / K) * D + col;
-          const float wt = W[pos];
+          const float wt = WS[e];
           if (need_gw) {
             const float dot = dot_block(g, p, w);
-            GW[pos] = col == 0 ? dot : GW[pos] + dot;
+            GWS[e] = col == 0 ? dot : GWS[e] + dot;
           }
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) acc[j] += wt * g[j];
@@ -690,6 +713,11 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
       if constexpr (kFuseAdam) RS[r] = target;
     }
   });
+  if (need_gw) {
+    at::parallel_for(0, n_reads, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) GW[Pm[e]] = GWS[e];
+    });
+  }
 }
 
 void check_backward_inputs(const Tensor& values, const Tensor& indices, const Tensor& weights, const Tensor& grad_out) {

@@ -41,6 +41,11 @@ def test_quick_benchmark_writes_expected_fields(tmp_path):
     assert "Load average at start" in md and "RowSparseAdam" in md
     floor = next(r for m, r in steps.items() if m.startswith("floor:"))
     assert floor["value_step"]["ms"] > 0 and floor["unique_rows_per_step"] > 0 and floor["copy_gbps"] > 0
+    (paired,) = report["value_step_paired"]
+    assert paired["pairs"] == 12 and paired["stock_ms"] > 0 and paired["ours_ms"] > 0
+    lo, hi = paired["speedup_range"]
+    assert lo <= paired["speedup_median"] <= hi
+    assert "## Value step, paired" in md
 
 
 def test_product_topk_benchmark_runs_and_writes_its_table(tmp_path):
