@@ -48,6 +48,25 @@ def test_quick_benchmark_writes_expected_fields(tmp_path):
     assert "## Value step, paired" in md
 
 
+def test_row_traffic_benchmark_runs_and_writes_its_table(tmp_path):
+    from memlayers.lookup_cpu import native_available
+
+    if not native_available():
+        pytest.skip("C++ extension did not build")
+    script = BENCH.parent / "row_traffic.py"
+    args = ["--rows", "4096", "--dim", "40", "--bags", "64", "--slots", "16", "--reps", "2", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                          cwd=BENCH.parents[1])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "row_traffic.json").read_text())
+    assert [r["method"].split(",")[0] for r in report["rows"]] == [
+        "state read-modify-write", "state read-modify-write", "catch-up kernel", "fused backward + update kernel"
+    ]  # fmt: skip
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in report["rows"])
+    assert 0 < report["unique_rows"] <= 4096
+    assert "GB/s of state traffic" in (tmp_path / "row_traffic.md").read_text()
+
+
 def test_product_topk_benchmark_runs_and_writes_its_table(tmp_path):
     from memlayers.lookup_cpu import native_available
 
