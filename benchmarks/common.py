@@ -179,6 +179,17 @@ def measure_in_subprocess(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def native_ops_or_exit(script: str):
+    """The C++ kernels (`torch.ops.memlayers_cpu`), or exit with a message: for benchmarks that compare
+    them and have nothing to measure without them."""
+    from memlayers.lookup_cpu import native_ops
+
+    ops = native_ops()
+    if ops is None:
+        raise SystemExit(f"{script}: the C++ extension did not build (memlayers.lookup_cpu.native_ops() is None)")
+    return ops
+
+
 def results_dir(value: str) -> Path:
     """argparse type of --out: a folder (NAME.json and NAME.md are written inside it). Checked when the
     arguments are parsed, so a file path fails at once instead of after minutes of measuring."""

@@ -483,6 +483,20 @@ def add_speedups(lookups: list[dict], steps: list[dict]) -> None:
             rec["speedup_vs_best_stock_adam"] = round(min(stock) / rec["value_step"]["ms"], 2)
 
 
+def _md_rows(records: list[dict], n_cols: int, row: Callable[[dict, str], str]) -> list[str]:
+    """One Markdown table row per record: `row(record, table)` when measured, else its skip reason
+    (after the method, when the record has one) padded to `n_cols` cells."""
+    lines = []
+    for r in records:
+        table = f"{r['rows']}x{r['dim']}"
+        if "skipped" not in r:
+            lines.append(row(r, table))
+            continue
+        cells = [table, *([r["method"]] if "method" in r else []), f"skipped: {r['skipped']}"]
+        lines.append("| " + " | ".join(cells + [""] * (n_cols - len(cells))) + " |")
+    return lines
+
+
 def write_markdown(report: dict, path: Path) -> None:
     m = report["machine"]
     lines = [
@@ -508,17 +522,16 @@ def write_markdown(report: dict, path: Path) -> None:
         "| table | method | fwd ms | fwd GB/s | fwd vs embedding_bag | fwd+bwd ms (min) | vs embedding_bag sparse | vs embedding_bag dense |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["lookup"]:
-        table = f"{r['rows']}x{r['dim']}"
-        if "skipped" in r:
-            lines.append(f"| {table} | {r['method']} | skipped: {r['skipped']} | | | | | |")
-            continue
-        fb = r["forward_backward"]
-        lines.append(
+    lines += _md_rows(
+        report["lookup"],
+        8,
+        lambda r, table: (
             f"| {table} | {r['method']} | {r['forward']['ms']:.1f} | {r.get('forward_gbps', '-')} | "
-            f"{r.get('fwd_speedup_vs_eb', '-')}x | {fb['ms']:.1f} ({fb['ms_min']:.1f}) | "
+            f"{r.get('fwd_speedup_vs_eb', '-')}x | {r['forward_backward']['ms']:.1f} "
+            f"({r['forward_backward']['ms_min']:.1f}) | "
             f"{r.get('speedup_vs_eb_sparse', '-')}x | {r.get('speedup_vs_eb_dense', '-')}x |"
-        )
+        ),
+    )
     lines += [
         "",
         "## Value step: forward + backward + optimizer update of the table",
@@ -526,15 +539,14 @@ def write_markdown(report: dict, path: Path) -> None:
         "| table | method | ms (min) | vs best stock Adam-family |",
         "|---|---|---|---|",
     ]
-    for r in report["value_step"]:
-        table = f"{r['rows']}x{r['dim']}"
-        if "skipped" in r:
-            lines.append(f"| {table} | {r['method']} | skipped: {r['skipped']} | |")
-            continue
-        vs = r["value_step"]
-        lines.append(
-            f"| {table} | {r['method']} | {vs['ms']:.1f} ({vs['ms_min']:.1f}) | {r.get('speedup_vs_best_stock_adam', '-')}x |"
-        )
+    lines += _md_rows(
+        report["value_step"],
+        4,
+        lambda r, table: (
+            f"| {table} | {r['method']} | {r['value_step']['ms']:.1f} ({r['value_step']['ms_min']:.1f}) | "
+            f"{r.get('speedup_vs_best_stock_adam', '-')}x |"
+        ),
+    )
     if report.get("value_step_paired"):
         lines += [
             "",
@@ -547,16 +559,14 @@ def write_markdown(report: dict, path: Path) -> None:
             "| table | stock ms | ours ms | speed-up, median of pairs | pairs (range) |",
             "|---|---|---|---|---|",
         ]
-        for r in report["value_step_paired"]:
-            table = f"{r['rows']}x{r['dim']}"
-            if "skipped" in r:
-                lines.append(f"| {table} | skipped: {r['skipped']} | | | |")
-                continue
-            lo, hi = r["speedup_range"]
-            lines.append(
+        lines += _md_rows(
+            report["value_step_paired"],
+            5,
+            lambda r, table: (
                 f"| {table} | {r['stock_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup_median']:.2f}x | "
-                f"{r['pairs']} ({lo:.2f}-{hi:.2f}) |"
-            )
+                f"{r['pairs']} ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) |"
+            ),
+        )
     lines += [
         "",
         "Best stock Adam-family = the fastest of embedding_bag + AdamW (single-tensor / foreach / fused) and "

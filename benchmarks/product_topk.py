@@ -21,11 +21,11 @@ import functools
 import time
 
 import torch
-from common import RESULTS, alternating_ms, machine, md_table, results_dir, write_results
+from common import RESULTS, alternating_ms, machine, md_table, native_ops_or_exit, results_dir, write_results
 from memory_lookup import timeit
 
 from memlayers.key_search import product_key_topk_op
-from memlayers.lookup_cpu import native_ops, product_topk_op
+from memlayers.lookup_cpu import product_topk_op
 
 
 def stock_search(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,9 +71,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", type=results_dir, default=RESULTS)
     args = ap.parse_args()
-    ops = native_ops()
-    if ops is None:
-        raise SystemExit("product_topk.py: the C++ extension did not build; nothing to compare")
+    ops = native_ops_or_exit("product_topk.py")
     scores = torch.randn(args.tokens * args.heads, 2, args.n_keys, generator=torch.Generator().manual_seed(0))
     k = args.knn
     cases = {

@@ -21,11 +21,11 @@ import argparse
 import time
 
 import torch
-from common import RESULTS, alternating_ms, machine, md_table, results_dir, write_results
+from common import RESULTS, alternating_ms, machine, md_table, native_ops_or_exit, results_dir, write_results
 from torch.utils.cpp_extension import load_inline
 
 from memlayers.hugepages import empty_huge_like
-from memlayers.lookup_cpu import _isa_flags, native_ops
+from memlayers.lookup_cpu import _isa_flags
 from memlayers.row_sparse_adam import replay_horizon, step_table
 
 _RMW_SRC = r"""
@@ -77,9 +77,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--out", type=results_dir, default=RESULTS)
     args = ap.parse_args()
-    ops = native_ops()
-    if ops is None:
-        raise SystemExit("row_traffic.py needs the C++ extension (memlayers.lookup_cpu.native_ops() is None)")
+    ops = native_ops_or_exit("row_traffic.py")
     _, isa_flags = _isa_flags()
     rmw = load_inline(
         "memlayers_row_traffic", cpp_sources=_RMW_SRC, functions=["rmw_rows"],
