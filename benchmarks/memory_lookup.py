@@ -329,46 +329,94 @@ def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]
 PAIRED_VALUE_STEP = ("embedding_bag + AdamW (fused)", "lookup_cpu + RowSparseAdam fused into the backward")
 
 
+def paired_ms(stock: Callable[[], None], ours: Callable[[], None], reps: int, warmup: int) -> dict:
+    """Time `stock` and `ours` alternately (which goes first alternates too); the speed-up is the median of
+    the per-pair ratios stock/ours, so the machine's drift between reps hits both alike."""
+
+    def timed(fn) -> float:
+        t0 = CLOCK["fn"]()
+        fn()
+        return (CLOCK["fn"]() - t0) * 1e3
+
+    for _ in range(warmup):
+        stock(), ours()
+    times: dict[str, list[float]] = {"stock": [], "ours": []}
+    for i in range(reps):
+        for name in ("stock", "ours") if i % 2 == 0 else ("ours", "stock"):
+            times[name].append(timed(stock if name == "stock" else ours))
+    ratios = sorted(a / b for a, b in zip(times["stock"], times["ours"]))
+    return {
+        "stock_ms": round(statistics.median(times["stock"]), 1),
+        "ours_ms": round(statistics.median(times["ours"]), 1),
+        "speedup_median": round(statistics.median(ratios), 2),
+        "speedup_range": [round(ratios[0], 2), round(ratios[-1], 2)],
+        "pairs": len(ratios),
+    }
+
+
+def _print_paired(rec: dict) -> None:
+    print(
+        f"{rec['rows']}x{rec['dim']} paired {rec['what']}: stock {rec['stock_ms']} ms, ours {rec['ours_ms']} ms, "
+        f"speed-up {rec['speedup_median']}x (pairs {rec['speedup_range'][0]}-{rec['speedup_range'][1]})",
+        flush=True,
+    )
+
+
+# The lookup's headline comparisons, paired: embedding_bag with a sparse gradient (the fastest stock
+# backward; its forward is the dense-gradient one's) against our C++ kernels.
+PAIRED_LOOKUP = ("embedding_bag (sparse grad)", "lookup_cpu C++ (sparse grad)")
+
+
+def bench_lookup_paired(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]:
+    base = {"rows": rows, "dim": dim, "bags": bags, "slots": slots, "methods": list(PAIRED_LOOKUP)}
+    if 3 * rows * dim * 4 / GB > max_gb or native_ops() is None:
+        return [base | {"what": what, "skipped": "exceeds --max-gb or no C++ extension"} for what in ("forward", "forward + backward")]
+    indices, weights, grad_out = make_inputs(rows, bags, slots, dim)
+    values = table(torch.randn(rows, dim)).requires_grad_()
+    w = weights.clone().requires_grad_()
+    methods = lookup_methods("cpu")
+    stock, ours = (methods[name][0] for name in PAIRED_LOOKUP)
+
+    def forward(fn):
+        def run():
+            with torch.no_grad():
+                fn(values, indices, w)
+
+        return run
+
+    def forward_backward(fn):
+        def run():
+            values.grad = w.grad = None
+            fn(values, indices, w).backward(grad_out)
+
+        return run
+
+    out = []
+    for what, wrap in (("forward", forward), ("forward + backward", forward_backward)):
+        rec = base | {"what": what} | paired_ms(wrap(stock), wrap(ours), reps, warmup)
+        _print_paired(rec)
+        out.append(rec)
+    values.grad = w.grad = None
+    return out
+
+
+# The headline comparison of the value step, paired: stock's best (fused AdamW) against ours at equal
+# quality (RowSparseAdam fused into the backward).
+PAIRED_VALUE_STEP = ("embedding_bag + AdamW (fused)", "lookup_cpu + RowSparseAdam fused into the backward")
+
+
 def bench_value_step_paired(rows, dim, bags, slots, reps, warmup, max_gb) -> dict:
     cases = value_step_cases()
-    rec = {"rows": rows, "dim": dim, "bags": bags, "slots": slots, "methods": list(PAIRED_VALUE_STEP)}
+    rec = {"rows": rows, "dim": dim, "bags": bags, "slots": slots, "methods": list(PAIRED_VALUE_STEP),
+           "what": "value step"}  # fmt: skip
     need = sum(cases[name]["mem"] for name in PAIRED_VALUE_STEP) * rows * dim * 4 / GB
     if need > max_gb:
         rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
         return rec
     batches, weights, grad_out = value_step_batches(rows, bags, slots, dim)
-    steps = {name: make_value_step(cases[name], rows, dim, batches, weights, grad_out) for name in PAIRED_VALUE_STEP}
-
-    def timed(step):
-        def run() -> float:
-            t0 = CLOCK["fn"]()
-            step()
-            return (CLOCK["fn"]() - t0) * 1e3
-
-        return run
-
-    times = {name: [] for name in steps}
-    runs = {name: timed(step) for name, step in steps.items()}
-    for run in [*runs.values()] * warmup:
-        run()
-    for i in range(reps):
-        order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # alternate which goes first
-        for name in order:
-            times[name].append(runs[name]())
-    stock, ours = (times[name] for name in PAIRED_VALUE_STEP)
-    ratios = sorted(a / b for a, b in zip(stock, ours))
-    rec.update(
-        stock_ms=round(statistics.median(stock), 1),
-        ours_ms=round(statistics.median(ours), 1),
-        speedup_median=round(statistics.median(ratios), 2),
-        speedup_range=[round(ratios[0], 2), round(ratios[-1], 2)],
-        pairs=len(ratios),
-    )
-    print(
-        f"{rows}x{dim} paired value step: stock {rec['stock_ms']} ms, ours {rec['ours_ms']} ms, "
-        f"speed-up {rec['speedup_median']}x (pairs {rec['speedup_range'][0]}-{rec['speedup_range'][1]})",
-        flush=True,
-    )
+    stock, ours = (make_value_step(cases[name], rows, dim, batches, weights, grad_out) for name in PAIRED_VALUE_STEP)
+    rec.update(paired_ms(stock, ours, reps, warmup))
+    _print_paired(rec)
     return rec
 
 
@@ -547,23 +595,25 @@ def write_markdown(report: dict, path: Path) -> None:
             f"{r.get('speedup_vs_best_stock_adam', '-')}x |"
         ),
     )
-    if report.get("value_step_paired"):
+    paired = report.get("lookup_paired", []) + report.get("value_step_paired", [])
+    if paired:
         lines += [
             "",
-            "## Value step, paired",
+            "## Paired",
             "",
-            f"`{PAIRED_VALUE_STEP[0]}` and `{PAIRED_VALUE_STEP[1]}` stepping alternately in one process (which "
-            "goes first alternates too); the speed-up is the median of the per-pair ratios. The unpaired table "
-            "above times each method on its own, minutes apart.",
+            f"Stock and ours alternating in one process (which goes first alternates too); the speed-up is the median "
+            f"of the per-pair ratios. Forward and forward + backward: `{PAIRED_LOOKUP[0]}` (its forward is the "
+            f"dense-gradient one's) vs `{PAIRED_LOOKUP[1]}`; value step: `{PAIRED_VALUE_STEP[0]}` vs "
+            f"`{PAIRED_VALUE_STEP[1]}`. The tables above time each method on its own, minutes apart.",
             "",
-            "| table | stock ms | ours ms | speed-up, median of pairs | pairs (range) |",
-            "|---|---|---|---|---|",
+            "| table | what | stock ms | ours ms | speed-up, median of pairs | pairs (range) |",
+            "|---|---|---|---|---|---|",
         ]
         lines += _md_rows(
-            report["value_step_paired"],
-            5,
+            [r | {"method": r["what"]} for r in paired],
+            6,
             lambda r, table: (
-                f"| {table} | {r['stock_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup_median']:.2f}x | "
+                f"| {table} | {r['what']} | {r['stock_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup_median']:.2f}x | "
                 f"{r['pairs']} ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) |"
             ),
         )
@@ -596,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--skip-value-step", action="store_true")
     ap.add_argument(
-        "--paired-reps", type=int, default=12, help="pairs of the paired value step (0: --reps)"
+        "--paired-reps", type=int, default=12, help="pairs of each paired measurement (0: --reps)"
     )
     ap.add_argument(
         "--devices",
@@ -640,6 +690,7 @@ def main(argv: list[str] | None = None) -> dict:
         "native": native,
         "lookup": [],
         "value_step": [],
+        "lookup_paired": [],
         "value_step_paired": [],
     }
     devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
@@ -648,6 +699,11 @@ def main(argv: list[str] | None = None) -> dict:
             report["lookup"] += bench_lookup(
                 args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb, device
             )
+        if "cpu" in devices:
+            report["lookup_paired"] += bench_lookup_paired(
+                args.rows, dim, args.bags, args.slots, args.paired_reps or args.reps, args.warmup, args.max_gb
+            )
+            gc.collect()
         if not args.skip_value_step and "cpu" in devices:
             report["value_step"] += bench_value_step(
                 args.rows, dim, args.bags, args.slots, args.reps, args.warmup, args.max_gb

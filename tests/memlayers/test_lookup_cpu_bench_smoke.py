@@ -41,11 +41,13 @@ def test_quick_benchmark_writes_expected_fields(tmp_path):
     assert "Load average at start" in md and "RowSparseAdam" in md
     floor = next(r for m, r in steps.items() if m.startswith("floor:"))
     assert floor["value_step"]["ms"] > 0 and floor["unique_rows_per_step"] > 0 and floor["copy_gbps"] > 0
-    (paired,) = report["value_step_paired"]
-    assert paired["pairs"] == 12 and paired["stock_ms"] > 0 and paired["ours_ms"] > 0
-    lo, hi = paired["speedup_range"]
-    assert lo <= paired["speedup_median"] <= hi
-    assert "## Value step, paired" in md
+    paired = report["lookup_paired"] + report["value_step_paired"]
+    assert [r["what"] for r in paired] == ["forward", "forward + backward", "value step"]
+    for rec in paired:
+        assert rec["pairs"] == 12 and rec["stock_ms"] > 0 and rec["ours_ms"] > 0
+        lo, hi = rec["speedup_range"]
+        assert lo <= rec["speedup_median"] <= hi
+    assert "## Paired" in md and "| forward + backward |" in md
 
 
 def test_row_traffic_benchmark_runs_and_writes_its_table(tmp_path):
