@@ -171,6 +171,24 @@ def _fbgemm_cuda_fn() -> Callable | None:
     return fn
 
 
+def lookup_calls(fn, values, indices, w, grad_out, sync=lambda: None) -> tuple[Callable, Callable]:
+    """One forward (no grad) and one forward + backward of lookup method `fn`, gradients reset each call."""
+
+    def fwd():
+        with torch.no_grad():
+            fn(values, indices, w)
+        sync()
+
+    def fwd_bwd():
+        values.grad = w.grad = None
+        for copy in _BF16.values():  # the bf16 table's own gradient must not accumulate across reps
+            copy.grad = None
+        fn(values, indices, w).backward(grad_out)
+        sync()
+
+    return fwd, fwd_bwd
+
+
 def bench_lookup(rows, dim, bags, slots, reps, warmup, max_gb, device) -> list[dict]:
     indices, weights, grad_out = make_inputs(rows, bags, slots, dim)
     indices, weights, grad_out = indices.to(device), weights.to(device), grad_out.to(device)
@@ -190,19 +208,7 @@ def bench_lookup(rows, dim, bags, slots, reps, warmup, max_gb, device) -> list[d
         elif name.startswith("lookup_cpu C++") and native_ops() is None:
             rec["skipped"] = "C++ extension unavailable"
         else:
-
-            def fwd(fn=fn):
-                with torch.no_grad():
-                    fn(values, indices, w)
-                sync()
-
-            def fwd_bwd(fn=fn):
-                values.grad = w.grad = None
-                for copy in _BF16.values():  # the bf16 table's own gradient must not accumulate across reps
-                    copy.grad = None
-                fn(values, indices, w).backward(grad_out)
-                sync()
-
+            fwd, fwd_bwd = lookup_calls(fn, values, indices, w, grad_out, sync)
             rec["forward"] = timeit(fwd, warmup, reps)
             rec["forward_gbps"] = read_gbps(rec)
             rec["forward_backward"] = timeit(fwd_bwd, warmup, reps)
@@ -323,12 +329,6 @@ def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]
     return results
 
 
-# The headline comparison of the value step, measured paired: stock's best (fused AdamW) and ours at
-# equal quality (RowSparseAdam fused into the backward) step alternately in one process, so the
-# machine's drift (10-25% between separate runs on a shared box) hits both alike.
-PAIRED_VALUE_STEP = ("embedding_bag + AdamW (fused)", "lookup_cpu + RowSparseAdam fused into the backward")
-
-
 def paired_ms(stock: Callable[[], None], ours: Callable[[], None], reps: int, warmup: int) -> dict:
     """Time `stock` and `ours` alternately (which goes first alternates too); the speed-up is the median of
     the per-pair ratios stock/ours, so the machine's drift between reps hits both alike."""
@@ -375,25 +375,10 @@ def bench_lookup_paired(rows, dim, bags, slots, reps, warmup, max_gb) -> list[di
     values = table(torch.randn(rows, dim)).requires_grad_()
     w = weights.clone().requires_grad_()
     methods = lookup_methods("cpu")
-    stock, ours = (methods[name][0] for name in PAIRED_LOOKUP)
-
-    def forward(fn):
-        def run():
-            with torch.no_grad():
-                fn(values, indices, w)
-
-        return run
-
-    def forward_backward(fn):
-        def run():
-            values.grad = w.grad = None
-            fn(values, indices, w).backward(grad_out)
-
-        return run
-
+    stock, ours = (lookup_calls(methods[name][0], values, indices, w, grad_out) for name in PAIRED_LOOKUP)
     out = []
-    for what, wrap in (("forward", forward), ("forward + backward", forward_backward)):
-        rec = base | {"what": what} | paired_ms(wrap(stock), wrap(ours), reps, warmup)
+    for i, what in enumerate(("forward", "forward + backward")):
+        rec = base | {"what": what} | paired_ms(stock[i], ours[i], reps, warmup)
         _print_paired(rec)
         out.append(rec)
     values.grad = w.grad = None
