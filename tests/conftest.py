@@ -45,6 +45,26 @@ def run_module(module: str, *args: str, env: dict | None = None, nproc: int = 1,
     return proc
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "requires_native: needs the C++ CPU kernels (memlayers_cpu); skipped when they did not build, "
+        "failed instead when MEMSCALE_REQUIRE_NATIVE=1 (CI sets it, so a compile error cannot hide as skips)",
+    )
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("requires_native") is None:
+        return
+    from memlayers.lookup_cpu import native_available
+
+    if native_available():
+        return
+    if os.environ.get("MEMSCALE_REQUIRE_NATIVE", "0") not in ("", "0"):
+        pytest.fail("MEMSCALE_REQUIRE_NATIVE=1 but the C++ extension did not build (memlayers native_ops() is None)")
+    pytest.skip("C++ extension did not build")
+
+
 @pytest.fixture
 def run():
     return run_module
