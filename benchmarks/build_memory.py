@@ -26,10 +26,10 @@ def rank_run(P: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from launch.build import build_model
+    from launch.models.build import build_model
     from launch.config import load_config
-    from launch.distributed import init_distributed
-    from launch.parallelize import build_layout, materialize, parallelize
+    from launch.distributed.process_group import init_distributed
+    from launch.distributed.parallelize import build_layout, materialize, parallelize
 
     cfg = load_config([*OVERRIDES, f"parallel.memory={P}"])
     info = init_distributed("cpu", "gloo")

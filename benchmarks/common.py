@@ -46,10 +46,10 @@ def machine() -> dict:
 
 def _training_step(config: str, overrides: list[str], device: str):
     """Build the configured model and its optimizers; returns (one optimizer step on random tokens, info)."""
-    from launch.build import active_params, build_model
+    from launch.models.build import active_params, build_model
     from launch.config import load_config, validate
-    from launch.optim import build_optimizers
-    from launch.validation import cross_entropy
+    from launch.train.optim import build_optimizers
+    from launch.train.validation import cross_entropy
 
     cfg = load_config([f"config={config}", *overrides])
     validate(cfg)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from common import RESULTS, alternating_ms, machine, md_table, results_dir, write_results
 
-from launch.cross_entropy import cross_entropy_rows
+from launch.train.loss import cross_entropy_rows
 
 
 def main() -> None:

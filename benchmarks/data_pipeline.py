@@ -140,7 +140,7 @@ def tokenize(corpus: Path, out: Path, tok: Path, workers: int, env: dict) -> tup
 
 def make_corpus(work: Path, copies: int) -> Path:
     """The training plays `copies` times over, as hard links."""
-    from launch.corpus import shakespeare_files
+    from launch.data.corpus import shakespeare_files
 
     out = work / f"corpus_{copies}"
     if out.is_dir():
@@ -159,8 +159,8 @@ def make_corpus(work: Path, copies: int) -> Path:
 
 
 def make_tokenizer(work: Path) -> Path:
-    from launch.data import load_documents
-    from launch.tokenizer import train_tokenizer
+    from launch.data.stream import load_documents
+    from launch.data.tokenizer import train_tokenizer
 
     path = work / "tokenizer.model"
     if not path.is_file():
@@ -310,9 +310,9 @@ def measure_build(work: Path, tok: Path, copies: int, env: dict) -> dict:
 import json, resource, time
 from pathlib import Path
 from launch.config import load_config
-from launch.data import BatchStream, build_datasets
-from launch.distributed import DistInfo
-from launch.tokenizer import Tokenizer
+from launch.data.stream import BatchStream, build_datasets
+from launch.distributed.process_group import DistInfo
+from launch.data.tokenizer import Tokenizer
 def rss():
     return int(next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmRSS:')).split()[1]) / 1024
 cfg = load_config(['config=configs/tiny.yaml', 'model.vocab_size=8192', 'data.tokenizer={tok}',

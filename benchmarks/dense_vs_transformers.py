@@ -39,11 +39,11 @@ ARMS = [
 
 def measure(config: str, impl: str, mode: str, dtype: str, steps: int, warmup: int) -> dict:
     """One arm, in this process."""
-    from launch.build import build_model
+    from launch.models.build import build_model
     from launch.config import load_config, validate
-    from launch.hf.llama import hf_config
-    from launch.parallelize import apply_compile
-    from launch.validation import cross_entropy
+    from launch.convert.llama import hf_config
+    from launch.distributed.parallelize import apply_compile
+    from launch.train.validation import cross_entropy
 
     cfg = load_config([f"config={config}"])
     validate(cfg)

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.sweeps.spec import load_sweep  # noqa: E402
+from launch.sweep.spec import load_sweep  # noqa: E402
 
 
 def read_jsonl(path: Path) -> list[dict]:

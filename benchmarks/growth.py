@@ -85,7 +85,7 @@ def train(run_dir: Path, config: Path, *overrides: str, threads: int | None = No
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    from launch.metrics import read_metrics
+    from launch.train.metrics import read_metrics
 
     return [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
 
@@ -102,7 +102,7 @@ def seed_cache(src_run: Path, run_dir: Path) -> None:
 
 def quick_corpus(work: Path) -> list[str]:
     """--quick: a slice of the bundled plays as local files, so tokenising takes no time."""
-    from launch.data import load_documents
+    from launch.data.stream import load_documents
 
     paths = []
     for split, chars in (("train", 150_000), ("val", 20_000)):
@@ -207,7 +207,7 @@ def run_experiment(quick: bool, out: Path, work: Path, jobs: int, tune: dict | N
 
     from launch.config import GrowConfig
     from launch.grow import grow_checkpoint
-    from launch.inference import load_checkpoint
+    from launch.checkpoint.load import load_checkpoint
 
     spec = dict(QUICK if quick else FULL)
     spec.update({k: v for k, v in (tune or {}).items() if v is not None})
@@ -294,10 +294,10 @@ def evaluate_at_growth(ckpt: Path, common: list[str], cache: Path) -> float:
     import torch
 
     from launch.config import load_config
-    from launch.data import PackedSequences, tokenize_source
-    from launch.distributed import DistInfo
-    from launch.inference import load_checkpoint
-    from launch.validation import evaluate_loss
+    from launch.data.stream import PackedSequences, tokenize_source
+    from launch.distributed.process_group import DistInfo
+    from launch.checkpoint.load import load_checkpoint
+    from launch.train.validation import evaluate_loss
 
     loaded = load_checkpoint(ckpt)
     cfg = load_config([f"config={ckpt}/config.yaml", *[o for o in common if o.startswith("data.")]])

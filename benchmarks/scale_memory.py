@@ -43,8 +43,8 @@ GB = 1e9
 
 def rank_main(out: Path, argv: list[str]) -> None:
     """One rank: launch.train with the checkpointer timed; writes {rank, rss, seconds} to `out`."""
-    from launch import checkpointer as ck
-    from launch import train
+    from launch.checkpoint import checkpointer as ck
+    from launch.train import trainer as train
 
     timings = {"save_s": 0.0, "save_blocking_s": 0.0, "wait_s": 0.0, "load_s": 0.0}
 
@@ -82,7 +82,7 @@ def launch(nproc: int, out: Path, args: list[str]) -> list[dict]:
 
 def checkpoint_bytes(step_dir: Path, nproc: int) -> tuple[list[int], int]:
     """(bytes each rank wrote, logical bytes of the saved state from the metadata)."""
-    from launch.dcp_reader import read_metadata_file, tensor_entries
+    from launch.checkpoint.safe_metadata import read_metadata_file, tensor_entries
 
     per_rank = [sum(p.stat().st_size for p in (step_dir / "state").glob(f"__{r}_*.distcp")) for r in range(nproc)]
     import torch
@@ -94,7 +94,7 @@ def checkpoint_bytes(step_dir: Path, nproc: int) -> tuple[list[int], int]:
 
 def planned(nproc: int) -> int:
     from launch.config import load_config
-    from launch.plan import plan
+    from launch.distributed import plan
 
     cfg = load_config([*MODEL, f"parallel.memory={nproc}", "parallel.data=fsdp"])
     return plan(cfg, nproc)["per_rank_total_bytes"]

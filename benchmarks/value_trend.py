@@ -34,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from launch.sweeps.spec import load_sweep  # noqa: E402
-from launch.sweeps.summary import mean_std  # noqa: E402
+from launch.sweep.spec import load_sweep  # noqa: E402
+from launch.sweep.summary import mean_std  # noqa: E402
 
 
 def ols_slope(xs: list[float], ys: list[float]) -> float:

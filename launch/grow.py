@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch import checkpoint as ckpt
-from launch.checkpointer import read_trainer_state, write_model_checkpoint
+from launch.checkpoint import format as ckpt
+from launch.checkpoint.checkpointer import read_trainer_state, write_model_checkpoint
+from launch.checkpoint.load import LoadedCheckpoint, load_checkpoint
 from launch.config import Config, GrowConfig, load_config, to_yaml
-from launch.errors import ConfigError, UserError, run_cli
-from launch.inference import LoadedCheckpoint, load_checkpoint
-from launch.model import Transformer
-from launch.outputs import check_output_dir
+from launch.models.llama import Transformer
+from launch.runtime.errors import ConfigError, UserError, run_cli
+from launch.runtime.outputs import check_output_dir
 
 # GrowConfig fields that are strategy keyword options (passed only to strategies that accept them).
 STRATEGY_OPTIONS = ("untie_norms", "adapter_alpha", "every", "zero_init", "freeze_original", "m")

@@ -1,7 +1,2 @@
-"""The QA evaluation suite behind `python -m launch.eval`.
-
-One file per concept: `tasks` (the format registry and task specs), `metrics` (SQuAD-style
-answer normalisation, exact match, F1), `scoring` (batched log-likelihoods and rolling
-perplexity windows), `suite` (run tasks, write results) and `harness` (the lm-evaluation-harness
-adapter, needs the `[eval]` extra). Generation lives in `launch.generate`.
-"""
+"""Former home of the evaluation suite, now `launch.eval`. Kept so `import launch.evaluation.harness`
+(lm-eval's `--include_path` / registry users) keeps working."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.errors import run_cli
+from launch.runtime.errors import run_cli
 
 
 def cli_error(capsys, main, argv: list[str], *culprits: str) -> str:

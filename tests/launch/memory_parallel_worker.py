@@ -144,10 +144,10 @@ def check_lookup(P: int) -> None:
 def check_init(P: int, T: int = 1, data: str = "fsdp") -> None:
     """Meta build + layout + materialise: every rank's shards are exact slices of the 1-process init
     (bit for bit), for every tensor, and each rank allocated only its shards of the values."""
-    from launch.build import build_model
     from launch.config import load_config
-    from launch.distributed import DistInfo
-    from launch.parallelize import build_layout, materialize, parallelize
+    from launch.distributed.parallelize import build_layout, materialize, parallelize
+    from launch.distributed.process_group import DistInfo
+    from launch.models.build import build_model
 
     cfg = load_config(
         ["config=configs/memory/tiny_memory.yaml", f"parallel.memory={P}", f"parallel.tensor={T}", f"parallel.data={data}",

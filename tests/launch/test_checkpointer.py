@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from launch import manifest
-from launch.build import build_model
-from launch.checkpointer import Checkpointer, read_model_state, read_plain_tensors
+from launch.checkpoint import manifest
+from launch.checkpoint.checkpointer import Checkpointer, read_model_state, read_plain_tensors
+from launch.checkpoint.safe_metadata import read_metadata_file
 from launch.config import config_from_file
-from launch.dcp_reader import read_metadata_file
-from launch.errors import TrainingError, UserError
+from launch.models.build import build_model
+from launch.runtime.errors import TrainingError, UserError
 
 from ..conftest import run_module  # noqa: TID252
 
@@ -254,7 +254,7 @@ def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path)
 
 
 def write_legacy(path: Path, model: nn.Module, opts) -> None:
-    from launch.checkpoint import save_model_file
+    from launch.checkpoint.format import save_model_file
 
     path.mkdir(parents=True)
     save_model_file(model, path / "model.safetensors")
@@ -332,7 +332,7 @@ def test_train_falls_back_past_a_damaged_checkpoint_and_refuses_non_finite(tmp_p
 
 
 def test_readers_check_the_manifest_before_trusting_the_config(tiny_checkpoint, tmp_path):
-    from launch.inference import load_checkpoint
+    from launch.checkpoint.load import load_checkpoint
 
     src = Checkpointer(tiny_checkpoint).latest_intact()
     ckpt = tmp_path / "step_20"

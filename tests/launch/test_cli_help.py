@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from launch.cli_help import help_text, key_rows
 from launch.config import Config, load_config
-from launch.errors import CliExit
+from launch.config.help import help_text, key_rows
+from launch.runtime.errors import CliExit
 from tests.conftest import TINY, run_module
 
 ENTRY_POINTS = [
@@ -84,10 +84,10 @@ def test_every_training_key_has_a_description():
 def _schema_keys(module: str) -> list[str]:
     schemas = {
         "launch.train": "launch.config:Config",
-        "launch.eval": "launch.eval:EvalArgs",
+        "launch.eval": "launch.eval.__main__:EvalArgs",
         "launch.grow": "launch.grow:GrowArgs",
-        "launch.convert": "launch.convert:ToHFArgs",
-        "launch.sweep": "launch.sweep:SweepArgs",
+        "launch.convert": "launch.convert.__main__:ToHFArgs",
+        "launch.sweep": "launch.sweep.__main__:SweepArgs",
         "launch.facts": "launch.facts:FactsArgs",
         "launch.tokenizer": "launch.tokenizer:TokenizerArgs",
     }

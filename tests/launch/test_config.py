@@ -1,7 +1,7 @@
 import pytest
 
 from launch.config import Config, load_config, validate
-from launch.errors import ConfigError
+from launch.runtime.errors import ConfigError
 
 
 def test_defaults_yaml_and_cli_precedence(tmp_path):

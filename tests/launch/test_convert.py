@@ -18,21 +18,21 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from launch.build import build_model  # noqa: E402
-from launch.checkpoint import resolve_checkpoint  # noqa: E402
+from launch.checkpoint.format import resolve_checkpoint  # noqa: E402
+from launch.checkpoint.load import load_checkpoint  # noqa: E402
 from launch.config import load_config  # noqa: E402
-from launch.errors import UserError  # noqa: E402
-from launch.generate import generate_ids  # noqa: E402
-from launch.hf import (  # noqa: E402
+from launch.convert import (  # noqa: E402
     export_checkpoint,
     export_model,
     import_hf,
     names,  # noqa: E402
 )
-from launch.hf.llama import memory_layout, write_checkpoint_dir  # noqa: E402
-from launch.hf.tokenizer import BYTE, CONTROL, UNKNOWN, read_sp_model  # noqa: E402
-from launch.inference import load_checkpoint  # noqa: E402
-from launch.model import apply_rope, rope_tables  # noqa: E402
+from launch.convert.llama import memory_layout, write_checkpoint_dir  # noqa: E402
+from launch.convert.tokenizer_json import BYTE, CONTROL, UNKNOWN, read_sp_model  # noqa: E402
+from launch.models.build import build_model  # noqa: E402
+from launch.models.generate import generate_ids  # noqa: E402
+from launch.models.llama import apply_rope, rope_tables  # noqa: E402
+from launch.runtime.errors import UserError  # noqa: E402
 from tests.conftest import REPO, TINY, run_module  # noqa: E402
 
 TOL = 1e-4
@@ -155,7 +155,7 @@ def test_sp_model_reader_agrees_with_sentencepiece(sp_path):
 
 
 def _sample_texts() -> list[str]:
-    from launch.data import load_documents
+    from launch.data.stream import load_documents
 
     fixed = [
         "", "\n", " ", "  two leading spaces", "Hello\n  world 123", "\n\nROMEO.\nWhat, ho!\n", "trailing  ",
@@ -173,8 +173,8 @@ def _sample_texts() -> list[str]:
 
 
 def test_exported_tokenizer_matches_sentencepiece_ids(sp_path, tmp_path):
-    from launch.hf.tokenizer import save_tokenizer
-    from launch.tokenizer import Tokenizer
+    from launch.convert.tokenizer_json import save_tokenizer
+    from launch.data.tokenizer import Tokenizer
 
     save_tokenizer(sp_path, tmp_path, model_max_length=64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))

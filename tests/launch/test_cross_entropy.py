@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch.cross_entropy import cross_entropy_rows
+from launch.train.loss import cross_entropy_rows
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from launch.corpus import VALIDATION_PLAYS, shakespeare_files
-from launch.data import BatchStream, PackedSequences, load_documents, resolve_files, tokenize_source
-from launch.errors import UserError
-from launch.tokenizer import Tokenizer, train_tokenizer
+from launch.data.corpus import VALIDATION_PLAYS, shakespeare_files
+from launch.data.stream import BatchStream, PackedSequences, load_documents, resolve_files, tokenize_source
+from launch.data.tokenizer import Tokenizer, train_tokenizer
+from launch.runtime.errors import UserError
 
 
 def stream(n_tokens=1000, seq=8, batch=8, rank=0, world=1, accum=1, seed=0):

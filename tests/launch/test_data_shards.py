@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from launch.config import Config
-from launch.data import BatchStream, MixedSequences, PackedSequences, build_datasets, tokenize_source
-from launch.distributed import DistInfo
-from launch.errors import UserError
-from launch.permutation import IndexPermutation
-from launch.shards import ShardError, TokenShards, dtype_for, open_shards
-from launch.sources import iter_documents, resolve_files
-from launch.tokenize import Inputs, ensure_shards, main, tokenize_files
-from launch.tokenizer import Tokenizer, train_tokenizer
+from launch.data.permutation import IndexPermutation
+from launch.data.shards import ShardError, TokenShards, dtype_for, open_shards
+from launch.data.sources import iter_documents, resolve_files
+from launch.data.stream import BatchStream, MixedSequences, PackedSequences, build_datasets, tokenize_source
+from launch.data.tokenize_corpus import Inputs, ensure_shards, tokenize_files
+from launch.data.tokenizer import Tokenizer, train_tokenizer
+from launch.distributed.process_group import DistInfo
+from launch.runtime.errors import UserError
+from launch.tokenize import main
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = [
@@ -359,7 +360,7 @@ def test_build_datasets_from_a_shard_directory_and_from_files_agree(tmp_path, co
 
 
 def test_trainer_reads_shards_made_by_launch_tokenize(tmp_path, run):
-    from launch.corpus import shakespeare_files
+    from launch.data.corpus import shakespeare_files
 
     text = tmp_path / "plays.txt"
     text.write_text("".join(p.read_text(encoding="utf-8")[:30000] for p in shakespeare_files("train")[:4]))

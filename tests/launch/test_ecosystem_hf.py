@@ -18,12 +18,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval adapter needs the [eval] extra")
 
-import launch.evaluation.harness  # noqa: E402,F401  (registers "memscale")
-from launch.build import build_model  # noqa: E402
+import launch.eval.harness  # noqa: E402,F401  (registers "memscale")
 from launch.config import load_config  # noqa: E402
-from launch.hf import export_checkpoint  # noqa: E402
-from launch.hf.llama import write_checkpoint_dir  # noqa: E402
-from launch.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from launch.convert.llama import (
+    export_checkpoint,  # noqa: E402
+    write_checkpoint_dir,  # noqa: E402
+)
+from launch.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from launch.models.build import build_model  # noqa: E402
 from tests.conftest import REPO, TINY  # noqa: E402
 from tests.launch.test_convert import randomise_query_norms  # noqa: E402
 
@@ -236,7 +238,7 @@ def test_exports_load_with_equal_logits_under_the_oldest_transformers(exports, s
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["version"].startswith("4."), got["version"]
     ours = Tokenizer(sp_path)
-    from launch.inference import load_checkpoint
+    from launch.checkpoint.load import load_checkpoint
 
     for kind, (ckpt, _) in exports.items():
         model = load_checkpoint(ckpt).model

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from launch.config import load_config
-from launch.metrics import MetricsLogger, ProgressReporter, read_metrics, tb_tag
+from launch.train.metrics import MetricsLogger, ProgressReporter, read_metrics, tb_tag
 from tests.conftest import TINY, run_module
 
 RECORDS = [
@@ -53,7 +53,7 @@ def test_progress_lines_when_not_a_terminal(tmp_path):
 
 def test_eta_counts_from_the_resumed_step(monkeypatch):
     clock = iter([0.0, 100.0, 160.0])  # __init__, start(), eta()
-    monkeypatch.setattr("launch.metrics.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("launch.train.metrics.time.perf_counter", lambda: next(clock))
     rep = ProgressReporter(total_steps=100)
     rep.start(40)  # resumed at 40; 60 s for 20 steps -> 3 s/step, 40 to go
     assert rep.eta(60) == "2m00s"
@@ -116,7 +116,7 @@ def test_missing_wandb_or_tensorboard_fails_in_one_line(tmp_path, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_such)
-    from launch.errors import UserError
+    from launch.runtime.errors import UserError
 
     for key in ("train.wandb=p", "train.tensorboard=true"):
         cfg = load_config([f"config={TINY}", key])

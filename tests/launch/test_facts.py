@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from launch.data import BatchStream, MixedSequences, PackedSequences, parse_mix, train_sequences
-from launch.errors import ConfigError, UserError
-from launch.evaluation.tasks import FORMATS
-from launch.facts import ATTRIBUTES, TEMPLATES, FactsArgs, entities, main, write_corpus
+from launch.data.facts import ATTRIBUTES, TEMPLATES, FactsArgs, entities, main, write_corpus
+from launch.data.stream import BatchStream, MixedSequences, PackedSequences, parse_mix, train_sequences
+from launch.eval.tasks import FORMATS
+from launch.runtime.errors import ConfigError, UserError
 
 # ---------------------------------------------------------------------------------------------
 # Fact corpus
@@ -175,7 +175,7 @@ def test_parse_mix_errors(mix, match):
 
 def test_train_sequences_tokenizes_mix_sources(tmp_path):
     from launch.config import DataConfig
-    from launch.tokenizer import Tokenizer, train_tokenizer
+    from launch.data.tokenizer import Tokenizer, train_tokenizer
 
     paths = write_corpus(FactsArgs(out=str(tmp_path / "facts"), n_entities=10, seed=0, repeats=2))
     text = paths["train"].read_text()

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from launch import grow as grow_cli
-from launch import train as train_cli
-from launch.checkpoint import latest_checkpoint
+from launch.checkpoint.format import latest_checkpoint
+from launch.checkpoint.load import load_checkpoint
+from launch.checkpoint.safe_metadata import read_metadata_file, tensor_entries
 from launch.config import GrowConfig
-from launch.dcp_reader import read_metadata_file, tensor_entries
-from launch.errors import UserError
-from launch.inference import load_checkpoint
-from launch.metrics import read_metrics
-from launch.outputs import MARKER
+from launch.runtime.errors import UserError
+from launch.runtime.outputs import MARKER
+from launch.train import __main__ as train_cli
+from launch.train.metrics import read_metrics
 
 from ..conftest import REPO, run_module  # noqa: TID252
 
@@ -303,7 +303,7 @@ def test_bad_input_errors(tiny_checkpoint, tmp_path):
 
 
 def test_eval_runs_on_a_grown_checkpoint(grown, capsys):
-    from launch import eval as eval_cli
+    from launch.eval import __main__ as eval_cli
 
     assert eval_cli.main([f"checkpoint={grown['solar_dus']}", "tasks=[shakespeare]", "eval.limit=2", "progress=false", "eval.sample_tokens=0"]) == 0
     assert "shakespeare" in capsys.readouterr().out

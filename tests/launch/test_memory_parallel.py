@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from launch.config import load_config
-from launch.errors import ConfigError
-from launch.metrics import read_metrics
-from launch.parallelize import check_layout
+from launch.distributed.parallelize import check_layout
+from launch.runtime.errors import ConfigError
+from launch.train.metrics import read_metrics
 
 from ..conftest import REPO, run_module  # noqa: TID252
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from launch.build import active_params, build_model
 from launch.config import load_config, validate
-from launch.errors import ConfigError
-from launch.metrics import read_metrics
-from launch.optim import build_optimizers, param_groups
+from launch.models.build import active_params, build_model
+from launch.runtime.errors import ConfigError
+from launch.train.metrics import read_metrics
+from launch.train.optim import build_optimizers, param_groups
 from memlayers import MemoryPool, ProductKeyMemory
 
 from ..conftest import REPO, run_module  # noqa: TID252
@@ -132,7 +132,7 @@ def test_fused_value_update_only_where_exact(overrides, fused):
 
 def test_values_left_out_of_clipping_keep_their_gradient():
     """memory.clip_values=false: the global norm and the clip scale cover every other gradient."""
-    from launch.gradnorm import grad_norm_and_clip
+    from launch.distributed.grad_norm import grad_norm_and_clip
     from memlayers.layout import MemoryLayout
 
     model = build_model(cfg_of("memory.value_optimizer=adamw"))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from launch.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
+from launch.models.llama import Attention, ModelConfig, Transformer, apply_rope, rope_tables
 
 
 def tiny_cfg(**kw) -> ModelConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.param_init import block_rows, init_tensor_
+from launch.distributed.param_init import block_rows, init_tensor_
 
 SPECS = [("normal", 0.0, 0.02), ("uniform", -0.5, 0.5), ("constant", 1.0)]
 
@@ -42,7 +42,7 @@ def test_streams_depend_on_seed_and_name_and_match_the_distribution():
 
 
 def test_model_init_is_reproducible_and_keeps_ties():
-    from launch.model import ModelConfig, Transformer
+    from launch.models.llama import ModelConfig, Transformer
 
     m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=100))
     m.init_weights(seed=3)

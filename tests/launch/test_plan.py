@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from launch.build import build_model
 from launch.config import load_config
-from launch.errors import ConfigError
-from launch.plan import main, plan
+from launch.distributed.plan import plan
+from launch.models.build import build_model
+from launch.plan import main
+from launch.runtime.errors import ConfigError
 
 from ..conftest import REPO  # noqa: TID252
 

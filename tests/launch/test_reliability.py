@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from launch import convert, facts, grow, sweep, tokenizer
-from launch import eval as eval_cli
-from launch import train as train_cli
-from launch.outputs import MARKER
+from launch import facts, grow, tokenizer
+from launch.convert import __main__ as convert
+from launch.eval import __main__ as eval_cli
+from launch.runtime.outputs import MARKER
+from launch.sweep import __main__ as sweep
+from launch.train import __main__ as train_cli
 
 from ..conftest import REPO, TINY  # noqa: TID252
 from ._reliability import checkpoint_digest, cli_error, digest
@@ -112,7 +114,7 @@ def test_bad_multiple_choice_label(capsys, tmp_path, tiny_checkpoint, fmt, row, 
 
 
 def test_integral_labels_still_parse():
-    from launch.evaluation.tasks import FORMATS
+    from launch.eval.tasks import FORMATS
 
     for label in (1, "1", 1.0):
         assert FORMATS["piqa"].parse({**PIQA, "label": label}).label == 1
@@ -278,8 +280,8 @@ def test_rope_scaling_next_to_default_rope_parameters(capsys, hf_export, tmp_pat
 
 
 def test_a_failed_write_leaves_the_previous_output_whole(tmp_path):
-    from launch.errors import UserError
-    from launch.outputs import output_dir
+    from launch.runtime.errors import UserError
+    from launch.runtime.outputs import output_dir
 
     out = tmp_path / "out"
     with output_dir(out, command="test") as tmp:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import train as train_cli
-from launch.checkpoint import list_checkpoints
-from launch.metrics import read_metrics
-from launch.rundir import LOCK_FILE, acquire_lock
+from launch.checkpoint.format import list_checkpoints
+from launch.runtime.run_dir import LOCK_FILE, acquire_lock
+from launch.train import __main__ as train_cli
+from launch.train.metrics import read_metrics
 
 from ..conftest import REPO, TINY, run_module  # noqa: TID252
 from ._reliability import cli_error, digest

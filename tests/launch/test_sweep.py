@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoint import list_checkpoints
-from launch.errors import ConfigError
-from launch.sweep import main as sweep_main
-from launch.sweeps.collect import collect
-from launch.sweeps.runner import command, plan, state, waves
-from launch.sweeps.spec import derive_names, expand, format_value, load_sweep
+from launch.checkpoint.format import list_checkpoints
+from launch.runtime.errors import ConfigError
+from launch.sweep import collect
+from launch.sweep.__main__ import main as sweep_main
+from launch.sweep.runner import command, plan, state, waves
+from launch.sweep.spec import derive_names, expand, format_value, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -143,7 +143,7 @@ def test_distributed_train_command_uses_torchrun(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> dict:
-    from launch.facts import FactsArgs, write_corpus
+    from launch.data.facts import FactsArgs, write_corpus
 
     paths = write_corpus(FactsArgs(out=str(tmp_path_factory.mktemp("facts")), n_entities=20, repeats=2))
     return {"data.train": str(paths["train"]), "data.val": str(paths["train"]), "model.vocab_size": 512}
@@ -186,7 +186,7 @@ def test_local_skips_finished_and_resumes_unfinished(tmp_path, small_corpus, cap
 def test_local_does_not_evaluate_a_trainer_that_exited_early(tmp_path, small_corpus, capsys, monkeypatch):
     """A trainer exits 0 after checkpointing on SIGTERM; the runner must not then evaluate that
     partial checkpoint. Simulated by a train command that stops at step 2 of 4 and exits 0."""
-    from launch.sweeps import runner
+    from launch.sweep import runner
 
     path = write_sweep(tmp_path, {"overrides": {**FAST, **small_corpus}, "eval": {"tasks": ["facts:qa.jsonl"]}})
     sweep = load_sweep(path)
@@ -271,8 +271,8 @@ def test_mixed_run_trains_on_the_mixture(tmp_path, small_corpus):
     proc = subprocess.run(command(step), cwd=REPO, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     mixed = int(proc.stdout.split("| train ")[1].split(" seqs")[0])
-    from launch.data import PackedSequences, tokenize_source
-    from launch.tokenizer import Tokenizer
+    from launch.data.stream import PackedSequences, tokenize_source
+    from launch.data.tokenizer import Tokenizer
 
     tok = Tokenizer(sweep.run_dir(sweep.runs[0]) / "tokenizer.model")
     alone = len(PackedSequences(tokenize_source(small_corpus["data.train"], "train", tok, None), 32))

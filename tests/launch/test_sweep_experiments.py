@@ -16,16 +16,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch.errors import ConfigError
-from launch.facts import FactsArgs, fact_bits, mixture_tokenizer, params_to_hold, write_corpus
-from launch.sweep import main as sweep_main
-from launch.sweep import selected
-from launch.sweeps.collect import collect
-from launch.sweeps.plots import DEFAULT_LINE, value_lines
-from launch.sweeps.runner import plan
-from launch.sweeps.spec import load_sweep, run_config
-from launch.sweeps.summary import summarise
-from launch.tokenizer import Tokenizer
+from launch.data.facts import FactsArgs, fact_bits, mixture_tokenizer, params_to_hold, write_corpus
+from launch.data.tokenizer import Tokenizer
+from launch.runtime.errors import ConfigError
+from launch.sweep import collect
+from launch.sweep.__main__ import main as sweep_main
+from launch.sweep.__main__ import selected
+from launch.sweep.plots import DEFAULT_LINE, value_lines
+from launch.sweep.runner import plan
+from launch.sweep.spec import load_sweep, run_config
+from launch.sweep.summary import summarise
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "configs" / "sweeps"
@@ -41,7 +41,7 @@ def write_sweep(tmp_path: Path, body: dict, name: str = "s.yaml") -> Path:
 
 
 def built(sweep, run):
-    from launch.build import active_params, build_model
+    from launch.models.build import active_params, build_model
 
     with torch.device("meta"):
         model = build_model(run_config(sweep, run))
@@ -430,8 +430,8 @@ def test_capacity_estimate():
 def test_mixture_tokenizer_encodes_the_facts_shorter(tmp_path):
     """Trained on plays + facts, the tokenizer spends fewer pieces on the fact text than one
     trained on the plays alone (the trainer's default: data.train only)."""
-    from launch.data import load_documents
-    from launch.tokenizer import train_tokenizer
+    from launch.data.stream import load_documents
+    from launch.data.tokenizer import train_tokenizer
 
     paths = write_corpus(FactsArgs(out=str(tmp_path / "f"), n_entities=60, repeats=1))
     plays = tmp_path / "plays.txt"
@@ -480,7 +480,7 @@ def test_quick_pipeline_smoke(tmp_path, capsys):
 
 def test_training_documents_cover_the_mixture(tmp_path):
     from launch.config import DataConfig
-    from launch.data import training_documents
+    from launch.data.stream import training_documents
 
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("plays text\n")
@@ -491,7 +491,7 @@ def test_training_documents_cover_the_mixture(tmp_path):
 
 
 def test_majority_baseline():
-    from launch.facts import ATTRIBUTES, majority_em
+    from launch.data.facts import ATTRIBUTES, majority_em
 
     people = [{a: "x" for a in ATTRIBUTES}, {a: "x" for a in ATTRIBUTES}, {**{a: "x" for a in ATTRIBUTES}, "employer": "y"}, {a: "z" for a in ATTRIBUTES}]
     assert majority_em(people) == pytest.approx(sum([3, 3, 3, 2, 3]) / 20)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoint import list_checkpoints
-from launch.dcp_reader import read_metadata_file
-from launch.inference import load_checkpoint
-from launch.metrics import read_metrics
+from launch.checkpoint.format import list_checkpoints
+from launch.checkpoint.load import load_checkpoint
+from launch.checkpoint.safe_metadata import read_metadata_file
+from launch.train.metrics import read_metrics
 
 from ..conftest import TINY, run_module  # noqa: TID252
 
@@ -151,7 +151,7 @@ def test_bf16_autocast_and_compile_track_fp32_eager(tmp_path):
 
 
 def test_tokenizer_cli(tmp_path):
-    from launch.tokenizer import Tokenizer
+    from launch.data.tokenizer import Tokenizer
 
     run_module("launch.tokenizer", f"out={tmp_path / 'tok.model'}", "vocab_size=600")
     tok = Tokenizer(tmp_path / "tok.model")
@@ -165,7 +165,7 @@ def test_tokenizer_cli(tmp_path):
 def test_tokenizer_is_trained_on_the_whole_mixture(tmp_path):
     """Without data.tokenizer the run trains its tokenizer on data.train AND the data.mix sources:
     text only the mixed-in corpus has costs fewer pieces than under a tokenizer of data.train alone."""
-    from launch.tokenizer import Tokenizer
+    from launch.data.tokenizer import Tokenizer
 
     facts = tmp_path / "facts.txt"
     facts.write_text("".join(f"Zorblaxian Quendrith was born in Vexmoor in {1900 + i % 90}.\n" for i in range(20000)))

@@ -7,7 +7,7 @@ import torch
 
 import scalenet
 
-model_mod = pytest.importorskip("launch.model")
+model_mod = pytest.importorskip("launch.models.llama")
 memlayers = pytest.importorskip("memlayers")
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.model import ModelConfig, Transformer
-from launch.tokenizer import Tokenizer, train_tokenizer
+from launch.data.tokenizer import Tokenizer, train_tokenizer
+from launch.models.llama import ModelConfig, Transformer
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "eval"
 REPO = Path(__file__).resolve().parents[3]
@@ -66,8 +66,8 @@ class PreferenceModel(torch.nn.Module):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A run dir trained for a few steps with configs/tiny.yaml on a small slice of the plays."""
-    from launch.corpus import shakespeare_files
-    from launch.train import main as train_main
+    from launch.data.corpus import shakespeare_files
+    from launch.train.__main__ import main as train_main
 
     root = tmp_path_factory.mktemp("evalrun")
     corpus = root / "corpus.txt"

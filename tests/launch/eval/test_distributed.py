@@ -12,9 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from launch.config import EvalConfig
-from launch.distributed import DistInfo
-from launch.evaluation.suite import run_tasks
-from launch.tokenizer import Tokenizer
+from launch.data.tokenizer import Tokenizer
+from launch.distributed.process_group import DistInfo
+from launch.eval.suite import run_tasks
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "eval"
 TASKS = [f"piqa:{FIXTURES / 'piqa.jsonl'}", f"nq_open:{FIXTURES / 'nq_open.jsonl'}", f"text:{FIXTURES / 'text.jsonl'}"]
@@ -22,7 +22,7 @@ CFG = dict(limit=3, max_new_tokens=5, batch_size=2)
 
 
 def _model(vocab: int):
-    from launch.model import ModelConfig, Transformer
+    from launch.models.llama import ModelConfig, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=vocab, max_seq_len=64, init_std=0.3))

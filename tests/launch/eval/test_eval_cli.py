@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
+from launch.checkpoint.load import load_checkpoint
 from launch.config import EvalConfig
-from launch.distributed import DistInfo
-from launch.errors import UserError
-from launch.eval import main as eval_main
-from launch.evaluation.suite import run_tasks
-from launch.evaluation.tasks import FORMATS
-from launch.inference import load_checkpoint
+from launch.distributed.process_group import DistInfo
+from launch.eval.__main__ import main as eval_main
+from launch.eval.suite import run_tasks
+from launch.eval.tasks import FORMATS
+from launch.runtime.errors import UserError
 
 from .conftest import FIXTURES
 
@@ -97,7 +97,7 @@ def test_run_tasks_restores_train_mode_and_matches_cli_metrics(tiny_run):
 
 
 def test_trainer_logs_eval_metrics(tiny_run):
-    from launch.metrics import read_metrics
+    from launch.train.metrics import read_metrics
 
     rows = [r for r in read_metrics(tiny_run) if "eval/piqa/acc" in r]
     assert len(rows) == 1 and rows[0]["step"] == 6

@@ -4,7 +4,7 @@ nothing."""
 import pytest
 import torch
 
-from launch.generate import _truncate_at_stop, generate, generate_ids
+from launch.models.generate import _truncate_at_stop, generate, generate_ids
 
 from .conftest import random_model
 

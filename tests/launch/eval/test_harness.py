@@ -7,19 +7,19 @@ import pytest
 import torch
 import yaml
 
+from launch.checkpoint.load import load_checkpoint
 from launch.config import EvalConfig
-from launch.distributed import DistInfo
-from launch.evaluation.scoring import encode_pair, loglikelihoods, rolling_windows
-from launch.evaluation.suite import run_tasks
-from launch.generate import generate
-from launch.inference import load_checkpoint
+from launch.distributed.process_group import DistInfo
+from launch.eval.scoring import encode_pair, loglikelihoods, rolling_windows
+from launch.eval.suite import run_tasks
+from launch.models import generate
 
 from .conftest import FIXTURES, REPO, random_model
 
 pytest.importorskip("lm_eval", reason="the lm-eval adapter needs the [eval] extra")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from launch.evaluation.harness import MemscaleLM  # noqa: E402
+from launch.eval.harness import MemscaleLM  # noqa: E402
 
 
 def instances(kind, args):

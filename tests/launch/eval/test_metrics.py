@@ -1,6 +1,6 @@
 import pytest
 
-from launch.evaluation.metrics import best_over_golds, exact_match, f1, normalize_answer
+from launch.eval.qa_metrics import best_over_golds, exact_match, f1, normalize_answer
 
 
 def test_normalize_hand_worked():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from launch.config import EvalConfig
-from launch.evaluation.scoring import encode_pair, loglikelihoods, rolling_windows
-from launch.evaluation.suite import _Ctx, evaluate_multiple_choice, evaluate_text
-from launch.evaluation.tasks import Document, MultipleChoice
+from launch.eval.scoring import encode_pair, loglikelihoods, rolling_windows
+from launch.eval.suite import _Ctx, evaluate_multiple_choice, evaluate_text
+from launch.eval.tasks import Document, MultipleChoice
 
 from .conftest import PreferenceModel, random_model
 

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.errors import UserError
-from launch.evaluation.tasks import (
+from launch.eval.tasks import (
     FORMATS,
     QA,
     Document,
@@ -16,6 +15,7 @@ from launch.evaluation.tasks import (
     register_format,
     split_shots,
 )
+from launch.runtime.errors import UserError
 
 from .conftest import FIXTURES
 

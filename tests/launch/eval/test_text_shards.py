@@ -5,17 +5,17 @@ import json
 
 import pytest
 
+from launch.checkpoint.load import load_checkpoint
 from launch.config import EvalConfig
-from launch.distributed import DistInfo
-from launch.errors import UserError
-from launch.eval import main as eval_main
-from launch.evaluation import suite
-from launch.evaluation.suite import run_tasks
-from launch.evaluation.tasks import parse_task_spec
-from launch.inference import load_checkpoint
-from launch.shards import ShardError
-from launch.tokenize import Inputs, tokenize_files
-from launch.tokenizer import Tokenizer, train_tokenizer
+from launch.data.shards import ShardError
+from launch.data.tokenize_corpus import Inputs, tokenize_files
+from launch.data.tokenizer import Tokenizer, train_tokenizer
+from launch.distributed.process_group import DistInfo
+from launch.eval import suite
+from launch.eval.__main__ import main as eval_main
+from launch.eval.suite import run_tasks
+from launch.eval.tasks import parse_task_spec
+from launch.runtime.errors import UserError
 
 from .conftest import random_model
 

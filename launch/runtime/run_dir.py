@@ -1,0 +1,165 @@
+"""The run directory's guards: one writer at a time, a tokenizer of its own, no silent step rollback.
+
+- `lock_run_dir` takes an exclusive `fcntl.flock` on RUN/run.lock for the life of the job (rank 0;
+  the other ranks learn the outcome through one collective). A second trainer on the same directory
+  fails with one line naming the directory and the holder's pid and host. The kernel drops a flock
+  when its process dies, so a job killed with SIGKILL never blocks its requeue.
+- `install_tokenizer` keeps the run's tokenizer at RUN/tokenizer.model. Checkpoints copy it from
+  there, so a resumed run never reads a file inside a checkpoint that pruning may delete.
+- `check_resume_steps` refuses a `train.steps` below the step being resumed, before anything in
+  the run directory is rewritten.
+- `write_run_file` writes RUN/config.yaml atomically, failing in one line naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from launch.runtime.errors import UserError
+
+LOCK_FILE = "run.lock"
+TOKENIZER_FILE = "tokenizer.model"
+# flock on a filesystem without lock support (some NFS mounts without lockd, Lustre mounted with
+# `noflock`) fails with one of these: the run goes on unlocked, with a warning.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class RunDirLock:
+    """An exclusive flock on RUN/run.lock, held until `release()` or the process exits."""
+
+    def __init__(self, run_dir: Path, fd: int | None):
+        self.run_dir, self._fd = run_dir, fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+def make_run_dir(run_dir: str | Path, key: str = "run.dir") -> Path:
+    """Create `run_dir` (and parents), failing in one line if it is a file or cannot be created."""
+    path = Path(run_dir)
+    try:
+        for p in (path, *path.parents):
+            if p.exists() and not p.is_dir():
+                raise UserError(f"{key}={run_dir}: {p} is a file, not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{key}={run_dir}: cannot create or enter the directory ({e.strerror})") from None
+    return path
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        text = lock_path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process (it did not record its pid)"
+
+
+def acquire_lock(run_dir: str | Path) -> RunDirLock:
+    """Take RUN/run.lock or fail naming its holder (single process; see `lock_run_dir`)."""
+    path = make_run_dir(run_dir)
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"run.dir={run_dir}: cannot create the lock file {lock_path} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"run.dir={run_dir} is in use by {_holder(lock_path)}: one run directory takes one trainer at a "
+            "time (wait for it to end, or choose another run.dir)"
+        ) from None
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            os.close(fd)
+            raise UserError(f"run.dir={run_dir}: cannot lock {lock_path} ({e.strerror})") from None
+        os.close(fd)
+        print(
+            f"warning: run.dir={run_dir}: this filesystem does not support file locks ({e.strerror}); "
+            "running unlocked, so make sure no other job uses this directory",
+            file=sys.stderr,
+            flush=True,
+        )
+        return RunDirLock(path, None)
+    # Holder details for the error a second job prints; the lock itself is the flock, not this text.
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+    return RunDirLock(path, fd)
+
+
+def lock_run_dir(run_dir: str | Path, info) -> RunDirLock:
+    """Rank 0 takes the run-directory lock; every rank fails together if it could not.
+
+    Only rank 0 locks: flocks taken by several processes conflict with each other even on one node,
+    and one job has exactly one rank 0. Call after the process group is up, before anything is
+    written into the run directory."""
+    lock, failure = RunDirLock(Path(run_dir), None), None
+    if info.is_main:
+        try:
+            lock = acquire_lock(run_dir)
+        except UserError as e:
+            failure = e
+    if info.enabled:
+        from launch.distributed.process_group import any_rank
+
+        if any_rank(failure is not None, info.device) and failure is None:
+            lock.release()
+            raise UserError(f"run.dir={run_dir}: rank 0 could not take the run directory (see its error)")
+    if failure is not None:
+        raise failure
+    return lock
+
+
+def install_tokenizer(source: Path, run_dir: str | Path) -> Path:
+    """Copy `source` to RUN/tokenizer.model (atomically; skipped when identical) and return that path."""
+    dest = Path(run_dir) / TOKENIZER_FILE
+    if source.resolve() == dest.resolve():
+        return dest
+    if dest.is_file() and dest.read_bytes() == source.read_bytes():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{TOKENIZER_FILE}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def check_resume_steps(steps: int, resumed_step: int, resumed_from: Path | None) -> None:
+    """A resumed run asked to stop before the step it resumes at: refuse, leaving the run untouched."""
+    if resumed_from is not None and steps < resumed_step:
+        raise UserError(
+            f"train.steps={steps} is below step {resumed_step} of the checkpoint being resumed ({resumed_from}): "
+            f"nothing to train; pass train.steps >= {resumed_step} (the run directory and its config.yaml are "
+            "left unchanged)"
+        )
+
+
+def write_run_file(run_dir: str | Path, name: str, text: str) -> Path:
+    """Write RUN/name atomically (temp file, then rename): a full disk or a read-only directory
+    fails in one line naming the file and leaves the previous version whole."""
+    path = Path(run_dir) / name
+    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror} (the previous {name}, if any, is unchanged)") from None
+    return path

@@ -1,0 +1,40 @@
+"""Pretrain or continue training: `python -m launch.train config=FILE [key=value ...]`, or the same
+under `torchrun --nproc_per_node=N -m launch.train ...`. The loop itself is `launch.train.trainer`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from launch.config import load_config, validate
+from launch.distributed import parallelize as par
+from launch.distributed.process_group import destroy, init_distributed
+from launch.runtime.run_dir import lock_run_dir
+from launch.train.trainer import Trainer
+
+
+def main(argv: list[str]) -> int:
+    cfg = load_config(argv, require_config=True)  # no config=: usage, exit 2 (launch.cli_help)
+    validate(cfg)
+    if cfg.eval.tasks:  # a bad task spec or missing task file fails now, not at the first eval
+        from launch.eval.tasks import parse_task_specs
+
+        parse_task_specs(list(cfg.eval.tasks))
+    par.check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before joining any process group
+    info = init_distributed(cfg.train.device, cfg.parallel.backend)
+    try:
+        lock = lock_run_dir(cfg.run.dir, info)  # one trainer per run dir; dies with the process
+        try:
+            Trainer(cfg, info).fit()
+        finally:
+            lock.release()
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    from launch.distributed.process_group import run_torchrun_cli
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_torchrun_cli(main)
