@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine
+from common import fmt_ms, machine
 
 from memlayers.hugepages import empty_huge_like
 from memlayers.lookup import lookup
@@ -54,7 +54,7 @@ def timeit(fn: Callable[[], None], warmup: int, reps: int) -> dict:
         t0 = clock()
         fn()
         times.append((clock() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_all": [round(t, 2) for t in times]}
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_all": times}
 
 
 def make_inputs(rows: int, bags: int, slots: int, dim: int, seed: int = 0):
@@ -138,7 +138,7 @@ def read_gbps(rec: dict, key: str = "forward") -> float:
     """Effective bandwidth of a forward: every read row once (B*K*D values) plus the (B, D) output."""
     item = 2 if "bf16" in rec["method"] else 4
     nbytes = rec["bags"] * rec["slots"] * rec["dim"] * item + rec["bags"] * rec["dim"] * 4
-    return round(nbytes / (rec[key]["ms"] / 1e3) / 1e9, 1)
+    return nbytes / (rec[key]["ms"] / 1e3) / 1e9
 
 
 def _fbgemm_cuda_fn() -> Callable | None:
@@ -346,18 +346,20 @@ def paired_ms(stock: Callable[[], None], ours: Callable[[], None], reps: int, wa
             times[name].append(timed(stock if name == "stock" else ours))
     ratios = sorted(a / b for a, b in zip(times["stock"], times["ours"]))
     return {
-        "stock_ms": round(statistics.median(times["stock"]), 1),
-        "ours_ms": round(statistics.median(times["ours"]), 1),
-        "speedup_median": round(statistics.median(ratios), 2),
-        "speedup_range": [round(ratios[0], 2), round(ratios[-1], 2)],
+        # Unrounded: a --quick forward takes well under 0.05 ms on a fast CPU, which rounding to 0.1 ms
+        # stored as 0.0 (issue 34). Rounding happens only where the Markdown is written.
+        "stock_ms": statistics.median(times["stock"]),
+        "ours_ms": statistics.median(times["ours"]),
+        "speedup_median": statistics.median(ratios),
+        "speedup_range": [ratios[0], ratios[-1]],
         "pairs": len(ratios),
     }
 
 
 def _print_paired(rec: dict) -> None:
     print(
-        f"{rec['rows']}x{rec['dim']} paired {rec['what']}: stock {rec['stock_ms']} ms, ours {rec['ours_ms']} ms, "
-        f"speed-up {rec['speedup_median']}x (pairs {rec['speedup_range'][0]}-{rec['speedup_range'][1]})",
+        f"{rec['rows']}x{rec['dim']} paired {rec['what']}: stock {fmt_ms(rec['stock_ms'])} ms, ours {fmt_ms(rec['ours_ms'])} ms, "
+        f"speed-up {rec['speedup_median']:.2f}x (pairs {rec['speedup_range'][0]:.2f}-{rec['speedup_range'][1]:.2f})",
         flush=True,
     )
 
@@ -421,8 +423,8 @@ def adam_traffic_floor(rows, dim, batches, reps, warmup, max_gb) -> dict:
     bandwidth = 2 * src.numel() * 4 / (copy["ms_min"] / 1e3)  # bytes read + written per second
     traffic = 6 * unique * dim * 4
     ms = traffic / bandwidth * 1e3
-    rec.update(unique_rows_per_step=round(unique), copy_gbps=round(bandwidth / GB, 1),
-               value_step={"ms": ms, "ms_min": ms, "ms_all": [round(ms, 2)]})  # fmt: skip
+    rec.update(unique_rows_per_step=round(unique), copy_gbps=bandwidth / GB,
+               value_step={"ms": ms, "ms_min": ms, "ms_all": [ms]})  # fmt: skip
     return rec
 
 
@@ -479,7 +481,7 @@ def _fmt(rec: dict) -> str:
     if "skipped" in rec:
         return f"{head} skipped: {rec['skipped']}"
     parts = [
-        f"{k} {rec[k]['ms']:.1f} ms (min {rec[k]['ms_min']:.1f})"
+        f"{k} {fmt_ms(rec[k]['ms'])} ms (min {fmt_ms(rec[k]['ms_min'])})"
         for k in ("forward", "forward_backward", "value_step")
         if k in rec
     ]
@@ -501,9 +503,9 @@ def add_speedups(lookups: list[dict], steps: list[dict]) -> None:
             )
             if ref:
                 key = "speedup_vs_" + ("eb_sparse" if "sparse" in base else "eb_dense")
-                rec[key] = round(ref["forward_backward"]["ms"] / rec["forward_backward"]["ms"], 2)
+                rec[key] = ref["forward_backward"]["ms"] / rec["forward_backward"]["ms"]
                 # Forward (inference): embedding_bag's forward is the same for both gradient kinds.
-                rec["fwd_speedup_vs_eb"] = round(ref["forward"]["ms"] / rec["forward"]["ms"], 2)
+                rec["fwd_speedup_vs_eb"] = ref["forward"]["ms"] / rec["forward"]["ms"]
     for rec in steps:
         if "value_step" not in rec:
             continue
@@ -513,7 +515,12 @@ def add_speedups(lookups: list[dict], steps: list[dict]) -> None:
             if r["method"] in STOCK_ADAM and r["dim"] == rec["dim"] and "value_step" in r
         ]
         if stock:
-            rec["speedup_vs_best_stock_adam"] = round(min(stock) / rec["value_step"]["ms"], 2)
+            rec["speedup_vs_best_stock_adam"] = min(stock) / rec["value_step"]["ms"]
+
+
+def _num(rec: dict, key: str, spec: str) -> str:
+    """`rec[key]` rounded for the table, or '-' when the record has no such value."""
+    return format(rec[key], spec) if key in rec else "-"
 
 
 def _md_rows(records: list[dict], n_cols: int, row: Callable[[dict, str], str]) -> list[str]:
@@ -559,10 +566,10 @@ def write_markdown(report: dict, path: Path) -> None:
         report["lookup"],
         8,
         lambda r, table: (
-            f"| {table} | {r['method']} | {r['forward']['ms']:.1f} | {r.get('forward_gbps', '-')} | "
-            f"{r.get('fwd_speedup_vs_eb', '-')}x | {r['forward_backward']['ms']:.1f} "
-            f"({r['forward_backward']['ms_min']:.1f}) | "
-            f"{r.get('speedup_vs_eb_sparse', '-')}x | {r.get('speedup_vs_eb_dense', '-')}x |"
+            f"| {table} | {r['method']} | {fmt_ms(r['forward']['ms'])} | {_num(r, 'forward_gbps', '.1f')} | "
+            f"{_num(r, 'fwd_speedup_vs_eb', '.2f')}x | {fmt_ms(r['forward_backward']['ms'])} "
+            f"({fmt_ms(r['forward_backward']['ms_min'])}) | "
+            f"{_num(r, 'speedup_vs_eb_sparse', '.2f')}x | {_num(r, 'speedup_vs_eb_dense', '.2f')}x |"
         ),
     )
     lines += [
@@ -576,8 +583,8 @@ def write_markdown(report: dict, path: Path) -> None:
         report["value_step"],
         4,
         lambda r, table: (
-            f"| {table} | {r['method']} | {r['value_step']['ms']:.1f} ({r['value_step']['ms_min']:.1f}) | "
-            f"{r.get('speedup_vs_best_stock_adam', '-')}x |"
+            f"| {table} | {r['method']} | {fmt_ms(r['value_step']['ms'])} ({fmt_ms(r['value_step']['ms_min'])}) | "
+            f"{_num(r, 'speedup_vs_best_stock_adam', '.2f')}x |"
         ),
     )
     paired = report.get("lookup_paired", []) + report.get("value_step_paired", [])
@@ -598,7 +605,7 @@ def write_markdown(report: dict, path: Path) -> None:
             [r | {"method": r["what"]} for r in paired],
             6,
             lambda r, table: (
-                f"| {table} | {r['what']} | {r['stock_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup_median']:.2f}x | "
+                f"| {table} | {r['what']} | {fmt_ms(r['stock_ms'])} | {fmt_ms(r['ours_ms'])} | {r['speedup_median']:.2f}x | "
                 f"{r['pairs']} ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) |"
             ),
         )
