@@ -10,18 +10,16 @@ Part 2, value step = forward + backward + optimizer update of the value table:
     fbgemm-gpu-cpu imports.
 
 Everything runs side by side in one process: warmup, then the median (and min) of --reps.
-Writes benchmarks/results/memory_lookup.json and .md. It measures; it asserts nothing.
+Writes memory_lookup.json and .md under --out (default benchmarks/results/<machine>/). It measures; it asserts nothing.
 
-    python benchmarks/memory_lookup.py                   # full sizes (1M x 256, 1M x 1024)
-    python benchmarks/memory_lookup.py --quick --out-dir /tmp/x
+    python -m benchmarks memory_lookup                   # full sizes (1M x 256, 1M x 1024)
+    python -m benchmarks memory_lookup --quick --out /tmp/x
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
-import json
 import os
 import statistics
 import time
@@ -30,8 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import fmt_ms, machine
 
+from benchmarks.harness import fmt_ms, machine, parser, record, write_record
 from memlayers.hugepages import empty_huge_like
 from memlayers.lookup import lookup
 from memlayers.lookup_cpu import lookup_cpu, native_ops
@@ -261,7 +259,9 @@ def value_step_cases() -> dict[str, dict]:
             fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True), mem=1.7, dtype=torch.bfloat16
         ),
         "lookup_cpu, bf16 table + RowSparseAdam fused, stochastic rounding": dict(
-            fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True, rounding="stochastic"), mem=1.7,
+            fn=ours_sparse,
+            opt=lambda p: RowSparseAdam(p, lr=lr, fused=True, rounding="stochastic"),
+            mem=1.7,
             dtype=torch.bfloat16,
         ),
     }
@@ -285,7 +285,9 @@ def value_step_batches(rows, bags, slots, dim):
     """(batches of slot ids, weights, grad_out): the value step's inputs."""
     indices, weights, grad_out = make_inputs(rows, bags, slots, dim, seed=1)
     gen = torch.Generator().manual_seed(2)
-    batches = [indices] + [torch.randint(0, rows, (bags, slots), generator=gen) for _ in range(VALUE_STEP_BATCHES - 1)]
+    batches = [indices] + [
+        torch.randint(0, rows, (bags, slots), generator=gen) for _ in range(VALUE_STEP_BATCHES - 1)
+    ]
     return batches, weights, grad_out
 
 
@@ -317,7 +319,9 @@ def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]
             rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
         else:
             try:
-                rec["value_step"] = timeit(make_value_step(case, rows, dim, batches, weights, grad_out), warmup, reps)
+                rec["value_step"] = timeit(
+                    make_value_step(case, rows, dim, batches, weights, grad_out), warmup, reps
+                )
             except Exception as err:  # e.g. a fused optimizer missing on this build
                 rec["skipped"] = f"{type(err).__name__}: {err}"[:200]
         results.append(rec)
@@ -372,7 +376,10 @@ PAIRED_LOOKUP = ("embedding_bag (sparse grad)", "lookup_cpu C++ (sparse grad)")
 def bench_lookup_paired(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]:
     base = {"rows": rows, "dim": dim, "bags": bags, "slots": slots, "methods": list(PAIRED_LOOKUP)}
     if 3 * rows * dim * 4 / GB > max_gb or native_ops() is None:
-        return [base | {"what": what, "skipped": "exceeds --max-gb or no C++ extension"} for what in ("forward", "forward + backward")]
+        return [
+            base | {"what": what, "skipped": "exceeds --max-gb or no C++ extension"}
+            for what in ("forward", "forward + backward")
+        ]
     indices, weights, grad_out = make_inputs(rows, bags, slots, dim)
     values = table(torch.randn(rows, dim)).requires_grad_()
     w = weights.clone().requires_grad_()
@@ -401,7 +408,9 @@ def bench_value_step_paired(rows, dim, bags, slots, reps, warmup, max_gb) -> dic
         rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
         return rec
     batches, weights, grad_out = value_step_batches(rows, bags, slots, dim)
-    stock, ours = (make_value_step(cases[name], rows, dim, batches, weights, grad_out) for name in PAIRED_VALUE_STEP)
+    stock, ours = (
+        make_value_step(cases[name], rows, dim, batches, weights, grad_out) for name in PAIRED_VALUE_STEP
+    )
     rec.update(paired_ms(stock, ours, reps, warmup))
     _print_paired(rec)
     return rec
@@ -537,7 +546,7 @@ def _md_rows(records: list[dict], n_cols: int, row: Callable[[dict, str], str]) 
     return lines
 
 
-def write_markdown(report: dict, path: Path) -> None:
+def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
         "# Memory lookup benchmark",
@@ -554,7 +563,11 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Sizes: {report['config']['bags']} bags x {report['config']['slots']} slots, uniform random slots; "
         f"reps {report['config']['reps']} after {report['config']['warmup']} warmup. "
         f"C++ extension: {report['native']}. Tables (every method's) on "
-        + ("2 MiB pages (memlayers.hugepages)." if m.get("huge_pages", False) else "4 KiB pages (MEMLAYERS_NO_HUGE_PAGES=1).")
+        + (
+            "2 MiB pages (memlayers.hugepages)."
+            if m.get("huge_pages", False)
+            else "4 KiB pages (MEMLAYERS_NO_HUGE_PAGES=1)."
+        )
         + " Our optimizers' moments also use 2 MiB pages; torch's optimizers allocate theirs as usual.",
         "",
         "## Lookup forward + backward (grads for values and weights)",
@@ -622,11 +635,11 @@ def write_markdown(report: dict, path: Path) -> None:
         "partial row-wise Adam (one second moment per row), made exact the same way. FBGEMM's CPU TBE has no "
         "Adam, so its fused row-wise Adagrad and SGD are listed as peers. fwd GB/s counts each read row once.",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=1 << 20, help="table rows (slots)")
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 1024], help="value widths to run")
     ap.add_argument("--bags", type=int, default=4096, help="bags (tokens) per batch")
@@ -653,8 +666,6 @@ def main(argv: list[str] | None = None) -> dict:
         default="wall",
         help="wall: wall-clock with all torch threads; thread: 1 thread, its CPU time (for loaded shared machines)",
     )
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.dims, args.bags, args.slots, args.reps, args.warmup = 4096, [32], 64, 16, 2, 1
@@ -669,8 +680,11 @@ def main(argv: list[str] | None = None) -> dict:
         if ops is not None
         else "unavailable (torch fallback)"
     )
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {
-        "machine": {
+        # The harness's machine, plus the fields this benchmark recorded before it (its Markdown reads them).
+        "machine": machine()
+        | {
             "cpu_model": machine()["cpu"],
             "num_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -678,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "huge_pages": os.environ.get("MEMLAYERS_NO_HUGE_PAGES") != "1",
         },
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": config,
         "native": native,
         "lookup": [],
         "value_step": [],
@@ -703,15 +717,23 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
             report["value_step_paired"].append(
                 bench_value_step_paired(
-                    args.rows, dim, args.bags, args.slots, args.paired_reps or args.reps, args.warmup, args.max_gb
+                    args.rows,
+                    dim,
+                    args.bags,
+                    args.slots,
+                    args.paired_reps or args.reps,
+                    args.warmup,
+                    args.max_gb,
                 )
             )
     add_speedups(report["lookup"], report["value_step"])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "memory_lookup.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, args.out_dir / "memory_lookup.md")
-    print(f"wrote {args.out_dir / 'memory_lookup.json'} and .md")
-    return report
+    # rows: the headline (paired) comparisons; every table stays under its own name as well.
+    md = markdown(report)
+    rows = report["lookup_paired"] + report["value_step_paired"]
+    rec = record("memory_lookup", config, rows, report.pop("machine"), **report)
+    path = write_record(rec, md, args.out)
+    print(f"wrote {path} and .md")
+    return rec
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def measured_at(record: dict, *keys: str) -> float:
     value = record
     for i, key in enumerate(keys):
         if not isinstance(value, dict) or key not in value:
-            raise AssertionError(f"{'.'.join(keys[: i + 1])}: missing from the record (keys: {sorted(record)})")
+            raise AssertionError(
+                f"{'.'.join(keys[: i + 1])}: missing from the record (keys: {sorted(record)})"
+            )
         value = value[key]
     return measured(value, ".".join(keys))
 
@@ -45,3 +47,20 @@ def median_in_range(median, lo, hi, what: str = "median") -> None:
         measured(v, name)
     if not lo <= median <= hi:
         raise AssertionError(f"{what}: {median!r} outside its range [{lo!r}, {hi!r}]")
+
+
+def result_record(rec: dict, name: str) -> dict:
+    """The one result record every benchmark writes: {name, date, git_sha, machine: {cpu, cores, isa,
+    torch, ...}, args, rows}. Structure only: what was measured is checked by the test that ran it."""
+    missing = {"name", "date", "git_sha", "machine", "args", "rows"} - rec.keys()
+    if missing:
+        raise AssertionError(f"{name}: the record lacks {sorted(missing)}")
+    if rec["name"] != name:
+        raise AssertionError(f"record name {rec['name']!r}, expected {name!r}")
+    m = rec["machine"]
+    for key in ("cpu", "cores", "isa", "torch"):
+        if key not in m:
+            raise AssertionError(f"{name}: machine lacks {key!r} ({sorted(m)})")
+    if not isinstance(rec["args"], dict) or not isinstance(rec["rows"], list) or not rec["rows"]:
+        raise AssertionError(f"{name}: args must be a dict and rows a non-empty list")
+    return rec
