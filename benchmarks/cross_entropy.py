@@ -1,33 +1,33 @@
-"""The training loss over the vocabulary: `F.cross_entropy` against `launch.cross_entropy.cross_entropy_rows`.
+"""The training loss over the vocabulary: `F.cross_entropy` against `launch.train.loss.cross_entropy_rows`.
 
-    python benchmarks/cross_entropy.py [--tokens 2048] [--vocab 8192] [--reps 15]
+    python -m benchmarks cross_entropy [--tokens 2048] [--vocab 8192] [--reps 15]
 
 Forward + backward from a fresh logits tensor (as the model's output is every step), fp32 and bf16
 logits, the two methods alternating rep by rep so drift on a shared machine hits both alike. The default
 shape is the 20M model's step (16 x 128 tokens, 8k vocabulary). Writes
-benchmarks/results/cross_entropy.{json,md}. It measures; it asserts nothing.
+cross_entropy.{json,md} under --out (default benchmarks/results/<machine>/). It measures; it asserts nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, alternating_ms, machine, md_table, results_dir, write_results
 
+from benchmarks.harness import alternating_ms, machine, md_table, parser, record, write_record
 from launch.train.loss import cross_entropy_rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--out", type=results_dir, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.vocab, args.reps = 16, 40, 2
     gen = torch.Generator().manual_seed(0)
     targets = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
     base = torch.randn(args.tokens, args.vocab, generator=gen)
@@ -52,11 +52,19 @@ def main() -> None:
         "# Cross-entropy over the vocabulary: forward + backward\n\n"
         f"Machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; {args.tokens} tokens x "
         f"{args.vocab} vocabulary; median of {args.reps} alternating reps after 2 warmup each.\n\n"
-        + md_table(rows, [("logits", "{dtype}"), ("method", "{method}"), ("ms", "{ms:.1f}"), ("min ms", "{min_ms:.1f}"),
-                          ("vs F.cross_entropy", "{speedup:.2f}x")])  # fmt: skip
-        + f"\nCommand: `python benchmarks/cross_entropy.py --tokens {args.tokens} --vocab {args.vocab} --reps {args.reps}`\n"
+        + md_table(
+            rows,
+            [
+                ("logits", "{dtype}"),
+                ("method", "{method}"),
+                ("ms", "{ms:.1f}"),
+                ("min ms", "{min_ms:.1f}"),
+                ("vs F.cross_entropy", "{speedup:.2f}x"),
+            ],
+        )  # fmt: skip
+        + f"\nCommand: `python -m benchmarks cross_entropy --tokens {args.tokens} --vocab {args.vocab} --reps {args.reps}`\n"
     )
-    write_results("cross_entropy", {"machine": m, "args": vars(args) | {"out": str(args.out)}, "rows": rows}, md, args.out)
+    write_record(record("cross_entropy", args, rows, m), md, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The data pipeline at growing corpus sizes: tokenization throughput, trainer start-up and memory.
 
-    python benchmarks/data_pipeline.py [--work /tmp/data_bench] [--sizes 1,12,62] [--baseline REPO] [--add-build]
+    python -m benchmarks data_pipeline [--work /tmp/data_bench] [--sizes 1,12,62] [--baseline REPO] [--add-build]
 
 Corpora are the bundled training plays repeated k times (hard links under WORK/corpus_k, so they
 cost no disk and are never committed); the tokenizer is an 8192-piece BPE trained on the plays
@@ -12,16 +12,15 @@ Measured, each in fresh processes:
     pre-tokenized shards (`data.train=DIR`) with 1 and 2 ranks (torchrun, gloo): wall time of the
     whole command (start-up, one step, one checkpoint), CPU seconds of all its processes (what
     other jobs on the machine do not inflate), and peak RSS of the largest rank;
-  - `launch.data.build_datasets` alone on those shards (plus one batch): seconds and RSS growth;
+  - `launch.data.stream.build_datasets` alone on those shards (plus one batch): seconds and RSS growth;
   - the same command on the raw files (`data.train=corpus_k`): the first run tokenizes into the
     run's cache, the second finds it there;
   - with --baseline REPO, the same command on another checkout (e.g. the code before token shards).
-Writes benchmarks/results/data_pipeline.{json,md}. Timings depend on what else the machine runs.
+Writes data_pipeline.{json,md} under --out. Timings depend on what else the machine runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -32,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, md_table, results_dir, write_results
+from benchmarks.harness import default_out, md_table, parser, record, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,8 +167,8 @@ def make_tokenizer(work: Path) -> Path:
     return path
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--work", type=Path, default=Path("/tmp/data_bench"))
     ap.add_argument("--sizes", default="1,12,62", help="corpus sizes as copies of the training plays")
     ap.add_argument(
@@ -179,25 +178,27 @@ def main() -> None:
         "--baseline", type=Path, default=None, help="another checkout to run the same trainer command with"
     )
     ap.add_argument("--baseline-max-copies", type=int, default=12)
-    ap.add_argument("--out", type=results_dir, default=RESULTS)
     ap.add_argument(
         "--add-build",
         action="store_true",
         help="only add the build_datasets measurement to the results of an earlier run",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:  # one copy of the plays for every measurement
+        args.sizes, args.tokenize_copies = "1", 1
     args.work.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     tok = make_tokenizer(args.work)
     if args.add_build:
-        payload = json.loads((args.out / "data_pipeline.json").read_text())
+        payload = json.loads(((args.out or default_out()) / "data_pipeline.json").read_text())
         payload.setdefault("date", time.strftime("%Y-%m-%d"))
+        payload.setdefault("name", "data_pipeline")
         payload.setdefault("work", str(args.work))
         payload.setdefault("baseline", str(args.baseline) if args.baseline else None)
         payload["train"] = [
             {**row, **measure_build(args.work, tok, row["copies"], env)} for row in payload["train"]
         ]
-        write_results("data_pipeline", payload, render(payload), args.out)
+        write_record(payload, render(payload), args.out)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -291,16 +292,11 @@ def main() -> None:
 
     for row in tokenize_rows:
         row.pop("stdout")
-    payload = {
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "work": str(args.work),
-        "baseline": str(args.baseline) if args.baseline else None,
-        "tokenize": tokenize_rows,
-        "train": train_rows,
-    }
-    payload["train"] = [{**row, **measure_build(args.work, tok, row["copies"], env)} for row in train_rows]
-    write_results("data_pipeline", payload, render(payload), args.out)
+    train_rows = [{**row, **measure_build(args.work, tok, row["copies"], env)} for row in train_rows]
+    # rows: the trainer table; `tokenize` and `train` keep their names for render and earlier readers.
+    payload = record("data_pipeline", args, train_rows, work=str(args.work),
+                     baseline=str(args.baseline) if args.baseline else None, tokenize=tokenize_rows, train=train_rows)  # fmt: skip
+    write_record(payload, render(payload), args.out)
 
 
 def measure_build(work: Path, tok: Path, copies: int, env: dict) -> dict:
@@ -348,7 +344,7 @@ def render(payload: dict) -> str:
     return (
         f"# Data pipeline\n\nMachine: {m['cpu']}, {m['cores']} cores (shared with other jobs while measuring: "
         f"wall times are inflated, CPU seconds are not), torch {m['torch']}; {payload['date']}. "
-        f"`python benchmarks/data_pipeline.py{' --baseline ' + baseline if baseline else ''}`. Corpora: the bundled "
+        f"`python -m benchmarks data_pipeline{' --baseline ' + baseline if baseline else ''}`. Corpora: the bundled "
         f"training plays repeated (hard links in {payload['work']}); tokenizer: 8192-piece BPE trained on the plays; "
         "documents are BOS + pieces + EOS.\n\n"
         "## Tokenization (`python -m launch.tokenize`)\n\n"
@@ -410,5 +406,4 @@ def render(payload: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

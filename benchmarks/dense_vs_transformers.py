@@ -1,6 +1,6 @@
 """Dense training throughput: our Transformer vs transformers' LlamaForCausalLM, same shapes.
 
-    python benchmarks/dense_vs_transformers.py [--config configs/quickstart.yaml] [--steps 5] [--warmup 3]
+    python -m benchmarks dense_vs_transformers [--config configs/quickstart.yaml] [--steps 5] [--warmup 3]
 
 Both models are built from one config (the HF one through the exporter's `hf_config`, so every
 shape, the RoPE base, the norm epsilon and the tied embeddings agree; the parameter counts are
@@ -11,23 +11,20 @@ printed side by side). Both train with the same optimizer (torch AdamW, fused), 
   transformers eager (sdpa attention) | transformers, torch.compile of the whole model
 
 in fp32 and under bf16 autocast. tokens/s is the median step after warmup (compile time goes into
-the warmup and is reported on its own). Writes benchmarks/results/dense_vs_transformers.{json,md}.
+the warmup and is reported on its own). Writes dense_vs_transformers.{json,md} under --out.
 It measures; it asserts nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, md_table, results_dir, write_results  # noqa: E402
+from benchmarks.harness import REPO, machine, md_table, parser, record, write_record
 
 ARMS = [
     ("ours", "eager"),
@@ -39,10 +36,10 @@ ARMS = [
 
 def measure(config: str, impl: str, mode: str, dtype: str, steps: int, warmup: int) -> dict:
     """One arm, in this process."""
-    from launch.models.build import build_model
     from launch.config import load_config, validate
     from launch.convert.llama import hf_config
     from launch.distributed.parallelize import apply_compile
+    from launch.models.build import build_model
     from launch.train.validation import cross_entropy
 
     cfg = load_config([f"config={config}"])
@@ -102,25 +99,36 @@ def measure(config: str, impl: str, mode: str, dtype: str, steps: int, warmup: i
 
 def run_arm(config: str, impl: str, mode: str, dtype: str, steps: int, warmup: int) -> dict:
     code = (
-        f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "from dense_vs_transformers import measure; "
+        "import json; from benchmarks.dense_vs_transformers import measure; "
         f"print(json.dumps(measure({config!r}, {impl!r}, {mode!r}, {dtype!r}, {steps}, {warmup})))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        return {"impl": impl, "mode": mode, "dtype": dtype, "error": proc.stderr.strip().splitlines()[-1][:200]}
+        return {
+            "impl": impl,
+            "mode": mode,
+            "dtype": dtype,
+            "error": proc.stderr.strip().splitlines()[-1][:200],
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--modes", nargs="+", default=["eager", "compile"])
-    ap.add_argument("--out", type=results_dir, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:  # the tiny model, eager fp32 only, one timed step
+        args.config, args.steps, args.warmup, args.dtypes, args.modes = (
+            "configs/tiny.yaml",
+            1,
+            1,
+            ["fp32"],
+            ["eager"],
+        )
     rows = []
     for dtype in args.dtypes:
         for impl, mode in ARMS:
@@ -129,10 +137,21 @@ def main() -> None:
             r = run_arm(args.config, impl, mode, dtype, args.steps, args.warmup)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    base = {r["dtype"]: r["tokens_per_s"] for r in rows if r["impl"] == "transformers" and r["mode"] == "eager" and "error" not in r}
+    base = {
+        r["dtype"]: r["tokens_per_s"]
+        for r in rows
+        if r["impl"] == "transformers" and r["mode"] == "eager" and "error" not in r
+    }
     for r in rows:
         if "error" in r:
-            r.update(params=0, batch=0, seq_len=0, step_s=float("nan"), tokens_per_s=float("nan"), warmup_s=float("nan"))
+            r.update(
+                params=0,
+                batch=0,
+                seq_len=0,
+                step_s=float("nan"),
+                tokens_per_s=float("nan"),
+                warmup_s=float("nan"),
+            )
         r["vs_hf_eager"] = r["tokens_per_s"] / base[r["dtype"]] if r["dtype"] in base else float("nan")
         r["params_m"] = r["params"] / 1e6
     m = machine()
@@ -157,9 +176,9 @@ def main() -> None:
         )
         + "\nSame optimizer (torch AdamW, fused), same loss and tokens; transformers uses its sdpa attention. "
         "bf16 = `torch.autocast(cpu, bfloat16)` over fp32 weights.\n\n"
-        "Command: `python benchmarks/dense_vs_transformers.py`\n"
+        "Command: `python -m benchmarks dense_vs_transformers`\n"
     )
-    write_results("dense_vs_transformers", {"machine": m, "config": args.config, "rows": rows}, md, args.out)
+    write_record(record("dense_vs_transformers", args, rows, m, config=args.config), md, args.out)
 
 
 if __name__ == "__main__":

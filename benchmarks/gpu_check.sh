@@ -3,9 +3,9 @@
 # tool gives ~15 minutes of device time per session, one command at most 10 minutes):
 #   1. the tests that run on CUDA (the Triton lookup kernels against the reference, forward and
 #      backward, fp32 and bf16), which skip or run on CPU without CUDA here;
-#   2. benchmarks/memory_lookup.py on CUDA: ours (Triton) vs F.embedding_bag vs FBGEMM's TBE when
+#   2. `python -m benchmarks memory_lookup` on CUDA: ours (Triton) vs F.embedding_bag vs FBGEMM's TBE when
 #      installed, with effective GB/s (target >= 3 TB/s on H100-class memory);
-#   3. benchmarks/memory_vs_dense.py on CUDA, fp32 and bf16 values: the memory model's training
+#   3. `python -m benchmarks memory_vs_dense` on CUDA, fp32 and bf16 values: the memory model's training
 #      tokens/s against its dense baseline.
 # Every stage has its own time limit and a failing stage does not stop the next. Results and logs go
 # to $OUT (default benchmarks/results/gpu) as one archive plus a summary, so they come back through
@@ -60,19 +60,19 @@ PY
 
 if [ "$QUICK" = 1 ]; then
     stage tests_memlayers 300 "$PY" -m pytest -q -x -p no:cacheprovider tests/memlayers/test_triton_lookup.py tests/memlayers/test_lookup.py
-    stage memory_lookup 120 "$PY" benchmarks/memory_lookup.py --quick --skip-value-step --out-dir "$OUT/files"
+    stage memory_lookup 120 "$PY" -m benchmarks memory_lookup --quick --skip-value-step --out-dir "$OUT/files"
     DEV=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-    stage memory_vs_dense 300 "$PY" benchmarks/memory_vs_dense.py --device "$DEV" --n-keys 64 --steps 2 --warmup 1 \
+    stage memory_vs_dense 300 "$PY" -m benchmarks memory_vs_dense --device "$DEV" --n-keys 64 --steps 2 --warmup 1 \
         --optimizers row_sparse_adam --out "$OUT/files"
 else
     # the tests first: a kernel that is wrong on the GPU makes its timings meaningless
     stage tests_gpu 150 "$PY" -m pytest -q -p no:cacheprovider tests/memlayers/test_triton_lookup.py \
         tests/memlayers/test_lookup.py tests/memlayers/test_lookup_cpu.py
-    stage memory_lookup 170 "$PY" benchmarks/memory_lookup.py --dims 256 1024 --devices cuda --skip-value-step \
+    stage memory_lookup 170 "$PY" -m benchmarks memory_lookup --dims 256 1024 --devices cuda --skip-value-step \
         --out-dir "$OUT/files"
-    stage memory_vs_dense 100 "$PY" benchmarks/memory_vs_dense.py --device cuda --n-keys 1024 --steps 10 --warmup 3 \
+    stage memory_vs_dense 100 "$PY" -m benchmarks memory_vs_dense --device cuda --n-keys 1024 --steps 10 --warmup 3 \
         --optimizers adamw,row_sparse_adam,row_sparse_adam:fused --out "$OUT/files"
-    stage memory_vs_dense_bf16 80 "$PY" benchmarks/memory_vs_dense.py --device cuda --n-keys 1024 --steps 10 --warmup 3 \
+    stage memory_vs_dense_bf16 80 "$PY" -m benchmarks memory_vs_dense --device cuda --n-keys 1024 --steps 10 --warmup 3 \
         --value-dtype bf16 --optimizers row_sparse_adam:fused,row_sparse_adam:fused:stochastic --out "$OUT/files"
 fi
 

@@ -20,8 +20,8 @@ moves ~7 GiB per rank per step, the sharded read ~280 MiB. The measured part run
 moves with the same ring accounting (so it checks the formula against the real calls: their number,
 shapes, dtypes and padding), and times one forward+backward of the read.
 
-    python benchmarks/memory_comm.py            # spawns 2 ranks with torchrun; writes results/memory_comm.{json,md}
-    python benchmarks/memory_comm.py --quick --out-dir /tmp/x
+    python -m benchmarks memory_comm            # spawns 2 ranks with torchrun; writes memory_comm.{json,md}
+    python -m benchmarks memory_comm --quick --out /tmp/x
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
+from benchmarks.harness import REPO, default_out, machine, parser, record, write_record
 
 # ---------------------------------------------------------------------------------------------
 # The formula
@@ -197,21 +196,20 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:,.1f} PiB"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker_out:
         worker(args)
         return
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = args.out_dir / ".memory_comm_worker.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+    out_dir = args.out or default_out()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".memory_comm_worker.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "benchmarks.memory_comm",
            "--reps", str(args.reps), "--worker-out", str(tmp), *(["--quick"] if args.quick else [])]  # fmt: skip
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
     measured = json.loads(tmp.read_text())
     tmp.unlink()
     projected = []
@@ -220,15 +218,10 @@ def main() -> None:
         projected.append({"label": label, "n_slots": n_slots, "v_dim": dv, "tokens_per_rank": t, "slots_per_token": s,
                           "world": w, "bytes_per_value": b, "sharded": sharded_bytes(t, s, dv, w, b),
                           "replicated": replicated_bytes(n_slots, dv, w, b)})  # fmt: skip
-    from common import machine  # benchmarks/ is on sys.path when run as a script
-
-    out = {
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "measured_2_ranks_gloo": measured,
-        "projected": projected,
-    }
-    (args.out_dir / "memory_comm.json").write_text(json.dumps(out, indent=2))
+    # rows: the measured table; `measured_2_ranks_gloo` keeps it under its earlier name.
+    out = record(
+        "memory_comm", args, measured, machine(), measured_2_ranks_gloo=measured, projected=projected
+    )
     lines = [
         "# Memory-layer communication per step: sharded values vs replicated values",
         "",
@@ -265,9 +258,8 @@ def main() -> None:
             f"| {_fmt_bytes(p['sharded']['total'])} | {_fmt_bytes(p['replicated'])} "
             f"| {p['replicated'] / p['sharded']['total']:,.0f}× |"
         )
-    lines += ["", f"Command: `python benchmarks/memory_comm.py{' --quick' if args.quick else ''}`", ""]
-    (args.out_dir / "memory_comm.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    lines += ["", f"Command: `python -m benchmarks memory_comm{' --quick' if args.quick else ''}`", ""]
+    write_record(out, "\n".join(lines), out_dir)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,16 @@ Part 2, value step = forward + backward + optimizer update of the value table:
     fbgemm-gpu-cpu imports.
 
 Everything runs side by side in one process: warmup, then the median (and min) of --reps.
-Writes benchmarks/results/memory_lookup.json and .md. It measures; it asserts nothing.
+Writes memory_lookup.json and .md under --out (default benchmarks/results/<machine>/). It measures; it asserts nothing.
 
-    python benchmarks/memory_lookup.py                   # full sizes (1M x 256, 1M x 1024)
-    python benchmarks/memory_lookup.py --quick --out-dir /tmp/x
+    python -m benchmarks memory_lookup                   # full sizes (1M x 256, 1M x 1024)
+    python -m benchmarks memory_lookup --quick --out /tmp/x
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
-import json
 import os
 import statistics
 import time
@@ -30,8 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine
 
+from benchmarks.harness import fmt_ms, machine, parser, record, write_record
 from memlayers.hugepages import empty_huge_like
 from memlayers.lookup import lookup
 from memlayers.lookup_cpu import lookup_cpu, native_ops
@@ -54,7 +52,7 @@ def timeit(fn: Callable[[], None], warmup: int, reps: int) -> dict:
         t0 = clock()
         fn()
         times.append((clock() - t0) * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_all": [round(t, 2) for t in times]}
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_all": times}
 
 
 def make_inputs(rows: int, bags: int, slots: int, dim: int, seed: int = 0):
@@ -138,7 +136,7 @@ def read_gbps(rec: dict, key: str = "forward") -> float:
     """Effective bandwidth of a forward: every read row once (B*K*D values) plus the (B, D) output."""
     item = 2 if "bf16" in rec["method"] else 4
     nbytes = rec["bags"] * rec["slots"] * rec["dim"] * item + rec["bags"] * rec["dim"] * 4
-    return round(nbytes / (rec[key]["ms"] / 1e3) / 1e9, 1)
+    return nbytes / (rec[key]["ms"] / 1e3) / 1e9
 
 
 def _fbgemm_cuda_fn() -> Callable | None:
@@ -261,7 +259,9 @@ def value_step_cases() -> dict[str, dict]:
             fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True), mem=1.7, dtype=torch.bfloat16
         ),
         "lookup_cpu, bf16 table + RowSparseAdam fused, stochastic rounding": dict(
-            fn=ours_sparse, opt=lambda p: RowSparseAdam(p, lr=lr, fused=True, rounding="stochastic"), mem=1.7,
+            fn=ours_sparse,
+            opt=lambda p: RowSparseAdam(p, lr=lr, fused=True, rounding="stochastic"),
+            mem=1.7,
             dtype=torch.bfloat16,
         ),
     }
@@ -285,7 +285,9 @@ def value_step_batches(rows, bags, slots, dim):
     """(batches of slot ids, weights, grad_out): the value step's inputs."""
     indices, weights, grad_out = make_inputs(rows, bags, slots, dim, seed=1)
     gen = torch.Generator().manual_seed(2)
-    batches = [indices] + [torch.randint(0, rows, (bags, slots), generator=gen) for _ in range(VALUE_STEP_BATCHES - 1)]
+    batches = [indices] + [
+        torch.randint(0, rows, (bags, slots), generator=gen) for _ in range(VALUE_STEP_BATCHES - 1)
+    ]
     return batches, weights, grad_out
 
 
@@ -317,7 +319,9 @@ def bench_value_step(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]
             rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
         else:
             try:
-                rec["value_step"] = timeit(make_value_step(case, rows, dim, batches, weights, grad_out), warmup, reps)
+                rec["value_step"] = timeit(
+                    make_value_step(case, rows, dim, batches, weights, grad_out), warmup, reps
+                )
             except Exception as err:  # e.g. a fused optimizer missing on this build
                 rec["skipped"] = f"{type(err).__name__}: {err}"[:200]
         results.append(rec)
@@ -346,18 +350,20 @@ def paired_ms(stock: Callable[[], None], ours: Callable[[], None], reps: int, wa
             times[name].append(timed(stock if name == "stock" else ours))
     ratios = sorted(a / b for a, b in zip(times["stock"], times["ours"]))
     return {
-        "stock_ms": round(statistics.median(times["stock"]), 1),
-        "ours_ms": round(statistics.median(times["ours"]), 1),
-        "speedup_median": round(statistics.median(ratios), 2),
-        "speedup_range": [round(ratios[0], 2), round(ratios[-1], 2)],
+        # Unrounded: a --quick forward takes well under 0.05 ms on a fast CPU, which rounding to 0.1 ms
+        # stored as 0.0 (issue 34). Rounding happens only where the Markdown is written.
+        "stock_ms": statistics.median(times["stock"]),
+        "ours_ms": statistics.median(times["ours"]),
+        "speedup_median": statistics.median(ratios),
+        "speedup_range": [ratios[0], ratios[-1]],
         "pairs": len(ratios),
     }
 
 
 def _print_paired(rec: dict) -> None:
     print(
-        f"{rec['rows']}x{rec['dim']} paired {rec['what']}: stock {rec['stock_ms']} ms, ours {rec['ours_ms']} ms, "
-        f"speed-up {rec['speedup_median']}x (pairs {rec['speedup_range'][0]}-{rec['speedup_range'][1]})",
+        f"{rec['rows']}x{rec['dim']} paired {rec['what']}: stock {fmt_ms(rec['stock_ms'])} ms, ours {fmt_ms(rec['ours_ms'])} ms, "
+        f"speed-up {rec['speedup_median']:.2f}x (pairs {rec['speedup_range'][0]:.2f}-{rec['speedup_range'][1]:.2f})",
         flush=True,
     )
 
@@ -370,7 +376,10 @@ PAIRED_LOOKUP = ("embedding_bag (sparse grad)", "lookup_cpu C++ (sparse grad)")
 def bench_lookup_paired(rows, dim, bags, slots, reps, warmup, max_gb) -> list[dict]:
     base = {"rows": rows, "dim": dim, "bags": bags, "slots": slots, "methods": list(PAIRED_LOOKUP)}
     if 3 * rows * dim * 4 / GB > max_gb or native_ops() is None:
-        return [base | {"what": what, "skipped": "exceeds --max-gb or no C++ extension"} for what in ("forward", "forward + backward")]
+        return [
+            base | {"what": what, "skipped": "exceeds --max-gb or no C++ extension"}
+            for what in ("forward", "forward + backward")
+        ]
     indices, weights, grad_out = make_inputs(rows, bags, slots, dim)
     values = table(torch.randn(rows, dim)).requires_grad_()
     w = weights.clone().requires_grad_()
@@ -399,7 +408,9 @@ def bench_value_step_paired(rows, dim, bags, slots, reps, warmup, max_gb) -> dic
         rec["skipped"] = f"needs ~{need:.1f} GB > --max-gb {max_gb}"
         return rec
     batches, weights, grad_out = value_step_batches(rows, bags, slots, dim)
-    stock, ours = (make_value_step(cases[name], rows, dim, batches, weights, grad_out) for name in PAIRED_VALUE_STEP)
+    stock, ours = (
+        make_value_step(cases[name], rows, dim, batches, weights, grad_out) for name in PAIRED_VALUE_STEP
+    )
     rec.update(paired_ms(stock, ours, reps, warmup))
     _print_paired(rec)
     return rec
@@ -421,8 +432,8 @@ def adam_traffic_floor(rows, dim, batches, reps, warmup, max_gb) -> dict:
     bandwidth = 2 * src.numel() * 4 / (copy["ms_min"] / 1e3)  # bytes read + written per second
     traffic = 6 * unique * dim * 4
     ms = traffic / bandwidth * 1e3
-    rec.update(unique_rows_per_step=round(unique), copy_gbps=round(bandwidth / GB, 1),
-               value_step={"ms": ms, "ms_min": ms, "ms_all": [round(ms, 2)]})  # fmt: skip
+    rec.update(unique_rows_per_step=round(unique), copy_gbps=bandwidth / GB,
+               value_step={"ms": ms, "ms_min": ms, "ms_all": [ms]})  # fmt: skip
     return rec
 
 
@@ -479,7 +490,7 @@ def _fmt(rec: dict) -> str:
     if "skipped" in rec:
         return f"{head} skipped: {rec['skipped']}"
     parts = [
-        f"{k} {rec[k]['ms']:.1f} ms (min {rec[k]['ms_min']:.1f})"
+        f"{k} {fmt_ms(rec[k]['ms'])} ms (min {fmt_ms(rec[k]['ms_min'])})"
         for k in ("forward", "forward_backward", "value_step")
         if k in rec
     ]
@@ -501,9 +512,9 @@ def add_speedups(lookups: list[dict], steps: list[dict]) -> None:
             )
             if ref:
                 key = "speedup_vs_" + ("eb_sparse" if "sparse" in base else "eb_dense")
-                rec[key] = round(ref["forward_backward"]["ms"] / rec["forward_backward"]["ms"], 2)
+                rec[key] = ref["forward_backward"]["ms"] / rec["forward_backward"]["ms"]
                 # Forward (inference): embedding_bag's forward is the same for both gradient kinds.
-                rec["fwd_speedup_vs_eb"] = round(ref["forward"]["ms"] / rec["forward"]["ms"], 2)
+                rec["fwd_speedup_vs_eb"] = ref["forward"]["ms"] / rec["forward"]["ms"]
     for rec in steps:
         if "value_step" not in rec:
             continue
@@ -513,7 +524,12 @@ def add_speedups(lookups: list[dict], steps: list[dict]) -> None:
             if r["method"] in STOCK_ADAM and r["dim"] == rec["dim"] and "value_step" in r
         ]
         if stock:
-            rec["speedup_vs_best_stock_adam"] = round(min(stock) / rec["value_step"]["ms"], 2)
+            rec["speedup_vs_best_stock_adam"] = min(stock) / rec["value_step"]["ms"]
+
+
+def _num(rec: dict, key: str, spec: str) -> str:
+    """`rec[key]` rounded for the table, or '-' when the record has no such value."""
+    return format(rec[key], spec) if key in rec else "-"
 
 
 def _md_rows(records: list[dict], n_cols: int, row: Callable[[dict, str], str]) -> list[str]:
@@ -530,7 +546,7 @@ def _md_rows(records: list[dict], n_cols: int, row: Callable[[dict, str], str]) 
     return lines
 
 
-def write_markdown(report: dict, path: Path) -> None:
+def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
         "# Memory lookup benchmark",
@@ -547,7 +563,11 @@ def write_markdown(report: dict, path: Path) -> None:
         f"Sizes: {report['config']['bags']} bags x {report['config']['slots']} slots, uniform random slots; "
         f"reps {report['config']['reps']} after {report['config']['warmup']} warmup. "
         f"C++ extension: {report['native']}. Tables (every method's) on "
-        + ("2 MiB pages (memlayers.hugepages)." if m.get("huge_pages", False) else "4 KiB pages (MEMLAYERS_NO_HUGE_PAGES=1).")
+        + (
+            "2 MiB pages (memlayers.hugepages)."
+            if m.get("huge_pages", False)
+            else "4 KiB pages (MEMLAYERS_NO_HUGE_PAGES=1)."
+        )
         + " Our optimizers' moments also use 2 MiB pages; torch's optimizers allocate theirs as usual.",
         "",
         "## Lookup forward + backward (grads for values and weights)",
@@ -559,10 +579,10 @@ def write_markdown(report: dict, path: Path) -> None:
         report["lookup"],
         8,
         lambda r, table: (
-            f"| {table} | {r['method']} | {r['forward']['ms']:.1f} | {r.get('forward_gbps', '-')} | "
-            f"{r.get('fwd_speedup_vs_eb', '-')}x | {r['forward_backward']['ms']:.1f} "
-            f"({r['forward_backward']['ms_min']:.1f}) | "
-            f"{r.get('speedup_vs_eb_sparse', '-')}x | {r.get('speedup_vs_eb_dense', '-')}x |"
+            f"| {table} | {r['method']} | {fmt_ms(r['forward']['ms'])} | {_num(r, 'forward_gbps', '.1f')} | "
+            f"{_num(r, 'fwd_speedup_vs_eb', '.2f')}x | {fmt_ms(r['forward_backward']['ms'])} "
+            f"({fmt_ms(r['forward_backward']['ms_min'])}) | "
+            f"{_num(r, 'speedup_vs_eb_sparse', '.2f')}x | {_num(r, 'speedup_vs_eb_dense', '.2f')}x |"
         ),
     )
     lines += [
@@ -576,8 +596,8 @@ def write_markdown(report: dict, path: Path) -> None:
         report["value_step"],
         4,
         lambda r, table: (
-            f"| {table} | {r['method']} | {r['value_step']['ms']:.1f} ({r['value_step']['ms_min']:.1f}) | "
-            f"{r.get('speedup_vs_best_stock_adam', '-')}x |"
+            f"| {table} | {r['method']} | {fmt_ms(r['value_step']['ms'])} ({fmt_ms(r['value_step']['ms_min'])}) | "
+            f"{_num(r, 'speedup_vs_best_stock_adam', '.2f')}x |"
         ),
     )
     paired = report.get("lookup_paired", []) + report.get("value_step_paired", [])
@@ -598,7 +618,7 @@ def write_markdown(report: dict, path: Path) -> None:
             [r | {"method": r["what"]} for r in paired],
             6,
             lambda r, table: (
-                f"| {table} | {r['what']} | {r['stock_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup_median']:.2f}x | "
+                f"| {table} | {r['what']} | {fmt_ms(r['stock_ms'])} | {fmt_ms(r['ours_ms'])} | {r['speedup_median']:.2f}x | "
                 f"{r['pairs']} ({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}) |"
             ),
         )
@@ -615,11 +635,11 @@ def write_markdown(report: dict, path: Path) -> None:
         "partial row-wise Adam (one second moment per row), made exact the same way. FBGEMM's CPU TBE has no "
         "Adam, so its fused row-wise Adagrad and SGD are listed as peers. fwd GB/s counts each read row once.",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=1 << 20, help="table rows (slots)")
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 1024], help="value widths to run")
     ap.add_argument("--bags", type=int, default=4096, help="bags (tokens) per batch")
@@ -646,8 +666,6 @@ def main(argv: list[str] | None = None) -> dict:
         default="wall",
         help="wall: wall-clock with all torch threads; thread: 1 thread, its CPU time (for loaded shared machines)",
     )
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.dims, args.bags, args.slots, args.reps, args.warmup = 4096, [32], 64, 16, 2, 1
@@ -662,8 +680,11 @@ def main(argv: list[str] | None = None) -> dict:
         if ops is not None
         else "unavailable (torch fallback)"
     )
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {
-        "machine": {
+        # The harness's machine, plus the fields this benchmark recorded before it (its Markdown reads them).
+        "machine": machine()
+        | {
             "cpu_model": machine()["cpu"],
             "num_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -671,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "huge_pages": os.environ.get("MEMLAYERS_NO_HUGE_PAGES") != "1",
         },
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": config,
         "native": native,
         "lookup": [],
         "value_step": [],
@@ -696,15 +717,23 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
             report["value_step_paired"].append(
                 bench_value_step_paired(
-                    args.rows, dim, args.bags, args.slots, args.paired_reps or args.reps, args.warmup, args.max_gb
+                    args.rows,
+                    dim,
+                    args.bags,
+                    args.slots,
+                    args.paired_reps or args.reps,
+                    args.warmup,
+                    args.max_gb,
                 )
             )
     add_speedups(report["lookup"], report["value_step"])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "memory_lookup.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, args.out_dir / "memory_lookup.md")
-    print(f"wrote {args.out_dir / 'memory_lookup.json'} and .md")
-    return report
+    # rows: the headline (paired) comparisons; every table stays under its own name as well.
+    md = markdown(report)
+    rows = report["lookup_paired"] + report["value_step_paired"]
+    rec = record("memory_lookup", config, rows, report.pop("machine"), **report)
+    path = write_record(rec, md, args.out)
+    print(f"wrote {path} and .md")
+    return rec
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Memory model vs its dense baseline: training tokens/s and peak memory.
 
-    python benchmarks/memory_vs_dense.py [--n-keys 1024] [--steps 5] [--warmup 2] [--device cpu]
+    python -m benchmarks memory_vs_dense [--n-keys 1024] [--steps 5] [--warmup 2] [--device cpu]
 
 The 20M quickstart model, dense, against the same model with block 3's FFN replaced by a
 product-key memory of n_keys² values (default 1M), trained with the dense AdamW value recipe and
@@ -9,29 +9,41 @@ optim.grad_clip=0; plain names run unfused; `NAME:fused:stochastic` adds stochas
 bf16 stores). `--value-dtype bf16` stores the table in bf16. One fresh process per row; each memory row's
 process also builds the dense model and alternates steps with it (`measure_training_paired`), so the ratio
 is measured under one machine state. Writes
-benchmarks/results/memory_vs_dense.{json,md} (`memory_vs_dense_bf16` for bf16 values).
+memory_vs_dense.{json,md} under --out (`memory_vs_dense_bf16` for bf16 values).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from common import RESULTS, machine, md_table, measure_in_subprocess, results_dir, write_results
+from benchmarks.harness import machine, md_table, measure_in_subprocess, parser, record, write_record
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--n-keys", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--optimizers", default="adamw,row_sparse_adam,row_sparse_adam:fused,rowwise_adam:fused")
     ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--out", type=results_dir, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     base = "configs/quickstart.yaml"
-    mem = ["memory.layers=[3]", f"memory.n_keys={args.n_keys}", "memory.heads=4", "memory.k_dim=128", "memory.knn=32"]
+    if args.quick:  # the tiny model, a 16^2-value memory, one optimizer, one step
+        base, args.n_keys, args.steps, args.warmup, args.optimizers = (
+            "configs/tiny.yaml",
+            16,
+            1,
+            1,
+            "row_sparse_adam:fused",
+        )
+    mem = [
+        f"memory.layers=[{1 if args.quick else 3}]",
+        f"memory.n_keys={args.n_keys}",
+        "memory.heads=4",
+        f"memory.k_dim={16 if args.quick else 128}",
+        f"memory.knn={4 if args.quick else 32}",
+    ]
     rows = [{"variant": "dense", **measure_in_subprocess(base, [], args.steps, args.warmup, args.device)}]
     mem.append(f"memory.value_dtype={args.value_dtype}")
     for spec in args.optimizers.split(","):
@@ -70,11 +82,11 @@ def main() -> None:
         "pairs of dense step time / memory step time (range: min–max pair). `separate runs`: tokens/s of the "
         "memory model's run over the dense row's run, measured one after the other; on a shared machine the "
         "load can drift between them.\n"
-        + f"\nCommand: `python benchmarks/memory_vs_dense.py --n-keys {args.n_keys} --value-dtype {args.value_dtype} "
+        + f"\nCommand: `python -m benchmarks memory_vs_dense --n-keys {args.n_keys} --value-dtype {args.value_dtype} "
         f"--steps {args.steps} --warmup {args.warmup} --optimizers {args.optimizers}`\n"
     )
     name = "memory_vs_dense" if args.value_dtype == "fp32" else f"memory_vs_dense_{args.value_dtype}"
-    write_results(name, {"machine": m, "device": args.device, "rows": rows}, md, args.out)
+    write_record(record(name, args, rows, m, device=args.device), md, args.out)
 
 
 if __name__ == "__main__":

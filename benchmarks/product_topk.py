@@ -1,6 +1,6 @@
 """The memory layer's product-key search on CPU: our C++ kernel against the stock torch path.
 
-    python benchmarks/product_topk.py [--tokens 2048] [--heads 4] [--n-keys 1024] [--knn 32]
+    python -m benchmarks product_topk [--tokens 2048] [--heads 4] [--n-keys 1024] [--knn 32]
 
 Per (token, head): each half's top-k of n_keys sub-key scores, then the top-k of the k*k sums.
 Stock = two `torch.topk` over the halves plus the k*k candidate sums and their `torch.topk` (what
@@ -16,14 +16,21 @@ Writes benchmarks/results/product_topk.{json,md}. It measures; it asserts nothin
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 
 import torch
-from common import RESULTS, alternating_ms, machine, md_table, native_ops_or_exit, results_dir, write_results
-from memory_lookup import timeit
 
+from benchmarks.harness import (
+    alternating_ms,
+    machine,
+    md_table,
+    native_ops_or_exit,
+    parser,
+    record,
+    write_record,
+)
+from benchmarks.memory_lookup import timeit
 from memlayers.key_search import product_key_topk_op
 from memlayers.lookup_cpu import product_topk_op
 
@@ -49,7 +56,9 @@ def search_with_backward(args) -> list[dict]:
     grad = torch.randn(T, H, 2, k, generator=gen)
     routes = {
         "einsum + C++ top-k + gather, autograd (dense score gradient)": einsum_route,
-        "ours: memlayers::product_key_topk_cpu (K-sparse backward)": lambda q, keys, k: product_key_topk_op(q, keys, k)[0],
+        "ours: memlayers::product_key_topk_cpu (K-sparse backward)": lambda q, keys, k: product_key_topk_op(
+            q, keys, k
+        )[0],
     }
 
     def run(route) -> float:
@@ -61,16 +70,17 @@ def search_with_backward(args) -> list[dict]:
     return alternating_ms({name: functools.partial(run, route) for name, route in routes.items()}, args.reps)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--n-keys", type=int, default=1024)
     ap.add_argument("--knn", type=int, default=32)
     ap.add_argument("--half", type=int, default=64, help="half of k_dim (the 20M memory model: k_dim 128)")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--out", type=results_dir, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.heads, args.n_keys, args.knn, args.half, args.reps = 8, 2, 64, 8, 4, 2
     ops = native_ops_or_exit("product_topk.py")
     scores = torch.randn(args.tokens * args.heads, 2, args.n_keys, generator=torch.Generator().manual_seed(0))
     k = args.knn
@@ -90,12 +100,21 @@ def main() -> None:
         f"Machine: {machine()['cpu']}, {machine()['torch_threads']} threads; {shape}; median of {args.reps} after 2 warmup.\n\n"
         + md_table(rows, [("method", "{method}"), ("ms", "{ms:.1f}"), ("vs torch", "{speedup:.2f}x")])
         + f"\n## Search forward + backward (scores from queries and sub-keys, half-dim {args.half}, to their gradients)\n\n"
-        + md_table(full, [("route", "{method}"), ("ms", "{ms:.1f}"), ("min ms", "{min_ms:.1f}"), ("vs einsum route", "{speedup:.2f}x")])
-        + "\nCommand: `python benchmarks/product_topk.py "
+        + md_table(
+            full,
+            [
+                ("route", "{method}"),
+                ("ms", "{ms:.1f}"),
+                ("min ms", "{min_ms:.1f}"),
+                ("vs einsum route", "{speedup:.2f}x"),
+            ],
+        )
+        + "\nCommand: `python -m benchmarks product_topk "
         + f"--tokens {args.tokens} --heads {args.heads} --n-keys {args.n_keys} --knn {k} --half {args.half}`\n"
     )
-    payload = {"machine": machine(), "shape": vars(args) | {"out": str(args.out)}, "rows": rows, "with_backward": full}
-    write_results("product_topk", payload, md, args.out)
+    rec = record("product_topk", args, rows, with_backward=full)
+    rec["shape"] = rec["args"]  # the name earlier records used for the arguments
+    write_record(rec, md, args.out)
 
 
 if __name__ == "__main__":

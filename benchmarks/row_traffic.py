@@ -1,6 +1,6 @@
 """What moving the optimizer state of a value step's rows costs on this machine, next to our kernels.
 
-    python benchmarks/row_traffic.py [--rows 1048576] [--dim 256] [--bags 4096] [--slots 128] [--reps 12]
+    python -m benchmarks row_traffic [--rows 1048576] [--dim 256] [--bags 4096] [--slots 128] [--reps 12]
 
 An exact Adam of a value table reads and writes each updated row's value, first and second moment. The
 `floor` row of `memory_lookup.py` prices those bytes at copy bandwidth; this measures them directly: a
@@ -17,13 +17,20 @@ gradients on). Writes benchmarks/results/row_traffic.{json,md}. It measures; it 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from common import RESULTS, alternating_ms, machine, md_table, native_ops_or_exit, results_dir, write_results
 from torch.utils.cpp_extension import load_inline
 
+from benchmarks.harness import (
+    alternating_ms,
+    machine,
+    md_table,
+    native_ops_or_exit,
+    parser,
+    record,
+    write_record,
+)
 from memlayers.hugepages import empty_huge_like
 from memlayers.lookup_cpu import _isa_flags
 from memlayers.row_sparse_adam import replay_horizon, step_table
@@ -68,15 +75,16 @@ void rmw_rows(torch::Tensor P, torch::Tensor M, torch::Tensor V, torch::Tensor r
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=1 << 20)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--bags", type=int, default=4096)
     ap.add_argument("--slots", type=int, default=128)
     ap.add_argument("--reps", type=int, default=12)
-    ap.add_argument("--out", type=results_dir, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.dim, args.bags, args.slots, args.reps = 4096, 40, 64, 16, 2
     ops = native_ops_or_exit("row_traffic.py")
     _, isa_flags = _isa_flags()
     rmw = load_inline(
@@ -86,7 +94,10 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     n, d = args.rows, args.dim
-    P, M, V = (empty_huge_like(src).copy_(src) for src in (torch.rand(n, d, generator=gen) * s for s in (0.02, 1e-3, 1e-6)))
+    P, M, V = (
+        empty_huge_like(src).copy_(src)
+        for src in (torch.rand(n, d, generator=gen) * s for s in (0.02, 1e-3, 1e-6))
+    )
     batches = [torch.randint(0, n, (args.bags, args.slots), generator=gen) for _ in range(4)]
     uniques = [b.unique() for b in batches]
     weights = torch.rand(args.bags, args.slots, generator=gen)
@@ -152,13 +163,19 @@ def main() -> None:
         f"the 6 row transfers (value, m, v read and written) of those rows, {gb:.2f} GB, on every row of the table "
         "(the kernels move more: the fused one also reads the bag gradients and sorts the reads by row, the "
         "catch-up reads each row's step).\n\n"
-        + md_table(rows, [("what", "{method}"), ("ms", "{ms:.1f}"), ("min ms", "{min_ms:.1f}"),
-                          ("GB/s of state traffic", "{gbps:.1f}")])  # fmt: skip
-        + f"\nCommand: `python benchmarks/row_traffic.py --rows {n} --dim {d} --bags {args.bags} --slots {args.slots} "
+        + md_table(
+            rows,
+            [
+                ("what", "{method}"),
+                ("ms", "{ms:.1f}"),
+                ("min ms", "{min_ms:.1f}"),
+                ("GB/s of state traffic", "{gbps:.1f}"),
+            ],
+        )  # fmt: skip
+        + f"\nCommand: `python -m benchmarks row_traffic --rows {n} --dim {d} --bags {args.bags} --slots {args.slots} "
         f"--reps {args.reps}`\n"
     )
-    payload = {"machine": m, "args": vars(args) | {"out": str(args.out)}, "unique_rows": unique, "rows": rows}
-    write_results("row_traffic", payload, md, args.out)
+    write_record(record("row_traffic", args, rows, m, unique_rows=unique), md, args.out)
 
 
 if __name__ == "__main__":

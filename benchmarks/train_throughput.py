@@ -1,17 +1,16 @@
 """Training throughput (tokens/s) and peak memory of the model presets.
 
-    python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--device cpu] [--out DIR]
+    python -m benchmarks train_throughput [--steps 5] [--warmup 2] [--device cpu] [--out DIR]
 
 Random tokens, full optimizer steps (forward, backward, AdamW), one fresh process per model so
-peak memory is its own. Writes benchmarks/results/train_throughput.{json,md}.
+peak memory is its own. Writes train_throughput.{json,md} under --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from common import RESULTS, machine, md_table, measure_in_subprocess, results_dir, write_results
+from benchmarks.harness import machine, md_table, measure_in_subprocess, parser, record, write_record
 
 MODELS = {
     "tiny": ("configs/tiny.yaml", []),
@@ -19,14 +18,15 @@ MODELS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--out", type=results_dir, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.steps, args.warmup = "tiny", 1, 1
     rows = []
     for name in args.models.split(","):
         config, overrides = MODELS[name]
@@ -48,9 +48,9 @@ def main() -> None:
                 ("peak memory (MB)", "{peak_mem_mb:,.0f}"),
             ],
         )
-        + "\nCommand: `python benchmarks/train_throughput.py`\n"
+        + "\nCommand: `python -m benchmarks train_throughput`\n"
     )
-    write_results("train_throughput", {"machine": m, "device": args.device, "rows": rows}, md, args.out)
+    write_record(record("train_throughput", args, rows, m, device=args.device), md, args.out)
 
 
 if __name__ == "__main__":

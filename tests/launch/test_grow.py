@@ -1,5 +1,5 @@
 """`python -m launch.grow`: grown checkpoints for every strategy, continued training, ties, exactness,
-parameter overhead, CLI errors; plus the `benchmarks/growth.py --quick` smoke run."""
+parameter overhead, CLI errors; plus the `python -m experiments.growth --quick` smoke run."""
 
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def test_grown_model_fsdp_two_ranks_match_one(grown, tiny_checkpoint, tmp_path):
 
 def test_growth_benchmark_quick_mode(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "growth.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "experiments.growth", "--quick", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

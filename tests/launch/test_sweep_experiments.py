@@ -332,16 +332,13 @@ def test_collect_reports_memory_slot_use_of_memory_runs_only(tmp_path):
 
 
 def _load_benchmark(name: str):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"experiments.{name}")
 
 
 def test_facts_by_attribute_against_hand_counts(tmp_path):
-    """benchmarks/facts_by_attribute.py: EM per attribute per run, mean ± std per arm, majority floors,
+    """experiments/facts_by_attribute.py: EM per attribute per run, mean ± std per arm, majority floors,
     runs without predictions counted as missing, and a clear error for predictions of another file."""
     fba = _load_benchmark("facts_by_attribute")
     qa = [
@@ -381,7 +378,7 @@ def test_facts_by_attribute_against_hand_counts(tmp_path):
 
 
 def test_value_trend_against_hand_computed_statistics(tmp_path):
-    """benchmarks/value_trend.py: slope per doubling, P(monotonic) and the ratio to a baseline."""
+    """experiments/value_trend.py: slope per doubling, P(monotonic) and the ratio to a baseline."""
     vt = _load_benchmark("value_trend")
     assert vt.ols_slope([0, 1, 2], [1, 3, 5]) == pytest.approx(2.0)
     assert vt.percentile([0.0, 1.0, 2.0, 3.0], 0.5) == pytest.approx(1.5)

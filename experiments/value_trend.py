@@ -1,11 +1,11 @@
 """Does a metric rise with the number of memory values, and by how much over a baseline arm?
 Seed-level statistics for the claim "recall rises monotonically with values" (issue: research (a)).
 
-    python benchmarks/value_trend.py --csv benchmarks/results/sweep_capacity_cpu1k.csv \
+    python -m experiments.value_trend --csv experiments/results/sweep_capacity_cpu1k.csv \
         --sweep configs/sweeps/capacity_cpu1k.yaml \
         --arms memory_16k_qknorm_wide,memory_65k_qknorm_wide,memory_262k_qknorm_wide,memory_1M_qknorm_wide \
         --baseline dense_0.3M --metric facts_seen/exact_match \
-        [--out benchmarks/results/sweep_capacity_cpu1k_trend_seen] [--boot 20000]
+        [--out experiments/results/sweep_capacity_cpu1k_trend_seen] [--boot 20000]
 
 Reads the per-run table that `launch.sweep collect` writes (finished runs only) and reports, for the
 arms ordered by their number of values:
@@ -31,11 +31,8 @@ import statistics
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from launch.sweep.spec import load_sweep  # noqa: E402
-from launch.sweep.summary import mean_std  # noqa: E402
+from launch.sweep.spec import load_sweep
+from launch.sweep.summary import mean_std
 
 
 def ols_slope(xs: list[float], ys: list[float]) -> float:
@@ -55,7 +52,9 @@ def percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-def trend(groups: list[tuple[int, list[float]]], baseline: list[float] | None, boot: int, seed: int = 0) -> dict:
+def trend(
+    groups: list[tuple[int, list[float]]], baseline: list[float] | None, boot: int, seed: int = 0
+) -> dict:
     """groups: (values, per-seed metric) per arm, any order. Slope per doubling, P(monotonic) and the
     largest arm / baseline ratio, each with its bootstrap distribution summarised."""
     groups = sorted(groups, key=lambda g: g[0])
@@ -86,6 +85,7 @@ def trend(groups: list[tuple[int, list[float]]], baseline: list[float] | None, b
             ratios.append(q)
     slopes.sort()
     ratios.sort()
+
     def described(ys: list[float]) -> dict:
         mean, std = mean_std(ys)
         return {"runs": ys, "mean": mean, "std": std}
@@ -124,7 +124,12 @@ def read_runs(csv_path: Path, sweep_path: Path, metric: str) -> dict[str, list[t
 
 def markdown(result: dict, arms: list[str], baseline: str | None, metric: str) -> str:
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-    lines = [f"# `{metric}` against the number of memory values", "", "| arm | values | runs | mean ± std |", "|---|---|---|---|"]
+    lines = [
+        f"# `{metric}` against the number of memory values",
+        "",
+        "| arm | values | runs | mean ± std |",
+        "|---|---|---|---|",
+    ]
     for name, a in zip(arms, result["arms"]):
         lines.append(f"| {name} | {a['values']:,} | {fmt(a['runs'])} | {a['mean']:.3f} ± {a['std']:.3f} |")
     if baseline:
@@ -138,8 +143,12 @@ def markdown(result: dict, arms: list[str], baseline: str | None, metric: str) -
     ]
     if baseline:
         rlo, rhi = result["ratio_ci95"]
-        lines.append(f"- Largest arm / {baseline}: **{result['ratio_largest_to_baseline']:.2f}×** (95% bootstrap interval {rlo:.2f}× … {rhi:.2f}×).")
-    lines.append("\nBootstrap: each arm's seeds resampled with replacement (RNG seed 0); with 3 seeds per arm it is coarse.")
+        lines.append(
+            f"- Largest arm / {baseline}: **{result['ratio_largest_to_baseline']:.2f}×** (95% bootstrap interval {rlo:.2f}× … {rhi:.2f}×)."
+        )
+    lines.append(
+        "\nBootstrap: each arm's seeds resampled with replacement (RNG seed 0); with 3 seeds per arm it is coarse."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -159,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     arms = args.arms.split(",")
     missing = [a for a in arms + ([args.baseline] if args.baseline else []) if not runs.get(a)]
     if missing:
-        raise SystemExit(f"no finished runs of {', '.join(missing)} in {args.csv}; arms with finished runs: {', '.join(runs)}")
+        raise SystemExit(
+            f"no finished runs of {', '.join(missing)} in {args.csv}; arms with finished runs: {', '.join(runs)}"
+        )
     no_values = [a for a in arms if any(v is None for v, _ in runs[a])]
     if no_values:
-        raise SystemExit(f"{', '.join(no_values)}: not memory arms (no `values` column); pass them as --baseline")
+        raise SystemExit(
+            f"{', '.join(no_values)}: not memory arms (no `values` column); pass them as --baseline"
+        )
     groups = [(runs[a][0][0], [m for _, m in runs[a]]) for a in arms]
     order = sorted(range(len(arms)), key=lambda i: groups[i][0])
     arms = [arms[i] for i in order]

@@ -1,9 +1,9 @@
 """Recall exact match per fact attribute, per arm of a sweep (mean ± std over seeds), with each
 attribute's majority-answer floor: which facts a model learned, not only how many.
 
-    python benchmarks/facts_by_attribute.py --sweep configs/sweeps/capacity_cpu1k.yaml \
+    python -m experiments.facts_by_attribute --sweep configs/sweeps/capacity_cpu1k.yaml \
         --task facts_seen --qa runs/facts/f1000/qa_seen.jsonl \
-        [--out benchmarks/results/sweep_capacity_cpu1k_by_attribute]
+        [--out experiments/results/sweep_capacity_cpu1k_by_attribute]
 
 Reads each run's `RUN/eval/predictions/TASK.jsonl` (written by `launch.eval`, one row per question
 in the order of the QA file) and the QA file's `attribute` field; runs without predictions are
@@ -17,14 +17,10 @@ import csv
 import io
 import json
 import statistics
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from launch.sweep.spec import load_sweep  # noqa: E402
+from launch.sweep.spec import load_sweep
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -43,16 +39,22 @@ def majority_floors(qa: list[dict]) -> dict[str, float]:
 def run_by_attribute(qa: list[dict], predictions: list[dict], where: Path) -> dict[str, float]:
     """One run's EM per attribute; the predictions must be the QA file's questions in order."""
     if len(predictions) != len(qa):
-        raise ValueError(f"{where}: {len(predictions)} predictions for {len(qa)} questions (another QA file?)")
+        raise ValueError(
+            f"{where}: {len(predictions)} predictions for {len(qa)} questions (another QA file?)"
+        )
     hits: dict[str, list[float]] = defaultdict(list)
     for i, (q, p) in enumerate(zip(qa, predictions)):
         if q["question"] != p["question"]:
-            raise ValueError(f"{where}: row {i} answers {p['question']!r}, the QA file asks {q['question']!r}")
+            raise ValueError(
+                f"{where}: row {i} answers {p['question']!r}, the QA file asks {q['question']!r}"
+            )
         hits[q["attribute"]].append(float(p["em"]))
     return {a: sum(v) / len(v) for a, v in hits.items()}
 
 
-def by_attribute(sweep_path: Path, task: str, qa_path: Path) -> tuple[list[str], dict[str, float], list[dict]]:
+def by_attribute(
+    sweep_path: Path, task: str, qa_path: Path
+) -> tuple[list[str], dict[str, float], list[dict]]:
     sweep = load_sweep(sweep_path)
     qa = read_jsonl(qa_path)
     if not qa or "attribute" not in qa[0]:
@@ -87,9 +89,15 @@ def _pm(mean: float | None, std: float | None) -> str:
 def to_markdown(title: str, attributes: list[str], floors: dict[str, float], rows: list[dict]) -> str:
     cols = [*attributes, "all"]
     out = [f"# {title}\n", "| arm | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    out.append("| majority answer | | " + " | ".join(f"{floors[a]:.3f}" for a in attributes) + f" | {statistics.mean(floors.values()):.3f} |")
+    out.append(
+        "| majority answer | | "
+        + " | ".join(f"{floors[a]:.3f}" for a in attributes)
+        + f" | {statistics.mean(floors.values()):.3f} |"
+    )
     for r in rows:
-        out.append(f"| {r['arm']} | {r['seeds']} | " + " | ".join(_pm(r[c], r[f'{c}_std']) for c in cols) + " |")
+        out.append(
+            f"| {r['arm']} | {r['seeds']} | " + " | ".join(_pm(r[c], r[f"{c}_std"]) for c in cols) + " |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -107,15 +115,24 @@ def to_csv(attributes: list[str], floors: dict[str, float], rows: list[dict]) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", type=Path, required=True)
-    ap.add_argument("--task", default="facts_seen", help="the eval task name (RUN/eval/predictions/TASK.jsonl)")
-    ap.add_argument("--qa", type=Path, required=True, help="the QA file that task read (with 'attribute' per row)")
-    ap.add_argument("--out", type=Path, default=None, help="output prefix (default SWEEP_OUT/by_attribute_TASK)")
+    ap.add_argument(
+        "--task", default="facts_seen", help="the eval task name (RUN/eval/predictions/TASK.jsonl)"
+    )
+    ap.add_argument(
+        "--qa", type=Path, required=True, help="the QA file that task read (with 'attribute' per row)"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="output prefix (default SWEEP_OUT/by_attribute_TASK)"
+    )
     args = ap.parse_args(argv)
     attributes, floors, rows = by_attribute(args.sweep, args.task, args.qa)
     out = args.out or load_sweep(args.sweep).out / f"by_attribute_{args.task}"
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"Recall EM per attribute: `{args.task}` of sweep `{args.sweep.stem}` (mean ± std over seeds)"
-    md = to_markdown(title, attributes, floors, rows) + f"\nCommand: `python benchmarks/facts_by_attribute.py --sweep {args.sweep} --task {args.task} --qa {args.qa} --out {out}`\n"
+    md = (
+        to_markdown(title, attributes, floors, rows)
+        + f"\nCommand: `python -m experiments.facts_by_attribute --sweep {args.sweep} --task {args.task} --qa {args.qa} --out {out}`\n"
+    )
     Path(f"{out}.md").write_text(md)
     Path(f"{out}.csv").write_text(to_csv(attributes, floors, rows))
     print(md)
