@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from launch.data.facts import ATTRIBUTES, TEMPLATES, FactsArgs, entities, main, write_corpus
+from launch.data.facts import ATTRIBUTES, TEMPLATES, FactsArgs, entities, write_corpus
+from launch.facts import main
 from launch.data.stream import BatchStream, MixedSequences, PackedSequences, parse_mix, train_sequences
 from launch.eval.tasks import FORMATS
 from launch.runtime.errors import ConfigError, UserError
