@@ -71,7 +71,7 @@ class Block:
 
 def parse_annotation(text: str, block: Block) -> None:
     block.annotated = True
-    for part in (p.strip() for p in text.split(";")):
+    for part in (p.strip() for p in re.split(r";(?![^()]*\))", text)):  # no split inside (...)
         if not part:
             continue
         if part == "run":
