@@ -109,7 +109,7 @@ def checkpoint_bytes(step_dir: Path, nproc: int) -> tuple[list[int], int]:
 
 def planned(nproc: int) -> int:
     from launch.config import load_config
-    from launch.distributed import plan
+    from launch.distributed.plan import plan
 
     cfg = load_config([*MODEL, f"parallel.memory={nproc}", "parallel.data=fsdp"])
     return plan(cfg, nproc)["per_rank_total_bytes"]

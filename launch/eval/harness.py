@@ -24,7 +24,7 @@ from lm_eval.api.registry import register_model
 
 from launch.data.tokenizer import Tokenizer
 from launch.eval.scoring import encode_pair, loglikelihoods, rolling_windows
-from launch.models import generate
+from launch.models.generate import generate
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 

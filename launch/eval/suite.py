@@ -35,7 +35,7 @@ from launch.eval.tasks import (
     split_shots,
     text_documents,
 )
-from launch.models import generate
+from launch.models.generate import generate
 
 
 @dataclass

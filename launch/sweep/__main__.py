@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from launch.config import load_config
 from launch.runtime.errors import ConfigError, run_cli
-from launch.sweep import collect
+from launch.sweep.collect import collect
 from launch.sweep.runner import command, executor_parameters, plan, run_local, state, submit_slurm
 from launch.sweep.spec import SlurmSettings, Sweep, load_sweep
 

@@ -12,7 +12,7 @@ from launch.config import EvalConfig
 from launch.distributed.process_group import DistInfo
 from launch.eval.scoring import encode_pair, loglikelihoods, rolling_windows
 from launch.eval.suite import run_tasks
-from launch.models import generate
+from launch.models.generate import generate
 
 from .conftest import FIXTURES, REPO, random_model
 
