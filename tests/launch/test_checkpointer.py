@@ -1,4 +1,4 @@
-"""launch.checkpointer: sharded DCP checkpoints that reshard on load, checksum manifests with fallback
+"""launch.checkpoint: sharded DCP checkpoints that reshard on load, checksum manifests with fallback
 to the newest intact checkpoint, no code ever unpickled, non-finite state never committed, failed
 writes named with the previous checkpoint kept."""
 
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from launch.checkpoint import manifest
-from launch.checkpoint.checkpointer import Checkpointer, read_model_state, read_plain_tensors
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.checkpoint.legacy import read_plain_tensors
+from launch.checkpoint.read import read_model_state
 from launch.checkpoint.safe_metadata import read_metadata_file
 from launch.config import config_from_file
 from launch.models.build import build_model
@@ -254,7 +256,7 @@ def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path)
 
 
 def write_legacy(path: Path, model: nn.Module, opts) -> None:
-    from launch.checkpoint.format import save_model_file
+    from launch.checkpoint.legacy import save_model_file
 
     path.mkdir(parents=True)
     save_model_file(model, path / "model.safetensors")

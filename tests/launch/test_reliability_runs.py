@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.checkpoint.format import list_checkpoints
+from launch.checkpoint.paths import list_checkpoints
 from launch.runtime.run_dir import LOCK_FILE, acquire_lock
 from launch.train import __main__ as train_cli
 from launch.train.metrics import read_metrics
