@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from launch.checkpoint import format as ckpt
-from launch.checkpoint.checkpointer import read_trainer_state, write_model_checkpoint
+from launch.checkpoint.checkpointer import write_model_checkpoint
 from launch.checkpoint.load import LoadedCheckpoint, load_checkpoint
+from launch.checkpoint.paths import resolve_checkpoint
+from launch.checkpoint.read import read_trainer_state
+from launch.checkpoint.state import alias_map
 from launch.config import Config, GrowConfig, load_config, to_yaml
 from launch.models.llama import Transformer
 from launch.runtime.errors import ConfigError, UserError, run_cli
@@ -196,7 +198,7 @@ def _trainable(model: nn.Module) -> int:
 
 
 def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, summary: dict, overwrite: bool) -> None:
-    """Write the checkpoint (launch.checkpointer's format, launch.outputs' rules: temp dir, manifest, rename)."""
+    """Write the checkpoint (launch.checkpoint's format, launch.runtime.outputs' rules: temp dir, manifest, rename)."""
     source_state = read_trainer_state(src.path)
     state = {
         "step": 0,
@@ -250,7 +252,7 @@ def grow_checkpoint(
     strategy_options(grow)  # bad options fail before anything is loaded
     if not str(out):
         raise ConfigError("out= is required (the new checkpoint directory)")
-    source = ckpt.resolve_checkpoint(checkpoint)
+    source = resolve_checkpoint(checkpoint)
     out = check_output_dir(out, command=COMMAND, overwrite=overwrite, sources=(checkpoint, source))
     run_dir = Path(run_dir).absolute() if run_dir else out.with_name(out.name + "_run")
 
@@ -263,7 +265,7 @@ def grow_checkpoint(
 
     from scalenet import adapter_parameters
 
-    aliases = ckpt.alias_map(model)
+    aliases = alias_map(model)
     grown_params = model.num_params()
     summary = GrowthSummary(
         strategy=grow.strategy,

@@ -1,3 +1,6 @@
-"""Checkpoints, one package: the run directory's checkpoint paths and legacy reader (`format`), the sharded
-DCP checkpointer (`checkpointer`), per-file checksums (`manifest`), reading DCP metadata without unpickling
-code (`safe_metadata`), and loading a checkpoint alone for eval, generation, growth or export (`load`)."""
+"""Checkpoints, one package, one module per job: the Checkpointer that saves, finds, loads and prunes a
+run's sharded DCP checkpoints and decides when to save (`checkpointer`); the flat state it saves
+(`state`); reading and checking a checkpoint (`read`); the single-file format of earlier versions
+(`legacy`); atomic directories (`atomic`); where a run's checkpoints are (`paths`); per-file checksums
+(`manifest`); DCP metadata without unpickling code (`safe_metadata`); one-process collectives
+(`collectives`); and loading a checkpoint alone for eval, generation, growth or export (`load`)."""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import format as ckpt
-from launch.checkpoint.checkpointer import checkpoint_problem, read_model_state, read_trainer_state
+from launch.checkpoint.paths import resolve_checkpoint
+from launch.checkpoint.read import checkpoint_problem, read_model_state, read_trainer_state
 from launch.config import Config, config_from_file
 from launch.data.tokenizer import Tokenizer
 from launch.models.build import build_model
@@ -33,9 +33,11 @@ def load_config_of(path: Path) -> Config:
     return config_from_file(cfg_file)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> LoadedCheckpoint:
     """Model (eval mode), tokenizer and config of a checkpoint dir (or a run dir: its latest)."""
-    path = ckpt.resolve_checkpoint(path)
+    path = resolve_checkpoint(path)
     problem = checkpoint_problem(path)  # before its config is trusted to build a model
     if problem:
         raise UserError(f"checkpoint {path} is damaged: {problem}")

@@ -28,7 +28,9 @@ def digest_files(root: Path, relative: list[str]) -> dict[str, dict]:
 
 def all_files(root: Path) -> list[str]:
     """Every regular file under `root` except the manifest itself, as sorted relative paths."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
+    )
 
 
 def write_manifest(root: Path, files: dict[str, dict]) -> None:

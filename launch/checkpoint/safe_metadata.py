@@ -88,7 +88,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as e:  # noqa: BLE001 (any unpickling failure is the same user-facing error)
-            raise UserError(f"checkpoint entry {read_item.dest_index.fqn} is not a plain tensor file ({e})") from None
+            raise UserError(
+                f"checkpoint entry {read_item.dest_index.fqn} is not a plain tensor file ({e})"
+            ) from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
 

@@ -27,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from launch.checkpoint import format as ckpt
+from launch.checkpoint.paths import resolve_checkpoint
+from launch.checkpoint.read import check_model_state
 from launch.config import Config, MemoryConfig, to_yaml
 from launch.convert import names
 from launch.convert.tokenizer_json import save_tokenizer
@@ -266,7 +267,7 @@ def export_checkpoint(
     """`python -m launch.convert to-hf checkpoint=CKPT out=HFDIR`: a checkpoint (or run dir) -> HF dir."""
     from launch.checkpoint.load import load_checkpoint
 
-    sources = (checkpoint, ckpt.resolve_checkpoint(checkpoint))
+    sources = (checkpoint, resolve_checkpoint(checkpoint))
     check_output_dir(out, command=EXPORT_COMMAND, overwrite=overwrite, sources=sources)  # before any loading
     loaded = load_checkpoint(checkpoint)
     return export_model(
@@ -494,7 +495,7 @@ def import_hf(
     state = _hf_state_to_ours(read_hf_weights(hf_dir), cfg.model, source)
 
     model = build_model(cfg)
-    ckpt.check_model_state(model, state, str(hf_dir))
+    check_model_state(model, state, str(hf_dir))
     with torch.no_grad():
         model.load_state_dict(state)  # copies (and casts to fp32) into the built model
     write_checkpoint_dir(model, cfg, tok_path, out, overwrite, source=str(hf_dir), sources=(hf_dir,))
@@ -504,7 +505,7 @@ def import_hf(
 def write_checkpoint_dir(
     model: nn.Module, cfg: Config, tok_path: Path, out: Path, overwrite: bool, source: str, sources: tuple = ()
 ) -> None:
-    """A step-0 checkpoint dir in launch.checkpointer's format (temp dir, manifest, rename; launch.outputs' rules)."""
+    """A step-0 checkpoint dir in launch.checkpoint's format (temp dir, manifest, rename; launch.runtime.outputs' rules)."""
     from launch.checkpoint.checkpointer import write_model_checkpoint
 
     # No data position: a run started from here begins its stream at the start.

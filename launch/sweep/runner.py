@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launch.checkpoint.format import list_checkpoints
+from launch.checkpoint.paths import list_checkpoints
 from launch.runtime.errors import UserError
 from launch.sweep.spec import Run, Sweep, override_args, run_config
 

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import format as ckpt
-from launch.checkpoint.checkpointer import Checkpointer, StateAdapter, read_trainer_state
+from launch.checkpoint import paths as ckpt
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.checkpoint.read import read_trainer_state
+from launch.checkpoint.state import StateAdapter
 from launch.config import Config, to_yaml
 from launch.data.stream import BatchStream, build_datasets, shard_tokenizer, training_documents
 from launch.data.tokenizer import Tokenizer, train_tokenizer

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launch.checkpoint.checkpointer import Checkpointer, StateAdapter
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.checkpoint.state import StateAdapter
 from memlayers import RowSparseAdam
 
 ROWS, DV, DIM = 32, 8, 6
@@ -118,7 +119,7 @@ def main() -> None:
                         want = want[:, raw.col]
                     assert torch.equal(got, want), (stat, got, want)
         if world == 1:  # the one-process reader (eval, grow, to-hf, init_from) assembles the full tensors
-            from launch.checkpoint.checkpointer import read_model_state
+            from launch.checkpoint.read import read_model_state
 
             plain = Toy(slice(0, DV))
             read_model_state(path, plain)

@@ -1,4 +1,4 @@
-"""launch.checkpointer: sharded DCP checkpoints that reshard on load, checksum manifests with fallback
+"""launch.checkpoint: sharded DCP checkpoints that reshard on load, checksum manifests with fallback
 to the newest intact checkpoint, no code ever unpickled, non-finite state never committed, failed
 writes named with the previous checkpoint kept."""
 
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from launch.checkpoint import manifest
-from launch.checkpoint.checkpointer import Checkpointer, read_model_state, read_plain_tensors
+from launch.checkpoint.checkpointer import Checkpointer
+from launch.checkpoint.legacy import read_plain_tensors
+from launch.checkpoint.read import read_model_state
 from launch.checkpoint.safe_metadata import read_metadata_file
 from launch.config import config_from_file
 from launch.models.build import build_model
@@ -250,11 +252,41 @@ def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path)
     assert snapshot(tmp_path / "checkpoints") == before
 
 
+# -- when to save: the checkpointer decides (train.ckpt_every), the loop asks -------------------
+
+
+@pytest.mark.parametrize(
+    ("every", "step", "last", "preempted", "due"),
+    [
+        (10, 10, False, False, True),  # a multiple of ckpt_every
+        (10, 20, False, False, True),
+        (10, 15, False, False, False),
+        (10, 15, True, False, True),  # the last step, whatever the schedule
+        (10, 15, False, True, True),  # SIGTERM: save before exiting
+        (0, 10, False, False, False),  # ckpt_every=0: only at the end
+        (0, 10, True, False, True),
+        (0, 7, False, True, True),
+        (1, 1, False, False, True),
+    ],
+)
+def test_due_saves_on_schedule_at_the_end_and_when_preempted(tmp_path, every, step, last, preempted, due):
+    ck = Checkpointer(tmp_path, 2, every=every)
+    assert ck.due(step, last=last, preempted=preempted) is due
+    assert not (tmp_path / "checkpoints").exists()  # asking writes nothing
+
+
+def test_due_defaults_to_no_schedule_and_not_preempted(tmp_path):
+    ck = Checkpointer(tmp_path)
+    assert ck.every == 0 and ck.due(5, last=False) is False and ck.due(5, last=True) is True
+    with pytest.raises(TypeError):  # the contract: async_save and every by keyword only
+        Checkpointer(tmp_path, 2, True)
+
+
 # -- the single-file format of earlier versions: converted on read -----------------------------
 
 
 def write_legacy(path: Path, model: nn.Module, opts) -> None:
-    from launch.checkpoint.format import save_model_file
+    from launch.checkpoint.legacy import save_model_file
 
     path.mkdir(parents=True)
     save_model_file(model, path / "model.safetensors")

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from launch.checkpoint.format import resolve_checkpoint  # noqa: E402
 from launch.checkpoint.load import load_checkpoint  # noqa: E402
+from launch.checkpoint.paths import resolve_checkpoint  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.convert import names  # noqa: E402
 from launch.convert.llama import export_checkpoint, export_model, import_hf, memory_layout, write_checkpoint_dir  # noqa: E402

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from launch import grow as grow_cli
-from launch.checkpoint.format import latest_checkpoint
 from launch.checkpoint.load import load_checkpoint
+from launch.checkpoint.paths import latest_checkpoint
 from launch.checkpoint.safe_metadata import read_metadata_file, tensor_entries
 from launch.config import GrowConfig
 from launch.runtime.errors import UserError

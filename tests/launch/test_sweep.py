@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoint.format import list_checkpoints
+from launch.checkpoint.paths import list_checkpoints
 from launch.runtime.errors import ConfigError
 from launch.sweep.collect import collect
 from launch.sweep.__main__ import main as sweep_main

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoint.format import list_checkpoints
 from launch.checkpoint.load import load_checkpoint
+from launch.checkpoint.paths import list_checkpoints
 from launch.checkpoint.safe_metadata import read_metadata_file
 from launch.train.metrics import read_metrics
 

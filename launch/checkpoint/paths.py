@@ -1,0 +1,85 @@
+"""Where a run's checkpoints are and which one to use: `run.dir/checkpoints/step_N/`, the newest
+intact one (damaged newer ones skipped with a warning), and a path given on a command line (a
+checkpoint directory, or a run directory meaning its newest intact checkpoint)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from launch.checkpoint.atomic import ignore_file_size_signal
+from launch.checkpoint.collectives import all_ranks, rank, world_size
+from launch.checkpoint.read import TRAINER_STATE, checkpoint_problem
+from launch.runtime.errors import UserError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every step_N directory (complete or not), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The step_N directories holding a trainer state (written last, so present once complete), oldest first."""
+    return [(step, p) for step, p in step_dirs(run_dir) if (p / TRAINER_STATE).is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def latest_intact(run_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose files match its manifest. A damaged newer one is skipped with a
+    one-line warning; if checkpoints exist but none is intact, a UserError naming the damage.
+    Collective when a process group is up: the ranks split the checksum work."""
+    damaged: list[str] = []
+    for _step, path in reversed(step_dirs(run_dir)):
+        problems = [p for p in all_ranks(checkpoint_problem(path, (rank(), world_size()))) if p]
+        if not problems:
+            if damaged and warn and rank() == 0:
+                print(
+                    f"warning: skipping damaged checkpoint(s): {'; '.join(damaged)}; resuming from {path}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return path
+        damaged.append(problems[0])
+    if damaged:
+        raise UserError(
+            f"no intact checkpoint in {checkpoint_dir(run_dir)}: {'; '.join(damaged[:3])}. Delete the damaged checkpoint "
+            "directories to start this run over, or restore them"
+        )
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest intact checkpoint)."""
+    p = Path(path)
+    if (p / TRAINER_STATE).is_file():
+        return p
+    latest = None
+    if checkpoint_dir(p).is_dir():
+        # Resolving a run directory has always gone through the Checkpointer, which set this: kept so
+        # that commands given a run directory still fail in one line under `ulimit -f`.
+        ignore_file_size_signal()
+        latest = latest_intact(p)
+    if latest is not None:
+        return latest
+    raise UserError(
+        f"no checkpoint at {p} (expected a checkpoints/step_N directory or a run directory holding one)"
+    )
