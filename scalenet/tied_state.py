@@ -1,21 +1,25 @@
-"""State dicts of tied models: one stored name per shared tensor, every alias restored on load.
+"""Tied state: which state-dict names share a tensor, one stored name per tie, every tie restored on load.
 
 ``module.state_dict()`` lists a tied tensor under every name that reaches it (``0.attention.wq.weight``
 and ``4.attention.wq.weight`` for a block used at positions 0 and 4). safetensors refuses tensors that
 share memory, and storing each alias would duplicate the bytes. :func:`unique_state_dict` keeps the
 first name per storage; :func:`load_unique_state_dict` fans that tensor back out to every alias and
 loads with ``copy_`` into the existing tensors, so ties (same ``nn.Parameter`` objects) survive.
+
+Pure torch: writing such a state dict to a file is the caller's business (launch.tied_safetensors does it
+with safetensors).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from scalenet.params import storage_key
+
+__all__ = ["alias_groups", "load_unique_state_dict", "unique_state_dict"]
 
 
 def alias_groups(module: nn.Module) -> list[list[str]]:
@@ -82,21 +86,3 @@ def load_unique_state_dict(
     known = {n for g in alias_groups(module) for n in g}
     full.update({k: v for k, v in state_dict.items() if k not in known})  # unexpected: let torch report
     return module.load_state_dict(full, strict=strict)
-
-
-def save_unique(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write ``unique_state_dict(module)`` to a safetensors file (needs the ``safetensors`` package)."""
-    from safetensors.torch import save_file
-
-    sd = {k: v.detach().contiguous() for k, v in unique_state_dict(module).items()}
-    save_file(sd, os.fspath(path), metadata=metadata)
-
-
-def load_unique(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> dict[str, str]:
-    """Load a file written by :func:`save_unique` into ``module``; returns the file's metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    load_unique_state_dict(module, load_file(os.fspath(path)), strict=strict)
-    with safe_open(os.fspath(path), framework="pt") as f:
-        return dict(f.metadata() or {})
