@@ -7,7 +7,7 @@
 with autograd to both ``values`` and ``weights``. Implementations:
 
 - ``"torch"``:  ``F.embedding_bag(mode="sum", per_sample_weights=...)``; runs anywhere.
-- ``"cpu"``:    the CPU fast path (see ``_cpu_lookup``, the dispatch point owned by the perf work).
+- ``"cpu"``:    the C++ CPU kernels (``memlayers/lookup_cpu.py``; their torch fallback without a compiler).
 - ``"triton"``: the Triton kernels in ``memlayers/lookup_triton.py`` (CUDA, or CPU tensors under
                 ``TRITON_INTERPRET=1`` for testing).
 - ``"auto"``:   Triton on CUDA when triton imports, the CPU fast path on CPU, torch otherwise.
@@ -83,10 +83,6 @@ def torch_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bo
     return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights, sparse=sparse)
 
 
-# ---------------------------------------------------------------------------------------------------
-# CPU DISPATCH POINT. The perf work (memlayers/lookup_cpu.py) plugs its kernel in here by changing
-# the body of this one function; everything else in this file stays as is.
-# ---------------------------------------------------------------------------------------------------
 def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool) -> Tensor:
     if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return torch_lookup(

@@ -129,13 +129,6 @@ class MemoryShardLayout:
 
     # -- full tables (checkpoints in the full-tensor format) -------------------------------------
 
-    def local_block(self, name: str, full: Tensor) -> Tensor:
-        """This rank's columns of a full (N*N, Dv)-shaped tensor (the table or one of its moments)."""
-        pool = self._pool_of(name)
-        if not isinstance(pool, ShardedMemoryPool) or tuple(full.shape) != (pool.n_slots, pool.v_dim):
-            return full
-        return full[:, pool.columns].contiguous()
-
     @torch.no_grad()
     def full_tensor(self, name: str, local: Tensor) -> Tensor:
         """The full table-shaped tensor from this rank's block (collective over the memory group)."""
