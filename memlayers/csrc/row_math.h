@@ -8,9 +8,10 @@
 // triples the build time and we need neither pybind nor the full op surface.
 //
 // Everything here sits in an anonymous namespace, as it did when the ops were one file: each op's
-// translation unit gets its own internal-linkage copy, so gcc inlines (and contracts into FMAs) exactly
-// as it did there. Shared inline functions with external linkage would let the linker keep one
-// out-of-line copy, built with whichever unit's inlining, and the rounding could drift between ops.
+// translation unit gets its own internal-linkage copy that gcc may inline, and contract into FMAs,
+// freely, as it could there (checked at the split: every op's outputs bit-identical to the one-file
+// build). With external linkage the linker would keep one out-of-line copy per function, compiled in
+// whichever unit it picked, and the rounding of an op could change with an unrelated file's edits.
 // Each op family registers its own schemas with TORCH_LIBRARY_FRAGMENT(memlayers_cpu, ...).
 #pragma once
 
