@@ -88,8 +88,9 @@ def import_graph(root: Path = REPO, packages=PACKAGES) -> tuple[dict[str, set[st
     return edges, raw
 
 
-def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle (as a closed path a -> ... -> a) per strongly connected component that has one."""
+def cycles(edges: dict[str, set[str]]) -> list[tuple[list[str], list[str]]]:
+    """Per strongly connected component with a cycle: (a shortest closed path a -> ... -> a through it,
+    all of its modules; a component can hold more cycles than the one path shows)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()
@@ -120,7 +121,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(edges):
         if v not in index:
             connect(v)
-    return [_cycle_in(comp, edges) for comp in components]
+    return [(_cycle_in(comp, edges), comp) for comp in components]
 
 
 def _cycle_in(component: list[str], edges: dict[str, set[str]]) -> list[str]:
@@ -145,10 +146,14 @@ def _cycle_in(component: list[str], edges: dict[str, set[str]]) -> list[str]:
     raise AssertionError(f"no cycle through {start} in its component")  # unreachable for an SCC
 
 
-def cycles_in_package(package: str, root: Path = REPO) -> list[list[str]]:
+def cycles_in_package(package: str, root: Path = REPO) -> list[tuple[list[str], list[str]]]:
     """Cycles (over the whole project graph) that pass through a module of `package`."""
     edges, _ = import_graph(root)
-    return [c for c in cycles(edges) if any(m == package or m.startswith(package + ".") for m in c)]
+    return [
+        (path, comp)
+        for path, comp in cycles(edges)
+        if any(m == package or m.startswith(package + ".") for m in comp)
+    ]
 
 
 def foreign_imports(package: str, root: Path = REPO) -> list[str]:
@@ -174,7 +179,9 @@ def foreign_imports(package: str, root: Path = REPO) -> list[str]:
 )
 def test_no_import_cycles(package):
     found = cycles_in_package(package)
-    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
+    assert not found, "import cycles:\n" + "\n".join(
+        f"{' -> '.join(path)}  (strongly connected: {', '.join(comp)})" for path, comp in found
+    )
 
 
 @pytest.mark.parametrize("package", ["memlayers", "scalenet"])
@@ -197,7 +204,9 @@ def test_the_checks_see_cycles_relative_imports_and_skip_type_checking(tmp_path)
     (pkg / "sub" / "c.py").write_text("from .. import a\nimport safetensors\n")
     for other in ("scalenet", "launch"):
         (tmp_path / other).mkdir()
-    assert cycles_in_package("memlayers", tmp_path) == [["memlayers.a", "memlayers.sub.c", "memlayers.a"]]
+    assert cycles_in_package("memlayers", tmp_path) == [
+        (["memlayers.a", "memlayers.sub.c", "memlayers.a"], ["memlayers.a", "memlayers.sub.c"])
+    ]
     assert foreign_imports("memlayers", tmp_path) == [
         str(Path("memlayers/sub/c.py")) + ":2 imports safetensors"
     ]
