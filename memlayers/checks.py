@@ -17,7 +17,10 @@ def check_lookup_inputs(values: Tensor, indices: Tensor, weights: Tensor, who: s
         (values.dim() != 2, f"values must be 2-D (N_slots, Dv), got shape {tuple(values.shape)}"),
         (not values.is_floating_point(), f"values must be a float tensor, got {values.dtype}"),
         (indices.dim() != 2, f"indices must be 2-D (B, K), got shape {tuple(indices.shape)}"),
-        (indices.dtype not in (torch.int64, torch.int32), f"indices must be int64 (or int32), got {indices.dtype}"),
+        (
+            indices.dtype not in (torch.int64, torch.int32),
+            f"indices must be int64 (or int32), got {indices.dtype}",
+        ),
         (
             weights.shape != indices.shape,
             f"weights must have the shape of indices {tuple(indices.shape)} (weights shape {tuple(weights.shape)})",

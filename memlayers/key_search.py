@@ -24,9 +24,9 @@ import threading
 import torch
 from torch import Tensor
 
-from memlayers.lookup_cpu import native_ops, product_topk_op
+from memlayers.native import native_ops
 
-__all__ = ["product_key_topk_op", "selected_scores_backward_op"]
+__all__ = ["product_key_topk_op", "product_topk_op", "selected_scores_backward_op"]
 
 # The scores buffer is reused across calls (per thread: autograd's backward may recompute a checkpointed
 # forward on another thread). Above this size a call allocates its own instead of pinning it for the
@@ -55,6 +55,26 @@ def sub_key_scores(q: Tensor, keys: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+@torch.library.custom_op("memlayers::product_topk_cpu", mutates_args=(), device_types="cpu")
+def product_topk_op(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(..., 2, N) fp32/fp64 scores -> (each half's top-k ids (..., 2, k), flat positions a*k + b of the k
+    best sums top1[a] + top2[b] (..., k)), both in descending score order. The C++ kernel when it builds,
+    else two torch.topk (the decision is made here, inside the op, so compiled graphs need no guard)."""
+    ops = native_ops()
+    if ops is not None:
+        return ops.product_topk(scores, k)
+    top_s, top_i = scores.topk(k, dim=-1)
+    cand = (top_s[..., 0, :, None] + top_s[..., 1, None, :]).flatten(-2)
+    return top_i, cand.topk(k, dim=-1).indices
+
+
+@product_topk_op.register_fake
+def _product_topk_fake(scores, k):
+    return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64), scores.new_empty(
+        (*scores.shape[:-2], k), dtype=torch.int64
+    )
+
+
 @torch.library.custom_op("memlayers::product_key_topk_cpu", mutates_args=(), device_types="cpu")
 def product_key_topk_op(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """q (T, H, 2, half), keys (H, 2, N, half), fp32/fp64 -> (top_s (T, H, 2, k) each half's top-k
@@ -78,7 +98,9 @@ def _product_key_topk_fake(q, keys, k):
 
 
 @torch.library.custom_op("memlayers::selected_scores_backward_cpu", mutates_args=(), device_types="cpu")
-def selected_scores_backward_op(grad: Tensor, q: Tensor, keys: Tensor, top_i: Tensor) -> tuple[Tensor, Tensor]:
+def selected_scores_backward_op(
+    grad: Tensor, q: Tensor, keys: Tensor, top_i: Tensor
+) -> tuple[Tensor, Tensor]:
     """Gradients of top_s = (q · keys) gathered at top_i: grad (T, H, 2, k) -> (grad_q like q, grad_keys
     like keys). The C++ kernel sums the k selected sub-keys per row; the torch path scatters into a
     dense score gradient."""

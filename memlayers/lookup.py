@@ -7,8 +7,8 @@
 with autograd to both ``values`` and ``weights``. Implementations:
 
 - ``"torch"``:  ``F.embedding_bag(mode="sum", per_sample_weights=...)``; runs anywhere.
-- ``"cpu"``:    the CPU fast path (see ``_cpu_lookup``, the dispatch point owned by the perf work).
-- ``"triton"``: the Triton kernels in ``memlayers/triton_lookup.py`` (CUDA, or CPU tensors under
+- ``"cpu"``:    the C++ CPU kernels (``memlayers/lookup_cpu.py``; their torch fallback without a compiler).
+- ``"triton"``: the Triton kernels in ``memlayers/lookup_triton.py`` (CUDA, or CPU tensors under
                 ``TRITON_INTERPRET=1`` for testing).
 - ``"auto"``:   Triton on CUDA when triton imports, the CPU fast path on CPU, torch otherwise.
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memlayers.checks import check_lookup_inputs
-from memlayers.row_sparse_adam import catch_up_before_read, has_lazy_tables
+from memlayers.optim.lazy_tables import catch_up_before_read, has_lazy_tables
 
 IMPLS = ("auto", "torch", "cpu", "triton")
 ENV_VAR = "MEMLAYERS_LOOKUP_IMPL"
@@ -70,11 +70,11 @@ def lookup(
         # embedding_bag rejects empty bags of width 0; the gather form gives zeros that stay in the graph.
         return torch.einsum("bk,bkd->bd", weights, values[indices]).to(out_dtype)
     if impl == "triton":
-        from memlayers.triton_lookup import triton_lookup, triton_lookup_compilable
+        from memlayers.lookup_triton import lookup_triton, lookup_triton_compilable
 
         if torch.compiler.is_compiling():  # custom ops: one graph node each way, dense value gradient
-            return triton_lookup_compilable(values, indices, weights).to(out_dtype)
-        return triton_lookup(values, indices, weights, sparse=sparse).to(out_dtype)
+            return lookup_triton_compilable(values, indices, weights).to(out_dtype)
+        return lookup_triton(values, indices, weights, sparse=sparse).to(out_dtype)
     return torch_lookup(values, indices, weights, sparse=sparse).to(out_dtype)
 
 
@@ -83,13 +83,11 @@ def torch_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bo
     return F.embedding_bag(indices, values, mode="sum", per_sample_weights=weights, sparse=sparse)
 
 
-# ---------------------------------------------------------------------------------------------------
-# CPU DISPATCH POINT. The perf work (memlayers/lookup_cpu.py) plugs its kernel in here by changing
-# the body of this one function; everything else in this file stays as is.
-# ---------------------------------------------------------------------------------------------------
 def _cpu_lookup(values: Tensor, indices: Tensor, weights: Tensor, sparse: bool) -> Tensor:
     if values.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return torch_lookup(values, indices, weights.to(values.dtype), sparse=sparse)  # the kernels' dtypes only
+        return torch_lookup(
+            values, indices, weights.to(values.dtype), sparse=sparse
+        )  # the kernels' dtypes only
     from memlayers.lookup_cpu import lookup_cpu, lookup_cpu_compilable
 
     if torch.compiler.is_compiling():

@@ -11,9 +11,9 @@ grad_weights, and its summed gradient row is written once. The value gradient co
 as a coalesced `torch.sparse_coo_tensor` (sorted unique rows, summed row grads), which is
 what `RowSparseAdam` consumes, or dense on request.
 
-The kernels are C++ (memlayers/csrc/lookup_cpu.cpp, parallel over the torch intra-op
-thread pool), built on first use with `torch.utils.cpp_extension` and cached in
-TORCH_EXTENSIONS_DIR (~10 s on a 2-core machine). Without a compiler, or with
+The kernels are C++ (memlayers/csrc/bag_forward.cpp, bag_backward.cpp, parallel over the torch
+intra-op thread pool), built on first use by `memlayers.native` and cached in
+TORCH_EXTENSIONS_DIR (~30 s on a 2-core machine). Without a compiler, or with
 MEMLAYERS_NO_CPP_EXT=1, a pure-torch path computes the same thing (stable sort + one
 `embedding_bag` over the bag gradients per unique row) and a warning says so.
 
@@ -30,87 +30,24 @@ does the same. Stock dense optimizers (AdamW) reject sparse gradients: use
 
 from __future__ import annotations
 
-import os
-import platform
-import threading
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from memlayers.checks import check_lookup_inputs
 
-__all__ = ["lookup_cpu", "native_ops", "native_available"]
+# product_topk_op (the key search's op) and _isa_flags (the build flags) stay importable from here for
+# benchmarks/, which imported them from this module before memlayers.native and key_search held them.
+from memlayers.key_search import product_topk_op  # noqa: F401
+from memlayers.native import DISABLE_ENV, _isa_flags, native_available, native_ops  # noqa: F401
+from memlayers.optim.lazy_tables import fused_owner
 
-_CSRC = Path(__file__).parent / "csrc" / "lookup_cpu.cpp"
-_DISABLE_ENV = "MEMLAYERS_NO_CPP_EXT"
+__all__ = ["lookup_cpu", "lookup_cpu_compilable", "native_available", "native_ops"]
+
 _IMPLS = ("auto", "cpp", "torch")
 # Upper bound on the (bags, K, Dv) fp32 temporary of the torch fallback's gathers.
 _FALLBACK_CHUNK_BYTES = 32 << 20
-
-_lock = threading.Lock()
-_native: dict[str, object] = {}
-
-
-def _isa_flags() -> tuple[str, list[str]]:
-    """Vector ISA to compile for. Part of the extension name, so a cache directory shared
-    between machines never hands an AVX2 build to a CPU without AVX2."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "generic", []
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return "generic", []
-    avx2 = ["-mavx2", "-mfma", "-mf16c"]
-    if {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"} <= set(flags):
-        # 512-bit vectors for the row kernels' sqrt/div-heavy Adam replays (measured ~20% faster than
-        # AVX2 on a Zen 4 EPYC); gcc keeps 256-bit vectors unless told otherwise.
-        return "avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", *avx2, "-mprefer-vector-width=512"]
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return "avx2", avx2
-    return "generic", []
-
-
-def native_ops():
-    """The compiled `torch.ops.memlayers_cpu` namespace, or None when unavailable.
-
-    Builds the extension on first call (once per machine; later processes load the cached
-    .so). Failure to build is reported once as a warning, then the torch path is used.
-    """
-    with _lock:
-        if "ops" in _native:
-            return _native["ops"]
-        ops = None
-        if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
-            pass
-        else:
-            isa, isa_flags = _isa_flags()
-            try:
-                from torch.utils.cpp_extension import load
-
-                load(
-                    name=f"memlayers_cpu_{isa}",
-                    sources=[str(_CSRC)],
-                    extra_cflags=["-O3", "-fopenmp", "-fopenmp-simd", "-fno-math-errno", *isa_flags],
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                    verbose=False,
-                )
-                ops = torch.ops.memlayers_cpu
-            except Exception as err:  # any build/load failure: compiler missing, headers, linker
-                warnings.warn(
-                    f"memlayers: could not build the C++ CPU lookup kernels ({type(err).__name__}: {err}); "
-                    f"using the slower pure-torch path. Set {_DISABLE_ENV}=1 to silence this.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        _native["ops"] = ops
-        return ops
-
-
-def native_available() -> bool:
-    return native_ops() is not None
 
 
 # ----------------------------------------------------------------------------- torch path
@@ -184,8 +121,6 @@ class _BagSumCPU(torch.autograd.Function):
         ctx.save_for_backward(values, indices, weights32)
         # Fused value update: a RowSparseAdam(fused=True) owning `values` takes the row gradients
         # in the backward, so no gradient tensor is built, stored in .grad, or read back.
-        from memlayers.row_sparse_adam import fused_owner  # (that module imports this one)
-
         ctx.fused = fused_owner(values) if sparse_grad else None
         ctx.sparse_grad = sparse_grad
         ctx.use_native = ops is not None
@@ -272,7 +207,7 @@ def lookup_cpu(
     _check_inputs(values, indices, weights, impl)
     if impl == "cpp" and not native_available():
         raise RuntimeError(
-            f"impl='cpp' but the C++ extension is unavailable (see the earlier warning, or unset {_DISABLE_ENV})"
+            f"impl='cpp' but the C++ extension is unavailable (see the earlier warning, or unset {DISABLE_ENV})"
         )
     indices = indices.long().contiguous()
     values_c = values if values.is_contiguous() else values.contiguous()
@@ -342,26 +277,3 @@ def lookup_cpu_compilable(values: torch.Tensor, indices: torch.Tensor, weights: 
     torch.compile traces. No data-dependent index check (it would break the graph)."""
     out32 = bag_sum_op(values.contiguous(), indices.long().contiguous(), weights.float().contiguous())
     return out32.to(torch.promote_types(values.dtype, weights.dtype))
-
-
-# ----------------------------------------------------------------------------- product-key top-K
-
-
-@torch.library.custom_op("memlayers::product_topk_cpu", mutates_args=(), device_types="cpu")
-def product_topk_op(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., 2, N) fp32/fp64 scores -> (each half's top-k ids (..., 2, k), flat positions a*k + b of the k
-    best sums top1[a] + top2[b] (..., k)), both in descending score order. The C++ kernel when it builds,
-    else two torch.topk (the decision is made here, inside the op, so compiled graphs need no guard)."""
-    ops = native_ops()
-    if ops is not None:
-        return ops.product_topk(scores, k)
-    top_s, top_i = scores.topk(k, dim=-1)
-    cand = (top_s[..., 0, :, None] + top_s[..., 1, None, :]).flatten(-2)
-    return top_i, cand.topk(k, dim=-1).indices
-
-
-@product_topk_op.register_fake
-def _product_topk_fake(scores, k):
-    return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64), scores.new_empty(
-        (*scores.shape[:-2], k), dtype=torch.int64
-    )

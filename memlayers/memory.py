@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from memlayers.key_search import product_key_topk_op
 from memlayers.pool import MemoryPool
-from memlayers.query_norm import QueryBatchNorm
+from memlayers.query_batchnorm import QueryBatchNorm
 
 _QK_NORM_EPS = 1e-6
 
@@ -42,7 +42,7 @@ class ProductKeyMemory(nn.Module):
             before scoring, so both halves' scores live on one scale.
         query_batchnorm: batch-normalise the query features over the batch's tokens (learned affine,
             running estimates in eval) before scoring, as Lample et al. 2019 do against slot collapse;
-            see :mod:`memlayers.query_norm` (``set_query_norm_group`` synchronises it across ranks).
+            see :mod:`memlayers.query_batchnorm` (``set_query_norm_group`` synchronises it across ranks).
         own_pool: register ``pool`` as this layer's submodule (``mem.pool.values`` then appears in
             ``mem.parameters()`` and ``mem.state_dict()``). Use it for a standalone layer. Default False:
             the layer keeps a plain reference and the pool's owner (e.g. ``model.memory_pool``) must
@@ -184,7 +184,9 @@ class ProductKeyMemory(nn.Module):
                 # C++ search (no K*K candidate tensor; ~1.5x faster than two torch.topk here) over scores
                 # written into a reused buffer, with a K-sparse backward (memlayers/key_search.py); the
                 # sums of the winners are formed by differentiable torch ops, in the same descending order.
-                top_s, top_i, best_pos = product_key_topk_op(q, keys.contiguous(), K)  # (T, H, 2, K) x2, (T, H, K)
+                top_s, top_i, best_pos = product_key_topk_op(
+                    q, keys.contiguous(), K
+                )  # (T, H, 2, K) x2, (T, H, K)
                 s1, s2 = top_s[:, :, 0], top_s[:, :, 1]
                 best_s = s1.gather(-1, best_pos // K) + s2.gather(-1, best_pos % K)  # (T, H, K)
             else:

@@ -13,7 +13,7 @@ the whole table for the group's tokens is then
 
 The value-shard gradient comes out *summed over the group's tokens*; averaging it like data-parallel
 gradients (and across groups that replicate the same slice) is the trainer's job: see
-``memlayers.layout.MemoryLayout.sync_grads``.
+``memlayers.shard_layout.MemoryShardLayout.sync_grads``.
 
 Ranks may hold different token counts (e.g. the last validation batch): counts are exchanged first
 (one tiny all-gather of P int64s) and every rank pads to the largest with weight-0 bags, so all ranks

@@ -4,17 +4,11 @@
     new_layers = grow(layers, depth=None, mapping="stack", adapter_rank=8, targets=None)
     plain = merge(new_layers)
 
-Imports only torch (safetensors is optional, for :func:`save_unique` / :func:`load_unique`).
+Imports only torch. Tied models' state dicts: :mod:`scalenet.tied_state`; writing them as safetensors
+files: ``launch.tied_safetensors``.
 """
 
 from scalenet.adapter import AdaptedLinear
-from scalenet.checkpoint import (
-    alias_groups,
-    load_unique,
-    load_unique_state_dict,
-    save_unique,
-    unique_state_dict,
-)
 from scalenet.copying import external_refs, shared_deepcopy
 from scalenet.fsdp import fsdp_units
 from scalenet.grow import adapter_parameters, adapters, grow, reset_adapters
@@ -23,6 +17,7 @@ from scalenet.materialize import to_empty_tied
 from scalenet.merge import merge
 from scalenet.params import count_params
 from scalenet.strategies import SPEC_FORMAT, STRATEGIES, grow_by_strategy, rebuild, register_strategy
+from scalenet.tied_state import alias_groups, load_unique_state_dict, unique_state_dict
 
 __all__ = [
     "STRATEGIES",
@@ -36,15 +31,20 @@ __all__ = [
     "fsdp_units",
     "grow",
     "grow_by_strategy",
-    "load_unique",
     "load_unique_state_dict",
     "merge",
     "rebuild",
     "register_strategy",
     "reset_adapters",
     "resolve_mapping",
-    "save_unique",
     "shared_deepcopy",
     "to_empty_tied",
     "unique_state_dict",
 ]
+
+
+def __getattr__(name: str):
+    # The safetensors file IO left scalenet (which imports only torch); say where it went.
+    if name in ("save_unique", "load_unique"):
+        raise AttributeError(f"scalenet.{name} moved to launch.tied_safetensors.{name}")
+    raise AttributeError(f"module 'scalenet' has no attribute {name!r}")

@@ -82,8 +82,3 @@ class AdaptedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale:g}"
-
-
-def adapter_param_count(linear: nn.Linear, rank: int) -> int:
-    """r · (in + out): the parameters one adapter adds."""
-    return rank * (linear.in_features + linear.out_features)

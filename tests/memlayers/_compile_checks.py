@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def assert_compiles_like_eager(eager: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, op: str) -> None:
+def assert_compiles_like_eager(
+    eager: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, op: str
+) -> None:
     """`layer` (a fresh copy of `eager`) compiles with fullgraph and no graph break, its graph calls the
     custom op `op` (not embedding_bag), and its outputs and every gradient equal `eager`'s."""
     torch._dynamo.reset()

@@ -8,7 +8,7 @@ import torch
 
 from memlayers import MemoryPool
 from memlayers.hugepages import advise_huge_pages
-from memlayers.row_sparse_adam import RowSparseAdam
+from memlayers.optim import RowSparseAdam
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 thp_available = pytest.mark.skipif(

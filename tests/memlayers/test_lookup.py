@@ -59,8 +59,13 @@ def test_bf16_table_with_fp32_weights_reads_fp32(impl):
     values = torch.randn(10, 4, dtype=torch.bfloat16)
     out = lookup(values, torch.tensor([[1, 2]]), torch.tensor([[0.25, 0.75]]), impl=impl)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out[0], 0.25 * values[1].float() + 0.75 * values[2].float(), atol=1e-2, rtol=1e-2)
-    assert lookup(values, torch.tensor([[1, 2]]), torch.tensor([[0.25, 0.75]]).bfloat16(), impl=impl).dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out[0], 0.25 * values[1].float() + 0.75 * values[2].float(), atol=1e-2, rtol=1e-2
+    )
+    assert (
+        lookup(values, torch.tensor([[1, 2]]), torch.tensor([[0.25, 0.75]]).bfloat16(), impl=impl).dtype
+        == torch.bfloat16
+    )
 
 
 def test_int32_indices_accepted():

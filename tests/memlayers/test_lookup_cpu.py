@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memlayers import lookup_cpu as lookup_cpu_module
-from memlayers.lookup_cpu import lookup_cpu, native_available
+from memlayers import native
+from memlayers.lookup_cpu import lookup_cpu
+from memlayers.native import native_available
 
 IMPLS = [
-    pytest.param(
-        "cpp", marks=pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
-    ),
+    pytest.param("cpp", marks=pytest.mark.requires_native),
     "torch",
 ]
 
@@ -54,7 +53,14 @@ def make_inputs(n_slots, dim, bags, k, seed=0, repeat=True):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("sparse_grad", [True, False])
 @pytest.mark.parametrize(
-    "shape", [(40, 37, 7, 5), (16, 8, 5, 1), (300, 64, 9, 12), (3, 1, 4, 6), (200, 130, 150, 9)]  # 130: 2 column blocks + tail
+    "shape",
+    [
+        (40, 37, 7, 5),
+        (16, 8, 5, 1),
+        (300, 64, 9, 12),
+        (3, 1, 4, 6),
+        (200, 130, 150, 9),
+    ],  # 130: 2 column blocks + tail
 )
 def test_matches_naive_forward_backward(impl, sparse_grad, shape):
     values, indices, weights, grad_out = make_inputs(*shape)
@@ -141,9 +147,8 @@ def test_only_one_input_needs_grad(impl):
     torch.testing.assert_close(v.grad.to_dense().double(), ref_gv, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.requires_native
 def test_cpp_and_torch_paths_agree_on_a_wide_table():
-    if not native_available():
-        pytest.skip("C++ extension did not build")
     values, indices, weights, grad_out = make_inputs(4096, 256, 64, 128, seed=7)
     results = []
     for impl in ("cpp", "torch"):
@@ -174,8 +179,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_build_failure_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(lookup_cpu_module, "_native", {})
-    monkeypatch.setattr(lookup_cpu_module, "_CSRC", tmp_path / "missing.cpp")
+    monkeypatch.setattr(native, "_native", {})
+    monkeypatch.setattr(native, "_SOURCES", [tmp_path / "missing.cpp"])
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.delenv("MEMLAYERS_NO_CPP_EXT", raising=False)
     values, indices, weights, grad_out = make_inputs(20, 5, 3, 4, seed=8)

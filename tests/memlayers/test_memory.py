@@ -291,17 +291,16 @@ def test_dynamo_traces_full_graph():
 
 @pytest.mark.parametrize("n, k", [(64, 8), (37, 37), (50, 1), (128, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.requires_native
 def test_product_topk_kernel_equals_two_torch_topks(n, k, dtype, monkeypatch):
     """The C++ product-key search returns torch.topk's ids in torch.topk's (descending) order: each
     half's top-k, then the k best sums of the two lists without forming the k*k candidates."""
-    from memlayers import lookup_cpu
+    from memlayers import key_search
 
-    if not lookup_cpu.native_available():
-        pytest.skip("C++ extension did not build")
     scores = torch.randn(5, 3, 2, n, dtype=dtype, generator=torch.Generator().manual_seed(n + k))
-    top_i, best_pos = lookup_cpu.product_topk_op(scores, k)
-    monkeypatch.setattr(lookup_cpu, "native_ops", lambda: None)  # the op's torch fallback
-    ref_i, ref_pos = lookup_cpu.product_topk_op(scores, k)
+    top_i, best_pos = key_search.product_topk_op(scores, k)
+    monkeypatch.setattr(key_search, "native_ops", lambda: None)  # the op's torch fallback
+    ref_i, ref_pos = key_search.product_topk_op(scores, k)
     assert torch.equal(top_i, ref_i) and torch.equal(best_pos, ref_pos)
     # and against brute force over the full n x n sums
     top_s = scores.gather(-1, top_i)
@@ -310,28 +309,26 @@ def test_product_topk_kernel_equals_two_torch_topks(n, k, dtype, monkeypatch):
     torch.testing.assert_close(best, full.topk(k, dim=-1).values, rtol=0, atol=0)
 
 
+@pytest.mark.requires_native
 def test_product_topk_ties_go_to_the_lower_index():
-    from memlayers import lookup_cpu
+    from memlayers import key_search
 
-    if not lookup_cpu.native_available():
-        pytest.skip("C++ extension did not build")
     scores = torch.zeros(1, 2, 6)
     scores[0, 0, 4] = scores[0, 0, 1] = 1.0
-    top_i, best_pos = lookup_cpu.product_topk_op(scores, 3)
+    top_i, best_pos = key_search.product_topk_op(scores, 3)
     assert top_i[0, 0].tolist() == [1, 4, 0] and top_i[0, 1].tolist() == [0, 1, 2]
     assert best_pos[0].tolist() == [0, 1, 2]  # sums 1, 1, 1 (first list's best with each of the second's)
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "neg_inf", "nan"])
 @pytest.mark.parametrize("n, k", [(1024, 32), (128, 8), (23, 5), (64, 16)])
+@pytest.mark.requires_native
 def test_product_topk_half_lists_equal_a_stable_sort(kind, n, k):
     """Each half's top-k ids equal a stable descending sort's first k (ties to the lower index, NaN
     first), on rows that take the kernel's pre-threshold (n >= 4k) and rows that do not: many ties
     (rounded scores), rows half -inf (a chunk maximum of -inf), and NaN scores (the fallback path)."""
-    from memlayers import lookup_cpu
+    from memlayers import key_search
 
-    if not lookup_cpu.native_available():
-        pytest.skip("C++ extension did not build")
     scores = torch.randn(257, 2, n, generator=torch.Generator().manual_seed(n + k))
     if kind == "ties":
         scores = (scores * 2).round()
@@ -339,7 +336,7 @@ def test_product_topk_half_lists_equal_a_stable_sort(kind, n, k):
         scores[::3, :, : n // 2] = float("-inf")
     elif kind == "nan":
         scores[::7, 0, 3] = float("nan")
-    top_i, _ = lookup_cpu.product_topk_op(scores, k)
+    top_i, _ = key_search.product_topk_op(scores, k)
     ref = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     if kind == "nan":
         assert bool((top_i[::7, 0, 0] == 3).all())  # NaN ranks first, as in torch.topk
@@ -349,13 +346,11 @@ def test_product_topk_half_lists_equal_a_stable_sort(kind, n, k):
     assert torch.equal(top_i, ref)
 
 
+@pytest.mark.requires_native
 def test_memory_layer_with_the_cpp_search_equals_the_torch_search(monkeypatch):
     """Forward (bit for bit) and every parameter gradient (to float rounding: the scores' gradient is
     accumulated in another order) of a memory layer are the same with either search."""
-    from memlayers import lookup_cpu
-
-    if not lookup_cpu.native_available():
-        pytest.skip("C++ extension did not build")
+    from memlayers import key_search
 
     def run():
         torch.manual_seed(0)
@@ -364,10 +359,12 @@ def test_memory_layer_with_the_cpp_search_equals_the_torch_search(monkeypatch):
         x = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
         y = layer(x)
         y.square().sum().backward()
-        return y.detach(), {n: p.grad.to_dense() if p.grad.is_sparse else p.grad for n, p in layer.named_parameters()}
+        return y.detach(), {
+            n: p.grad.to_dense() if p.grad.is_sparse else p.grad for n, p in layer.named_parameters()
+        }
 
     y_cpp, g_cpp = run()
-    monkeypatch.setattr(lookup_cpu, "native_ops", lambda: None)
+    monkeypatch.setattr(key_search, "native_ops", lambda: None)
     y_ref, g_ref = run()
     assert torch.equal(y_cpp, y_ref)
     for name in g_ref:

@@ -7,15 +7,13 @@ import io
 import pytest
 import torch
 
-from memlayers import row_sparse_adam as rsa_module
+import memlayers.optim
 from memlayers.lookup import lookup
-from memlayers.lookup_cpu import native_available
-from memlayers.row_sparse_adam import RowSparseAdam, flush_on_state_dict, replay_horizon
+from memlayers.optim import RowSparseAdam, flush_on_state_dict, replay_horizon
+from memlayers.optim import row_sparse_adam as rsa_module
 
 PATHS = [
-    pytest.param(
-        "cpp", marks=pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
-    ),
+    pytest.param("cpp", marks=pytest.mark.requires_native),
     "torch",
 ]
 # (0.9, 0.95): every skipped step replayed (horizon ~300 > the gaps here);
@@ -241,7 +239,7 @@ def _lookup_run(opt_cls, fused: bool, impl: str, steps: int = 12, dtype=torch.fl
     return v, opt, losses
 
 
-@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.requires_native
 @pytest.mark.parametrize(
     "dtype,rounding",
     [(torch.float32, "nearest"), (torch.bfloat16, "nearest"), (torch.bfloat16, "stochastic")],
@@ -261,7 +259,7 @@ def test_fused_backward_update_is_bit_identical_to_unfused(dtype, rounding):
 @pytest.fixture
 def cpu_lookup_torch_path(monkeypatch):
     """Run lookup_cpu's pure-torch fallback (covers the fused hook without the C++ kernels)."""
-    from memlayers import lookup_cpu as lc
+    from memlayers import lookup_cpu as lc  # its autograd function asks for the ops
 
     monkeypatch.setattr(lc, "native_ops", lambda: None)
     monkeypatch.setattr(rsa_module, "native_ops", lambda: None)
@@ -277,7 +275,14 @@ class DenseRowwiseAdam:
     """Reference: partial row-wise Adam applied to EVERY row every step (zero grads included)."""
 
     def __init__(self, p, lr, betas, eps, weight_decay):
-        self.p, self.lr, self.betas, self.eps, self.wd, self.t = p.detach().clone(), lr, betas, eps, weight_decay, 0
+        self.p, self.lr, self.betas, self.eps, self.wd, self.t = (
+            p.detach().clone(),
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            0,
+        )
         self.m = torch.zeros_like(self.p)
         self.v = torch.zeros(p.shape[0], 1)
 
@@ -291,11 +296,9 @@ class DenseRowwiseAdam:
         self.p = self.p - lr / (1 - b1**self.t) * self.m / denom
 
 
-@pytest.fixture(params=["cpp", "torch"])
+@pytest.fixture(params=[pytest.param("cpp", marks=pytest.mark.requires_native), "torch"])
 def row_kernel(request, monkeypatch):
     """Run the optimizer's row kernel in C++ (when it builds) or as vectorised torch ops."""
-    if request.param == "cpp" and not native_available():
-        pytest.skip("C++ extension did not build")
     if request.param == "torch":
         monkeypatch.setattr(rsa_module, "native_ops", lambda: None)
     return request.param
@@ -303,7 +306,7 @@ def row_kernel(request, monkeypatch):
 
 @pytest.mark.parametrize("betas", BETAS)
 def test_rowwise_adam_equals_dense_rowwise_reference(betas, row_kernel):
-    from memlayers.row_sparse_adam import RowwiseAdam
+    from memlayers.optim import RowwiseAdam
 
     n_rows, dim = 24, 11
     gen = torch.Generator().manual_seed(3)
@@ -325,7 +328,7 @@ def test_rowwise_adam_equals_dense_rowwise_reference(betas, row_kernel):
 
 
 def test_rowwise_adam_fused_and_state_round_trip():
-    from memlayers.row_sparse_adam import RowwiseAdam
+    from memlayers.optim import RowwiseAdam
 
     v_f, opt_f, loss_f = _lookup_run(RowwiseAdam, True, "cpu", dtype=torch.bfloat16)
     v_u, opt_u, loss_u = _lookup_run(RowwiseAdam, False, "cpu", dtype=torch.bfloat16)
@@ -335,7 +338,7 @@ def test_rowwise_adam_fused_and_state_round_trip():
     assert next(iter(opt_b.state.values()))["exp_avg_sq"].dtype == torch.float32
 
 
-@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.requires_native
 def test_fused_refuses_two_reads_in_one_step():
     v = torch.nn.Parameter(torch.randn(10, 4))
     opt = RowSparseAdam([v], fused=True)
@@ -347,15 +350,15 @@ def test_fused_refuses_two_reads_in_one_step():
     lookup(v, idx, w, sparse=True, impl="cpu").sum().backward()  # next step: fine
 
 
-@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.requires_native
 @pytest.mark.parametrize("dtype,seed", [(torch.float32, -1), (torch.bfloat16, -1), (torch.bfloat16, 1234)])
 def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype, seed):
     """The fused backward+update brings rows that were NOT caught up at their read (gaps of several
     steps, some past the replay horizon) up to date itself: state and grad_weights equal catching the
     rows up first, then the unfused sparse backward and step. Width 150 = two full column blocks and a
     tail; repeated slots within and across bags."""
-    from memlayers.lookup_cpu import native_ops
-    from memlayers.row_sparse_adam import step_table
+    from memlayers.native import native_ops
+    from memlayers.optim.adam_replay import step_table
 
     ops = native_ops()
     gen = torch.Generator().manual_seed(5)
@@ -372,7 +375,9 @@ def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype, see
     grad_out = torch.randn(7, dim, generator=gen)
 
     fused = [t.clone() for t in state] + [row_step.clone()]
-    gw_fused = ops.bag_backward_adam_(*fused, idx, w, grad_out, True, hist, target, *betas, eps, horizon, seed)
+    gw_fused = ops.bag_backward_adam_(
+        *fused, idx, w, grad_out, True, hist, target, *betas, eps, horizon, seed
+    )
 
     ref = [t.clone() for t in state] + [row_step.clone()]
     rows = torch.unique(idx)
@@ -389,11 +394,11 @@ def test_fused_kernel_on_stale_rows_equals_catch_up_then_unfused_step(dtype, see
     assert bool((fused[3][rows] == target).all())
 
 
-@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.requires_native
 def test_bf16_gradient_rows_round_like_torch():
     """The kernels' vectorised fp32 -> bf16 store rounds to nearest even exactly as torch's cast: the
     bf16 table's gradient rows equal the same fp32 sums cast with `.bfloat16()`."""
-    from memlayers.lookup_cpu import native_ops
+    from memlayers.native import native_ops
 
     ops = native_ops()
     gen = torch.Generator().manual_seed(2)
@@ -412,7 +417,7 @@ def test_bf16_gradient_rows_round_like_torch():
 
 
 def test_stochastic_bf16_rounds_to_a_neighbour_without_bias():
-    from memlayers.row_sparse_adam import stochastic_bf16
+    from memlayers.optim.stochastic_rounding import stochastic_bf16
 
     one_ulp = 2.0**-7  # bf16 spacing in [1, 2)
     x = torch.full((4000, 8), 1.0 + 0.3 * one_ulp)
@@ -428,14 +433,15 @@ def test_stochastic_bf16_rounds_to_a_neighbour_without_bias():
     assert torch.equal(out, again) and not torch.equal(out, stochastic_bf16(x, rows, 6, 0, 9).float())
 
 
-@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.requires_native
 @pytest.mark.parametrize("kernel", ["lazy_adam_rows_", "lazy_rowwise_adam_rows_"])
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_cpp_stochastic_rounding_is_the_torch_function(kernel, with_grad):
     """The C++ kernels' bf16 stochastic store equals `stochastic_bf16` (same hash, same dither) of
     the fp32 result the same kernel computes on an fp32 copy of the state; so does the torch fallback's."""
-    from memlayers.lookup_cpu import native_ops
-    from memlayers.row_sparse_adam import _torch_rows, step_table, stochastic_bf16
+    from memlayers.native import native_ops
+    from memlayers.optim.adam_replay import adam_rows_torch, step_table
+    from memlayers.optim.stochastic_rounding import stochastic_bf16
 
     ops = native_ops()
     rowwise = kernel == "lazy_rowwise_adam_rows_"
@@ -448,14 +454,23 @@ def test_cpp_stochastic_rounding_is_the_torch_function(kernel, with_grad):
     rows = torch.arange(0, n_rows, 2)
     upto = target - 1 if with_grad else target
     # rowwise stores a replayed row before its gradient step: give its gradient rows no gap
-    row_step = torch.full((n_rows,), upto) if (rowwise and with_grad) else torch.randint(0, upto + 1, (n_rows,), generator=gen)
+    row_step = (
+        torch.full((n_rows,), upto)
+        if (rowwise and with_grad)
+        else torch.randint(0, upto + 1, (n_rows,), generator=gen)
+    )
     grads = torch.randn(rows.numel(), dim, generator=gen).bfloat16() if with_grad else p.new_empty(0, dim)
 
     def run(dtype, rounding_seed, torch_path=False):
-        st = [p.to(dtype).clone(), m.to(dtype).clone(), v.clone() if rowwise else v.to(dtype).clone(), row_step.clone()]
+        st = [
+            p.to(dtype).clone(),
+            m.to(dtype).clone(),
+            v.clone() if rowwise else v.to(dtype).clone(),
+            row_step.clone(),
+        ]
         g = grads.to(dtype)
         if torch_path:
-            _torch_rows(st[0], st[1], st[2].view(-1, 1) if rowwise else st[2], st[3], rows, g if with_grad else None,
+            adam_rows_torch(st[0], st[1], st[2].view(-1, 1) if rowwise else st[2], st[3], rows, g if with_grad else None,
                         hist, target, *betas, eps, horizon, rowwise=rowwise, rounding_seed=rounding_seed)  # fmt: skip
         else:
             getattr(ops, kernel)(*st, rows, g, hist, target, *betas, eps, horizon, rounding_seed)
@@ -478,12 +493,16 @@ def test_cpp_stochastic_rounding_is_the_torch_function(kernel, with_grad):
 def test_stochastic_rounding_keeps_updates_below_half_a_bf16_step(opt_cls, row_kernel):
     """A bf16 table whose every update is ~0.1 of a bf16 step: round-to-nearest drops each one (the
     table never moves), stochastic rounding keeps them in expectation (it tracks the fp32 run)."""
-    cls = getattr(rsa_module, opt_cls)
+    cls = getattr(memlayers.optim, opt_cls)
     runs = {}
     for name, dtype, rounding in (("fp32", torch.float32, "nearest"), ("nearest", torch.bfloat16, "nearest"),
                                   ("stochastic", torch.bfloat16, "stochastic")):  # fmt: skip
         # distinct values in [1.25, 1.5) (bf16 spacing 2**-7 there), so elements dither independently
-        p = torch.nn.Parameter((1.25 + torch.randint(0, 32, (128, 32), generator=torch.Generator().manual_seed(0)) * 2.0**-7).to(dtype))
+        p = torch.nn.Parameter(
+            (1.25 + torch.randint(0, 32, (128, 32), generator=torch.Generator().manual_seed(0)) * 2.0**-7).to(
+                dtype
+            )
+        )
         start = p.detach().float().clone()
         # Adam's step is ~lr when the gradient is steady: lr = 0.1 * bf16 spacing (2**-7).
         opt = cls([p], lr=0.1 * 2.0**-7, betas=(0.9, 0.99), rounding=rounding, rounding_seed=3)
@@ -502,15 +521,15 @@ def test_rounding_argument_is_checked():
         RowSparseAdam([torch.nn.Parameter(torch.zeros(3, 2))], rounding="up")
 
 
-@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.requires_native
 @pytest.mark.parametrize("with_grad", [False, True])
 def test_one_pass_replay_rounds_like_the_block_replay(with_grad):
     """Rows a few steps behind are caught up in one vectorised pass (up to 8 replayed steps), longer gaps
     through the column-block loop. fp32 stores are exact, so catching a row up 12 steps at once (block
     path), in two calls of 6 or in twelve of 1 (one-pass path) must give the same bits; the last call
     optionally takes the gradient step too. Width 150: full vectors and a remainder."""
-    from memlayers.lookup_cpu import native_ops
-    from memlayers.row_sparse_adam import step_table
+    from memlayers.native import native_ops
+    from memlayers.optim.adam_replay import step_table
 
     ops = native_ops()
     gen = torch.Generator().manual_seed(21)
@@ -541,18 +560,20 @@ def test_one_pass_replay_rounds_like_the_block_replay(with_grad):
             assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not native_available(), reason="C++ extension did not build")
+@pytest.mark.requires_native
 def test_unique_rows_equals_torch_unique():
     """The catch-up's bitmap unique (memlayers_cpu::unique_rows) gives torch.unique's sorted ids: word
     boundaries, the first and last row, heavy repeats, many threads' bitmaps, empty input; ids out of
     range raise instead of writing outside the bitmap."""
-    from memlayers.lookup_cpu import native_ops
+    from memlayers.native import native_ops
 
     ops = native_ops()
     gen = torch.Generator().manual_seed(3)
     for n_rows, shape in [(1, (3, 2)), (130, (7, 9)), (1000, (4096, 8)), (1 << 20, (512, 128))]:
         idx = torch.randint(0, n_rows, shape, generator=gen)
-        idx.view(-1)[: min(4, idx.numel())] = torch.tensor([0, n_rows - 1, min(63, n_rows - 1), min(64, n_rows - 1)])[: min(4, idx.numel())]
+        idx.view(-1)[: min(4, idx.numel())] = torch.tensor(
+            [0, n_rows - 1, min(63, n_rows - 1), min(64, n_rows - 1)]
+        )[: min(4, idx.numel())]
         assert torch.equal(ops.unique_rows(idx, n_rows), torch.unique(idx))
     assert ops.unique_rows(torch.empty(0, 5, dtype=torch.int64), 10).numel() == 0
     for bad in (-1, 10):

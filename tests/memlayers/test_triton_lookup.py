@@ -120,7 +120,7 @@ def test_triton_weights_only_and_values_only_grads():
 
 
 def test_triton_custom_op_passes_opcheck():
-    from memlayers.triton_lookup import bag_sum_triton_op
+    from memlayers.lookup_triton import bag_sum_triton_op
 
     values, indices, weights, _ = _case(30, 9, 5, 4, torch.float32)
     torch.library.opcheck(bag_sum_triton_op, (values.requires_grad_(), indices, weights.requires_grad_()))

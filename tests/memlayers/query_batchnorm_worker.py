@@ -1,6 +1,6 @@
 """Per-rank check for tests/memlayers/test_query_norm.py, run under torchrun (gloo, CPU):
 
-    torchrun --nproc_per_node=W -m tests.memlayers.query_norm_worker
+    torchrun --nproc_per_node=W -m tests.memlayers.query_batchnorm_worker
 
 Each rank holds a different number of the batch's tokens. With the data-parallel group set, a
 memory layer with query batchnorm must give, on every rank, the rows one process computes on the
@@ -53,9 +53,13 @@ def main() -> None:
         dist.all_reduce(grad)  # the batch's gradient is the sum of the ranks' local ones
         ref = dict(full.named_parameters())[name].grad
         ref = ref.to_dense() if ref.is_sparse else ref
-        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"rank {rank} {n}: {m}")
+        torch.testing.assert_close(
+            grad, ref, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"rank {rank} {n}: {m}"
+        )
     for buf in ("running_mean", "running_var"):
-        torch.testing.assert_close(getattr(local.query_norm, buf), getattr(full.query_norm, buf), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            getattr(local.query_norm, buf), getattr(full.query_norm, buf), rtol=1e-10, atol=1e-12
+        )
 
     # eval: running estimates, no communication needed (a rank with no peers still agrees)
     local.eval(), full.eval()

@@ -93,8 +93,12 @@ def test_batchnorm_spreads_the_reads_of_collapsed_queries():
     normalising over the batch makes tokens pick different ones."""
     x = torch.randn(256, 16, dtype=F64, generator=torch.Generator().manual_seed(3))
     plain = ProductKeyMemory(16, MemoryPool(16, 12, dtype=F64), heads=1, k_dim=8, knn=4, dtype=F64)
-    normed = ProductKeyMemory(16, MemoryPool(16, 12, dtype=F64), heads=1, k_dim=8, knn=4, query_batchnorm=True, dtype=F64)
-    normed.load_state_dict({**plain.state_dict(), **{f"query_norm.{k}": v for k, v in normed.query_norm.state_dict().items()}})
+    normed = ProductKeyMemory(
+        16, MemoryPool(16, 12, dtype=F64), heads=1, k_dim=8, knn=4, query_batchnorm=True, dtype=F64
+    )
+    normed.load_state_dict(
+        {**plain.state_dict(), **{f"query_norm.{k}": v for k, v in normed.query_norm.state_dict().items()}}
+    )
     with torch.no_grad():
         for m in (plain, normed):
             m.query.bias.fill_(5.0)
@@ -115,13 +119,20 @@ def test_activation_checkpointing_updates_running_estimates_once():
 def test_state_dict_init_spec_and_meta_reset():
     mem = _layer()
     sd = mem.state_dict()
-    assert {"query_norm.weight", "query_norm.bias", "query_norm.running_mean", "query_norm.running_var"} <= set(sd)
+    assert {
+        "query_norm.weight",
+        "query_norm.bias",
+        "query_norm.running_mean",
+        "query_norm.running_var",
+    } <= set(sd)
     assert mem.init_spec()["query_norm.weight"] == ("constant", 1.0)
     with torch.device("meta"):
         meta = ProductKeyMemory(16, MemoryPool(8, 12), heads=2, k_dim=8, knn=4, query_batchnorm=True)
     meta.to_empty(device="cpu")
     meta.reset_parameters()
-    assert torch.equal(meta.query_norm.running_var, torch.ones(16)) and torch.equal(meta.query_norm.bias, torch.zeros(16))
+    assert torch.equal(meta.query_norm.running_var, torch.ones(16)) and torch.equal(
+        meta.query_norm.bias, torch.zeros(16)
+    )
     assert "query_batchnorm=True" in repr(meta)
 
 
@@ -144,4 +155,4 @@ def test_compiles_without_graph_break_and_matches_eager():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_synchronised_across_ranks_equals_one_process(world):
-    run_module("tests.memlayers.query_norm_worker", nproc=world)
+    run_module("tests.memlayers.query_batchnorm_worker", nproc=world)

@@ -1,11 +1,11 @@
-"""memlayers.layout.MemoryLayout on one process (the multi-rank paths: tests/launch/test_memory_parallel.py)."""
+"""memlayers.shard_layout.MemoryShardLayout on one process (the multi-rank paths: tests/launch/test_memory_parallel.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from memlayers import MemoryPool, ProductKeyMemory
-from memlayers.layout import MemoryLayout
+from memlayers.shard_layout import MemoryShardLayout
 
 
 class Owner(torch.nn.Module):
@@ -19,7 +19,7 @@ class Owner(torch.nn.Module):
 def test_values_gradients_norm_and_usage_on_one_process():
     torch.manual_seed(0)
     model = Owner()
-    layout = MemoryLayout(model)
+    layout = MemoryShardLayout(model)
     assert layout.parts == 1 and layout.regions() == {}
     assert list(layout.named_values()) == ["memory_pools.0.values"]
     assert layout.values()[0] is model.memory_pools[0].values

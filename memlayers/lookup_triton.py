@@ -174,7 +174,7 @@ class _TritonBagLookup(torch.autograd.Function):
         return grad_values, None, grad_weights, None
 
 
-def triton_lookup(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bool = False) -> Tensor:
+def lookup_triton(values: Tensor, indices: Tensor, weights: Tensor, *, sparse: bool = False) -> Tensor:
     """Triton weighted bag lookup; same contract as :func:`memlayers.lookup` (inputs already validated,
     weights already in values.dtype). Slot ids are NOT bounds-checked here (a device-side check would
     cost a sync); :func:`memlayers.lookup` callers get that from the selection, which cannot go out of range.
@@ -230,7 +230,7 @@ def _triton_backward(ctx, grad_out):
 bag_sum_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup)
 
 
-def triton_lookup_compilable(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """`triton_lookup` (dense value grad) through the custom ops: what `memlayers.lookup` runs while
+def lookup_triton_compilable(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """`lookup_triton` (dense value grad) through the custom ops: what `memlayers.lookup` runs while
     torch.compile traces."""
     return bag_sum_triton_op(values.contiguous(), indices.contiguous(), weights.contiguous())

@@ -1,26 +1,16 @@
-"""Ties across state_dict round trips and deduplicated safetensors checkpoints."""
+"""Ties across state_dict round trips and deduplicated (safetensors-ready) state dicts: scalenet.tied_state."""
 
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 import scalenet_test_toys as toys
 import torch
 
-from scalenet import (
-    adapters,
-    alias_groups,
-    count_params,
-    grow,
-    grow_by_strategy,
-    load_unique,
-    load_unique_state_dict,
-    rebuild,
-    save_unique,
-    unique_state_dict,
-)
+import scalenet
+from scalenet import adapters, count_params, grow, grow_by_strategy, rebuild
+from scalenet.tied_state import alias_groups, load_unique_state_dict, unique_state_dict
 
 X = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(5))
 ROPE = torch.rand(16, generator=torch.Generator().manual_seed(6)) + 0.5
@@ -97,17 +87,6 @@ def test_safetensors_round_trip(tmp_path):
     assert_tied(fresh)
     torch.testing.assert_close(fresh(X, ROPE), model(X, ROPE), rtol=0, atol=0)
 
-    # helper pair with the spec in the file's metadata
-    save_unique(model, tmp_path / "with_spec.safetensors", metadata={"scalenet_spec": json.dumps(spec)})
-    again_layers, again_pool = toys.make_layers(3, memory_at=(1,), seed=8)
-    with safe_open(str(tmp_path / "with_spec.safetensors"), framework="pt") as f:
-        meta_spec = json.loads(f.metadata()["scalenet_spec"])
-    again = toys.Model(rebuild(again_layers, meta_spec), pool=again_pool)
-    meta = load_unique(again, tmp_path / "with_spec.safetensors")
-    assert json.loads(meta["scalenet_spec"]) == spec
-    assert_tied(again)
-    torch.testing.assert_close(again(X, ROPE), model(X, ROPE), rtol=0, atol=0)
-
 
 def test_load_unique_state_dict_errors():
     model, _ = grown_model()
@@ -135,3 +114,13 @@ def test_adapters_of_a_grown_stack_are_in_the_checkpoint():
     new = grow(layers, adapter_rank=2)
     sd = unique_state_dict(new)
     assert sum(k.endswith("lora_B") for k in sd) == len(adapters(new)) == 4 * 7  # 4 positions x 7 linears
+
+
+def test_old_checkpoint_module_still_imports():
+    """scalenet.checkpoint is a shim onto scalenet.tied_state (its file IO moved to launch)."""
+    from scalenet.checkpoint import alias_groups as old_alias_groups
+    from scalenet.checkpoint import unique_state_dict as old_unique
+
+    assert old_alias_groups is alias_groups and old_unique is unique_state_dict
+    with pytest.raises(AttributeError, match="launch.tied_safetensors"):
+        _ = scalenet.save_unique
