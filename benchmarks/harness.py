@@ -305,7 +305,7 @@ def measure_in_subprocess(
 def native_ops_or_exit(script: str):
     """The C++ kernels (`torch.ops.memlayers_cpu`), or exit with a message: for benchmarks that compare
     them and have nothing to measure without them."""
-    from memlayers.lookup_cpu import native_ops
+    from memlayers.native import native_ops
 
     ops = native_ops()
     if ops is None:

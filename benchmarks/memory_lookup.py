@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from benchmarks.harness import fmt_ms, machine, parser, record, write_record
 from memlayers.hugepages import empty_huge_like
 from memlayers.lookup import lookup
-from memlayers.lookup_cpu import lookup_cpu, native_ops
-from memlayers.row_sparse_adam import RowSparseAdam, RowwiseAdam
+from memlayers.lookup_cpu import lookup_cpu
+from memlayers.native import native_ops
+from memlayers.optim import RowSparseAdam, RowwiseAdam
 
 GB = 1 << 30
 
@@ -626,7 +627,7 @@ def markdown(report: dict) -> str:
         "",
         "Best stock Adam-family = the fastest of embedding_bag + AdamW (single-tensor / foreach / fused) and "
         "embedding_bag sparse + SparseAdam at that size. RowSparseAdam computes dense AdamW's result (rows caught "
-        "up on read; memlayers/row_sparse_adam.py), so it is compared at equal training quality. Each step reads "
+        "up on read; memlayers/optim/row_sparse_adam.py), so it is compared at equal training quality. Each step reads "
         f"a fresh batch of uniform random slots (cycling through {VALUE_STEP_BATCHES}), so rows left behind by "
         "earlier steps are caught up on read as in training; with uniform slots ~40% of the rows are updated every "
         "step, the regime where a row-sparse optimizer has least to skip. The `floor` row is arithmetic, not a "

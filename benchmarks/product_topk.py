@@ -31,8 +31,7 @@ from benchmarks.harness import (
     write_record,
 )
 from benchmarks.memory_lookup import timeit
-from memlayers.key_search import product_key_topk_op
-from memlayers.lookup_cpu import product_topk_op
+from memlayers.key_search import product_key_topk_op, product_topk_op
 
 
 def stock_search(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -32,8 +32,8 @@ from benchmarks.harness import (
     write_record,
 )
 from memlayers.hugepages import empty_huge_like
-from memlayers.lookup_cpu import _isa_flags
-from memlayers.row_sparse_adam import replay_horizon, step_table
+from memlayers.native import _isa_flags
+from memlayers.optim.adam_replay import replay_horizon, step_table
 
 _RMW_SRC = r"""
 #include <torch/extension.h>

@@ -5,7 +5,7 @@
     plain = merge(new_layers)
 
 Imports only torch. Tied models' state dicts: :mod:`scalenet.tied_state`; writing them as safetensors
-files: ``launch.tied_safetensors``.
+files: ``launch.checkpoint.tied_safetensors``.
 """
 
 from scalenet.adapter import AdaptedLinear
@@ -46,5 +46,5 @@ __all__ = [
 def __getattr__(name: str):
     # The safetensors file IO left scalenet (which imports only torch); say where it went.
     if name in ("save_unique", "load_unique"):
-        raise AttributeError(f"scalenet.{name} moved to launch.tied_safetensors.{name}")
+        raise AttributeError(f"scalenet.{name} moved to launch.checkpoint.tied_safetensors.{name}")
     raise AttributeError(f"module 'scalenet' has no attribute {name!r}")

@@ -6,7 +6,7 @@ share memory, and storing each alias would duplicate the bytes. :func:`unique_st
 first name per storage; :func:`load_unique_state_dict` fans that tensor back out to every alias and
 loads with ``copy_`` into the existing tensors, so ties (same ``nn.Parameter`` objects) survive.
 
-Pure torch: writing such a state dict to a file is the caller's business (launch.tied_safetensors does it
+Pure torch: writing such a state dict to a file is the caller's business (launch.checkpoint.tied_safetensors does it
 with safetensors).
 """
 

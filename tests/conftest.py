@@ -56,7 +56,7 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     if item.get_closest_marker("requires_native") is None:
         return
-    from memlayers.lookup_cpu import native_available
+    from memlayers.native import native_available
 
     if native_available():
         return

@@ -174,7 +174,7 @@ def foreign_imports(package: str, root: Path = REPO) -> list[str]:
     [
         "memlayers",
         "scalenet",
-        pytest.param("launch", marks=pytest.mark.xfail(strict=False, reason="launch layout in progress")),
+        "launch",
     ],
 )
 def test_no_import_cycles(package):

@@ -1,13 +1,13 @@
 """The global gradient norm and clipping, over every kind of gradient the trainer produces: FSDP2
 and tensor-parallel DTensors (per device mesh), plain dense tensors, row-sparse gradients, and the
-memory value tables (whose shards' norms `memlayers.layout.MemoryLayout` sums over its group)."""
+memory value tables (whose shards' norms `memlayers.shard_layout.MemoryShardLayout` sums over its group)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from memlayers.layout import MemoryLayout
+from memlayers.shard_layout import MemoryShardLayout
 
 
 def _mesh_key(g: torch.Tensor):
@@ -15,7 +15,7 @@ def _mesh_key(g: torch.Tensor):
 
 
 @torch.no_grad()
-def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float, memory: MemoryLayout, clip_values: bool = True) -> float:
+def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float, memory: MemoryShardLayout, clip_values: bool = True) -> float:
     """L2 norm of all gradients, each logical element once; scales them to `max_norm` when above.
     `clip_values=False` leaves the memory value tables out of both the norm and the scaling (FBGEMM
     TBE's practice): their update then need not wait for the global norm, so it can be fused into

@@ -12,7 +12,7 @@ Order (`parallelize`), on a model built on the meta device:
 
     1. tensor parallel      DTensor `parallelize_module`: wq/wk/wv, w1/w3 colwise; wo, w2 rowwise;
                             embeddings, norms and memory layers replicated
-    2. memory parallel      value tables swapped for their column shards (`memlayers.layout`)
+    2. memory parallel      value tables swapped for their column shards (`memlayers.shard_layout`)
     3. activation ckpt      `train.activation_checkpoint`: none | full (every block) | selective
                             (every other block); composable, so parameter names do not change
     4. torch.compile        per block, in place (`train.compile`)
@@ -37,8 +37,8 @@ from torch import nn
 from launch.config import Config
 from launch.distributed.process_group import DistInfo
 from launch.runtime.errors import ConfigError
-from memlayers.layout import MemoryLayout
-from memlayers.query_norm import set_query_norm_group
+from memlayers.query_batchnorm import set_query_norm_group
+from memlayers.shard_layout import MemoryShardLayout
 
 CHECKPOINT_MODES = ("none", "full", "selective")
 
@@ -213,7 +213,7 @@ class Parallelized:
 
     model: nn.Module
     layout: Layout
-    memory: MemoryLayout
+    memory: MemoryShardLayout
     module: nn.Module = None
     _hand_averaged: list[nn.Parameter] = field(default_factory=list)
 
@@ -251,7 +251,7 @@ class Parallelized:
 def parallelize(model: nn.Module, layout: Layout, cfg: Config) -> Parallelized:
     """Apply the layout to a model on the meta device (see the module docstring for the order)."""
     apply_tensor_parallel(model, layout)
-    memory = MemoryLayout(model, layout.group("memory"), layout.group("replica"), layout.dp_size)
+    memory = MemoryShardLayout(model, layout.group("memory"), layout.group("replica"), layout.dp_size)
     if layout.dp_size > 1:
         # Query batchnorm statistics over the global batch: ranks in "dp" hold different tokens
         # (tensor-parallel peers hold the same ones, so they are not in the group).

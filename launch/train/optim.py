@@ -19,9 +19,9 @@ from launch.config import Config
 
 def memory_value_params(model: nn.Module) -> list[nn.Parameter]:
     """Every memory value table of `model`, once each (shared pools included)."""
-    from memlayers.layout import MemoryLayout
+    from memlayers.shard_layout import MemoryShardLayout
 
-    return MemoryLayout(model).values()
+    return MemoryShardLayout(model).values()
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -53,9 +53,10 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     optimizers: list[torch.optim.Optimizer] = []
     if groups["memory_values"]:
         if mem.value_optimizer in ("row_sparse_adam", "rowwise_adam"):
-            from memlayers import MemoryPool, row_sparse_adam
+            from memlayers import MemoryPool
+            from memlayers.optim import RowSparseAdam, RowwiseAdam, flush_on_state_dict
 
-            cls = row_sparse_adam.RowSparseAdam if mem.value_optimizer == "row_sparse_adam" else row_sparse_adam.RowwiseAdam
+            cls = RowSparseAdam if mem.value_optimizer == "row_sparse_adam" else RowwiseAdam
             value_opt = cls(
                 [{"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr}],
                 lr=mem.value_lr,
@@ -70,7 +71,7 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
             # export) catches them up first, so saved values are dense AdamW's.
             for m in model.modules():
                 if isinstance(m, MemoryPool):
-                    row_sparse_adam.flush_on_state_dict(m, value_opt)
+                    flush_on_state_dict(m, value_opt)
             optimizers.append(value_opt)
         else:
             adamw_groups.append(

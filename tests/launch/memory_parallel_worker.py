@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from memlayers import MemoryPool, lookup
-from memlayers.layout import MemoryLayout
+from memlayers.shard_layout import MemoryShardLayout
 from memlayers.sharded import ShardedMemoryPool, gather_columns, sharded_lookup
 
 N_KEYS, DV, K = 6, 12, 5
@@ -84,7 +84,7 @@ def check_lookup(P: int) -> None:
     idx, w, gout = per_rank[rank]
     for sparse in (False, True):
         model = Model(values, sparse)
-        layout = MemoryLayout(model, memory_group, replica_group, world)
+        layout = MemoryShardLayout(model, memory_group, replica_group, world)
         pool = model.memory_pools[0]
         assert isinstance(pool, ShardedMemoryPool) and model.reader.pool is pool, (
             "pool references not rewired"
@@ -114,7 +114,7 @@ def check_lookup(P: int) -> None:
     # Under torch.compile the sharded read is left out of the compiled region (its collectives run
     # eagerly between two graphs): the compiled read and its gradients equal the eager ones.
     model = Model(values, False)
-    MemoryLayout(model, memory_group, replica_group, world)
+    MemoryShardLayout(model, memory_group, replica_group, world)
     pool = model.memory_pools[0]
 
     def read(i, wt):

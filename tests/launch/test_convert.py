@@ -22,7 +22,13 @@ from launch.checkpoint.load import load_checkpoint  # noqa: E402
 from launch.checkpoint.paths import resolve_checkpoint  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.convert import names  # noqa: E402
-from launch.convert.llama import export_checkpoint, export_model, import_hf, memory_layout, write_checkpoint_dir  # noqa: E402
+from launch.convert.llama import (  # noqa: E402
+    export_checkpoint,
+    export_model,
+    import_hf,
+    memory_layout,
+    write_checkpoint_dir,
+)
 from launch.convert.tokenizer_json import BYTE, CONTROL, UNKNOWN, read_sp_model  # noqa: E402
 from launch.models.build import build_model  # noqa: E402
 from launch.models.generate import generate_ids  # noqa: E402

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from launch.data.facts import ATTRIBUTES, TEMPLATES, FactsArgs, entities, write_corpus
-from launch.facts import main
 from launch.data.stream import BatchStream, MixedSequences, PackedSequences, parse_mix, train_sequences
 from launch.eval.tasks import FORMATS
+from launch.facts import main
 from launch.runtime.errors import ConfigError, UserError
 
 # ---------------------------------------------------------------------------------------------

@@ -133,11 +133,11 @@ def test_fused_value_update_only_where_exact(overrides, fused):
 def test_values_left_out_of_clipping_keep_their_gradient():
     """memory.clip_values=false: the global norm and the clip scale cover every other gradient."""
     from launch.distributed.grad_norm import grad_norm_and_clip
-    from memlayers.layout import MemoryLayout
+    from memlayers.shard_layout import MemoryShardLayout
 
     model = build_model(cfg_of("memory.value_optimizer=adamw"))
     model(torch.randint(0, 64, (2, 16))).float().pow(2).mean().backward()
-    layout = MemoryLayout(model)
+    layout = MemoryShardLayout(model)
     values = {id(p) for p in layout.values()}
     params = [p for p in model.parameters() if p.grad is not None]
     before = {id(p): p.grad.clone() for p in params}

@@ -13,8 +13,8 @@ import pytest
 
 from launch.checkpoint.paths import list_checkpoints
 from launch.runtime.errors import ConfigError
-from launch.sweep.collect import collect
 from launch.sweep.__main__ import main as sweep_main
+from launch.sweep.collect import collect
 from launch.sweep.runner import command, plan, state, waves
 from launch.sweep.spec import derive_names, expand, format_value, load_sweep
 

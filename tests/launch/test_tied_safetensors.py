@@ -1,4 +1,4 @@
-"""launch.tied_safetensors: a tied model written once per tie, read back with its ties and metadata."""
+"""launch.checkpoint.tied_safetensors: a tied model written once per tie, read back with its ties and metadata."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from launch.tied_safetensors import load_unique, save_unique
+from launch.checkpoint.tied_safetensors import load_unique, save_unique
 
 
 def tied_stack(seed: int) -> nn.Sequential:

@@ -122,5 +122,5 @@ def test_old_checkpoint_module_still_imports():
     from scalenet.checkpoint import unique_state_dict as old_unique
 
     assert old_alias_groups is alias_groups and old_unique is unique_state_dict
-    with pytest.raises(AttributeError, match="launch.tied_safetensors"):
+    with pytest.raises(AttributeError, match="launch.checkpoint.tied_safetensors"):
         _ = scalenet.save_unique
