@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,9 +50,47 @@ def run_module(module: str, *args: str, env: dict | None = None, nproc: int = 1,
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
+        "integration: runs a command end to end or spawns processes (set automatically, tests/conftest.py); "
+        'the fast unit run is `pytest -m "not integration"`',
+    )
+    config.addinivalue_line(
+        "markers",
         "requires_native: needs the C++ CPU kernels (memlayers_cpu); skipped when they did not build, "
         "failed instead when MEMSCALE_REQUIRE_NATIVE=1 (CI sets it, so a compile error cannot hide as skips)",
     )
+
+
+# A test is an integration test when it runs a command end to end (a `launch` entry point's `main`, in
+# process or as a subprocess), spawns processes, or uses a fixture that does; everything else is a unit
+# test. Classified here from the test's own source and fixtures, so a new test lands in the right set
+# without anyone remembering a marker: `pytest -m "not integration"` is the fast unit run.
+_END_TO_END = re.compile(
+    r"\brun_module\(|\brun\(|subprocess\.|mp\.spawn|multiprocessing|torch\.distributed\.run|_cli\.main\(|\bmain\(\["
+    r"|\b(?:train|eval|grow|sweep|convert|facts|tokenize|tokenizer)_main\("
+)
+
+
+def _runs_end_to_end(func) -> bool:
+    try:
+        return bool(_END_TO_END.search(inspect.getsource(func)))
+    except (OSError, TypeError):
+        return False
+
+
+def _is_integration(item) -> bool:
+    if item.get_closest_marker("slow") is not None or item.get_closest_marker("integration") is not None:
+        return True
+    if _runs_end_to_end(getattr(item, "function", None)):
+        return True
+    # Fixtures too (the closure: a fixture that trains a model makes every test using it end to end).
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(_runs_end_to_end(fixturedefs[-1].func) for name, fixturedefs in defs.items() if name != "run")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_integration(item):
+            item.add_marker(pytest.mark.integration)
 
 
 def pytest_runtest_setup(item):
@@ -66,7 +106,7 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture
-def run():
+def run():  # not end to end by itself: `run(...)` in a test's body is what marks it (see _END_TO_END)
     return run_module
 
 
