@@ -366,11 +366,12 @@ class Checkpointer:
     """Save, find and load a run's checkpoints. `save` and `load` are collective (every rank calls
     them); `latest_intact` too when a process group is up (ranks split the checksum work)."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 1, async_save: bool = False):
+    def __init__(self, run_dir: str | Path, keep_last: int = 1, *, async_save: bool = False, every: int = 0):
         self.run_dir = Path(run_dir)
         self.root = legacy.checkpoint_dir(run_dir)
         self.keep_last = max(1, keep_last)
         self.async_save = async_save
+        self.every = every  # train.ckpt_every; 0: only at the last step and on pre-emption
         self._pending: tuple[Any, Path, Path, int] | None = None
         self._async_group = None
         self.last_save_blocking_s = 0.0  # seconds the last save() held the training loop
@@ -378,6 +379,11 @@ class Checkpointer:
             # `ulimit -f`: a write past the limit fails with EFBIG (named, kept going) instead of
             # killing the process with SIGXFSZ.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def due(self, step: int, *, last: bool, preempted: bool = False) -> bool:
+        """Whether the trainer saves after `step`: every `every` steps, at the last step, and when
+        pre-empted (so the run resumes where it stopped)."""
+        return bool(self.every and step % self.every == 0) or last or preempted
 
     # -- finding ---------------------------------------------------------------------------------
 
