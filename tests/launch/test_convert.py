@@ -27,7 +27,8 @@ from launch.convert import (  # noqa: E402
     import_hf,
     names,  # noqa: E402
 )
-from launch.convert.llama import memory_layout, write_checkpoint_dir  # noqa: E402
+from launch.convert.export import exported_memory_layers  # noqa: E402
+from launch.convert.import_hf import write_checkpoint_dir  # noqa: E402
 from launch.convert.tokenizer_json import BYTE, CONTROL, UNKNOWN, read_sp_model  # noqa: E402
 from launch.models.build import build_model  # noqa: E402
 from launch.models.generate import generate_ids  # noqa: E402
@@ -155,7 +156,7 @@ def test_sp_model_reader_agrees_with_sentencepiece(sp_path):
 
 
 def _sample_texts() -> list[str]:
-    from launch.data.stream import load_documents
+    from launch.data.sources import load_documents
 
     fixed = [
         "", "\n", " ", "  two leading spaces", "Hello\n  world 123", "\n\nROMEO.\nWhat, ho!\n", "trailing  ",
@@ -339,7 +340,7 @@ def test_memory_model_round_trips_through_hf(sp_path, tmp_path):
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config.memory.layers == [0, 1] and not loaded.config.memory.shared
     assert loaded.config.memory.query_batchnorm
-    assert memory_layout(loaded.model).pool_ids == [0, 1]
+    assert exported_memory_layers(loaded.model).pool_ids == [0, 1]
     theirs = loaded.model.state_dict()
     for name, t in model.state_dict().items():
         assert torch.equal(t, theirs[name]), name

@@ -20,10 +20,8 @@ lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval adapter needs the [
 
 import launch.eval.harness  # noqa: E402,F401  (registers "memscale")
 from launch.config import load_config  # noqa: E402
-from launch.convert.llama import (
-    export_checkpoint,  # noqa: E402
-    write_checkpoint_dir,  # noqa: E402
-)
+from launch.convert.export import export_checkpoint  # noqa: E402
+from launch.convert.import_hf import write_checkpoint_dir  # noqa: E402
 from launch.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from launch.models.build import build_model  # noqa: E402
 from tests.conftest import REPO, TINY  # noqa: E402
