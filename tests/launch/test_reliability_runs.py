@@ -97,7 +97,7 @@ def test_resuming_below_the_checkpoint_step_is_refused(capsys, tiny_checkpoint):
     assert after == before  # config.yaml, metrics and checkpoints untouched
 
 
-_HOLDER = "import sys, time; from launch.rundir import acquire_lock; acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)"
+_HOLDER = "import sys, time; from launch.runtime.run_dir import acquire_lock; acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)"
 
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
