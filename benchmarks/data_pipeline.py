@@ -158,7 +158,7 @@ def make_corpus(work: Path, copies: int) -> Path:
 
 
 def make_tokenizer(work: Path) -> Path:
-    from launch.data.stream import load_documents
+    from launch.data.sources import load_documents
     from launch.data.tokenizer import train_tokenizer
 
     path = work / "tokenizer.model"

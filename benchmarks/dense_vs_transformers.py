@@ -37,7 +37,7 @@ ARMS = [
 def measure(config: str, impl: str, mode: str, dtype: str, steps: int, warmup: int) -> dict:
     """One arm, in this process."""
     from launch.config import load_config, validate
-    from launch.convert.llama import hf_config
+    from launch.convert.export import hf_config
     from launch.distributed.parallelize import apply_compile
     from launch.models.build import build_model
     from launch.train.validation import cross_entropy

@@ -108,7 +108,7 @@ def seed_cache(src_run: Path, run_dir: Path) -> None:
 
 def quick_corpus(work: Path) -> list[str]:
     """--quick: a slice of the bundled plays as local files, so tokenising takes no time."""
-    from launch.data.stream import load_documents
+    from launch.data.sources import load_documents
 
     paths = []
     for split, chars in (("train", 150_000), ("val", 20_000)):

@@ -23,7 +23,7 @@ class TokenizerArgs:
 def main(argv: list[str]) -> int:
     """python -m launch.tokenizer data.train=PATH|shakespeare out=tokenizer.model [vocab_size=8192] [overwrite=true]"""
     from launch.config import load_config
-    from launch.data.stream import load_documents
+    from launch.data.sources import load_documents
     from launch.runtime.outputs import check_output_file
 
     args = load_config(argv, TokenizerArgs)

@@ -57,16 +57,20 @@ def main(argv: list[str]) -> int:
         raise UserError(f"expected a command, to-hf or from-hf; {USAGE}")
     command, rest = argv[0], argv[1:]
     if command == "to-hf":
-        from launch.convert.llama import export_checkpoint
+        from launch.convert.export import export_checkpoint
 
         args = load_config(rest, ToHFArgs)
         _require(args, "checkpoint", "out")
         out = export_checkpoint(
-            args.checkpoint, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite
+            args.checkpoint,
+            args.out,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
         )
         print(f"wrote Hugging Face model to {out}")
     else:
-        from launch.convert.llama import import_hf
+        from launch.convert.import_hf import import_hf
 
         args = load_config(rest, FromHFArgs)
         _require(args, "hf", "out")

@@ -216,7 +216,7 @@ def majority_em(people: list[dict[str, str]]) -> float:
 
 def mixture_tokenizer(sources: list[str], out: str | Path, vocab_size: int) -> Path:
     """Train a tokenizer on every document of the training sources `sources` and write it to `out`."""
-    from launch.data.stream import load_documents
+    from launch.data.sources import load_documents
     from launch.data.tokenizer import train_tokenizer
 
     return train_tokenizer([doc for source in sources for doc in load_documents(source, "train")], out, vocab_size)

@@ -41,7 +41,7 @@ from launch.data.shards import (
     open_shards,
     tokenizer_fingerprint,
 )
-from launch.data.sources import ENCODING_ERRORS, load_documents, resolve_files  # noqa: F401  (part of this module's API)
+from launch.data.sources import ENCODING_ERRORS, load_documents, resolve_files
 from launch.data.tokenize_corpus import Inputs, default_workers, ensure_shards, tokenize_files
 from launch.data.tokenizer import Tokenizer
 from launch.runtime.errors import UserError

@@ -44,7 +44,10 @@ CHECKPOINT_MODES = ("none", "full", "selective")
 
 
 @dataclass
-class Layout:
+class ParallelLayout:
+    """How the ranks split the work: memory- and tensor-parallel sizes, the data-parallel wrapper
+    (ddp | fsdp) and the mesh over them."""
+
     world: int = 1
     rank: int = 0
     memory: int = 1
@@ -122,11 +125,11 @@ def check_layout(cfg: Config, world: int) -> None:
             )
 
 
-def build_layout(cfg: Config, info: DistInfo) -> Layout:
+def build_layout(cfg: Config, info: DistInfo) -> ParallelLayout:
     """Check the layout, then create the mesh (collective: every rank calls it, in the same order)."""
     check_layout(cfg, info.world)
     p = cfg.parallel
-    layout = Layout(world=info.world, rank=info.rank, memory=p.memory, tensor=p.tensor, data=p.data)
+    layout = ParallelLayout(world=info.world, rank=info.rank, memory=p.memory, tensor=p.tensor, data=p.data)
     if info.world > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -140,7 +143,7 @@ def build_layout(cfg: Config, info: DistInfo) -> Layout:
 # The steps
 
 
-def apply_tensor_parallel(model: nn.Module, layout: Layout) -> None:
+def apply_tensor_parallel(model: nn.Module, layout: ParallelLayout) -> None:
     """Split attention heads and FFN hidden units of every block over the "tp" dim (DTensor)."""
     if layout.tensor == 1 or layout.mesh is None:
         return
@@ -193,7 +196,7 @@ def apply_compile(blocks: nn.ModuleList) -> None:
             block.compile()
 
 
-def apply_fsdp(model: nn.Module, layout: Layout, ignored: list[nn.Parameter]) -> None:
+def apply_fsdp(model: nn.Module, layout: ParallelLayout, ignored: list[nn.Parameter]) -> None:
     """FSDP2 over "dp": each block (or each group of ScaleNet positions that share a block), then
     the root. Ignored parameters (value tables) stay plain local tensors."""
     from torch.distributed.fsdp import fully_shard
@@ -208,22 +211,23 @@ def apply_fsdp(model: nn.Module, layout: Layout, ignored: list[nn.Parameter]) ->
 
 @dataclass
 class Parallelized:
-    """The model with its layout applied. `module` is what to call (the DDP wrapper or the model);
-    `model` is the underlying model (parameters, state dicts); `memory` owns the value tables."""
+    """The model with its layout applied. `model` is the model (parameters, state dicts); `wrapper`
+    is what to call for a forward (the DDP wrapper, or the model itself); `memory` owns the value
+    tables."""
 
     model: nn.Module
-    layout: Layout
+    layout: ParallelLayout
     memory: MemoryShardLayout
-    module: nn.Module = None
+    wrapper: nn.Module = None
     _hand_averaged: list[nn.Parameter] = field(default_factory=list)
 
     def __post_init__(self):
-        self.module = self.module or self.model
+        self.wrapper = self.wrapper or self.model
 
     def no_sync(self, enabled: bool):
         """Skip the data-parallel gradient reduction on all but the last micro-batch."""
-        if not enabled and hasattr(self.module, "no_sync"):  # DDP
-            return self.module.no_sync()
+        if not enabled and hasattr(self.wrapper, "no_sync"):  # DDP
+            return self.wrapper.no_sync()
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
             self.model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
@@ -248,7 +252,7 @@ class Parallelized:
         }
 
 
-def parallelize(model: nn.Module, layout: Layout, cfg: Config) -> Parallelized:
+def parallelize(model: nn.Module, layout: ParallelLayout, cfg: Config) -> Parallelized:
     """Apply the layout to a model on the meta device (see the module docstring for the order)."""
     apply_tensor_parallel(model, layout)
     memory = MemoryShardLayout(model, layout.group("memory"), layout.group("replica"), layout.dp_size)
@@ -288,5 +292,5 @@ def materialize(par: Parallelized, device: torch.device, seed: int) -> Paralleli
     if ignored:
         DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
     ids = [device.index] if device.type == "cuda" else None
-    par.module = DDP(model, device_ids=ids, process_group=layout.group("dp"))
+    par.wrapper = DDP(model, device_ids=ids, process_group=layout.group("dp"))
     return par

@@ -1,6 +1,6 @@
 """Run evaluation tasks on a model and write the results.
 
-`run_tasks` is what `launch.train` calls every `eval.every` steps; `launch.eval` uses
+`TaskEvaluator` (over `run_tasks`) is what `launch.train` runs every `eval.every` steps; `launch.eval` uses
 `run_suite` + `write_results`. Under torch.distributed every rank runs the same computation (no
 sharding), so models whose forward itself runs collectives (FSDP2, memory-parallel values) stay in
 lockstep and nothing can deadlock; only rank 0 prints or writes.
@@ -98,8 +98,13 @@ def evaluate_generative(ctx: _Ctx, examples: list[QA], shots: list) -> TaskResul
     bs = ctx.cfg.batch_size
     for start in tqdm(range(0, len(prompts), bs), desc=ctx.name, disable=not ctx.progress, leave=False):
         outputs += generate(
-            ctx.model, ctx.tokenizer, prompts[start : start + bs], ctx.cfg.max_new_tokens,
-            stop=["\n"], batch_size=bs, sync=ctx.sync,
+            ctx.model,
+            ctx.tokenizer,
+            prompts[start : start + bs],
+            ctx.cfg.max_new_tokens,
+            stop=["\n"],
+            batch_size=bs,
+            sync=ctx.sync,
         )
     preds, em_sum, f1_sum = [], 0.0, 0.0
     for ex, out in zip(examples, outputs):
@@ -161,7 +166,15 @@ def evaluate_text(ctx: _Ctx, docs: Iterable[Document | TokenDocument], limit: in
     if pending:
         score(pending)
     if tokens == 0:
-        return TaskResult({"nll_per_token": float("nan"), "ppl": float("nan"), "bits_per_byte": float("nan"), "tokens": 0, "n": 0})
+        return TaskResult(
+            {
+                "nll_per_token": float("nan"),
+                "ppl": float("nan"),
+                "bits_per_byte": float("nan"),
+                "tokens": 0,
+                "n": 0,
+            }
+        )
     per_token = nll / tokens
     return TaskResult(
         {
@@ -206,7 +219,9 @@ def run_suite(
     results: dict[str, TaskResult] = {}
     try:
         for spec in tqdm(specs, desc="eval", disable=not (progress and info.is_main)):
-            ctx = _Ctx(model, tokenizer, eval_cfg, info.device, info.world > 1, progress and info.is_main, spec.name)
+            ctx = _Ctx(
+                model, tokenizer, eval_cfg, info.device, info.world > 1, progress and info.is_main, spec.name
+            )
             results[spec.name] = evaluate_task(ctx, spec)
     finally:
         model.train(was_training)
@@ -220,6 +235,27 @@ def run_tasks(
     return {name: r.metrics for name, r in run_suite(model, tokenizer, tasks, eval_cfg, info).items()}
 
 
+class TaskEvaluator:
+    """The trainer's QA evaluation: `due` every eval.every steps when eval.tasks names any; `run`
+    scores them (collective: every rank runs the same computation) as flat `eval/TASK/METRIC`
+    numbers for the metrics log."""
+
+    def __init__(self, tokenizer: Tokenizer, eval_cfg: EvalConfig, info: DistInfo):
+        self.tokenizer, self.cfg, self.info = tokenizer, eval_cfg, info
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.every and self.cfg.tasks) and step % self.cfg.every == 0
+
+    def run(self, model: torch.nn.Module) -> dict[str, float | int]:
+        results = run_tasks(model, self.tokenizer, list(self.cfg.tasks), self.cfg, self.info)
+        return {
+            f"eval/{task}/{k}": v
+            for task, metrics in results.items()
+            for k, v in metrics.items()
+            if isinstance(v, int | float)
+        }
+
+
 def sample(model: torch.nn.Module, tokenizer: Tokenizer, eval_cfg: EvalConfig, sync: bool = False) -> str:
     """`eval.sample_tokens` tokens continuing `eval.sample_prompt` (greedy unless
     eval.sample_temperature > 0, then seeded with eval.seed)."""
@@ -227,8 +263,15 @@ def sample(model: torch.nn.Module, tokenizer: Tokenizer, eval_cfg: EvalConfig, s
     model.eval()
     try:
         return generate(
-            model, tokenizer, eval_cfg.sample_prompt, eval_cfg.sample_tokens, stop=(),
-            temperature=eval_cfg.sample_temperature, top_k=eval_cfg.sample_top_k, seed=eval_cfg.seed, sync=sync,
+            model,
+            tokenizer,
+            eval_cfg.sample_prompt,
+            eval_cfg.sample_tokens,
+            stop=(),
+            temperature=eval_cfg.sample_temperature,
+            top_k=eval_cfg.sample_top_k,
+            seed=eval_cfg.seed,
+            sync=sync,
         )
     finally:
         model.train(was_training)
@@ -248,7 +291,9 @@ def describe_text_task(spec: TaskSpec, metrics: dict[str, Any], max_len: int, li
     """Which perplexity this is, in words: the trainer logs another one (`val_ppl`: its first
     data.val_sequences packed sequences), so each output says what it measured."""
     where = "the whole validation split (bundled plays)" if spec.path is None else str(spec.path)
-    scope = f"the first {metrics.get('windows')} windows (eval.limit={limit}) of " if limit is not None else ""
+    scope = (
+        f"the first {metrics.get('windows')} windows (eval.limit={limit}) of " if limit is not None else ""
+    )
     return (
         f"{spec.name}: ppl {_fmt(metrics.get('ppl'))} over {scope}{where}: {metrics.get('n')} documents, "
         f"{metrics.get('tokens')} tokens in {metrics.get('windows')} windows of up to {max_len} tokens, "
@@ -264,13 +309,18 @@ def format_table(metrics: dict[str, dict[str, Any]]) -> str:
         for key, value in values.items():
             if key == "n":
                 continue
-            lines.append(f"| {task if first else ''} | {key} | {_fmt(value)} | {values.get('n', '') if first else ''} |")
+            lines.append(
+                f"| {task if first else ''} | {key} | {_fmt(value)} | {values.get('n', '') if first else ''} |"
+            )
             first = False
     return "\n".join(lines) + "\n"
 
 
 def write_results(
-    out_dir: str | Path, results: dict[str, TaskResult], header: dict[str, Any], sample_text: str | None = None
+    out_dir: str | Path,
+    results: dict[str, TaskResult],
+    header: dict[str, Any],
+    sample_text: str | None = None,
 ) -> Path:
     """out/results.json ({**header, "tasks": {...}}), out/results.md, out/predictions/NAME.jsonl."""
     out = Path(out_dir)

@@ -14,6 +14,7 @@ lines, and optionally TensorBoard and Weights & Biases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -108,7 +109,9 @@ class ProgressReporter:
             return " | ".join(parts)
         if "val_loss" in record:
             ppl = math.exp(min(record["val_loss"], 50))
-            extra = f" over {record['val_sequences']} validation sequences" if "val_sequences" in record else ""
+            extra = (
+                f" over {record['val_sequences']} validation sequences" if "val_sequences" in record else ""
+            )
             return f"{where} | val_loss {record['val_loss']:.4f} | val_ppl {ppl:.2f}{extra}"
         evals = {k: v for k, v in record.items() if k.startswith("eval/") and not k.endswith("/n")}
         if evals:
@@ -119,6 +122,32 @@ class ProgressReporter:
         text = self.line(record)
         if text is not None:
             print(text, file=self.stream or sys.stdout, flush=True)
+
+
+class Throughput:
+    """Training tokens per second over a logging window. Time spent in `paused()` (validation,
+    evaluation, checkpointing) is left out, so the rate after a validation describes training, not
+    training plus validation."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.excluded = time.perf_counter(), 0, 0.0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start - self.excluded, 1e-9)
 
 
 def wants_plain_progress(progress: bool, stream: TextIO | None = None) -> bool:
@@ -255,7 +284,9 @@ def _start_wandb(project: str, run_dir: Path, cfg: Any):
     try:
         import wandb
     except ImportError:
-        raise UserError(f"train.wandb={project} needs the wandb package: pip install 'memscale[wandb]'") from None
+        raise UserError(
+            f"train.wandb={project} needs the wandb package: pip install 'memscale[wandb]'"
+        ) from None
     from omegaconf import OmegaConf
 
     id_file = run_dir / "wandb_id"

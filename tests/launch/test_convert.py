@@ -22,13 +22,8 @@ from launch.checkpoint.load import load_checkpoint  # noqa: E402
 from launch.checkpoint.paths import resolve_checkpoint  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.convert import names  # noqa: E402
-from launch.convert.llama import (  # noqa: E402
-    export_checkpoint,
-    export_model,
-    import_hf,
-    memory_layout,
-    write_checkpoint_dir,
-)
+from launch.convert.export import export_checkpoint, export_model, exported_memory_layers  # noqa: E402
+from launch.convert.import_hf import import_hf, write_checkpoint_dir  # noqa: E402
 from launch.convert.tokenizer_json import BYTE, CONTROL, UNKNOWN, read_sp_model  # noqa: E402
 from launch.models.build import build_model  # noqa: E402
 from launch.models.generate import generate_ids  # noqa: E402
@@ -63,7 +58,10 @@ def randomise_query_norms(model, seed: int = 5) -> int:
     with torch.no_grad():
         for name, m in model.named_modules():
             if name.endswith("query_norm") and m is not None:
-                for t, (lo, hi) in zip((m.weight, m.bias, m.running_mean, m.running_var), ((0.5, 1.5), (-0.5, 0.5), (-1, 1), (0.5, 2))):
+                for t, (lo, hi) in zip(
+                    (m.weight, m.bias, m.running_mean, m.running_var),
+                    ((0.5, 1.5), (-0.5, 0.5), (-1, 1), (0.5, 2)),
+                ):
                     t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
                 n += 1
     return n
@@ -151,17 +149,32 @@ def test_sp_model_reader_agrees_with_sentencepiece(sp_path):
     assert model.normalizer_name == "identity" and model.byte_fallback and model.add_dummy_prefix
     ids = model.special_ids
     assert (ids["unk_token"], ids["bos_token"], ids["eos_token"], ids["pad_token"]) == (
-        sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()
+        sp.unk_id(),
+        sp.bos_id(),
+        sp.eos_id(),
+        sp.pad_id(),
     )
 
 
 def _sample_texts() -> list[str]:
-    from launch.data.stream import load_documents
+    from launch.data.sources import load_documents
 
     fixed = [
-        "", "\n", " ", "  two leading spaces", "Hello\n  world 123", "\n\nROMEO.\nWhat, ho!\n", "trailing  ",
-        "tabs\t\tand   spaces", "digits 1234567890 3.14", "héllo wörld ñandú", "日本語のテキスト", "emoji 😀 ok",
-        "▁literal marker", "<s> and </s> typed as text", "x\n y\n\n  z",
+        "",
+        "\n",
+        " ",
+        "  two leading spaces",
+        "Hello\n  world 123",
+        "\n\nROMEO.\nWhat, ho!\n",
+        "trailing  ",
+        "tabs\t\tand   spaces",
+        "digits 1234567890 3.14",
+        "héllo wörld ñandú",
+        "日本語のテキスト",
+        "emoji 😀 ok",
+        "▁literal marker",
+        "<s> and </s> typed as text",
+        "x\n y\n\n  z",
     ]
     docs = load_documents("shakespeare", "train", "auto", "text")
     doc = docs[0] if isinstance(docs, list) else next(iter(docs))
@@ -180,7 +193,11 @@ def test_exported_tokenizer_matches_sentencepiece_ids(sp_path, tmp_path):
     save_tokenizer(sp_path, tmp_path, model_max_length=64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     ours = Tokenizer(sp_path)
-    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
+        ours.bos_id,
+        ours.eos_id,
+        ours.pad_id,
+    )
     for text in _sample_texts():
         ids = ours.encode(text)
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
@@ -194,10 +211,18 @@ def test_exported_tokenizer_matches_sentencepiece_ids(sp_path, tmp_path):
 
 def test_dense_to_hf_cli_sharded_logits_generate(tiny_checkpoint, tmp_path):
     out = tmp_path / "hf"
-    run_module("launch.convert", "to-hf", f"checkpoint={tiny_checkpoint}", f"out={out}", "max_shard_size=60KB")
+    run_module(
+        "launch.convert", "to-hf", f"checkpoint={tiny_checkpoint}", f"out={out}", "max_shard_size=60KB"
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded above the limit
-    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+    ):
         assert (out / f).is_file(), f
     assert not (out / "memory_modeling.py").exists()
 
@@ -258,8 +283,13 @@ def test_grown_to_hf_is_a_plain_deeper_llama_with_adapters_merged(sp_path, tmp_p
 @pytest.mark.parametrize("shared, query_bn", [(True, False), (False, True)])
 def test_memory_to_hf_remote_code_logits_and_generate(sp_path, tmp_path, shared, query_bn):
     model, cfg = _random_model(
-        [f"config={MEMORY_YAML}", "memory.layers=[0,1]", f"memory.shared={shared}", "memory.qk_norm=true",
-         f"memory.query_batchnorm={query_bn}"]
+        [
+            f"config={MEMORY_YAML}",
+            "memory.layers=[0,1]",
+            f"memory.shared={shared}",
+            "memory.qk_norm=true",
+            f"memory.query_batchnorm={query_bn}",
+        ]
     )
     assert randomise_query_norms(model) == (2 if query_bn else 0)
     out = export_model(model, cfg, sp_path, tmp_path / "hf")
@@ -277,7 +307,7 @@ def test_memory_to_hf_remote_code_logits_and_generate(sp_path, tmp_path, shared,
 def test_remote_code_imports_nothing_from_this_repo():
     allowed = {"math", "torch", "torch.nn", "torch.nn.functional", "transformers", "memory_configuration"}
     for fname in ("memory_configuration.py", "memory_modeling.py"):
-        tree = ast.parse((REPO / "launch" / "hf" / fname).read_text())
+        tree = ast.parse((REPO / "launch" / "convert" / fname).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
@@ -294,8 +324,15 @@ def test_remote_code_imports_nothing_from_this_repo():
 
 def _random_hf_llama(path: Path, sp_path: Path, **overrides) -> transformers.LlamaForCausalLM:
     config = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, rope_theta=5e5, rms_norm_eps=1e-5,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=5e5,
+        rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -340,7 +377,7 @@ def test_memory_model_round_trips_through_hf(sp_path, tmp_path):
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.config.memory.layers == [0, 1] and not loaded.config.memory.shared
     assert loaded.config.memory.query_batchnorm
-    assert memory_layout(loaded.model).pool_ids == [0, 1]
+    assert exported_memory_layers(loaded.model).pool_ids == [0, 1]
     theirs = loaded.model.state_dict()
     for name, t in model.state_dict().items():
         assert torch.equal(t, theirs[name]), name
@@ -352,7 +389,10 @@ def test_memory_model_round_trips_through_hf(sp_path, tmp_path):
         ("attention_bias", {"attention_bias": True}),
         ("mlp_bias", {"mlp_bias": True}),
         ("hidden_act", {"hidden_act": "gelu"}),
-        ("rope_type='llama3'", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}),
+        (
+            "rope_type='llama3'",
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+        ),
         ("head_dim", {"head_dim": 32}),
         ("model_type", {"model_type": "mistral"}),
     ],
@@ -369,9 +409,15 @@ def test_from_hf_rejects_unsupported_config_fields(sp_path, tmp_path, field, ove
 def test_from_hf_without_sentencepiece_tokenizer_fails_in_one_line(sp_path, tmp_path):
     _random_hf_llama(tmp_path / "hf", sp_path)
     (tmp_path / "hf" / "tokenizer.model").unlink()
-    proc = run_module("launch.convert", "from-hf", f"hf={tmp_path / 'hf'}", f"out={tmp_path / 'ckpt'}", check=False)
+    proc = run_module(
+        "launch.convert", "from-hf", f"hf={tmp_path / 'hf'}", f"out={tmp_path / 'ckpt'}", check=False
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "tokenizer.model" in proc.stderr and "tokenizer=" in proc.stderr
+    assert (
+        proc.stderr.strip().count("\n") == 0
+        and "tokenizer.model" in proc.stderr
+        and "tokenizer=" in proc.stderr
+    )
 
 
 def test_imported_checkpoint_trains_with_init_from(sp_path, tmp_path):
@@ -379,8 +425,15 @@ def test_imported_checkpoint_trains_with_init_from(sp_path, tmp_path):
     ckpt = import_hf(tmp_path / "hf", tmp_path / "ckpt")
     run_dir = tmp_path / "run"
     run_module(
-        "launch.train", f"config={ckpt / 'config.yaml'}", f"train.init_from={ckpt}", f"run.dir={run_dir}",
-        "train.steps=1", "data.batch_size=2", "data.seq_len=16", "data.val=null", "train.val_every=0",
+        "launch.train",
+        f"config={ckpt / 'config.yaml'}",
+        f"train.init_from={ckpt}",
+        f"run.dir={run_dir}",
+        "train.steps=1",
+        "data.batch_size=2",
+        "data.seq_len=16",
+        "data.val=null",
+        "train.val_every=0",
         "train.progress=false",
     )
     trained = load_checkpoint(run_dir).model

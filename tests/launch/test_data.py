@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from launch.data.corpus import VALIDATION_PLAYS, shakespeare_files
-from launch.data.stream import BatchStream, PackedSequences, load_documents, resolve_files, tokenize_source
+from launch.data.sources import load_documents, resolve_files
+from launch.data.stream import BatchStream, PackedSequences, tokenize_source
 from launch.data.tokenizer import Tokenizer, train_tokenizer
 from launch.runtime.errors import UserError
 

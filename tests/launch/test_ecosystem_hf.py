@@ -20,10 +20,8 @@ lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval adapter needs the [
 
 import launch.eval.harness  # noqa: E402,F401  (registers "memscale")
 from launch.config import load_config  # noqa: E402
-from launch.convert.llama import (
-    export_checkpoint,  # noqa: E402
-    write_checkpoint_dir,  # noqa: E402
-)
+from launch.convert.export import export_checkpoint  # noqa: E402
+from launch.convert.import_hf import write_checkpoint_dir  # noqa: E402
 from launch.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from launch.models.build import build_model  # noqa: E402
 from tests.conftest import REPO, TINY  # noqa: E402
@@ -33,7 +31,12 @@ FIXTURES = REPO / "tests" / "fixtures" / "eval"
 MEMORY_YAML = str(REPO / "configs" / "memory" / "tiny_memory.yaml")
 OLD_VENV = REPO / ".venv-hf4"  # built by `scripts/setup.sh dev` with the oldest supported transformers
 TASKS = ["piqa", "arc_easy", "hellaswag", "boolq", "winogrande"]  # lm-eval built-ins
-TEXTS = ["ROMEO.\nBut soft, what light", " a leading space", "Q: who wrote it?\nA: William  Shakespeare", "héllo ☃"]
+TEXTS = [
+    "ROMEO.\nBut soft, what light",
+    " a leading space",
+    "Q: who wrote it?\nA: William  Shakespeare",
+    "héllo ☃",
+]
 NATS = 1e-4
 
 
@@ -72,7 +75,9 @@ def exports(sp_path, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         "dense": _model([f"config={TINY}", "model.rope_theta=500000"], sp_path),
         "grown": _grown(sp_path),
         # query batchnorm: its running estimates must travel too (and be used in eval mode)
-        "memory": _model([f"config={MEMORY_YAML}", "memory.layers=[0,1]", "memory.query_batchnorm=true"], sp_path, seed=2),
+        "memory": _model(
+            [f"config={MEMORY_YAML}", "memory.layers=[0,1]", "memory.query_batchnorm=true"], sp_path, seed=2
+        ),
     }
     assert randomise_query_norms(models["memory"][0]) == 2
     out = {}
@@ -193,7 +198,10 @@ def test_harness_cli_lists_hf_and_memscale(tmp_path):
     code = "import launch.evaluation.harness\nfrom lm_eval.api.registry import get_model\nprint(get_model('hf').__name__)"
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "HFLM", proc.stderr[-2000:]
 
@@ -228,11 +236,18 @@ def test_exports_load_with_equal_logits_under_the_oldest_transformers(exports, s
         if os.environ.get("MEMSCALE_REQUIRE_HF4"):  # set by .ci/run
             pytest.fail(f"{OLD_VENV} is missing: `bash scripts/setup.sh dev` builds it")
         pytest.skip(f"{OLD_VENV} is missing: `bash scripts/setup.sh dev` builds it (CI does)")
-    tokens = torch.randint(4, Tokenizer(sp_path).vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        4, Tokenizer(sp_path).vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
     spec = {"dirs": {k: str(hf) for k, (_, hf) in exports.items()}, "tokens": tokens.tolist(), "texts": TEXTS}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from this repo or venv
     proc = subprocess.run(
-        [str(python), "-c", _CHECK_OLD, json.dumps(spec)], capture_output=True, text=True, timeout=600, env=env, cwd="/"
+        [str(python), "-c", _CHECK_OLD, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd="/",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -258,6 +273,8 @@ def test_the_second_environment_pins_the_floor_pyproject_declares():
 
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hf"]
     floor = re.search(r"transformers>=([\d.]+)", " ".join(extra)).group(1)
-    pinned = re.search(r'OLDEST_TRANSFORMERS="transformers==([\d.]+)"', (REPO / "scripts" / "setup.sh").read_text()).group(1)
+    pinned = re.search(
+        r'OLDEST_TRANSFORMERS="transformers==([\d.]+)"', (REPO / "scripts" / "setup.sh").read_text()
+    ).group(1)
     assert pinned.split(".")[:2] == floor.split(".")[:2], (floor, pinned)
     assert "accelerate" not in " ".join(extra)  # never imported by this repo

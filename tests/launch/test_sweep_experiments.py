@@ -427,7 +427,7 @@ def test_capacity_estimate():
 def test_mixture_tokenizer_encodes_the_facts_shorter(tmp_path):
     """Trained on plays + facts, the tokenizer spends fewer pieces on the fact text than one
     trained on the plays alone (the trainer's default: data.train only)."""
-    from launch.data.stream import load_documents
+    from launch.data.sources import load_documents
     from launch.data.tokenizer import train_tokenizer
 
     paths = write_corpus(FactsArgs(out=str(tmp_path / "f"), n_entities=60, repeats=1))

@@ -39,7 +39,14 @@ def test_run_directory_layout_and_metrics(tiny_checkpoint):
     steps = [s for s, _ in list_checkpoints(run)]
     assert steps == [10, 20]
     ckpt = run / "checkpoints" / "step_20"
-    for f in ["state/.metadata", "manifest.json", "trainer_state.json", "rng.pt", "config.yaml", "tokenizer.model"]:
+    for f in [
+        "state/.metadata",
+        "manifest.json",
+        "trainer_state.json",
+        "rng.pt",
+        "config.yaml",
+        "tokenizer.model",
+    ]:
         assert (ckpt / f).is_file(), f
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["data"]["consumed"] == 20 * 8
@@ -49,7 +56,9 @@ def test_tied_embedding_is_stored_once(tiny_checkpoint):
     step = tiny_checkpoint / "checkpoints/step_20"
     keys = set(read_metadata_file(step / "state/.metadata").state_dict_metadata)
     assert "model/tok_embeddings.weight" in keys and "model/output.weight" not in keys
-    assert json.loads((step / "trainer_state.json").read_text())["aliases"] == {"output.weight": "tok_embeddings.weight"}
+    assert json.loads((step / "trainer_state.json").read_text())["aliases"] == {
+        "output.weight": "tok_embeddings.weight"
+    }
     loaded = load_checkpoint(tiny_checkpoint)
     assert loaded.model.output.weight is loaded.model.tok_embeddings.weight
     assert loaded.step == 20
@@ -105,7 +114,9 @@ def test_user_errors_are_one_line_and_overwrite_nothing(tmp_path, tiny_checkpoin
     assert proc.returncode == 2 and "matches no files" in proc.stderr
     # resuming a run whose checkpoint does not fit the config: named tensor, checkpoint untouched
     before = (tiny_checkpoint / "checkpoints/step_20/manifest.json").stat().st_mtime_ns
-    proc = run_module("launch.train", f"config={TINY}", f"run.dir={tiny_checkpoint}", "model.dim=128", check=False)
+    proc = run_module(
+        "launch.train", f"config={TINY}", f"run.dir={tiny_checkpoint}", "model.dim=128", check=False
+    )
     assert proc.returncode == 2 and "different model config" in proc.stderr and "Traceback" not in proc.stderr
     assert (tiny_checkpoint / "checkpoints/step_20/manifest.json").stat().st_mtime_ns == before
 
@@ -123,7 +134,13 @@ def test_grad_accum_matches_single_batch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_rank(tmp_path, mode):
-    args = ["train.steps=6", "train.log_every=1", "train.val_every=3", "train.ckpt_every=3", f"parallel.data={mode}"]
+    args = [
+        "train.steps=6",
+        "train.log_every=1",
+        "train.val_every=3",
+        "train.ckpt_every=3",
+        f"parallel.data={mode}",
+    ]
     train(tmp_path / "one", *args)
     train(tmp_path / "two", *args, nproc=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -158,7 +175,9 @@ def test_tokenizer_cli(tmp_path):
     assert tok.vocab_size == 600
     text = "KING LEAR.\n  Nothing will come of nothing: speak again.\n"
     assert tok.decode(tok.encode(text)) == text
-    proc = run_module("launch.tokenizer", f"out={tmp_path / 'x.model'}", "data.train=/nope/x.txt", check=False)
+    proc = run_module(
+        "launch.tokenizer", f"out={tmp_path / 'x.model'}", "data.train=/nope/x.txt", check=False
+    )
     assert proc.returncode == 2 and "matches no files" in proc.stderr
 
 
@@ -168,10 +187,52 @@ def test_tokenizer_is_trained_on_the_whole_mixture(tmp_path):
     from launch.data.tokenizer import Tokenizer
 
     facts = tmp_path / "facts.txt"
-    facts.write_text("".join(f"Zorblaxian Quendrith was born in Vexmoor in {1900 + i % 90}.\n" for i in range(20000)))
+    facts.write_text(
+        "".join(f"Zorblaxian Quendrith was born in Vexmoor in {1900 + i % 90}.\n" for i in range(20000))
+    )
     pieces = {}
     for name, extra in (("plays", []), ("mixture", [f"data.mix=[{{path: {facts}, ratio: 0.3}}]"])):
         run_dir = tmp_path / name
         train(run_dir, "train.steps=1", "train.ckpt_every=0", "train.val_every=0", *extra)
-        pieces[name] = len(Tokenizer(run_dir / "tokenizer.model").encode("Zorblaxian Quendrith was born in Vexmoor."))
+        pieces[name] = len(
+            Tokenizer(run_dir / "tokenizer.model").encode("Zorblaxian Quendrith was born in Vexmoor.")
+        )
     assert pieces["mixture"] < 0.7 * pieces["plays"], pieces
+
+
+def test_tokens_per_s_counts_training_time_only(tmp_path, monkeypatch):
+    """A logging window that contains a validation and a checkpoint reports the rate of its training
+    steps alone. A fake clock makes it exact on any machine: each step takes 1 s, each validation
+    100 s, each save 50 s, nothing else takes time."""
+    from types import SimpleNamespace
+
+    import launch.train.metrics
+    from launch.config import load_config, validate
+    from launch.distributed.process_group import DistInfo
+    from launch.train.trainer import Trainer
+    from launch.train.validation import Validator
+
+    clock = [0.0]
+    monkeypatch.setattr(launch.train.metrics, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def taking(seconds, method):
+        def timed(self, *args, **kwargs):
+            out = method(self, *args, **kwargs)
+            clock[0] += seconds
+            return out
+
+        return timed
+
+    monkeypatch.setattr(Trainer, "train_step", taking(1.0, Trainer.train_step))
+    monkeypatch.setattr(Validator, "loss", taking(100.0, Validator.loss))
+    monkeypatch.setattr(Trainer, "save", taking(50.0, Trainer.save))
+    overrides = ["train.steps=6", "train.log_every=3", "train.val_every=2", "train.ckpt_every=2"]
+    cfg = load_config([f"config={TINY}", f"run.dir={tmp_path}", "train.final_val_sequences=0", *overrides])
+    validate(cfg)
+    Trainer(cfg, DistInfo()).fit()
+
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs if "val_loss" in r] == [2, 4, 6]  # inside both windows (1-3, 4-6)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    rates = [r["tokens_per_s"] for r in recs if "loss" in r]
+    assert rates == [3 * tokens_per_step / 3.0] * 2  # 3 steps of 1 s, not 3 s + a validation + a save
