@@ -110,9 +110,13 @@ def strategy_options(g: GrowConfig) -> dict[str, Any]:
     defaults = _field_defaults(GrowConfig)
     for name in _RECORDED:
         if getattr(g, name) != defaults[name]:
-            raise ConfigError(f"grow.{name} is recorded by launch.grow from the source checkpoint; do not set it")
+            raise ConfigError(
+                f"grow.{name} is recorded by launch.grow from the source checkpoint; do not set it"
+            )
     accepted = {
-        p.name for p in inspect.signature(STRATEGIES[g.strategy]).parameters.values() if p.kind is p.KEYWORD_ONLY
+        p.name
+        for p in inspect.signature(STRATEGIES[g.strategy]).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
     }
     opts = {}
     for name in STRATEGY_OPTIONS:
@@ -156,9 +160,7 @@ def plain_base(src: LoadedCheckpoint) -> tuple[Transformer, Config, dict[str, An
 
 def grown_config(base_cfg: Config, g: GrowConfig, spec: dict[str, Any], out: Path, run_dir: Path) -> Config:
     """The source config turned into the grown model's: depth, grow section, and where training continues."""
-    grow_section = dataclasses.replace(
-        g, base_layers=base_cfg.model.n_layers, depth=spec["depth"], spec=spec
-    )
+    grow_section = dataclasses.replace(g, base_layers=base_cfg.model.n_layers, depth=spec["depth"], spec=spec)
     return dataclasses.replace(
         base_cfg,
         model=dataclasses.replace(base_cfg.model, n_layers=spec["depth"]),
@@ -194,10 +196,14 @@ def grow_model(model: Transformer, g: GrowConfig, seed: int) -> dict[str, Any]:
 
 def _trainable(model: nn.Module) -> int:
     seen: set[int] = set()
-    return sum(p.numel() for p in model.parameters() if p.requires_grad and not (id(p) in seen or seen.add(id(p))))
+    return sum(
+        p.numel() for p in model.parameters() if p.requires_grad and not (id(p) in seen or seen.add(id(p)))
+    )
 
 
-def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, summary: dict, overwrite: bool) -> None:
+def _write(
+    out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, summary: dict, overwrite: bool
+) -> None:
     """Write the checkpoint (launch.checkpoint's format, launch.runtime.outputs' rules: temp dir, manifest, rename)."""
     source_state = read_trainer_state(src.path)
     state = {
@@ -210,7 +216,15 @@ def _write(out: Path, model: Transformer, cfg: Config, src: LoadedCheckpoint, su
     }
     extra = {"growth.json": json.dumps(summary, indent=2)}
     write_model_checkpoint(
-        out, model, state, to_yaml(cfg), src.tokenizer.path, extra, command=COMMAND, overwrite=overwrite, sources=(src.path,)
+        out,
+        model,
+        state,
+        to_yaml(cfg),
+        src.tokenizer.path,
+        extra,
+        command=COMMAND,
+        overwrite=overwrite,
+        sources=(src.path,),
     )
 
 
@@ -221,7 +235,9 @@ def verify_checkpoint(out: Path, model: Transformer) -> None:
     mine = dict(model.named_parameters(remove_duplicate=False))
     theirs = dict(loaded.named_parameters(remove_duplicate=False))
     if mine.keys() != theirs.keys():
-        raise RuntimeError(f"reloaded {out} has different parameter names: {sorted(mine.keys() ^ theirs.keys())[:4]}")
+        raise RuntimeError(
+            f"reloaded {out} has different parameter names: {sorted(mine.keys() ^ theirs.keys())[:4]}"
+        )
     first: dict[int, str] = {}
     for name, p in mine.items():
         if not torch.equal(p, theirs[name]) or p.requires_grad != theirs[name].requires_grad:

@@ -16,7 +16,9 @@ from launch.data.tokenizer import Tokenizer, train_tokenizer
 class TokenizerArgs:
     out: str = "tokenizer.model"  # where to write the sentencepiece model
     vocab_size: int = 8192  # pieces in the vocabulary
-    data: DataConfig = field(default_factory=DataConfig)  # the text to train on (data.train, data.format, data.text_field)
+    data: DataConfig = field(
+        default_factory=DataConfig
+    )  # the text to train on (data.train, data.format, data.text_field)
     overwrite: bool = False  # replace an existing `out` file
 
 

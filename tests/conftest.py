@@ -21,11 +21,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_module(module: str, *args: str, env: dict | None = None, nproc: int = 1, timeout: int = 300, check: bool = True):
+def run_module(
+    module: str, *args: str, env: dict | None = None, nproc: int = 1, timeout: int = 300, check: bool = True
+):
     """Run `python -m module args` (or under torchrun with `nproc` processes) from the repo root."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        **(env or {}),
+    }
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            module,
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", module, *args]
     # Own session, so a timeout can kill torchrun AND its workers (subprocess.run's kill reaches only
@@ -43,7 +59,9 @@ def run_module(module: str, *args: str, env: dict | None = None, nproc: int = 1,
             ) from None
     proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -101,7 +119,9 @@ def pytest_runtest_setup(item):
     if native_available():
         return
     if os.environ.get("MEMSCALE_REQUIRE_NATIVE", "0") not in ("", "0"):
-        pytest.fail("MEMSCALE_REQUIRE_NATIVE=1 but the C++ extension did not build (memlayers native_ops() is None)")
+        pytest.fail(
+            "MEMSCALE_REQUIRE_NATIVE=1 but the C++ extension did not build (memlayers native_ops() is None)"
+        )
     pytest.skip("C++ extension did not build")
 
 

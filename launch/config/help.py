@@ -95,7 +95,9 @@ def key_rows(schema: type, prefix: str = "") -> list[tuple[str, str, str, str, t
         if dataclasses.is_dataclass(tp):
             sections.append((f.name, tp))
             continue
-        rows.append((prefix + f.name, type_name(tp), format_value(_default(f)), comments.get(f.name, ""), None))
+        rows.append(
+            (prefix + f.name, type_name(tp), format_value(_default(f)), comments.get(f.name, ""), None)
+        )
     for name, tp in sections:
         rows.append((prefix + name, "section", "", comments.get(name, "") or _doc(tp), tp))
         rows += key_rows(tp, prefix + name + ".")
@@ -113,7 +115,14 @@ def usage_line(default_module: str | None = None) -> str:
 
 
 def help_text(schema: type, usage: str | None = None) -> str:
-    lines = [usage or usage_line(), "", "options:", FLAGS.rstrip("\n"), "", "keys (key=value on the command line, or in a YAML file given as config=FILE):"]
+    lines = [
+        usage or usage_line(),
+        "",
+        "options:",
+        FLAGS.rstrip("\n"),
+        "",
+        "keys (key=value on the command line, or in a YAML file given as config=FILE):",
+    ]
     rows = key_rows(schema)
     width = min(max((len(k) + len(t) + len(d) for k, t, d, _, sec in rows if sec is None), default=0) + 6, 60)
     for key, tp, default, desc, section in rows:

@@ -37,7 +37,9 @@ def check_keys(data: Any, schema: type, source: str, prefix: str = "") -> None:
         sub = fields[key]
         if dataclasses.is_dataclass(sub):
             if value is not None and not isinstance(value, dict | DictConfig):
-                raise ConfigError(f"'{full}' in {source} must be a mapping of {', '.join(_schema_fields(sub))}")
+                raise ConfigError(
+                    f"'{full}' in {source} must be a mapping of {', '.join(_schema_fields(sub))}"
+                )
             check_keys(value, sub, source, prefix=f"{full}.")
 
 
@@ -86,7 +88,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
     config_path, overrides = None, []
     for arg in argv:
         if "=" not in arg or arg.startswith("="):
-            raise ConfigError(f"expected key=value arguments (e.g. config=configs/tiny.yaml train.steps=10), got {arg!r}")
+            raise ConfigError(
+                f"expected key=value arguments (e.g. config=configs/tiny.yaml train.steps=10), got {arg!r}"
+            )
         key, value = arg.split("=", 1)
         if key == "config":
             config_path = value
@@ -96,7 +100,12 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def load_config(
-    argv: list[str], schema: type = Config, base: Any = None, *, require_config: bool = False, usage: str | None = None
+    argv: list[str],
+    schema: type = Config,
+    base: Any = None,
+    *,
+    require_config: bool = False,
+    usage: str | None = None,
 ) -> Any:
     """Build a `schema` instance from defaults, an optional `base` (dict/DictConfig, e.g. the config
     stored in a checkpoint), `config=FILE` and dotted overrides in `argv`.
@@ -111,7 +120,9 @@ def load_config(
         raise CliExit(cli_help.help_text(schema, usage))
     config_path, overrides = parse_overrides(argv)
     if require_config and not config_path:
-        raise CliExit(f"{usage or cli_help.usage_line()}\nerror: config=FILE is required (--help lists every key)", 2)
+        raise CliExit(
+            f"{usage or cli_help.usage_line()}\nerror: config=FILE is required (--help lists every key)", 2
+        )
     cfg = OmegaConf.structured(schema)
     if base is not None:
         check_keys(base, schema, "the checkpoint's config")

@@ -14,7 +14,14 @@ def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _range(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False, optional: bool = False):
+def _range(
+    low: float,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    optional: bool = False,
+):
     """A (test, description) pair for numeric keys: finite, within [low, high] (ends optionally open)."""
     lo, hi = "(" if open_low else "[", ")" if open_high else "]"
     if high == math.inf:
@@ -126,7 +133,9 @@ def validate(cfg: Config) -> None:
             f"rowwise_adam (got {m.value_optimizer})"
         )
     if cfg.data.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
+        )
     if cfg.data.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} (global sequences per step) must be divisible by "

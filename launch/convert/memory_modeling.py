@@ -71,11 +71,17 @@ class ProductKeyMemoryMLP(nn.Module):
         super().__init__()
         setting = config.memory_setting
         dim, bias = config.hidden_size, setting("memory_bias")
-        self.heads, self.k_dim, self.knn = setting("memory_heads"), setting("memory_k_dim"), setting("memory_knn")
+        self.heads, self.k_dim, self.knn = (
+            setting("memory_heads"),
+            setting("memory_k_dim"),
+            setting("memory_knn"),
+        )
         self.n_keys, self.v_dim = setting("memory_n_keys"), setting("memory_v_dim")
         self.qk_norm = setting("memory_qk_norm")
         self.query = nn.Linear(dim, self.heads * self.k_dim, bias=bias)
-        self.query_norm = QueryBatchNorm(self.heads * self.k_dim) if setting("memory_query_batchnorm") else None
+        self.query_norm = (
+            QueryBatchNorm(self.heads * self.k_dim) if setting("memory_query_batchnorm") else None
+        )
         self.keys = nn.Parameter(torch.empty(self.heads, 2, self.n_keys, self.k_dim // 2))
         self.gate = nn.Linear(dim, self.v_dim, bias=bias) if setting("memory_gated") else None
         self.out = nn.Linear(self.v_dim, dim, bias=bias)

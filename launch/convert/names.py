@@ -107,7 +107,9 @@ def _rope_heads(name: str, n_heads: int, kv_heads: int) -> int | None:
     return {"n_heads": n_heads, "kv_heads": kv_heads}.get(key) if key else None
 
 
-def to_hf_state_dict(state: Mapping[str, torch.Tensor], n_heads: int, kv_heads: int) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    state: Mapping[str, torch.Tensor], n_heads: int, kv_heads: int
+) -> dict[str, torch.Tensor]:
     """Our (alias-free) state dict -> HF names, wq/wk rows permuted for rotate_half RoPE."""
     out = {}
     for name, t in state.items():
@@ -116,7 +118,9 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], n_heads: int, kv_heads: 
     return out
 
 
-def from_hf_state_dict(state: Mapping[str, torch.Tensor], n_heads: int, kv_heads: int) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    state: Mapping[str, torch.Tensor], n_heads: int, kv_heads: int
+) -> dict[str, torch.Tensor]:
     """HF Llama state dict -> our names, wq/wk rows back in interleaved-pair order."""
     out = {}
     for hf_name, t in state.items():

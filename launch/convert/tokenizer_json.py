@@ -119,7 +119,9 @@ def read_sp_model(path: str | Path) -> SpModel:
                     elif n == 24:
                         model.treat_whitespace_as_suffix = bool(v)
                     elif n in _SPECIAL_ID_FIELDS:
-                        model.special_ids[_SPECIAL_ID_FIELDS[n]] = v if v < 1 << 63 else v - (1 << 64)  # int32 -1
+                        model.special_ids[_SPECIAL_ID_FIELDS[n]] = (
+                            v if v < 1 << 63 else v - (1 << 64)
+                        )  # int32 -1
             elif number == 3:  # NormalizerSpec
                 for n, v in _fields(value):
                     if n == 1:
@@ -180,7 +182,9 @@ def build_tokenizer(sp_path: str | Path):
     check_supported(sp, sp_path)
     vocab, merges = bpe_vocab_and_merges(sp)
     unk = next((sp.pieces[i][0] for i in sp.ids_of_type(UNKNOWN)), None)
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=sp.byte_fallback))
+    tok = Tokenizer(
+        BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=sp.byte_fallback)
+    )
     steps = [normalizers.Replace(" ", SPACE)]
     if sp.add_dummy_prefix:
         steps.insert(0, normalizers.Prepend(SPACE))
@@ -205,7 +209,9 @@ def build_tokenizer(sp_path: str | Path):
     if "bos_token" in names:
         bos = names["bos_token"]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, sp.special_ids["bos_token"])]
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B:1",
+            special_tokens=[(bos, sp.special_ids["bos_token"])],
         )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, clean_up_tokenization_spaces=False, split_special_tokens=True, **names
@@ -213,7 +219,11 @@ def build_tokenizer(sp_path: str | Path):
 
 
 # tokenizer_config.json keys that make the export load the same under transformers 4.x and 5.x.
-PORTABLE_TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False}
+PORTABLE_TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "add_bos_token": True,
+    "add_eos_token": False,
+}
 
 
 def save_tokenizer(sp_path: str | Path, out_dir: str | Path, model_max_length: int | None = None) -> None:

@@ -32,60 +32,175 @@ from pathlib import Path
 from launch.runtime.errors import ConfigError
 from launch.runtime.outputs import output_dir
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "th", "sh"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kl",
+    "st",
+    "th",
+    "sh",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 _CODAS = ["", "", "n", "r", "l", "s", "th", "nd", "rk", "x"]
 
 CITIES = [
-    "Paris", "Lisbon", "Cairo", "Oslo", "Lima", "Kyoto", "Dublin", "Vienna", "Prague", "Nairobi",
-    "Madrid", "Athens", "Seoul", "Quito", "Tunis", "Krakow", "Geneva", "Boston", "Denver", "Perth",
-    "Hanoi", "Bogota", "Riga", "Porto", "Naples", "Zagreb", "Sofia", "Havana", "Manila", "Dakar",
+    "Paris",
+    "Lisbon",
+    "Cairo",
+    "Oslo",
+    "Lima",
+    "Kyoto",
+    "Dublin",
+    "Vienna",
+    "Prague",
+    "Nairobi",
+    "Madrid",
+    "Athens",
+    "Seoul",
+    "Quito",
+    "Tunis",
+    "Krakow",
+    "Geneva",
+    "Boston",
+    "Denver",
+    "Perth",
+    "Hanoi",
+    "Bogota",
+    "Riga",
+    "Porto",
+    "Naples",
+    "Zagreb",
+    "Sofia",
+    "Havana",
+    "Manila",
+    "Dakar",
 ]
 OCCUPATIONS = [
-    "baker", "surgeon", "architect", "pilot", "carpenter", "chemist", "journalist", "violinist",
-    "lawyer", "geologist", "painter", "librarian", "astronomer", "florist", "engineer", "nurse",
-    "sculptor", "translator", "botanist", "jeweler", "locksmith", "photographer", "economist", "tailor",
+    "baker",
+    "surgeon",
+    "architect",
+    "pilot",
+    "carpenter",
+    "chemist",
+    "journalist",
+    "violinist",
+    "lawyer",
+    "geologist",
+    "painter",
+    "librarian",
+    "astronomer",
+    "florist",
+    "engineer",
+    "nurse",
+    "sculptor",
+    "translator",
+    "botanist",
+    "jeweler",
+    "locksmith",
+    "photographer",
+    "economist",
+    "tailor",
 ]
 EMPLOYERS = [
-    "Norvex", "Quillstone", "Brightmoor", "Halvex", "Oakridge Labs", "Corvantis", "Tellurix", "Pinecrest",
-    "Ardent Works", "Solmara", "Vexley", "Gildhaven", "Morrow and Finch", "Ironvale", "Luminar", "Kestrel Group",
-    "Bluefen", "Zephyra", "Stonebridge", "Amberlight",
+    "Norvex",
+    "Quillstone",
+    "Brightmoor",
+    "Halvex",
+    "Oakridge Labs",
+    "Corvantis",
+    "Tellurix",
+    "Pinecrest",
+    "Ardent Works",
+    "Solmara",
+    "Vexley",
+    "Gildhaven",
+    "Morrow and Finch",
+    "Ironvale",
+    "Luminar",
+    "Kestrel Group",
+    "Bluefen",
+    "Zephyra",
+    "Stonebridge",
+    "Amberlight",
 ]
 UNIVERSITIES = [
-    "Aldmere University", "Westbrook College", "Ravenhill Institute", "Crestfield University", "Elmgrove College",
-    "Northvale University", "Saltmarsh Institute", "Highcombe College", "Duskwater University", "Fairholt Academy",
-    "Thornbury College", "Greywell University",
+    "Aldmere University",
+    "Westbrook College",
+    "Ravenhill Institute",
+    "Crestfield University",
+    "Elmgrove College",
+    "Northvale University",
+    "Saltmarsh Institute",
+    "Highcombe College",
+    "Duskwater University",
+    "Fairholt Academy",
+    "Thornbury College",
+    "Greywell University",
 ]
 
 # Per attribute: (statement templates, training question templates, held-out question templates).
 TEMPLATES: dict[str, tuple[list[str], list[str], list[str]]] = {
     "birth_city": (
-        ["{name} was born in {value}.", "{name} came into the world in {value}.",
-         "The birthplace of {name} is {value}.", "{name} was born in the city of {value}."],
+        [
+            "{name} was born in {value}.",
+            "{name} came into the world in {value}.",
+            "The birthplace of {name} is {value}.",
+            "{name} was born in the city of {value}.",
+        ],
         ["Where was {name} born?", "What is the birthplace of {name}?"],
         ["In which city was {name} born?", "Which city is {name} from by birth?"],
     ),
     "birth_year": (
-        ["{name} was born in the year {value}.", "{name} was born in {value}.",
-         "The year {name} was born was {value}.", "In {value}, {name} was born."],
+        [
+            "{name} was born in the year {value}.",
+            "{name} was born in {value}.",
+            "The year {name} was born was {value}.",
+            "In {value}, {name} was born.",
+        ],
         ["When was {name} born?", "What year was {name} born?"],
         ["In which year was {name} born?", "What is the birth year of {name}?"],
     ),
     "occupation": (
-        ["{name} works as a {value}.", "{name} is a {value} by trade.",
-         "By profession, {name} is a {value}.", "{name} earns a living as a {value}."],
+        [
+            "{name} works as a {value}.",
+            "{name} is a {value} by trade.",
+            "By profession, {name} is a {value}.",
+            "{name} earns a living as a {value}.",
+        ],
         ["What does {name} do for a living?", "What is the occupation of {name}?"],
         ["What is the profession of {name}?", "What job does {name} have?"],
     ),
     "employer": (
-        ["{name} works for {value}.", "{name} is employed by {value}.",
-         "The employer of {name} is {value}.", "{name} has a job at {value}."],
+        [
+            "{name} works for {value}.",
+            "{name} is employed by {value}.",
+            "The employer of {name} is {value}.",
+            "{name} has a job at {value}.",
+        ],
         ["Who employs {name}?", "Which company does {name} work for?"],
         ["Who is the employer of {name}?", "Where does {name} work?"],
     ),
     "university": (
-        ["{name} studied at {value}.", "{name} graduated from {value}.",
-         "{name} is an alumnus of {value}.", "{name} earned a degree at {value}."],
+        [
+            "{name} studied at {value}.",
+            "{name} graduated from {value}.",
+            "{name} is an alumnus of {value}.",
+            "{name} earned a degree at {value}.",
+        ],
         ["Where did {name} study?", "Which university did {name} attend?"],
         ["From which university did {name} graduate?", "Where did {name} get a degree?"],
     ),
@@ -106,7 +221,9 @@ class FactsArgs:
 
 
 def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+    ).capitalize()
 
 
 def entities(n: int, seed: int) -> list[dict[str, str]]:
@@ -152,7 +269,9 @@ def render_train(people: list[dict[str, str]], repeats: int, seed: int, qa_in_tr
             lines = [bio]
             if qa_in_train:
                 rng.shuffle(attrs)
-                lines += [f"Q: {rng.choice(TEMPLATES[a][1]).format(name=p['name'])}\nA: {p[a]}" for a in attrs]
+                lines += [
+                    f"Q: {rng.choice(TEMPLATES[a][1]).format(name=p['name'])}\nA: {p[a]}" for a in attrs
+                ]
             paragraphs.append("\n".join(lines))
     return "\n\n".join(paragraphs) + "\n"
 
@@ -177,20 +296,37 @@ def write_corpus(args: FactsArgs) -> dict[str, Path]:
         raise ConfigError("out= is required: the directory to write train.txt and qa.jsonl into")
     people = entities(args.n_entities, args.seed)
     train_text = render_train(people, args.repeats, args.seed, args.qa_in_train)
-    names = {"train": "train.txt", "qa": "qa.jsonl", "qa_seen": "qa_seen.jsonl", "facts": "facts.jsonl", "meta": "meta.json"}
+    names = {
+        "train": "train.txt",
+        "qa": "qa.jsonl",
+        "qa_seen": "qa_seen.jsonl",
+        "facts": "facts.jsonl",
+        "meta": "meta.json",
+    }
     with output_dir(args.out, command="launch.facts", overwrite=args.overwrite) as tmp:
         (tmp / names["train"]).write_text(train_text)
         _write_jsonl(tmp / names["qa"], qa_rows(people, held_out=True, seed=args.seed))
         _write_jsonl(tmp / names["qa_seen"], qa_rows(people, held_out=False, seed=args.seed))
         _write_jsonl(tmp / names["facts"], people)
         meta = {k: v for k, v in asdict(args).items() if k != "overwrite"}
-        meta = {**meta, "attributes": list(ATTRIBUTES), "fact_bits": fact_bits(args.n_entities), "majority_em": majority_em(people)}
+        meta = {
+            **meta,
+            "attributes": list(ATTRIBUTES),
+            "fact_bits": fact_bits(args.n_entities),
+            "majority_em": majority_em(people),
+        }
         (tmp / names["meta"]).write_text(json.dumps(meta, indent=2) + "\n")
     out = Path(args.out)
     return {key: out / name for key, name in names.items()}
 
 
-VALUE_COUNTS = {"birth_city": len(CITIES), "birth_year": 100, "occupation": len(OCCUPATIONS), "employer": len(EMPLOYERS), "university": len(UNIVERSITIES)}
+VALUE_COUNTS = {
+    "birth_city": len(CITIES),
+    "birth_year": 100,
+    "occupation": len(OCCUPATIONS),
+    "employer": len(EMPLOYERS),
+    "university": len(UNIVERSITIES),
+}
 BITS_PER_PARAM = 2.0  # knowledge capacity of LMs (Allen-Zhu & Li, "Physics of LMs 3.3"): ~2 bits/param after ~1000 exposures, ~1 after 100
 
 
@@ -219,4 +355,6 @@ def mixture_tokenizer(sources: list[str], out: str | Path, vocab_size: int) -> P
     from launch.data.sources import load_documents
     from launch.data.tokenizer import train_tokenizer
 
-    return train_tokenizer([doc for source in sources for doc in load_documents(source, "train")], out, vocab_size)
+    return train_tokenizer(
+        [doc for source in sources for doc in load_documents(source, "train")], out, vocab_size
+    )

@@ -15,7 +15,9 @@ def _mesh_key(g: torch.Tensor):
 
 
 @torch.no_grad()
-def grad_norm_and_clip(params: list[nn.Parameter], max_norm: float, memory: MemoryShardLayout, clip_values: bool = True) -> float:
+def grad_norm_and_clip(
+    params: list[nn.Parameter], max_norm: float, memory: MemoryShardLayout, clip_values: bool = True
+) -> float:
     """L2 norm of all gradients, each logical element once; scales them to `max_norm` when above.
     `clip_values=False` leaves the memory value tables out of both the norm and the scaling (FBGEMM
     TBE's practice): their update then need not wait for the global norm, so it can be fused into

@@ -64,9 +64,16 @@ def memory_comm_bytes(cfg: Config, world: int) -> int:
     slots = m.heads * m.knn
     if P == 1:
         per_layer = 0
-        replicated = 2 * (world - 1) / world * n_slots * dv * b  # all-reduced dense value gradient, once per pool
+        replicated = (
+            2 * (world - 1) / world * n_slots * dv * b
+        )  # all-reduced dense value gradient, once per pool
         return int(replicated)
-    per_layer = 8 * (P - 1) + (P - 1) * tokens * slots * 8 + 2 * (P - 1) * tokens * dv * b / P + (P - 1) * tokens * slots * 4
+    per_layer = (
+        8 * (P - 1)
+        + (P - 1) * tokens * slots * 8
+        + 2 * (P - 1) * tokens * dv * b / P
+        + (P - 1) * tokens * slots * 4
+    )
     R = world // P
     replicas = 2 * (R - 1) / R * n_slots * dv * b / P if R > 1 else 0
     return int(per_layer * len(m.layers) + replicas)
@@ -84,7 +91,9 @@ def plan(cfg: Config, world: int) -> dict:
         model = build_model(cfg)
     groups = param_groups(model)
     tp = _tp_split_ids(model)
-    dense_params = sum(dense_local_numel(p, id(p) in tp, T, dp, fsdp) for g in ("decay", "no_decay") for p in groups[g])
+    dense_params = sum(
+        dense_local_numel(p, id(p) in tp, T, dp, fsdp) for g in ("decay", "no_decay") for p in groups[g]
+    )
     value_params = sum(p.numel() // P for p in groups["memory_values"])
     m = cfg.memory
     if m.value_optimizer == "row_sparse_adam" and groups["memory_values"]:
@@ -102,8 +111,17 @@ def plan(cfg: Config, world: int) -> dict:
     total = sum(v for row in per_rank.values() for v in row.values())
     return {
         "world": world,
-        "layout": {"memory": P, "tensor": T, "data": cfg.parallel.data, "dp": dp, "replica_groups": world // P},
-        "logical_params": {"values": sum(p.numel() for p in groups["memory_values"]), "dense": sum(p.numel() for g in ("decay", "no_decay") for p in groups[g])},
+        "layout": {
+            "memory": P,
+            "tensor": T,
+            "data": cfg.parallel.data,
+            "dp": dp,
+            "replica_groups": world // P,
+        },
+        "logical_params": {
+            "values": sum(p.numel() for p in groups["memory_values"]),
+            "dense": sum(p.numel() for g in ("decay", "no_decay") for p in groups[g]),
+        },
         "per_rank_bytes": per_rank,
         "per_rank_total_bytes": total,
         "memory_comm_bytes_per_step": memory_comm_bytes(cfg, world),
@@ -123,8 +141,12 @@ def render(result: dict) -> str:
         f"{'per rank':<12}{'values':>14}{'dense':>14}{'total':>14}",
     ]
     for kind, row in result["per_rank_bytes"].items():
-        lines.append(f"{kind:<12}{_fmt(row['values']):>14}{_fmt(row['dense']):>14}{_fmt(row['values'] + row['dense']):>14}")
+        lines.append(
+            f"{kind:<12}{_fmt(row['values']):>14}{_fmt(row['dense']):>14}{_fmt(row['values'] + row['dense']):>14}"
+        )
     lines.append(f"{'total':<12}{'':>14}{'':>14}{_fmt(result['per_rank_total_bytes']):>14}")
-    lines.append(f"memory-layer communication per rank per step: {result['memory_comm_bytes_per_step'] / (1 << 20):.1f} MiB")
+    lines.append(
+        f"memory-layer communication per rank per step: {result['memory_comm_bytes_per_step'] / (1 << 20):.1f} MiB"
+    )
     lines.append("(activations, FSDP's transient all-gathered block and the runtime are not included)")
     return "\n".join(lines)

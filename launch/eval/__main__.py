@@ -68,7 +68,9 @@ def main(argv: list[str]) -> int:
             }
             print(format_table({name: r.metrics for name, r in results.items()}), end="", flush=True)
             notes = {
-                spec.name: describe_text_task(spec, results[spec.name].metrics, loaded.model.cfg.max_seq_len, args.eval.limit)
+                spec.name: describe_text_task(
+                    spec, results[spec.name].metrics, loaded.model.cfg.max_seq_len, args.eval.limit
+                )
                 for spec in parse_task_specs(tasks)
                 if spec.format.kind == "text"
             }
@@ -76,7 +78,10 @@ def main(argv: list[str]) -> int:
                 print(note, flush=True)
             header["notes"] = notes
             if text is not None:
-                print(f"\nsample ({args.eval.sample_tokens} tokens):\n{args.eval.sample_prompt}{text}", flush=True)
+                print(
+                    f"\nsample ({args.eval.sample_tokens} tokens):\n{args.eval.sample_prompt}{text}",
+                    flush=True,
+                )
             if args.out:
                 path = write_results(args.out, results, header, text)
                 print(f"wrote {path}", flush=True)

@@ -52,7 +52,9 @@ class MemscaleLM(LM):
         super().__init__()
         if model is None:
             if not checkpoint:
-                raise ValueError("memscale needs model_args='checkpoint=PATH' (a run dir or checkpoints/step_N)")
+                raise ValueError(
+                    "memscale needs model_args='checkpoint=PATH' (a run dir or checkpoints/step_N)"
+                )
             from launch.checkpoint.load import load_checkpoint
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +90,12 @@ class MemscaleLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in (r.args for r in requests)]
         results = loglikelihoods(
-            self.model, pairs, self.batch_size, device=self._device, desc="loglikelihood", progress=not disable_tqdm
+            self.model,
+            pairs,
+            self.batch_size,
+            device=self._device,
+            desc="loglikelihood",
+            progress=not disable_tqdm,
         )
         for req, res in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", req.args, res)
@@ -135,8 +142,15 @@ class MemscaleLM(LM):
         for key, idx in groups.items():
             until, max_new, temperature, top_k, seed = key
             texts = generate(
-                self.model, self.tokenizer, [requests[i].args[0] for i in idx], max_new,
-                stop=until, temperature=temperature, top_k=top_k, seed=seed, batch_size=self.batch_size,
+                self.model,
+                self.tokenizer,
+                [requests[i].args[0] for i in idx],
+                max_new,
+                stop=until,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed,
+                batch_size=self.batch_size,
             )
             for i, text in zip(idx, texts):
                 out[i] = text

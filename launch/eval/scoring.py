@@ -115,7 +115,9 @@ def loglikelihoods(
             targets[row, end - len(cont) : end] = torch.tensor(cont)
         logits = model(tokens.to(device))
         targets = targets.to(logits.device)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        nll = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+        )
         lls = (-nll.view(targets.shape).sum(1)).tolist()
         greedy = ((logits.argmax(-1) == targets) | (targets == -100)).all(1).tolist()
         for row, i in enumerate(batch):

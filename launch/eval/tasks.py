@@ -173,7 +173,9 @@ def _choices(row: dict) -> tuple[list[str], list[str]]:
 @register_format("piqa", "multiple_choice", fields=("goal", "sol1", "sol2", "label"))
 def piqa(row: dict) -> MultipleChoice:
     context = f"Question: {row['goal']}\nAnswer:"
-    return MultipleChoice([(context, " " + row["sol1"]), (context, " " + row["sol2"])], label_index(row["label"]))
+    return MultipleChoice(
+        [(context, " " + row["sol1"]), (context, " " + row["sol2"])], label_index(row["label"])
+    )
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -219,7 +221,9 @@ def arc(row: dict) -> MultipleChoice:
     return MultipleChoice([(context, " " + t) for t in texts], _index_of_key(row["answerKey"], labels))
 
 
-@register_format("openbookqa", "multiple_choice", fields=("question_stem", "choices{text,label}", "answerKey"))
+@register_format(
+    "openbookqa", "multiple_choice", fields=("question_stem", "choices{text,label}", "answerKey")
+)
 def openbookqa(row: dict) -> MultipleChoice:
     texts, labels = _choices(row)
     context = row["question_stem"]
@@ -238,7 +242,7 @@ def winogrande(row: dict) -> MultipleChoice:
     options = [(sentence[:blank] + row[key], suffix) for key in ("option1", "option2")]
     answer = str(row["answer"]).strip()
     if answer not in ("1", "2"):
-        raise ValueError(f"'answer' must be \"1\" or \"2\", got {row['answer']!r}")
+        raise ValueError(f'\'answer\' must be "1" or "2", got {row["answer"]!r}')
     return MultipleChoice(options, int(answer) - 1)
 
 
@@ -314,7 +318,9 @@ def parse_task_spec(spec: str) -> TaskSpec:
             f"{', '.join(FORMATS)}, or a built-in task ({', '.join(BUILTIN)})"
         )
     elif not path:
-        raise UserError(f"task {spec!r} needs a local file: {fmt_name}:/path/to/{fmt_name}.jsonl (nothing is downloaded)")
+        raise UserError(
+            f"task {spec!r} needs a local file: {fmt_name}:/path/to/{fmt_name}.jsonl (nothing is downloaded)"
+        )
     else:
         fmt, file = FORMATS[fmt_name], Path(path)
         if fmt.kind == "text" and file.is_dir() and not is_shard_dir(file):
@@ -356,7 +362,9 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line is {raw[e.start]:#04x})") from None
+                raise UserError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line is {raw[e.start]:#04x})"
+                ) from None
             if line.strip():
                 rows.append((lineno, json_object(line, path, lineno)))
     return rows
@@ -390,7 +398,9 @@ def load_examples(task: TaskSpec) -> list[Example]:
         try:
             return [Document(data.decode("utf-8"))]
         except UnicodeDecodeError as e:
-            raise UserError(f"{task.path}: not UTF-8 text (byte offset {e.start} is {data[e.start]:#04x})") from None
+            raise UserError(
+                f"{task.path}: not UTF-8 text (byte offset {e.start} is {data[e.start]:#04x})"
+            ) from None
     return parse_rows(task.format, task.path)
 
 

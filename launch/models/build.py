@@ -24,7 +24,9 @@ def _memory_factory(cfg: Config, n_layers: int):
     m = cfg.memory
     bad = [i for i in m.layers if not 0 <= i < n_layers]
     if bad:
-        raise ConfigError(f"memory.layers={list(m.layers)}: indices {bad} out of range for model.n_layers={n_layers}")
+        raise ConfigError(
+            f"memory.layers={list(m.layers)}: indices {bad} out of range for model.n_layers={n_layers}"
+        )
     if len(set(m.layers)) != len(m.layers):
         raise ConfigError(f"memory.layers={list(m.layers)} lists a layer twice")
     from memlayers import MemoryPool, ProductKeyMemory
@@ -79,11 +81,15 @@ def build_model(cfg: Config) -> Transformer:
         from scalenet import rebuild
 
         if cfg.grow.spec is None:
-            raise ConfigError("grow.strategy is set but grow.spec is empty: grown models come from launch.grow")
+            raise ConfigError(
+                "grow.strategy is set but grow.spec is empty: grown models come from launch.grow"
+            )
         model.layers = rebuild(model.layers, plain(cfg.grow.spec))
         model.cfg = cfg.model
     if len(model.layers) != cfg.model.n_layers:
-        raise ConfigError(f"model.n_layers={cfg.model.n_layers} but the built model has {len(model.layers)} blocks")
+        raise ConfigError(
+            f"model.n_layers={cfg.model.n_layers} but the built model has {len(model.layers)} blocks"
+        )
     return model
 
 

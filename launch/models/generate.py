@@ -164,8 +164,15 @@ def generate(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         new = generate_ids(
-            model, [ids[i] for i in chunk], max_new_tokens, eos_id=eos_id, stop=stop_fn,
-            temperature=temperature, top_k=top_k, seed=seed, sync=sync,
+            model,
+            [ids[i] for i in chunk],
+            max_new_tokens,
+            eos_id=eos_id,
+            stop=stop_fn,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            sync=sync,
         )
         for i, gen in zip(chunk, new):
             results[i] = gen

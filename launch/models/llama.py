@@ -217,7 +217,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(i, cfg, ffn_factory(i, cfg) if ffn_factory else None) for i in range(cfg.n_layers)
+            TransformerBlock(i, cfg, ffn_factory(i, cfg) if ffn_factory else None)
+            for i in range(cfg.n_layers)
         )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -234,7 +235,9 @@ class Transformer(nn.Module):
         the cached prefix and write this chunk's keys/values at `start_pos`."""
         T = tokens.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
         rope = (self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T])
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):

@@ -48,7 +48,12 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         code = main(argv)
     except CliExit as e:
         if os.environ.get("RANK", "0") == "0":
-            print(e.text, end="" if e.text.endswith("\n") else "\n", file=sys.stdout if e.code == 0 else sys.stderr, flush=True)
+            print(
+                e.text,
+                end="" if e.text.endswith("\n") else "\n",
+                file=sys.stdout if e.code == 0 else sys.stderr,
+                flush=True,
+            )
         sys.exit(e.code)
     except UserError as e:
         _fail(str(e))

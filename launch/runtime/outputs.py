@@ -41,7 +41,12 @@ def _check_not_file(out: Path, key: str) -> None:
 
 
 def check_output_dir(
-    out: str | Path, *, command: str, overwrite: bool = False, sources: Iterable[str | Path] = (), key: str = "out"
+    out: str | Path,
+    *,
+    command: str,
+    overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
+    key: str = "out",
 ) -> Path:
     """`out` as an absolute Path if `command` may write its output directory there; else UserError."""
     if not str(out):
@@ -57,7 +62,9 @@ def check_output_dir(
     _check_not_file(out, key)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise UserError(f"{key}={out} exists and is not empty; pass overwrite=true to replace an earlier {command} output")
+            raise UserError(
+                f"{key}={out} exists and is not empty; pass overwrite=true to replace an earlier {command} output"
+            )
         if written_by(out) != command:
             raise UserError(
                 f"{key}={out} exists and was not written by {command} (no {MARKER} marker): overwrite=true replaces "
@@ -68,7 +75,12 @@ def check_output_dir(
 
 @contextmanager
 def output_dir(
-    out: str | Path, *, command: str, overwrite: bool = False, sources: Iterable[str | Path] = (), key: str = "out"
+    out: str | Path,
+    *,
+    command: str,
+    overwrite: bool = False,
+    sources: Iterable[str | Path] = (),
+    key: str = "out",
 ) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces `out` (checked as above)."""
     sources = list(sources)
@@ -82,7 +94,9 @@ def output_dir(
         raise UserError(f"{key}={out}: cannot create a directory next to it ({e.strerror})") from None
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps({"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+        )
         # Checked again: another process may have written `out` while this one worked.
         check_output_dir(out, command=command, overwrite=overwrite, sources=sources, key=key)
         if out.is_dir() and any(out.iterdir()):

@@ -76,7 +76,9 @@ def acquire_lock(run_dir: str | Path) -> RunDirLock:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise UserError(f"run.dir={run_dir}: cannot create the lock file {lock_path} ({e.strerror})") from None
+        raise UserError(
+            f"run.dir={run_dir}: cannot create the lock file {lock_path} ({e.strerror})"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -99,7 +101,10 @@ def acquire_lock(run_dir: str | Path) -> RunDirLock:
         return RunDirLock(path, None)
     # Holder details for the error a second job prints; the lock itself is the flock, not this text.
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+    os.write(
+        fd,
+        f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(),
+    )
     return RunDirLock(path, fd)
 
 
@@ -161,5 +166,7 @@ def write_run_file(run_dir: str | Path, name: str, text: str) -> Path:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror} (the previous {name}, if any, is unchanged)") from None
+        raise UserError(
+            f"cannot write {path}: {e.strerror} (the previous {name}, if any, is unchanged)"
+        ) from None
     return path

@@ -41,7 +41,9 @@ class SweepArgs:
 
 def _load(args: SweepArgs, argv: list[str]) -> Sweep:
     if not args.sweep:
-        raise ConfigError("sweep= is required: the sweep file, e.g. sweep=configs/sweeps/memory_vs_dense.yaml")
+        raise ConfigError(
+            "sweep= is required: the sweep file, e.g. sweep=configs/sweeps/memory_vs_dense.yaml"
+        )
     sweep = load_sweep(args.sweep)
     if args.runs_dir:
         sweep.out = type(sweep.out)(args.runs_dir)

@@ -28,8 +28,19 @@ from launch.sweep.summary import (
 from launch.train.metrics import read_metrics
 
 BASE_COLUMNS = (
-    "run", "state", "steps", "tokens", "loss", "val_loss", "val_ppl", "params", "active_params", "values",
-    "tokens_per_s", "peak_rss_mb", "train_wall_s",
+    "run",
+    "state",
+    "steps",
+    "tokens",
+    "loss",
+    "val_loss",
+    "val_ppl",
+    "params",
+    "active_params",
+    "values",
+    "tokens_per_s",
+    "peak_rss_mb",
+    "train_wall_s",
 )
 
 
@@ -62,7 +73,12 @@ def model_facts(run_dir: Path) -> dict[str, Any]:
         with torch.device("meta"):
             model = build_model(cfg)
         values = cfg.memory.n_keys**2 if cfg.memory.layers else None
-        return {"params": model.num_params(), "active_params": active_params(model), "values": values, "n_layers": cfg.model.n_layers}
+        return {
+            "params": model.num_params(),
+            "active_params": active_params(model),
+            "values": values,
+            "n_layers": cfg.model.n_layers,
+        }
     except Exception:  # a config from another version of the code: leave the cells empty
         return {}
 
@@ -107,7 +123,9 @@ def eval_metrics(run_dir: Path, records: list[dict]) -> dict[str, float]:
     return out
 
 
-def collect_rows(sweep: Sweep, curves: dict[str, list[tuple[int, float]]] | None = None) -> list[dict[str, Any]]:
+def collect_rows(
+    sweep: Sweep, curves: dict[str, list[tuple[int, float]]] | None = None
+) -> list[dict[str, Any]]:
     """One row per run; with `curves`, also fills RUN_NAME -> its validation-loss curve."""
     rows = []
     for run in sweep.runs:
@@ -127,7 +145,9 @@ def collect_rows(sweep: Sweep, curves: dict[str, list[tuple[int, float]]] | None
             "params": facts.get("params"),
             "active_params": facts.get("active_params"),
             "values": facts.get("values"),
-            "tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None,  # median: robust to a busy machine
+            "tokens_per_s": sorted(speeds)[len(speeds) // 2]
+            if speeds
+            else None,  # median: robust to a busy machine
         }
         row |= {col: v for col, key in MEMORY_COLUMNS.items() if (v := _last(train, key)) is not None}
         row |= step_costs(run_dir)
@@ -192,13 +212,25 @@ def _pm(mean: Any, std: Any) -> str:
 
 def summary_markdown(summary: list[dict[str, Any]], metrics: list[str], tuned: bool, reach: bool) -> str:
     cols = ["arm", "seeds", "params", "active_params", "values", *metrics]
-    extra = (["overhead_pct", REACH, REACH_EQUIV, USED_EQUIV, WORTH] if reach else []) + (["best"] if tuned else [])
+    extra = (["overhead_pct", REACH, REACH_EQUIV, USED_EQUIV, WORTH] if reach else []) + (
+        ["best"] if tuned else []
+    )
     lines = ["| " + " | ".join(cols + extra) + " |", "|" + "---|" * len(cols + extra)]
     for s in summary:
-        cells = [s["arm"], f"{s['seeds']}/{s['of']}", _cell(s.get("params")), _cell(s.get("active_params")), _cell(s.get("values"))]
+        cells = [
+            s["arm"],
+            f"{s['seeds']}/{s['of']}",
+            _cell(s.get("params")),
+            _cell(s.get("active_params")),
+            _cell(s.get("values")),
+        ]
         cells += [_pm(s.get(m), s.get(f"{m}_std")) for m in metrics]
         if reach:
-            cells += [_cell(s.get("overhead_pct")), _cell(s.get(REACH)) or "not reached", _cell(s.get(REACH_EQUIV)) or "—"]
+            cells += [
+                _cell(s.get("overhead_pct")),
+                _cell(s.get(REACH)) or "not reached",
+                _cell(s.get(REACH_EQUIV)) or "—",
+            ]
             cells += [_cell(s.get(USED_EQUIV)), _cell(s.get(WORTH)) or "beyond its end"]
         if tuned:
             cells.append("**best**" if s.get("best") else "")
@@ -229,7 +261,9 @@ def add_overhead(sweep: Sweep, summary: list[dict[str, Any]]) -> None:
             s["overhead_pct"] = round(100 * (s["params"] - base) / base, 2)
 
 
-def collect(sweep: Sweep, out: str | Path | None = None, plot_metrics: list[str] | None = None) -> dict[str, Path]:
+def collect(
+    sweep: Sweep, out: str | Path | None = None, plot_metrics: list[str] | None = None
+) -> dict[str, Path]:
     """Write OUT.md and OUT.csv (one row per run), OUT_summary.csv (one row per arm, mean and std
     over seeds) and OUT.png; OUT defaults to SWEEP_OUT/results."""
     from launch.sweep import plots
@@ -239,7 +273,10 @@ def collect(sweep: Sweep, out: str | Path | None = None, plot_metrics: list[str]
     cols = columns(rows)
     prefix = Path(out) if out else sweep.out / "results"
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    path = {k: prefix.with_name(prefix.name + suffix) for k, suffix in (("md", ".md"), ("csv", ".csv"), ("summary", "_summary.csv"), ("png", ".png"))}
+    path = {
+        k: prefix.with_name(prefix.name + suffix)
+        for k, suffix in (("md", ".md"), ("csv", ".csv"), ("summary", "_summary.csv"), ("png", ".png"))
+    }
 
     metrics = summary_metrics(sweep, cols)
     summary = summarise(sweep, rows, metrics)
@@ -248,9 +285,16 @@ def collect(sweep: Sweep, out: str | Path | None = None, plot_metrics: list[str]
         mark_best(sweep, summary)
     curves = {}
     for arm in dict.fromkeys(r.arm for r in sweep.runs):
-        members = [run_curves[r.name] for r, row in zip(sweep.runs, rows) if r.arm == arm and row["state"] == "done" and run_curves[r.name]]
+        members = [
+            run_curves[r.name]
+            for r, row in zip(sweep.runs, rows)
+            if r.arm == arm and row["state"] == "done" and run_curves[r.name]
+        ]
         curves[arm] = mean_curve(members)
-    facts = {r.name: {"n_layers": model_facts(sweep.run_dir(r)).get("n_layers"), "steps": row.get("steps")} for r, row in zip(sweep.runs, rows)}
+    facts = {
+        r.name: {"n_layers": model_facts(sweep.run_dir(r)).get("n_layers"), "steps": row.get("steps")}
+        for r, row in zip(sweep.runs, rows)
+    }
     layers = growth_layers(sweep, facts)
     reached = reach_reference(sweep, summary, curves, layers)
     reference, target = reached if reached else (None, None)
@@ -261,28 +305,51 @@ def collect(sweep: Sweep, out: str | Path | None = None, plot_metrics: list[str]
     body = f"## Per arm: mean ± std over seeds {seeds}\n\n" if seeds else "## Per arm\n\n"
     body += summary_markdown(summary, metrics, tuned, target is not None)
     if target is not None:
-        body += (f"\nTarget: `{reference}`'s final mean val loss {target:.4f}. `{REACH}`: first validation step "
-                 f"(after growth for grown arms) where the seed-mean val loss is at or below it; `{REACH_EQUIV}` adds the "
-                 f"base's steps scaled by base depth / grown depth. `{USED_EQUIV}`: the steps the arm trained, counted the "
-                 f"same way; `{WORTH}`: the first step at which `{reference}`'s seed-mean val loss reaches this arm's final "
-                 f"mean — an arm that matches more reference steps than it used trained more efficiently.\n")
+        body += (
+            f"\nTarget: `{reference}`'s final mean val loss {target:.4f}. `{REACH}`: first validation step "
+            f"(after growth for grown arms) where the seed-mean val loss is at or below it; `{REACH_EQUIV}` adds the "
+            f"base's steps scaled by base depth / grown depth. `{USED_EQUIV}`: the steps the arm trained, counted the "
+            f"same way; `{WORTH}`: the first step at which `{reference}`'s seed-mean val loss reaches this arm's final "
+            f"mean — an arm that matches more reference steps than it used trained more efficiently.\n"
+        )
     if tuned:
         body += f"\n`best`: lowest mean `{sweep.report.tune_metric}` in its tuning group (search over {', '.join(sweep.report.tune)}).\n"
     path["md"].write_text(header + body + "\n## Per run\n\n" + to_markdown(rows, cols))
     path["csv"].write_text(to_csv(rows, cols))
-    scols = ["arm", "group", "seeds", "of", "params", "active_params", "values", *[x for m in metrics for x in (m, f"{m}_std")]]
+    scols = [
+        "arm",
+        "group",
+        "seeds",
+        "of",
+        "params",
+        "active_params",
+        "values",
+        *[x for m in metrics for x in (m, f"{m}_std")],
+    ]
     scols += ["overhead_pct", REACH, REACH_EQUIV, USED_EQUIV, WORTH] * (target is not None) + ["best"] * tuned
     path["summary"].write_text(to_csv(summary, scols))
     written = {k: path[k] for k in ("md", "csv", "summary")}
     title = f"sweep {sweep.name}" + (" (mean ± std over the seeds done: see the table)" if seeds else "")
     kind = sweep.report.plot
     if kind == "values":
-        png = plots.values_plot(summary, plot_metrics or [m for m in metrics if "/" in m or m.startswith("val_")], path["png"], title, sweep.report.line, sweep.report.floors)
+        png = plots.values_plot(
+            summary,
+            plot_metrics or [m for m in metrics if "/" in m or m.startswith("val_")],
+            path["png"],
+            title,
+            sweep.report.line,
+            sweep.report.floors,
+        )
     elif kind == "curves":
         shown = [s["arm"] for s in summary if not tuned or s.get("best")]
         png = plots.curves_plot({a: curves[a] for a in shown}, target, reference, path["png"], title)
     else:
-        png = plots.bars(rows, plot_metrics or ["val_ppl", *[c for c in cols if c.endswith("/exact_match")]], path["png"], title)
+        png = plots.bars(
+            rows,
+            plot_metrics or ["val_ppl", *[c for c in cols if c.endswith("/exact_match")]],
+            path["png"],
+            title,
+        )
     if png is not None:
         written["png"] = png
     return written

@@ -42,7 +42,9 @@ def bars(rows: list[dict[str, Any]], metrics: list[str], path: Path, title: str)
     metrics = [m for m in metrics if any(numeric(r.get(m)) for r in rows)]
     if plt is None or not metrics:
         return None
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.45 * len(rows) + 1.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(4.5 * len(metrics), 0.45 * len(rows) + 1.5), squeeze=False
+    )
     names = [r["run"] for r in rows]
     for ax, m in zip(axes[0], metrics):
         vals = [r.get(m) if numeric(r.get(m)) else 0.0 for r in rows]
@@ -60,15 +62,24 @@ def bars(rows: list[dict[str, Any]], metrics: list[str], path: Path, title: str)
 DEFAULT_LINE = "Memory+ (block FFN -> memory)"
 
 
-def value_lines(summary: list[dict[str, Any]], line: list[str] | dict[str, list[str]] | None) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+def value_lines(
+    summary: list[dict[str, Any]], line: list[str] | dict[str, list[str]] | None
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
     """Split the memory arms (those with `values`) into the plot's joined lines and lone markers.
 
     `line` is a list of arms (one line), a mapping label -> arms (one line each, e.g. two read
     widths across the value sweep), or empty (every memory arm on one line). Each line's arms are
     sorted by their number of values."""
     memory = [s for s in summary if s.get("values")]
-    groups = line if isinstance(line, dict) else ({DEFAULT_LINE: list(line)} if line else {DEFAULT_LINE: [s["arm"] for s in memory]})
-    lines = {label: sorted((s for s in memory if s["arm"] in arms), key=lambda s: s["values"]) for label, arms in groups.items()}
+    groups = (
+        line
+        if isinstance(line, dict)
+        else ({DEFAULT_LINE: list(line)} if line else {DEFAULT_LINE: [s["arm"] for s in memory]})
+    )
+    lines = {
+        label: sorted((s for s in memory if s["arm"] in arms), key=lambda s: s["values"])
+        for label, arms in groups.items()
+    }
     joined = {a for arms in groups.values() for a in arms}
     return {k: v for k, v in lines.items() if v}, [s for s in memory if s["arm"] not in joined]
 
@@ -100,7 +111,9 @@ def values_plot(
             errs = [s.get(f"{m}_std") or 0.0 for s in pts]
             ax.errorbar(xs, ys, yerr=errs, fmt="o-", color=color(j), capsize=4, label=label)
             for s in pts:
-                ax.annotate(s["arm"], (s["values"], s[m]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(
+                    s["arm"], (s["values"], s[m]), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
         for i, s in enumerate(d for d in dense if numeric(d.get(m))):
             c = color(len(lines) + i)
             std = s.get(f"{m}_std") or 0.0
@@ -109,7 +122,15 @@ def values_plot(
         for j, s in enumerate(others):
             if numeric(s.get(m)):
                 c = color(len(lines) + len(dense) + j)
-                ax.errorbar([s["values"]], [s[m]], yerr=[s.get(f"{m}_std") or 0.0], fmt="s", capsize=3, color=c, label=s["arm"])
+                ax.errorbar(
+                    [s["values"]],
+                    [s[m]],
+                    yerr=[s.get(f"{m}_std") or 0.0],
+                    fmt="s",
+                    capsize=3,
+                    color=c,
+                    label=s["arm"],
+                )
         if floors and m in floors:
             ax.axhline(floors[m], color="gray", ls=":", label=f"majority answer ({floors[m]:.3f})")
         ax.set_xscale("log", base=2)
@@ -121,7 +142,13 @@ def values_plot(
     return _save(fig, path)
 
 
-def curves_plot(curves: dict[str, list[tuple[int, float, float]]], target: float | None, reference: str | None, path: Path, title: str) -> Path | None:
+def curves_plot(
+    curves: dict[str, list[tuple[int, float, float]]],
+    target: float | None,
+    reference: str | None,
+    path: Path,
+    title: str,
+) -> Path | None:
     """Validation loss vs step per arm (seed mean, ±std band); the target as a dashed line."""
     plt = _pyplot()
     curves = {a: c for a, c in curves.items() if c}
@@ -132,7 +159,13 @@ def curves_plot(curves: dict[str, list[tuple[int, float, float]]], target: float
         steps, mean, std = zip(*c)
         style = {"color": "k", "lw": 2} if arm == reference else {}
         line = ax.plot(steps, mean, label=arm, **style)[0]
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+        ax.fill_between(
+            steps,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            color=line.get_color(),
+            alpha=0.15,
+        )
     if target is not None:
         ax.axhline(target, color="gray", ls="--", lw=1, label=f"{reference} final ({target:.3f})")
     lo = min(m for c in curves.values() for _, m, _ in c)

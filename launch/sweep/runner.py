@@ -162,7 +162,12 @@ def run_steps(sweep: Sweep, run: Run, nproc: int, env: dict[str, str], log: Path
             proc.returncode = code = os.waitstatus_to_exitcode(status)
             wall = time.time() - t0
             f.write(f"[{step.kind} exited {code} after {wall:.0f}s]\n")
-        record = {"kind": step.kind, "exit": code, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        record = {
+            "kind": step.kind,
+            "exit": code,
+            "wall_s": round(wall, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        }
         with open(log.parent / STEPS_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
         if code != 0:
@@ -185,7 +190,10 @@ def run_local(sweep: Sweep, runs: list[Run], parallel: int, nproc: int, env: dic
                 todo.append(r)
 
         def one(r: Run) -> str | None:
-            print(f"[{state(sweep, r)}] {r.name}: running {', '.join(s.kind for s in plan(sweep, r))}", flush=True)
+            print(
+                f"[{state(sweep, r)}] {r.name}: running {', '.join(s.kind for s in plan(sweep, r))}",
+                flush=True,
+            )
             t0 = time.time()
             try:
                 run_steps(sweep, r, nproc, env, sweep.run_dir(r) / "sweep.log")
@@ -278,7 +286,9 @@ def submit_slurm(sweep: Sweep, runs: list[Run], cluster: str | None = "slurm", w
     try:
         import submitit
     except ImportError:
-        raise UserError("mode=slurm needs submitit: pip install 'submitit>=1.5' (the [slurm] extra)") from None
+        raise UserError(
+            "mode=slurm needs submitit: pip install 'submitit>=1.5' (the [slurm] extra)"
+        ) from None
     if cluster not in ("slurm", "local", None):
         raise UserError(f"cluster={cluster!r}: expected slurm or local")
     if cluster == "slurm" and shutil.which("sbatch") is None:
@@ -299,7 +309,10 @@ def submit_slurm(sweep: Sweep, runs: list[Run], cluster: str | None = "slurm", w
             continue
         deps = [submitted[r.grow.source] for r in todo if r.grow and r.grow.source in submitted]
         if deps and executor.cluster == "slurm":
-            extra = {**params.get("slurm_additional_parameters", {}), "dependency": "afterok:" + ":".join(j.job_id for j in deps)}
+            extra = {
+                **params.get("slurm_additional_parameters", {}),
+                "dependency": "afterok:" + ":".join(j.job_id for j in deps),
+            }
             executor.update_parameters(slurm_additional_parameters=extra)
         elif deps:
             for j in deps:  # no scheduler to hold the jobs back: wait here

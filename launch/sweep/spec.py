@@ -102,13 +102,19 @@ class ReportSettings:
     """How `launch.sweep collect` summarises the runs (per-run rows are always written)."""
 
     plot: str = "bars"  # bars | values (metrics against memory values, dense arms as lines) | curves (val loss vs step)
-    metrics: list[str] = field(default_factory=list)  # summary/plot metrics; empty: val_ppl and every */exact_match
-    tune: list[str] = field(default_factory=list)  # keys searched per tuning group (entry grids); best mean kept
+    metrics: list[str] = field(
+        default_factory=list
+    )  # summary/plot metrics; empty: val_ppl and every */exact_match
+    tune: list[str] = field(
+        default_factory=list
+    )  # keys searched per tuning group (entry grids); best mean kept
     tune_metric: str = "val_loss"  # lower is better
     reference: str | None = None  # curves: the arm whose final val loss is the target (e.g. scratch)
     # values: the memory arms joined by one line, or LABEL -> arms for several lines (empty: all, one line)
     line: list[str] | dict[str, list[str]] = field(default_factory=list)
-    floors: dict[str, float] = field(default_factory=dict)  # values: METRIC -> a no-knowledge baseline drawn dotted
+    floors: dict[str, float] = field(
+        default_factory=dict
+    )  # values: METRIC -> a no-knowledge baseline drawn dotted
 
 
 @dataclass
@@ -141,7 +147,9 @@ class Sweep:
         for r in self.runs:
             if r.name == name:
                 return r
-        raise ConfigError(f"sweep {self.name}: no run named {name!r}; runs are {', '.join(r.name for r in self.runs)}")
+        raise ConfigError(
+            f"sweep {self.name}: no run named {name!r}; runs are {', '.join(r.name for r in self.runs)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +195,11 @@ def _digest(obj: Any) -> str:
 def derive_names(varied: list[dict[str, Any]], dedupe: bool = True) -> list[str]:
     """One name per run from the keys whose value differs between runs; deterministic, and unique
     (a hash of the overrides settles collisions) unless `dedupe` is off."""
-    keys = [k for k in dict.fromkeys(k for v in varied for k in v) if len({json.dumps(v.get(k), sort_keys=True, default=str) for v in varied}) > 1]
+    keys = [
+        k
+        for k in dict.fromkeys(k for v in varied for k in v)
+        if len({json.dumps(v.get(k), sort_keys=True, default=str) for v in varied}) > 1
+    ]
     short = _short_keys(keys)
     names = []
     for v in varied:
@@ -223,7 +235,9 @@ def _grow_step(data: Any, where: str) -> GrowStep:
         raise ConfigError(f"{where}: grow must be a mapping with 'from' (a run name) and 'strategy'")
     unknown = [k for k in data if k not in _GROW_KEYS]
     if unknown:
-        raise ConfigError(f"{where}: unknown grow key(s) {', '.join(unknown)}; valid: {', '.join(_GROW_KEYS)}")
+        raise ConfigError(
+            f"{where}: unknown grow key(s) {', '.join(unknown)}; valid: {', '.join(_GROW_KEYS)}"
+        )
     return GrowStep(str(data["from"]), str(data["strategy"]), data.get("depth"), dict(data.get("args") or {}))
 
 
@@ -266,14 +280,20 @@ def expand_entry_grids(entries: list[dict] | None) -> tuple[list[dict] | None, l
 def _seeds(data: Any, path: Path, where: str = "") -> list[int]:
     if data is None:
         return []
-    if not isinstance(data, list) or not data or not all(isinstance(s, int) and not isinstance(s, bool) for s in data):
+    if (
+        not isinstance(data, list)
+        or not data
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in data)
+    ):
         raise ConfigError(f"{path}: {where}seeds must be a non-empty list of integers, got {data!r}")
     if len(set(data)) != len(data):
         raise ConfigError(f"{path}: {where}seeds {data} repeat a seed")
     return list(data)
 
 
-def replicate_seeds(runs: list[Run], seeds: list[int], own: list[list[int] | None] | None = None) -> list[Run]:
+def replicate_seeds(
+    runs: list[Run], seeds: list[int], own: list[list[int] | None] | None = None
+) -> list[Run]:
     """Each run once per seed (`NAME_seed-S`, run.seed=S); grows follow their source's seed.
     `own[i]`, where given, replaces `seeds` for run i (an entry's own `seeds` list); a run with
     neither stays unseeded."""
@@ -287,19 +307,36 @@ def replicate_seeds(runs: list[Run], seeds: list[int], own: list[list[int] | Non
             grow = None
             if r.grow is not None:
                 grow = GrowStep(f"{r.grow.source}_seed-{s}", r.grow.strategy, r.grow.depth, dict(r.grow.args))
-            out.append(Run(f"{r.name}_seed-{s}", {**r.overrides, SEED_KEY: s}, {**r.varied, SEED_KEY: s}, grow, r.arm, r.group, s))
+            out.append(
+                Run(
+                    f"{r.name}_seed-{s}",
+                    {**r.overrides, SEED_KEY: s},
+                    {**r.varied, SEED_KEY: s},
+                    grow,
+                    r.arm,
+                    r.group,
+                    s,
+                )
+            )
     return out
 
 
-def _arms(names: list[str], varied: list[dict[str, Any]], explicit: list[str | None], grid: dict | None) -> list[str]:
+def _arms(
+    names: list[str], varied: list[dict[str, Any]], explicit: list[str | None], grid: dict | None
+) -> list[str]:
     """Each run's name without its run.seed grid part (the arm its seeds are averaged over)."""
     if not grid or SEED_KEY not in grid:
         return names
     rest = {k: v for k, v in grid.items() if k != SEED_KEY}
     bare = [{k: v for k, v in var.items() if k != SEED_KEY} for var in varied]
     if any(explicit):
-        grid_names = derive_names([{k: v[k] for k in rest} for v in bare], dedupe=False) if rest else [""] * len(bare)
-        return [(f"{e}_{g}" if g else e) if e else d for e, g, d in zip(explicit, grid_names, derive_names(bare, dedupe=False))]
+        grid_names = (
+            derive_names([{k: v[k] for k in rest} for v in bare], dedupe=False) if rest else [""] * len(bare)
+        )
+        return [
+            (f"{e}_{g}" if g else e) if e else d
+            for e, g, d in zip(explicit, grid_names, derive_names(bare, dedupe=False))
+        ]
     return derive_names(bare, dedupe=False)
 
 
@@ -319,7 +356,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(_TOP_KEYS)}")
     if "base" not in data:
         raise ConfigError(f"{path}: 'base' (the config every run starts from) is required")
-    base = (path.parent / data["base"]).resolve() if not Path(data["base"]).is_absolute() else Path(data["base"])
+    base = (
+        (path.parent / data["base"]).resolve() if not Path(data["base"]).is_absolute() else Path(data["base"])
+    )
     if not base.is_file():
         raise ConfigError(f"{path}: base config {base} not found (paths are relative to the sweep file)")
     name = str(data.get("name") or path.stem)
@@ -351,14 +390,18 @@ def load_sweep(path: str | Path) -> Sweep:
 
     arms = _arms(names, varied, explicit, data.get("grid"))
     if any(entry_groups) and set(data.get("grid") or {}) - {SEED_KEY}:
-        raise ConfigError(f"{path}: an entry's own grid cannot be combined with a top-level grid (other than run.seed)")
+        raise ConfigError(
+            f"{path}: an entry's own grid cannot be combined with a top-level grid (other than run.seed)"
+        )
     runs = [
         Run(n, {**common, **v}, v, g, arm, grp or arm, v.get(SEED_KEY))
         for n, v, g, arm, grp in zip(names, varied, grows, arms, entry_groups)
     ]
     for r in runs:
         if r.grow is not None and r.grow.source not in names:
-            raise ConfigError(f"{path}: run {r.name} grows from {r.grow.source!r}, which is not a run of this sweep")
+            raise ConfigError(
+                f"{path}: run {r.name} grows from {r.grow.source!r}, which is not a run of this sweep"
+            )
     seeds = _seeds(data.get("seeds"), path)
     if seeds or any(o is not None for o in own_seeds):
         if any(r.seed is not None for r in runs):
@@ -399,7 +442,9 @@ def _check_line(line: Any, arms: set[str], path: Path) -> None:
             raise ConfigError(f"{path}: {where} must be a list of arm names, got {members!r}")
         unknown = [a for a in members if a not in arms]
         if unknown:
-            raise ConfigError(f"{path}: {where} names {', '.join(map(str, unknown))}, not arms of this sweep; arms: {', '.join(sorted(arms))}")
+            raise ConfigError(
+                f"{path}: {where} names {', '.join(map(str, unknown))}, not arms of this sweep; arms: {', '.join(sorted(arms))}"
+            )
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
@@ -419,7 +464,9 @@ def run_config(sweep: Sweep, run: Run) -> Any:
     from launch.config import load_config, validate
 
     try:
-        cfg = load_config([f"config={sweep.base}", *override_args(run.overrides), f"run.dir={sweep.run_dir(run)}"])
+        cfg = load_config(
+            [f"config={sweep.base}", *override_args(run.overrides), f"run.dir={sweep.run_dir(run)}"]
+        )
         validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"sweep {sweep.name}, run {run.name}: {e}") from None

@@ -72,7 +72,10 @@ def first_reaching(curve: list[tuple[int, float, float]], target: float) -> int 
 
 
 def reach_reference(
-    sweep: Sweep, summary: list[dict[str, Any]], curves: dict[str, list[tuple[int, float, float]]], layers: dict[str, tuple[int, int, int]]
+    sweep: Sweep,
+    summary: list[dict[str, Any]],
+    curves: dict[str, list[tuple[int, float, float]]],
+    layers: dict[str, tuple[int, int, int]],
 ) -> tuple[str, float] | None:
     """Fill REACH and REACH_EQUIV for every arm against report.reference's final mean val loss.
 

@@ -58,7 +58,9 @@ class _CrossEntropyRows(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None
 
 
-def cross_entropy_rows(logits: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+def cross_entropy_rows(
+    logits: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> Tensor:
     """`F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=...)` for (N, V) logits of
     any float dtype and (N,) int64 targets, in fp32, without the vocabulary-sized temporaries."""
     if reduction not in ("mean", "sum", "none"):

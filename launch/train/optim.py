@@ -75,14 +75,21 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
             optimizers.append(value_opt)
         else:
             adamw_groups.append(
-                {"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr, "weight_decay": mem.value_weight_decay}
+                {
+                    "name": "memory_values",
+                    "params": groups["memory_values"],
+                    "lr": mem.value_lr,
+                    "weight_decay": mem.value_weight_decay,
+                }
             )
     adamw_groups = [g for g in adamw_groups if g["params"]]
     # One foreach kernel cannot mix plain tensors and DTensors, or DTensors on different meshes
     # (tensor parallel without FSDP; TP weights on ("dp","tp") beside FSDP ones on "dp").
     meshes = {id(getattr(p, "device_mesh", None)) for g in adamw_groups for p in g["params"]}
     foreach = None if len(meshes) <= 1 else False
-    optimizers.insert(0, torch.optim.AdamW(adamw_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=foreach))
+    optimizers.insert(
+        0, torch.optim.AdamW(adamw_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=foreach)
+    )
     for opt in optimizers:
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]

@@ -112,7 +112,10 @@ def main() -> None:
             want = q[:, raw.col] if n == "values" else q
             assert torch.equal(full(p.detach()), want.detach()), n
         for o, ro in zip(opts, ref_opts):
-            for p, rp in zip([p for g in o.param_groups for p in g["params"]], [p for g in ro.param_groups for p in g["params"]]):
+            for p, rp in zip(
+                [p for g in o.param_groups for p in g["params"]],
+                [p for g in ro.param_groups for p in g["params"]],
+            ):
                 for stat in ("exp_avg", "exp_avg_sq", "step"):
                     got, want = full(o.state[p][stat]), ro.state[rp][stat]
                     if p is raw.values and stat != "step":

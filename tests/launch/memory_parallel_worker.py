@@ -150,8 +150,15 @@ def check_init(P: int, T: int = 1, data: str = "fsdp") -> None:
     from launch.models.build import build_model
 
     cfg = load_config(
-        ["config=configs/memory/tiny_memory.yaml", f"parallel.memory={P}", f"parallel.tensor={T}", f"parallel.data={data}",
-         "memory.v_dim=64", "model.n_heads=4", "model.n_kv_heads=2"]  # fmt: skip
+        [
+            "config=configs/memory/tiny_memory.yaml",
+            f"parallel.memory={P}",
+            f"parallel.tensor={T}",
+            f"parallel.data={data}",
+            "memory.v_dim=64",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+        ]  # fmt: skip
     )
     reference = build_model(cfg)
     reference.init_weights(seed=cfg.run.seed)
@@ -190,7 +197,9 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     try:
-        {"lookup": check_lookup, "errors": check_errors, "init": check_init}[check](P, *[int(e) if e.isdigit() else e for e in extra])
+        {"lookup": check_lookup, "errors": check_errors, "init": check_init}[check](
+            P, *[int(e) if e.isdigit() else e for e in extra]
+        )
         dist.barrier()
         print(f"rank {dist.get_rank()}: {check} P={P} ok", flush=True)
     finally:

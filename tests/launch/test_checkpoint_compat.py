@@ -62,7 +62,9 @@ def test_load_checkpoint_gives_the_logits_the_old_code_gave(run):
     exp = expected(run)
     loaded = load_checkpoint(run)  # a run directory: its newest intact checkpoint
     assert loaded.step == exp["step"]
-    torch.testing.assert_close(probe_logits(loaded.model, exp), torch.tensor(exp["logits"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        probe_logits(loaded.model, exp), torch.tensor(exp["logits"]), rtol=1e-5, atol=1e-5
+    )
     again = build_model(loaded.config)
     read_model_state(loaded.path, again)
     torch.testing.assert_close(probe_logits(again, exp), torch.tensor(exp["logits"]), rtol=1e-5, atol=1e-5)

@@ -80,14 +80,18 @@ def snapshot(root: Path) -> dict[str, bytes]:
         (4, 2, "fsdp", 2, 2, "ddp", "async"),  # replicas dedup'd, async save; FSDP -> DDP
     ],
 )
-def test_sharded_save_reshards_on_load(tmp_path, save_nproc, save_p, save_data, load_nproc, load_p, load_data, extra):
+def test_sharded_save_reshards_on_load(
+    tmp_path, save_nproc, save_p, save_data, load_nproc, load_p, load_data, extra
+):
     run_dir = str(tmp_path / "run")
     run_module(WORKER, "save", run_dir, str(save_p), save_data, extra, nproc=save_nproc)
     step = tmp_path / "run" / "checkpoints" / "step_2"
     shards = sorted(p.name for p in (step / "state").glob("__*.distcp"))
     assert shards == [f"__{r}_0.distcp" for r in range(save_nproc)]  # each rank wrote its own file
     files = json.loads((step / "manifest.json").read_text())["files"]
-    assert set(files) == {str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(files) == {
+        str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json"
+    }
     run_module(WORKER, "load", run_dir, str(load_p), load_data, nproc=load_nproc)
 
 
@@ -245,7 +249,9 @@ def test_failed_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (600, hard))
     try:
-        with pytest.raises(UserError, match=r"cannot write checkpoint .*step_2.*previous checkpoints are kept"):
+        with pytest.raises(
+            UserError, match=r"cannot write checkpoint .*step_2.*previous checkpoints are kept"
+        ):
             save(ck, 2, model, opts, tmp_path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -295,7 +301,12 @@ def write_legacy(path: Path, model: nn.Module, opts) -> None:
     for opt in opts:
         sd = opt.state_dict()
         order = [p for g in opt.param_groups for p in g["params"]]
-        states.append({"state": {names[id(order[i])]: s for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]})
+        states.append(
+            {
+                "state": {names[id(order[i])]: s for i, s in sd["state"].items()},
+                "param_groups": sd["param_groups"],
+            }
+        )
     torch.save(states, path / "optimizer.pt")
     (path / "trainer_state.json").write_text(json.dumps({"step": 4, "tokens": 40, "data": {}}))
 
@@ -310,7 +321,9 @@ def test_legacy_checkpoint_loads_and_damage_is_one_line(tmp_path):
     fresh_opts = [torch.optim.AdamW(fresh.parameters(), lr=0.1)]
     assert ck.load(legacy_dir, fresh, fresh_opts)["step"] == 4
     assert torch.equal(fresh.lin.weight, model.lin.weight) and fresh.head.weight is fresh.emb.weight
-    assert torch.equal(fresh_opts[0].state[fresh.lin.weight]["exp_avg"], opts[0].state[model.lin.weight]["exp_avg"])
+    assert torch.equal(
+        fresh_opts[0].state[fresh.lin.weight]["exp_avg"], opts[0].state[model.lin.weight]["exp_avg"]
+    )
     reader = Tiny(seed=4)
     read_model_state(legacy_dir, reader)
     assert torch.equal(reader.lin.bias, model.lin.bias)
@@ -335,7 +348,13 @@ def test_legacy_checkpoint_loads_and_damage_is_one_line(tmp_path):
 def test_train_falls_back_past_a_damaged_checkpoint_and_refuses_non_finite(tmp_path):
     from ..conftest import TINY  # noqa: TID252
 
-    base = [f"config={TINY}", f"run.dir={tmp_path}", "train.ckpt_every=2", "train.keep_last=3", "train.val_every=0"]
+    base = [
+        f"config={TINY}",
+        f"run.dir={tmp_path}",
+        "train.ckpt_every=2",
+        "train.keep_last=3",
+        "train.val_every=0",
+    ]
     run_module("launch.train", *base, "train.steps=4")
     shard = tmp_path / "checkpoints" / "step_4" / "state" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-10])
@@ -353,7 +372,9 @@ def test_train_falls_back_past_a_damaged_checkpoint_and_refuses_non_finite(tmp_p
         "launch.train", f"config={TINY}", f"run.dir={blow}", "train.ckpt_every=1", "train.steps=6", "train.val_every=0",
         "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0", check=False,
     )  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, (
+        proc.stderr
+    )
     assert "non-finite" in proc.stderr or "is nan" in proc.stderr or "is inf" in proc.stderr
     kept = Checkpointer(blow).candidates()
     assert f"Newest finite checkpoint: {kept[-1][1] if kept else 'none'}" in proc.stderr

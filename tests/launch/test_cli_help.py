@@ -119,7 +119,9 @@ def test_train_without_config_prints_usage_and_exits_2(tmp_path):
 
 def test_train_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_module("launch.train", f"config={TINY}", f"run.dir={run_dir}", "train.steps=3", "print_config=true")
+    proc = run_module(
+        "launch.train", f"config={TINY}", f"run.dir={run_dir}", "train.steps=3", "print_config=true"
+    )
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["train"]["steps"] == 3 and cfg["run"]["dir"] == str(run_dir) and cfg["model"]["dim"] == 64
     assert set(cfg) == {f.name for f in dataclasses.fields(Config)}

@@ -28,7 +28,9 @@ def test_unknown_key_in_file_names_key_file_and_valid_keys(tmp_path):
 
 
 def test_unknown_section_and_cli_key():
-    with pytest.raises(ConfigError, match="unknown key 'modle' in the command line; valid keys at the top level: run, model"):
+    with pytest.raises(
+        ConfigError, match="unknown key 'modle' in the command line; valid keys at the top level: run, model"
+    ):
         load_config(["modle.dim=3"])
 
 

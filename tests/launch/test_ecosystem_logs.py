@@ -17,21 +17,36 @@ from launch.train.metrics import MetricsLogger, ProgressReporter, read_metrics, 
 from tests.conftest import TINY, run_module
 
 RECORDS = [
-    {"step": 10, "loss": 4.5, "lr": 3e-4, "grad_norm": 1.2, "tokens": 2560, "tokens_per_s": 1234.5, "mem_slots_read_frac": 0.25},
+    {
+        "step": 10,
+        "loss": 4.5,
+        "lr": 3e-4,
+        "grad_norm": 1.2,
+        "tokens": 2560,
+        "tokens_per_s": 1234.5,
+        "mem_slots_read_frac": 0.25,
+    },
     {"step": 10, "val_loss": 4.4, "val_ppl": 81.45},
     {"step": 10, "eval/piqa/acc": 0.5, "eval/piqa/n": 4},
 ]
 
 
 def _optimizers():
-    groups = [{"name": "decay", "lr": 3e-4}, {"name": "no_decay", "lr": 3e-4}, {"name": "memory_values", "lr": 1e-3}]
+    groups = [
+        {"name": "decay", "lr": 3e-4},
+        {"name": "no_decay", "lr": 3e-4},
+        {"name": "memory_values", "lr": 1e-3},
+    ]
     return [SimpleNamespace(param_groups=groups[:2]), SimpleNamespace(param_groups=groups[2:])]
 
 
 def test_tags_are_namespaced():
     assert tb_tag("loss") == "train/loss" and tb_tag("lr/memory_values") == "train/lr/memory_values"
     assert tb_tag("val_loss") == "val/loss" and tb_tag("eval/piqa/acc") == "eval/piqa/acc"
-    assert tb_tag("mem_slots_read_frac") == "memory/slots_read_frac" and tb_tag("tokens_per_s") == "train/tokens_per_s"
+    assert (
+        tb_tag("mem_slots_read_frac") == "memory/slots_read_frac"
+        and tb_tag("tokens_per_s") == "train/tokens_per_s"
+    )
 
 
 def test_progress_lines_when_not_a_terminal(tmp_path):
@@ -44,7 +59,9 @@ def test_progress_lines_when_not_a_terminal(tmp_path):
         log.log(r)
     log.close()
     lines = out.getvalue().splitlines()
-    assert re.fullmatch(r"step 10/40 \| loss 4\.5000 \| lr 3\.00e-04 \| 1,234 tok/s \| ETA \d+m\d\ds", lines[0]), lines[0]
+    assert re.fullmatch(
+        r"step 10/40 \| loss 4\.5000 \| lr 3\.00e-04 \| 1,234 tok/s \| ETA \d+m\d\ds", lines[0]
+    ), lines[0]
     assert lines[1].startswith("step 10/40 | val_loss 4.4000 | val_ppl 81.45")
     assert lines[2] == "step 10/40 | piqa/acc=0.5"
     first = read_metrics(tmp_path)[0]  # every group's LR lands in metrics.jsonl too
@@ -72,8 +89,15 @@ def test_tensorboard_tags_include_every_lr_group(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     want = {
-        "train/loss", "train/lr/decay", "train/lr/no_decay", "train/lr/memory_values", "train/tokens_per_s",
-        "val/loss", "val/ppl", "eval/piqa/acc", "memory/slots_read_frac",
+        "train/loss",
+        "train/lr/decay",
+        "train/lr/no_decay",
+        "train/lr/memory_values",
+        "train/tokens_per_s",
+        "val/loss",
+        "val/ppl",
+        "eval/piqa/acc",
+        "memory/slots_read_frac",
     }
     assert want <= tags, want - tags
     assert "train/lr" not in tags and "loss" not in tags
@@ -91,7 +115,10 @@ def test_wandb_offline_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
         run, sent = log._wandb, {}
         ids.append(run.id)
         real_log = run.log
-        run.log = lambda data, step=None, sent=sent, real_log=real_log: (sent.update(data), real_log(data, step=step))
+        run.log = lambda data, step=None, sent=sent, real_log=real_log: (
+            sent.update(data),
+            real_log(data, step=step),
+        )
         for r in RECORDS:
             log.log(r)
         log.close()
@@ -126,7 +153,12 @@ def test_missing_wandb_or_tensorboard_fails_in_one_line(tmp_path, monkeypatch):
 
 def test_torn_tail_is_moved_aside_saying_so(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n" + json.dumps({"step": 10, "loss": 0.9}) + '\n{"step": 15, "lo')
+    path.write_text(
+        json.dumps({"step": 5, "loss": 1.0})
+        + "\n"
+        + json.dumps({"step": 10, "loss": 0.9})
+        + '\n{"step": 15, "lo'
+    )
     log = MetricsLogger(tmp_path)
     log.truncate_after(10)
     assert [r["step"] for r in read_metrics(tmp_path)] == [5, 10]
@@ -140,10 +172,18 @@ def test_torn_tail_is_moved_aside_saying_so(tmp_path, capsys):
 @pytest.mark.slow
 def test_training_resumes_after_a_torn_metrics_line_and_prints_plain_lines(tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"config={TINY}", f"run.dir={run_dir}", "train.progress=true", "train.ckpt_every=4", "train.log_every=2"]
+    args = [
+        f"config={TINY}",
+        f"run.dir={run_dir}",
+        "train.progress=true",
+        "train.ckpt_every=4",
+        "train.log_every=2",
+    ]
     first = run_module("launch.train", *args, "train.steps=4")
     # stdout is a pipe, not a terminal: plain lines, no tqdm bar
-    assert re.search(r"^step 2/4 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| ETA ", first.stdout, re.M), first.stdout
+    assert re.search(r"^step 2/4 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| ETA ", first.stdout, re.M), (
+        first.stdout
+    )
     assert "train:" not in first.stderr and "\r" not in first.stderr
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 3.')  # killed mid-write

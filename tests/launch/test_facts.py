@@ -76,7 +76,9 @@ def test_qa_rows_parse_as_facts_eval_format(tmp_path):
 
 def test_cli_writes_files_and_rejects_bad_args(tmp_path, capsys):
     assert main([f"out={tmp_path}", "n_entities=4", "repeats=1"]) == 0
-    written = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}  # .launch_output.json: the output marker
+    written = {
+        p.name for p in tmp_path.iterdir() if not p.name.startswith(".")
+    }  # .launch_output.json: the output marker
     assert written == {"train.txt", "qa.jsonl", "qa_seen.jsonl", "facts.jsonl", "meta.json"}
     assert "4 entities" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="n_entities"):

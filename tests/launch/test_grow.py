@@ -54,7 +54,13 @@ def summary(ckpt: Path) -> dict:
 def continue_training(ckpt: Path, run_dir: Path, source_run: Path, *overrides: str) -> None:
     # Reuse the source run's tokenised corpus: the cache is keyed by files and tokenizer, both unchanged.
     shutil.copytree(source_run / "data_cache", run_dir / "data_cache")
-    argv = [f"config={ckpt}/config.yaml", f"run.dir={run_dir}", "train.steps=2", "train.val_every=0", *overrides]
+    argv = [
+        f"config={ckpt}/config.yaml",
+        f"run.dir={run_dir}",
+        "train.steps=2",
+        "train.val_every=0",
+        *overrides,
+    ]
     assert train_cli.main(argv) == 0
 
 
@@ -70,7 +76,12 @@ def tensor_positions(model, name: str) -> list[torch.nn.Parameter]:
 def test_grown_checkpoint_continues_training(grown, tiny_checkpoint, tmp_path, strategy):
     ckpt = grown[strategy]
     assert sorted(p.name for p in ckpt.iterdir() if p.name != MARKER) == [
-        "config.yaml", "growth.json", "manifest.json", "state", "tokenizer.model", "trainer_state.json"
+        "config.yaml",
+        "growth.json",
+        "manifest.json",
+        "state",
+        "tokenizer.model",
+        "trainer_state.json",
     ]
     before = load_checkpoint(ckpt)
     assert before.config.grow.strategy == strategy and before.config.grow.base_layers == 2
@@ -115,19 +126,41 @@ def test_grown_memory_model_with_query_batchnorm_trains_and_resumes(tmp_path):
     memory_yaml = REPO / "configs" / "memory" / "tiny_memory.yaml"
     base, grown_dir, run = tmp_path / "base", tmp_path / "grown", tmp_path / "run"
     common = ["train.val_every=0", "train.log_every=1", "memory.query_batchnorm=true"]
-    assert train_cli.main([f"config={memory_yaml}", f"run.dir={base}", "train.steps=3", "train.ckpt_every=3", *common]) == 0
-    assert grow_cli.main([f"checkpoint={base}", f"out={grown_dir}", "grow.strategy=scalenet", "grow.adapter_rank=2"]) == 0
+    assert (
+        train_cli.main(
+            [f"config={memory_yaml}", f"run.dir={base}", "train.steps=3", "train.ckpt_every=3", *common]
+        )
+        == 0
+    )
+    assert (
+        grow_cli.main(
+            [f"checkpoint={base}", f"out={grown_dir}", "grow.strategy=scalenet", "grow.adapter_rank=2"]
+        )
+        == 0
+    )
     grown_model = load_checkpoint(grown_dir).model
-    layer_of = {i: layer.feed_forward for i, layer in enumerate(grown_model.layers) if hasattr(layer.feed_forward, "query_norm")}
+    layer_of = {
+        i: layer.feed_forward
+        for i, layer in enumerate(grown_model.layers)
+        if hasattr(layer.feed_forward, "query_norm")
+    }
     assert sorted(layer_of) == [1, 3]  # memory in block 1 of 2; stacked: positions 1 and 3
     a, b = layer_of[1], layer_of[3]
     assert a.keys is b.keys and a.pool is b.pool and a.query_norm.weight is b.query_norm.weight
     assert a.query_norm.running_var is not b.query_norm.running_var
     torch.testing.assert_close(a.query_norm.running_var, b.query_norm.running_var)  # copied at growth
-    assert not torch.equal(a.query_norm.running_var, torch.ones_like(a.query_norm.running_var))  # trained ones
+    assert not torch.equal(
+        a.query_norm.running_var, torch.ones_like(a.query_norm.running_var)
+    )  # trained ones
 
     shutil.copytree(base / "data_cache", run / "data_cache")
-    argv = [f"config={grown_dir}/config.yaml", f"run.dir={run}", f"train.init_from={grown_dir}", "train.ckpt_every=2", *common]
+    argv = [
+        f"config={grown_dir}/config.yaml",
+        f"run.dir={run}",
+        f"train.init_from={grown_dir}",
+        "train.ckpt_every=2",
+        *common,
+    ]
     assert train_cli.main([*argv, "train.steps=2"]) == 0
     assert train_cli.main([*argv, "train.steps=4"]) == 0  # resumes from step 2
     after = load_checkpoint(run).model
@@ -202,7 +235,9 @@ def _reference_forward(base, mapping: list[int], tokens: torch.Tensor) -> torch.
 def test_scalenet_at_init_computes_mapped_base_blocks_forward_and_backward(tiny_checkpoint, tmp_path):
     mapping = [1, 0, 0, 1, 1]
     out = tmp_path / "g"
-    grow_cli.grow_checkpoint(tiny_checkpoint, out, GrowConfig(strategy="scalenet", mapping=mapping, adapter_rank=3))
+    grow_cli.grow_checkpoint(
+        tiny_checkpoint, out, GrowConfig(strategy="scalenet", mapping=mapping, adapter_rank=3)
+    )
     base = load_checkpoint(tiny_checkpoint).model.double()
     grown_model = load_checkpoint(out).model.double()
     tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -244,7 +279,15 @@ def test_growing_a_grown_checkpoint_merges_then_grows(grown, tmp_path):
 def test_parameter_overhead_matches_formula(grown, tiny_checkpoint, tmp_path):
     mcfg = load_checkpoint(tiny_checkpoint).config.model
     d, kv, hidden = mcfg.dim, mcfg.kv_heads * mcfg.head_dim, mcfg.hidden_dim
-    shapes = {"wq": (d, d), "wk": (d, kv), "wv": (d, kv), "wo": (d, d), "w1": (d, hidden), "w2": (hidden, d), "w3": (d, hidden)}
+    shapes = {
+        "wq": (d, d),
+        "wk": (d, kv),
+        "wv": (d, kv),
+        "wo": (d, d),
+        "w1": (d, hidden),
+        "w2": (hidden, d),
+        "w3": (d, hidden),
+    }
     per_position = sum(i + o for i, o in shapes.values())  # r·(in + out) per adapted linear, r = 1
     s = summary(grown["scalenet"])
     assert s["adapter_params"] == s["added_params"] == 4 * 4 * per_position
@@ -283,7 +326,9 @@ def test_bad_input_errors(tiny_checkpoint, tmp_path):
     assert "llama_pro" in err("grow.strategy=llama_pro", "grow.depth=2")
     assert "targets" in err("grow.strategy=scalenet", "grow.targets=[nope]")
     with pytest.raises(UserError, match="no checkpoint at"):
-        grow_cli.main([f"checkpoint={tmp_path / 'missing'}", f"out={tmp_path / 'o'}", "grow.strategy=scalenet"])
+        grow_cli.main(
+            [f"checkpoint={tmp_path / 'missing'}", f"out={tmp_path / 'o'}", "grow.strategy=scalenet"]
+        )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     full = [f"checkpoint={tiny_checkpoint}", f"out={tmp_path / 'full'}", "grow.strategy=stack_copy"]
@@ -298,14 +343,31 @@ def test_bad_input_errors(tiny_checkpoint, tmp_path):
     assert grow_cli.main([*full, "overwrite=true"]) == 0
     assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "manifest.json").is_file()
     # through the real entry point: one line on stderr, exit status 2
-    proc = run_module("launch.grow", f"checkpoint={tiny_checkpoint}", f"out={tmp_path / 'p'}", "grow.strategy=nope", check=False)
+    proc = run_module(
+        "launch.grow",
+        f"checkpoint={tiny_checkpoint}",
+        f"out={tmp_path / 'p'}",
+        "grow.strategy=nope",
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "valid strategies" in proc.stderr
 
 
 def test_eval_runs_on_a_grown_checkpoint(grown, capsys):
     from launch.eval import __main__ as eval_cli
 
-    assert eval_cli.main([f"checkpoint={grown['solar_dus']}", "tasks=[shakespeare]", "eval.limit=2", "progress=false", "eval.sample_tokens=0"]) == 0
+    assert (
+        eval_cli.main(
+            [
+                f"checkpoint={grown['solar_dus']}",
+                "tasks=[shakespeare]",
+                "eval.limit=2",
+                "progress=false",
+                "eval.sample_tokens=0",
+            ]
+        )
+        == 0
+    )
     assert "shakespeare" in capsys.readouterr().out
 
 
@@ -316,7 +378,13 @@ def test_eval_runs_on_a_grown_checkpoint(grown, capsys):
 @pytest.mark.slow
 def test_grown_model_fsdp_two_ranks_match_one(grown, tiny_checkpoint, tmp_path):
     ckpt = grown["scalenet"]
-    args = [f"config={ckpt}/config.yaml", "train.steps=3", "train.log_every=1", "train.val_every=3", "parallel.data=fsdp"]
+    args = [
+        f"config={ckpt}/config.yaml",
+        "train.steps=3",
+        "train.log_every=1",
+        "train.val_every=3",
+        "parallel.data=fsdp",
+    ]
     for name, nproc in (("one", 1), ("two", 2)):
         shutil.copytree(tiny_checkpoint / "data_cache", tmp_path / name / "data_cache")
         run_module("launch.train", *args, f"run.dir={tmp_path / name}", nproc=nproc)
@@ -334,7 +402,10 @@ def test_grown_model_fsdp_two_ranks_match_one(grown, tiny_checkpoint, tmp_path):
 def test_growth_benchmark_quick_mode(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.growth", "--quick", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "growth.json").read_text())

@@ -92,14 +92,34 @@ def test_meta_build_init_with_tensor_and_memory_parallel_on_four_ranks():
     "overrides, world, match",
     [
         (["parallel.memory=3"], 4, "parallel.memory=3 must divide the world size 4"),
-        (["parallel.memory=2", "memory.v_dim=63"], 2, "parallel.memory=2 must divide the memory value width 63"),
-        (["parallel.tensor=2", "model.n_kv_heads=1"], 2, "parallel.tensor=2 must divide model.n_heads=4 and model.n_kv_heads=1"),
-        (["parallel.tensor=2", "model.ffn_dim=99"], 2, "parallel.tensor=2 must divide the FFN hidden size 99"),
-        (["parallel.memory=2", "parallel.tensor=2"], 2, r"parallel.memory=2 × parallel.tensor=2 must divide the world size 2"),
+        (
+            ["parallel.memory=2", "memory.v_dim=63"],
+            2,
+            "parallel.memory=2 must divide the memory value width 63",
+        ),
+        (
+            ["parallel.tensor=2", "model.n_kv_heads=1"],
+            2,
+            "parallel.tensor=2 must divide model.n_heads=4 and model.n_kv_heads=1",
+        ),
+        (
+            ["parallel.tensor=2", "model.ffn_dim=99"],
+            2,
+            "parallel.tensor=2 must divide the FFN hidden size 99",
+        ),
+        (
+            ["parallel.memory=2", "parallel.tensor=2"],
+            2,
+            r"parallel.memory=2 × parallel.tensor=2 must divide the world size 2",
+        ),
         (["parallel.data=zero"], 2, "parallel.data='zero': expected ddp or fsdp"),
         (["parallel.tensor=2", "grow.strategy=stack"], 2, "parallel.tensor=2 with grow.strategy=stack"),
         (["train.activation_checkpoint=some"], 1, "train.activation_checkpoint='some'"),
-        (["parallel.memory=2", "memory.value_optimizer=rowwise_adam"], 2, "rowwise_adam with parallel.memory > 1"),
+        (
+            ["parallel.memory=2", "memory.value_optimizer=rowwise_adam"],
+            2,
+            "rowwise_adam with parallel.memory > 1",
+        ),
     ],
 )
 def test_impossible_layouts_fail_clearly(overrides, world, match):
@@ -109,7 +129,9 @@ def test_impossible_layouts_fail_clearly(overrides, world, match):
 
 
 def test_impossible_layout_fails_in_one_line_before_joining_a_group(tmp_path):
-    proc = run_module("launch.train", f"config={TINY_MEMORY}", f"run.dir={tmp_path}", "parallel.memory=3", check=False)
+    proc = run_module(
+        "launch.train", f"config={TINY_MEMORY}", f"run.dir={tmp_path}", "parallel.memory=3", check=False
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "parallel.memory=3 must divide the world size 1" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -179,5 +201,11 @@ def test_tensor_parallel_with_fsdp_on_four_ranks_matches_one_rank(one_rank, tmp_
 def test_tensor_and_memory_parallel_on_four_ranks_match_one_rank(one_rank, tmp_path):
     # mesh (replica=1, memory=2, tp=2): values column-sharded over "memory", heads/FFN split over "tp",
     # gradients of everything else averaged by hand over "dp" (DDP cannot hold DTensors)
-    train(tmp_path / "tp_mp", "parallel.tensor=2", "parallel.memory=2", "train.activation_checkpoint=selective", nproc=4)
+    train(
+        tmp_path / "tp_mp",
+        "parallel.tensor=2",
+        "parallel.memory=2",
+        "train.activation_checkpoint=selective",
+        nproc=4,
+    )
     assert_same_run(one_rank, tmp_path / "tp_mp")

@@ -77,7 +77,12 @@ def test_impossible_memory_settings_fail_clearly(override, match):
 
 
 def test_stochastic_rounding_reaches_the_value_optimizer():
-    overrides = ["memory.value_optimizer=row_sparse_adam", "memory.value_dtype=bf16", "memory.value_rounding=stochastic", "run.seed=5"]
+    overrides = [
+        "memory.value_optimizer=row_sparse_adam",
+        "memory.value_dtype=bf16",
+        "memory.value_rounding=stochastic",
+        "run.seed=5",
+    ]
     value_opt = build_optimizers(build_model(cfg_of(*overrides)), cfg_of(*overrides))[-1]
     assert value_opt.rounding_seed == 5
 
@@ -88,7 +93,9 @@ def test_two_models_in_one_process_are_independent():
     with torch.no_grad():
         a.memory_pools[0].values.fill_(1.0)
     assert not torch.all(b.memory_pools[0].values == 1.0)
-    assert isinstance(a.layers[1].feed_forward, ProductKeyMemory) and isinstance(a.memory_pools[0], MemoryPool)
+    assert isinstance(a.layers[1].feed_forward, ProductKeyMemory) and isinstance(
+        a.memory_pools[0], MemoryPool
+    )
 
 
 @pytest.mark.parametrize(
@@ -97,13 +104,24 @@ def test_two_models_in_one_process_are_independent():
         [],
         # bf16 table, stochastic rounding, fused update with clipping on: the dither is a function of
         # (value, row, step), so the resumed run must still equal the straight one bit for bit
-        ["memory.value_optimizer=row_sparse_adam", "memory.value_dtype=bf16", "memory.value_rounding=stochastic",
-         "memory.clip_values=false"],
+        [
+            "memory.value_optimizer=row_sparse_adam",
+            "memory.value_dtype=bf16",
+            "memory.value_rounding=stochastic",
+            "memory.clip_values=false",
+        ],
     ],
 )
 def test_memory_model_trains_resumes_and_logs_usage(tmp_path, extra):
-    args = [f"config={TINY_MEMORY}", f"run.dir={tmp_path}", "train.steps=8", "train.ckpt_every=4", "train.log_every=2",
-            "train.val_every=0", *extra]
+    args = [
+        f"config={TINY_MEMORY}",
+        f"run.dir={tmp_path}",
+        "train.steps=8",
+        "train.ckpt_every=4",
+        "train.log_every=2",
+        "train.val_every=0",
+        *extra,
+    ]
     run_module("launch.train", *args, env={"LAUNCH_FAULT": "kill:7"}, check=False)
     run_module("launch.train", *args)
     resumed = [r for r in read_metrics(tmp_path) if "loss" in r]
@@ -156,8 +174,15 @@ def test_values_left_out_of_clipping_keep_their_gradient():
 def test_fused_update_with_values_out_of_clipping_equals_unfused(tmp_path):
     """Clipping on (and active: a small max norm), values out of it: the fused run logs the unfused
     run's losses and gradient norms bit for bit."""
-    args = [f"config={TINY_MEMORY}", "train.steps=6", "train.log_every=1", "train.val_every=0",
-            "memory.value_optimizer=row_sparse_adam", "optim.grad_clip=0.05", "memory.clip_values=false"]
+    args = [
+        f"config={TINY_MEMORY}",
+        "train.steps=6",
+        "train.log_every=1",
+        "train.val_every=0",
+        "memory.value_optimizer=row_sparse_adam",
+        "optim.grad_clip=0.05",
+        "memory.clip_values=false",
+    ]
     run_module("launch.train", *args, f"run.dir={tmp_path / 'fused'}")
     run_module("launch.train", *args, f"run.dir={tmp_path / 'unfused'}", "memory.fused_value_update=false")
     fused = [r for r in read_metrics(tmp_path / "fused") if "loss" in r]
@@ -171,8 +196,14 @@ def test_fused_update_with_values_out_of_clipping_equals_unfused(tmp_path):
 def test_replicated_values_on_two_ranks_match_one_rank(tmp_path, mode, value_optimizer):
     """parallel.memory=1 on 2 ranks: the table stays whole on each rank (not FSDP-sharded), its
     gradient — row-sparse or dense — is averaged by hand, and the run equals the 1-rank run."""
-    args = [f"config={TINY_MEMORY}", "train.steps=4", "train.log_every=1", "train.val_every=0",
-            f"memory.value_optimizer={value_optimizer}", f"parallel.data={mode}"]
+    args = [
+        f"config={TINY_MEMORY}",
+        "train.steps=4",
+        "train.log_every=1",
+        "train.val_every=0",
+        f"memory.value_optimizer={value_optimizer}",
+        f"parallel.data={mode}",
+    ]
     run_module("launch.train", *args, f"run.dir={tmp_path / 'one'}")
     run_module("launch.train", *args, f"run.dir={tmp_path / 'two'}", nproc=2)
     one = [r for r in read_metrics(tmp_path / "one") if "loss" in r]

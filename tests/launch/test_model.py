@@ -56,7 +56,9 @@ def test_rope_relative_position_property():
     cos, sin = rope_tables(16, 20, 10000.0)
 
     def dot(i, j):
-        return (apply_rope(q, cos[i : i + 1], sin[i : i + 1]) * apply_rope(k, cos[j : j + 1], sin[j : j + 1])).sum()
+        return (
+            apply_rope(q, cos[i : i + 1], sin[i : i + 1]) * apply_rope(k, cos[j : j + 1], sin[j : j + 1])
+        ).sum()
 
     torch.testing.assert_close(dot(5, 2), dot(13, 10), rtol=1e-4, atol=1e-5)
 

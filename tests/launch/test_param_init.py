@@ -52,4 +52,6 @@ def test_model_init_is_reproducible_and_keeps_ties():
     assert m.output.weight is m.tok_embeddings.weight
     assert torch.equal(m.layers[0].attention_norm.weight, torch.ones(32))
     wo = m.layers[0].attention.wo.weight
-    assert wo.std().item() == pytest.approx(0.02 / 2, rel=0.1)  # residual output projections scaled by 1/sqrt(2L)
+    assert wo.std().item() == pytest.approx(
+        0.02 / 2, rel=0.1
+    )  # residual output projections scaled by 1/sqrt(2L)

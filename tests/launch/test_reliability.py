@@ -69,8 +69,13 @@ def test_bad_train_value_is_one_line(capsys, tmp_path, override, key):
 
 @pytest.mark.parametrize(
     "override,key",
-    [("eval.sample_top_k=0", "eval.sample_top_k"), ("eval.max_new_tokens=-5", "eval.max_new_tokens"),
-     ("eval.shots=-2", "eval.shots"), ("eval.limit=0", "eval.limit"), ("eval.batch_size=0", "eval.batch_size")],
+    [
+        ("eval.sample_top_k=0", "eval.sample_top_k"),
+        ("eval.max_new_tokens=-5", "eval.max_new_tokens"),
+        ("eval.shots=-2", "eval.shots"),
+        ("eval.limit=0", "eval.limit"),
+        ("eval.batch_size=0", "eval.batch_size"),
+    ],
 )
 def test_bad_eval_value_is_one_line(capsys, tmp_path, override, key):
     cli_error(capsys, eval_cli.main, [f"checkpoint={tmp_path}", "tasks=[shakespeare]", override], key)
@@ -78,8 +83,20 @@ def test_bad_eval_value_is_one_line(capsys, tmp_path, override, key):
 
 def test_run_dir_that_is_a_file(capsys, tmp_path):
     (tmp_path / "f").write_text("precious")
-    cli_error(capsys, train_cli.main, [f"config={TINY}", f"run.dir={tmp_path / 'f'}"], "run.dir", str(tmp_path / "f"))
-    cli_error(capsys, train_cli.main, [f"config={TINY}", f"run.dir={tmp_path / 'f' / 'sub'}"], "run.dir", "is a file")
+    cli_error(
+        capsys,
+        train_cli.main,
+        [f"config={TINY}", f"run.dir={tmp_path / 'f'}"],
+        "run.dir",
+        str(tmp_path / "f"),
+    )
+    cli_error(
+        capsys,
+        train_cli.main,
+        [f"config={TINY}", f"run.dir={tmp_path / 'f' / 'sub'}"],
+        "run.dir",
+        "is a file",
+    )
     assert (tmp_path / "f").read_text() == "precious"
 
 
@@ -89,7 +106,10 @@ def test_run_dir_that_is_a_file(capsys, tmp_path):
 
 def _eval_error(capsys, ckpt: Path, spec: str, *culprits: str) -> str:
     return cli_error(
-        capsys, eval_cli.main, [f"checkpoint={ckpt}", f"tasks=[{spec}]", "eval.sample_tokens=0", "progress=false"], *culprits
+        capsys,
+        eval_cli.main,
+        [f"checkpoint={ckpt}", f"tasks=[{spec}]", "eval.sample_tokens=0", "progress=false"],
+        *culprits,
     )
 
 
@@ -146,9 +166,20 @@ def hf_export(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("where", ["run", "checkpoint", "inside", "parent"])
 def test_to_hf_never_touches_its_source(capsys, tiny_checkpoint, where):
     step = tiny_checkpoint / "checkpoints" / "step_20"
-    out = {"run": tiny_checkpoint, "checkpoint": step, "inside": step / "hf", "parent": tiny_checkpoint.parent}[where]
+    out = {
+        "run": tiny_checkpoint,
+        "checkpoint": step,
+        "inside": step / "hf",
+        "parent": tiny_checkpoint.parent,
+    }[where]
     before = digest(tiny_checkpoint)
-    cli_error(capsys, convert.main, ["to-hf", f"checkpoint={tiny_checkpoint}", f"out={out}", "overwrite=true"], f"out={out}", "source")
+    cli_error(
+        capsys,
+        convert.main,
+        ["to-hf", f"checkpoint={tiny_checkpoint}", f"out={out}", "overwrite=true"],
+        f"out={out}",
+        "source",
+    )
     assert digest(tiny_checkpoint) == before
     assert not (step / "hf").exists()
 
@@ -159,7 +190,13 @@ def test_overwrite_replaces_only_an_own_export(capsys, tiny_checkpoint, hf_expor
     (foreign / "notes.txt").write_text("keep me")
     args = ["to-hf", f"checkpoint={tiny_checkpoint}"]
     cli_error(capsys, convert.main, [*args, f"out={foreign}"], f"out={foreign}", "overwrite=true")
-    cli_error(capsys, convert.main, [*args, f"out={foreign}", "overwrite=true"], f"out={foreign}", "not written by launch.convert to-hf")
+    cli_error(
+        capsys,
+        convert.main,
+        [*args, f"out={foreign}", "overwrite=true"],
+        f"out={foreign}",
+        "not written by launch.convert to-hf",
+    )
     assert digest(foreign) == {"notes.txt": digest(foreign)["notes.txt"]}
     # an earlier export is recognised by its marker and replaced whole
     cli_error(capsys, convert.main, [*args, f"out={hf_export}"], "overwrite=true")
@@ -168,19 +205,34 @@ def test_overwrite_replaces_only_an_own_export(capsys, tiny_checkpoint, hf_expor
     assert not (hf_export / "stale.txt").exists() and (hf_export / "config.json").is_file()
     assert json.loads((hf_export / MARKER).read_text())["command"] == "launch.convert to-hf"
     # ...but an export of another command is not
-    cli_error(capsys, grow.main, [f"checkpoint={tiny_checkpoint}", f"out={hf_export}", "grow.strategy=stack_copy", "overwrite=true"],
-              "not written by launch.grow")
+    cli_error(
+        capsys,
+        grow.main,
+        [f"checkpoint={tiny_checkpoint}", f"out={hf_export}", "grow.strategy=stack_copy", "overwrite=true"],
+        "not written by launch.grow",
+    )
 
 
 def test_from_hf_and_grow_refuse_their_sources(capsys, tiny_checkpoint, hf_export):
     before = digest(hf_export)
     for out in (hf_export, hf_export / "sub", hf_export.parent):
-        cli_error(capsys, convert.main, ["from-hf", f"hf={hf_export}", f"out={out}", "overwrite=true"], f"out={out}", "source")
+        cli_error(
+            capsys,
+            convert.main,
+            ["from-hf", f"hf={hf_export}", f"out={out}", "overwrite=true"],
+            f"out={out}",
+            "source",
+        )
     assert digest(hf_export) == before
     before = digest(tiny_checkpoint)
     for out in (tiny_checkpoint, tiny_checkpoint / "checkpoints" / "step_20" / "g"):
-        cli_error(capsys, grow.main, [f"checkpoint={tiny_checkpoint}", f"out={out}", "grow.strategy=stack_copy", "overwrite=true"],
-                  f"out={out}", "source")
+        cli_error(
+            capsys,
+            grow.main,
+            [f"checkpoint={tiny_checkpoint}", f"out={out}", "grow.strategy=stack_copy", "overwrite=true"],
+            f"out={out}",
+            "source",
+        )
     assert digest(tiny_checkpoint) == before
 
 
@@ -195,8 +247,13 @@ def test_out_is_a_regular_file(capsys, tiny_checkpoint, hf_export, tmp_path, com
         "facts": (facts.main, ["n_entities=3"]),
         "eval": (eval_cli.main, [f"checkpoint={tiny_checkpoint}", "tasks=[shakespeare]"]),
     }[command]
-    cli_error(capsys, main, [*argv, f"out={out}", "overwrite=true"] if command != "eval" else [*argv, f"out={out}"],
-              f"out={out}", "file")
+    cli_error(
+        capsys,
+        main,
+        [*argv, f"out={out}", "overwrite=true"] if command != "eval" else [*argv, f"out={out}"],
+        f"out={out}",
+        "file",
+    )
     assert out.read_text() == "precious"
 
 
@@ -205,7 +262,9 @@ def test_facts_refuses_a_non_empty_directory(capsys, tmp_path):
     out.mkdir()
     (out / "train.txt").write_text("my own corpus")
     cli_error(capsys, facts.main, [f"out={out}", "n_entities=3"], f"out={out}", "overwrite=true")
-    cli_error(capsys, facts.main, [f"out={out}", "n_entities=3", "overwrite=true"], "not written by launch.facts")
+    cli_error(
+        capsys, facts.main, [f"out={out}", "n_entities=3", "overwrite=true"], "not written by launch.facts"
+    )
     assert (out / "train.txt").read_text() == "my own corpus"
     shutil.rmtree(out)
     assert facts.main([f"out={out}", "n_entities=3"]) == 0
@@ -236,7 +295,13 @@ def test_sweep_slurm_without_a_cluster(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     spec = REPO / "configs" / "sweeps"
     sweep_file = spec / "memory_ablations.yaml"
-    cli_error(capsys, sweep.main, [f"sweep={sweep_file}", "mode=slurm", f"runs_dir={tmp_path / 'runs'}"], "mode=slurm", "sbatch")
+    cli_error(
+        capsys,
+        sweep.main,
+        [f"sweep={sweep_file}", "mode=slurm", f"runs_dir={tmp_path / 'runs'}"],
+        "mode=slurm",
+        "sbatch",
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -251,7 +316,11 @@ def test_truncated_weights_are_named(capsys, tiny_checkpoint, hf_export, tmp_pat
         shutil.copytree(hf_export, src)
         argv, main = ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], convert.main
     # a checkpoint's weights are DCP shard files under state/ (the largest one); an export's one safetensors file
-    weights = max((src / "state").glob("*.distcp"), key=lambda p: p.stat().st_size) if command == "grow" else src / "model.safetensors"
+    weights = (
+        max((src / "state").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        if command == "grow"
+        else src / "model.safetensors"
+    )
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     cli_error(capsys, main, argv, str(weights), "truncated")
@@ -259,13 +328,23 @@ def test_truncated_weights_are_named(capsys, tiny_checkpoint, hf_export, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "index", ['{"weight_map": {"a": "model-0', '{"metadata": {}}', '{"weight_map": {"a": "../elsewhere.safetensors"}}']
+    "index",
+    [
+        '{"weight_map": {"a": "model-0',
+        '{"metadata": {}}',
+        '{"weight_map": {"a": "../elsewhere.safetensors"}}',
+    ],
 )
 def test_damaged_safetensors_index_is_named(capsys, hf_export, tmp_path, index):
     src = tmp_path / "hf"
     shutil.copytree(hf_export, src)
     (src / "model.safetensors.index.json").write_text(index)  # torn, no weight_map, a path outside the export
-    cli_error(capsys, convert.main, ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], "model.safetensors.index.json")
+    cli_error(
+        capsys,
+        convert.main,
+        ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"],
+        "model.safetensors.index.json",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -276,7 +355,9 @@ def test_rope_scaling_next_to_default_rope_parameters(capsys, hf_export, tmp_pat
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     config["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
     (src / "config.json").write_text(json.dumps(config))
-    cli_error(capsys, convert.main, ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], "rope_scaling", "linear")
+    cli_error(
+        capsys, convert.main, ["from-hf", f"hf={src}", f"out={tmp_path / 'out'}"], "rope_scaling", "linear"
+    )
 
 
 def test_a_failed_write_leaves_the_previous_output_whole(tmp_path):
@@ -300,5 +381,11 @@ def test_garbage_tokenizer_model_is_one_line(capsys, tmp_path, content):
     bad = tmp_path / "tok.model"
     bad.write_bytes(content)
     run = tmp_path / "run"
-    cli_error(capsys, train_cli.main, [f"config={TINY}", f"data.tokenizer={bad}", f"run.dir={run}", "train.steps=1"], str(bad), "sentencepiece")
+    cli_error(
+        capsys,
+        train_cli.main,
+        [f"config={TINY}", f"data.tokenizer={bad}", f"run.dir={run}", "train.steps=1"],
+        str(bad),
+        "sentencepiece",
+    )
     assert not (run / "checkpoints").exists()

@@ -23,11 +23,19 @@ from launch.train.metrics import read_metrics
 from ..conftest import REPO, TINY, run_module  # noqa: TID252
 from ._reliability import cli_error, digest
 
-CYCLE = ["train.steps=10", "train.ckpt_every=1", "train.keep_last=2", "train.val_every=0", "train.log_every=1"]
+CYCLE = [
+    "train.steps=10",
+    "train.ckpt_every=1",
+    "train.keep_last=2",
+    "train.val_every=0",
+    "train.log_every=1",
+]
 
 
 def _train(run_dir: Path, *args: str, env: dict | None = None, **kw):
-    return run_module("launch.train", f"config={TINY}", f"run.dir={run_dir}", *args, env=env, check=False, **kw)
+    return run_module(
+        "launch.train", f"config={TINY}", f"run.dir={run_dir}", *args, env=env, check=False, **kw
+    )
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -75,8 +83,15 @@ def test_requeue_cycles_end_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert _losses(run) == _losses(ref) and [s for s, _ in _losses(run)] == list(range(1, 11))
     assert [s for s, _ in list_checkpoints(run)] == [9, 10]
     # every weight and optimizer moment bit-identical; hyperparameters equal
-    a, b = _dcp_flat(ref / "checkpoints/step_10", tmp_path / "a.pt"), _dcp_flat(run / "checkpoints/step_10", tmp_path / "b.pt")
-    assert a.keys() == b.keys() and any(k.startswith("model/") for k in a) and any(k.startswith("optim") for k in a)
+    a, b = (
+        _dcp_flat(ref / "checkpoints/step_10", tmp_path / "a.pt"),
+        _dcp_flat(run / "checkpoints/step_10", tmp_path / "b.pt"),
+    )
+    assert (
+        a.keys() == b.keys()
+        and any(k.startswith("model/") for k in a)
+        and any(k.startswith("optim") for k in a)
+    )
     for k in a:
         if isinstance(a[k], torch.Tensor):
             assert torch.equal(a[k], b[k]), k
@@ -90,8 +105,14 @@ def test_requeue_cycles_end_bit_identical_to_an_uninterrupted_run(tmp_path):
 
 def test_resuming_below_the_checkpoint_step_is_refused(capsys, tiny_checkpoint):
     before = digest(tiny_checkpoint)
-    cli_error(capsys, train_cli.main, [f"config={TINY}", f"run.dir={tiny_checkpoint}", "train.steps=5"],
-              "train.steps=5", "step 20", "unchanged")
+    cli_error(
+        capsys,
+        train_cli.main,
+        [f"config={TINY}", f"run.dir={tiny_checkpoint}", "train.steps=5"],
+        "train.steps=5",
+        "step 20",
+        "unchanged",
+    )
     after = digest(tiny_checkpoint)
     after.pop(LOCK_FILE, None), before.pop(LOCK_FILE, None)
     assert after == before  # config.yaml, metrics and checkpoints untouched
@@ -101,7 +122,9 @@ _HOLDER = "import sys, time; from launch.runtime.run_dir import acquire_lock; ac
 
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -110,8 +133,14 @@ def test_second_trainer_on_a_run_dir_is_refused_and_a_killed_holder_never_blocks
     run = tmp_path / "run"
     holder = _hold_lock(run)
     try:
-        line = cli_error(capsys, train_cli.main, [f"config={TINY}", f"run.dir={run}", *CYCLE], f"run.dir={run}",
-                         f"pid {holder.pid}", "on host")
+        line = cli_error(
+            capsys,
+            train_cli.main,
+            [f"config={TINY}", f"run.dir={run}", *CYCLE],
+            f"run.dir={run}",
+            f"pid {holder.pid}",
+            "on host",
+        )
         assert "in use" in line
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing else written
     finally:
@@ -124,13 +153,26 @@ def test_two_real_trainers_on_one_run_dir(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(
-        [sys.executable, "-m", "launch.train", f"config={TINY}", f"run.dir={run}", "train.steps=100000",
-         "train.ckpt_every=0", "train.val_every=0"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            f"config={TINY}",
+            f"run.dir={run}",
+            "train.steps=100000",
+            "train.ckpt_every=0",
+            "train.val_every=0",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 120
-        while f"pid {first.pid} " not in ((run / LOCK_FILE).read_text() if (run / LOCK_FILE).is_file() else ""):
+        while f"pid {first.pid} " not in (
+            (run / LOCK_FILE).read_text() if (run / LOCK_FILE).is_file() else ""
+        ):
             assert time.time() < deadline and first.poll() is None, "first trainer never took the lock"
             time.sleep(0.2)
         second = _train(run, "train.steps=2")
@@ -149,7 +191,15 @@ def test_locked_run_dir_fails_every_rank_without_hanging(tmp_path):
     run = tmp_path / "run"
     holder = _hold_lock(run)
     try:
-        proc = run_module("launch.train", f"config={TINY}", f"run.dir={run}", "train.steps=2", nproc=2, check=False, timeout=180)
+        proc = run_module(
+            "launch.train",
+            f"config={TINY}",
+            f"run.dir={run}",
+            "train.steps=2",
+            nproc=2,
+            check=False,
+            timeout=180,
+        )
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -167,9 +217,19 @@ def test_full_disk_while_writing_the_run_config(tmp_path):
     proc = _train(run, "train.steps=2", "train.val_every=0")
     assert proc.returncode == 0, proc.stderr
     before = digest(run)
-    cmd = [sys.executable, "-m", "launch.train", f"config={TINY}", f"run.dir={run}", "train.steps=3", "train.val_every=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.train",
+        f"config={TINY}",
+        f"run.dir={run}",
+        "train.steps=3",
+        "train.val_every=0",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=_limit_file_size(1000), timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=_limit_file_size(1000), timeout=300
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert str(run / "config.yaml") in proc.stderr and "File too large" in proc.stderr
     after = digest(run)

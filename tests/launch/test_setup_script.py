@@ -39,8 +39,9 @@ def _setup_copy(tmp_path: Path, free_kb: int) -> tuple[Path, dict]:
 @pytest.mark.parametrize("mode,need_mb", [("", 1200), ("dev", 4700)])
 def test_setup_refuses_a_full_disk_before_building_anything(tmp_path, mode, need_mb):
     script, env = _setup_copy(tmp_path, free_kb=300 * 1024)
-    res = subprocess.run(["bash", str(script), *([mode] if mode else [])], env=env,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(script), *([mode] if mode else [])], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 1, res.stderr
     assert "has 300 MB free" in res.stderr and f"about {need_mb} MB" in res.stderr, res.stderr
     assert "python was called" not in res.stderr

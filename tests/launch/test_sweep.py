@@ -20,7 +20,13 @@ from launch.sweep.spec import derive_names, expand, format_value, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
-FAST = {"train.steps": 4, "train.ckpt_every": 2, "train.val_every": 2, "train.log_every": 2, "data.val_sequences": 4}
+FAST = {
+    "train.steps": 4,
+    "train.ckpt_every": 2,
+    "train.val_every": 2,
+    "train.log_every": 2,
+    "data.val_sequences": 4,
+}
 
 
 def write_sweep(tmp_path: Path, body: dict, name: str = "s.yaml") -> Path:
@@ -58,8 +64,14 @@ def test_names_short_safe_deterministic_unique():
     assert names == ["layers-1_n_keys-16", "layers-0+1_n_keys-16", "layers-none_n_keys-32"]  # lr is constant
     assert derive_names(varied) == names
     # ambiguous last components keep their parents; colliding renderings get a hash suffix
-    assert derive_names([{"a.lr": 1, "b.lr": 1}, {"a.lr": 2, "b.lr": 1}]) == ["lr-1", "lr-2"]  # b.lr is constant
-    assert derive_names([{"a.lr": 1, "b.lr": 1}, {"a.lr": 2, "b.lr": 2}]) == ["a-lr-1_b-lr-1", "a-lr-2_b-lr-2"]
+    assert derive_names([{"a.lr": 1, "b.lr": 1}, {"a.lr": 2, "b.lr": 1}]) == [
+        "lr-1",
+        "lr-2",
+    ]  # b.lr is constant
+    assert derive_names([{"a.lr": 1, "b.lr": 1}, {"a.lr": 2, "b.lr": 2}]) == [
+        "a-lr-1_b-lr-1",
+        "a-lr-2_b-lr-2",
+    ]
     clash = derive_names([{"p": "x/y"}, {"p": "z/y"}])
     assert len(set(clash)) == 2 and all(n.startswith("p-y-") for n in clash)
     assert format_value(0.0001) == "0.0001" and format_value(True) == "true" and format_value(None) == "null"
@@ -72,7 +84,16 @@ def test_load_sweep_names_overrides_and_validation(tmp_path):
         {
             "overrides": FAST,
             "grid": {"model.n_layers": [1, 2]},
-            "runs": [{"name": "dense"}, {"memory.layers": [0], "memory.n_keys": 8, "memory.k_dim": 16, "memory.heads": 2, "memory.knn": 4}],
+            "runs": [
+                {"name": "dense"},
+                {
+                    "memory.layers": [0],
+                    "memory.n_keys": 8,
+                    "memory.k_dim": 16,
+                    "memory.heads": 2,
+                    "memory.knn": 4,
+                },
+            ],
         },
     )
     sweep = load_sweep(path)
@@ -88,22 +109,41 @@ def test_load_sweep_names_overrides_and_validation(tmp_path):
     with pytest.raises(ConfigError, match="unknown key"):
         load_sweep(write_sweep(tmp_path, {"gird": {}}, "bad2.yaml"))
     with pytest.raises(ConfigError, match="used twice"):
-        load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "a", "train.steps": 3}]}, "bad3.yaml"))
+        load_sweep(
+            write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "a", "train.steps": 3}]}, "bad3.yaml")
+        )
     with pytest.raises(ConfigError, match="not a run of this sweep"):
-        load_sweep(write_sweep(tmp_path, {"runs": [{"name": "g", "grow": {"from": "nope", "strategy": "scalenet"}}]}, "bad4.yaml"))
+        load_sweep(
+            write_sweep(
+                tmp_path,
+                {"runs": [{"name": "g", "grow": {"from": "nope", "strategy": "scalenet"}}]},
+                "bad4.yaml",
+            )
+        )
 
 
 def test_grow_runs_come_after_their_source(tmp_path):
     path = write_sweep(
         tmp_path,
-        {"runs": [{"name": "big", "grow": {"from": "base", "strategy": "stack_copy", "depth": 4}, "train.steps": 6}, {"name": "base"}]},
+        {
+            "runs": [
+                {
+                    "name": "big",
+                    "grow": {"from": "base", "strategy": "stack_copy", "depth": 4},
+                    "train.steps": 6,
+                },
+                {"name": "base"},
+            ]
+        },
     )
     sweep = load_sweep(path)
     assert [[r.name for r in w] for w in waves(sweep, sweep.runs)] == [["base"], ["big"]]
     steps = plan(sweep, sweep.get("big"))
     assert [s.kind for s in steps] == ["grow", "train"]
     grown = sweep.run_dir("big") / "grown"
-    assert f"checkpoint={sweep.run_dir('base')}" in steps[0].args and "grow.strategy=stack_copy" in steps[0].args
+    assert (
+        f"checkpoint={sweep.run_dir('base')}" in steps[0].args and "grow.strategy=stack_copy" in steps[0].args
+    )
     assert f"config={grown / 'config.yaml'}" in steps[1].args and f"train.init_from={grown}" in steps[1].args
 
 
@@ -154,12 +194,20 @@ def _env() -> dict:
 
 
 def test_local_skips_finished_and_resumes_unfinished(tmp_path, small_corpus, capsys):
-    path = write_sweep(tmp_path, {"overrides": {**FAST, **small_corpus}, "grid": {"optim.lr": [0.001, 0.002]}})
+    path = write_sweep(
+        tmp_path, {"overrides": {**FAST, **small_corpus}, "grid": {"optim.lr": [0.001, 0.002]}}
+    )
     sweep = load_sweep(path)
     done, partial = sweep.runs
     # `done` trained to the end and `partial` stopped at step 2, by the very commands the sweep issues
     subprocess.run(command(plan(sweep, done)[0]), check=True, cwd=REPO, env=_env(), capture_output=True)
-    subprocess.run([*command(plan(sweep, partial)[0]), "train.steps=2"], check=True, cwd=REPO, env=_env(), capture_output=True)
+    subprocess.run(
+        [*command(plan(sweep, partial)[0]), "train.steps=2"],
+        check=True,
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+    )
     assert (state(sweep, done), state(sweep, partial)) == ("done", "partial")
     done_ckpt = list_checkpoints(sweep.run_dir(done))[-1][1]
     mtime = (done_ckpt / "trainer_state.json").stat().st_mtime_ns
@@ -188,11 +236,20 @@ def test_local_does_not_evaluate_a_trainer_that_exited_early(tmp_path, small_cor
     partial checkpoint. Simulated by a train command that stops at step 2 of 4 and exits 0."""
     from launch.sweep import runner
 
-    path = write_sweep(tmp_path, {"overrides": {**FAST, **small_corpus}, "eval": {"tasks": ["facts:qa.jsonl"]}})
+    path = write_sweep(
+        tmp_path, {"overrides": {**FAST, **small_corpus}, "eval": {"tasks": ["facts:qa.jsonl"]}}
+    )
     sweep = load_sweep(path)
     (run,) = sweep.runs
     real_command = runner.command
-    monkeypatch.setattr(runner, "command", lambda step, *a, **k: [*real_command(step, *a, **k), *(["train.steps=2"] if step.kind == "train" else [])])
+    monkeypatch.setattr(
+        runner,
+        "command",
+        lambda step, *a, **k: [
+            *real_command(step, *a, **k),
+            *(["train.steps=2"] if step.kind == "train" else []),
+        ],
+    )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert sweep_main([f"sweep={path}", "mode=local"]) != 0
     out = capsys.readouterr().out
@@ -205,7 +262,13 @@ def test_local_does_not_evaluate_a_trainer_that_exited_early(tmp_path, small_cor
 
 @pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="submitit not installed")
 def test_slurm_path_through_submitit_local_executor(tmp_path, small_corpus, capsys):
-    path = write_sweep(tmp_path, {"overrides": {**small_corpus, **FAST, "train.steps": 2}, "slurm": {"gpus_per_node": 0, "time_min": 5}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "overrides": {**small_corpus, **FAST, "train.steps": 2},
+            "slurm": {"gpus_per_node": 0, "time_min": 5},
+        },
+    )
     sweep = load_sweep(path)
     assert sweep_main([f"sweep={path}", "mode=slurm", "cluster=local", "wait=true"]) == 0
     assert "submitted base: job" in capsys.readouterr().out
@@ -234,7 +297,9 @@ def _fake_run(run_dir: Path, steps: int, val_loss: float, em: float | None) -> N
     if em is not None:
         (run_dir / "eval").mkdir()
         tasks = {"qa": {"exact_match": em, "f1": em + 0.1, "n": 50}}
-        (run_dir / "eval" / "results.json").write_text(json.dumps({"checkpoint": str(run_dir), "step": steps, "tasks": tasks}))
+        (run_dir / "eval" / "results.json").write_text(
+            json.dumps({"checkpoint": str(run_dir), "step": steps, "tasks": tasks})
+        )
 
 
 def test_collect_tables_from_fixture_runs(tmp_path):
@@ -266,7 +331,9 @@ def test_collect_cli(tmp_path, capsys):
 def test_mixed_run_trains_on_the_mixture(tmp_path, small_corpus):
     """data.mix reaches the trainer: mixing the corpus with itself at ratio 0.5 doubles the index space the trainer reports."""
     mix = [{"path": small_corpus["data.train"], "ratio": 0.5}]
-    sweep = load_sweep(write_sweep(tmp_path, {"overrides": {**FAST, "train.steps": 2, **small_corpus, "data.mix": mix}}))
+    sweep = load_sweep(
+        write_sweep(tmp_path, {"overrides": {**FAST, "train.steps": 2, **small_corpus, "data.mix": mix}})
+    )
     (step,) = plan(sweep, sweep.runs[0])
     proc = subprocess.run(command(step), cwd=REPO, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

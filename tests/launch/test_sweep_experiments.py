@@ -58,14 +58,25 @@ def test_seeds_replicate_every_run_and_grows_follow_their_seed(tmp_path):
         {
             "runs": [
                 {"name": "base"},
-                {"name": "big", "grow": {"from": "base", "strategy": "stack_copy", "depth": 4}, "grid": {"optim.lr": [0.001, 0.002]}},
+                {
+                    "name": "big",
+                    "grow": {"from": "base", "strategy": "stack_copy", "depth": 4},
+                    "grid": {"optim.lr": [0.001, 0.002]},
+                },
             ],
             "seeds": [0, 7],
         },
     )
     sweep = load_sweep(path)
     names = [r.name for r in sweep.runs]
-    assert names == ["base_seed-0", "base_seed-7", "big_lr-0.001_seed-0", "big_lr-0.001_seed-7", "big_lr-0.002_seed-0", "big_lr-0.002_seed-7"]
+    assert names == [
+        "base_seed-0",
+        "base_seed-7",
+        "big_lr-0.001_seed-0",
+        "big_lr-0.001_seed-7",
+        "big_lr-0.002_seed-0",
+        "big_lr-0.002_seed-7",
+    ]
     for r in sweep.runs:
         assert r.overrides["run.seed"] == r.seed and r.name == f"{r.arm}_seed-{r.seed}"
         if r.grow:
@@ -77,8 +88,17 @@ def test_seeds_replicate_every_run_and_grows_follow_their_seed(tmp_path):
 
 
 def test_seed_grid_axis_gives_arms_too(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b", "optim.lr": 0.01}], "grid": {"run.seed": [1, 2]}}))
-    assert [(r.name, r.arm, r.seed) for r in sweep.runs] == [("a_seed-1", "a", 1), ("a_seed-2", "a", 2), ("b_seed-1", "b", 1), ("b_seed-2", "b", 2)]
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path, {"runs": [{"name": "a"}, {"name": "b", "optim.lr": 0.01}], "grid": {"run.seed": [1, 2]}}
+        )
+    )
+    assert [(r.name, r.arm, r.seed) for r in sweep.runs] == [
+        ("a_seed-1", "a", 1),
+        ("a_seed-2", "a", 2),
+        ("b_seed-1", "b", 1),
+        ("b_seed-2", "b", 2),
+    ]
 
 
 def test_an_entry_s_own_seeds_replace_the_sweep_s(tmp_path):
@@ -98,7 +118,10 @@ def test_an_entry_s_own_seeds_replace_the_sweep_s(tmp_path):
         ("noisy_seed-0", "noisy", 0), ("noisy_seed-1", "noisy", 1), ("noisy_seed-2", "noisy", 2), ("noisy_seed-3", "noisy", 3),
         ("g_seed-3", "g", 3),
     ]  # fmt: skip
-    assert "seeds" not in sweep.get("noisy_seed-3").overrides and sweep.get("noisy_seed-3").overrides["run.seed"] == 3
+    assert (
+        "seeds" not in sweep.get("noisy_seed-3").overrides
+        and sweep.get("noisy_seed-3").overrides["run.seed"] == 3
+    )
     assert sweep.get("g_seed-3").grow.source == "noisy_seed-3"
     # without a sweep-wide list only the entry with seeds is replicated
     sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b", "seeds": [5]}]}))
@@ -111,7 +134,11 @@ def test_an_entry_s_own_seeds_replace_the_sweep_s(tmp_path):
 
 
 def test_only_takes_run_names_and_arm_names(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b"}, {"name": "c", "seeds": [7]}], "seeds": [0, 1]}))
+    sweep = load_sweep(
+        write_sweep(
+            tmp_path, {"runs": [{"name": "a"}, {"name": "b"}, {"name": "c", "seeds": [7]}], "seeds": [0, 1]}
+        )
+    )
     assert selected(sweep, []) is None
     assert selected(sweep, ["a"]) == {"a_seed-0", "a_seed-1"}  # an arm: all its seeds
     assert selected(sweep, ["b_seed-1", "c"]) == {"b_seed-1", "c_seed-7"}
@@ -126,10 +153,16 @@ def test_only_takes_run_names_and_arm_names(tmp_path):
         ({"seeds": "0"}, "seeds must be a non-empty list"),
         ({"seeds": [0], "grid": {"run.seed": [1]}}, "not both"),
         ({"runs": [{"grid": {"optim.lr": [0.1]}}]}, "needs a name"),
-        ({"runs": [{"name": "a", "grid": {"optim.lr": [0.1]}}], "grid": {"optim.warmup_steps": [1, 2]}}, "cannot be combined"),
+        (
+            {"runs": [{"name": "a", "grid": {"optim.lr": [0.1]}}], "grid": {"optim.warmup_steps": [1, 2]}},
+            "cannot be combined",
+        ),
         ({"report": {"plott": "values"}}, "unknown key"),
         ({"runs": [{"name": "a"}], "report": {"line": ["b"]}}, r"report.line names b, not arms"),
-        ({"runs": [{"name": "a"}], "report": {"line": {"wide": ["a", "c"]}}}, r"report.line.wide names c, not arms"),
+        (
+            {"runs": [{"name": "a"}], "report": {"line": {"wide": ["a", "c"]}}},
+            r"report.line.wide names c, not arms",
+        ),
         ({"runs": [{"name": "a"}], "report": {"line": {"wide": "a"}}}, r"report.line.wide must be a list"),
     ],
 )
@@ -163,9 +196,16 @@ def test_capacity_sweep_has_the_issue_arms():
     for a in ("memory_16k", "memory_64k", "memory_256k", "memory_1M"):
         assert abs(counts[a][1] / dense_active - 1) < 0.4  # equal active parameters up to the keys
     assert counts["dense_5M"][0] >= counts["memory_64k"][0]  # the denser comparison: more total params
-    assert abs(counts["dense_0.45M"][1] / counts["memory_1M"][1] - 1) < 0.02  # dense at the 1M arm's active params
-    assert all(c.memory.qk_norm and c.memory.heads * c.memory.knn == 128 for c in configs.values() if c.memory.layers)
-    assert configs["memory_64k_2layers_shared"].memory.shared and not configs["memory_64k_2layers_per_layer"].memory.shared
+    assert (
+        abs(counts["dense_0.45M"][1] / counts["memory_1M"][1] - 1) < 0.02
+    )  # dense at the 1M arm's active params
+    assert all(
+        c.memory.qk_norm and c.memory.heads * c.memory.knn == 128 for c in configs.values() if c.memory.layers
+    )
+    assert (
+        configs["memory_64k_2layers_shared"].memory.shared
+        and not configs["memory_64k_2layers_per_layer"].memory.shared
+    )
     assert not configs["memory_64k_ungated"].memory.gated
     # the corpus is beyond the dense model at 2 bits/param; every fact ~100 statement exposures
     base = configs["dense"]
@@ -187,7 +227,9 @@ def test_growth_sweep_tunes_every_arm_with_the_same_grid(name, grid, ranks):
         groups.setdefault(r.group, set()).add(r.overrides["optim.lr"])
     lrs = groups.pop("base_4L")
     assert len(lrs) == 1 and all(v == grid for v in groups.values())
-    assert {r.grow.args.get("grow.adapter_rank") for r in sweep.runs if r.grow and r.grow.strategy == "scalenet"} == ranks
+    assert {
+        r.grow.args.get("grow.adapter_rank") for r in sweep.runs if r.grow and r.grow.strategy == "scalenet"
+    } == ranks
     steps = {r.group: r.overrides["train.steps"] for r in sweep.runs}
     assert steps["scratch_8L"] == 3 * steps["scalenet_r1"]  # scratch trains 3B, every grown arm B
     assert sweep.report.reference == "scratch_8L" and sweep.report.tune == ["optim.lr"]
@@ -205,8 +247,12 @@ def _fake(run_dir: Path, curve: list[tuple[int, float]], em: float) -> None:
     records += [{"step": s, "val_loss": v, "val_ppl": math.exp(v)} for s, v in curve]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "eval").mkdir()
-    (run_dir / "eval" / "results.json").write_text(json.dumps({"step": last, "tasks": {"qa": {"exact_match": em, "n": 10}}}))
-    (run_dir / "sweep_steps.jsonl").write_text(json.dumps({"kind": "train", "exit": 0, "wall_s": 12.5, "peak_rss_mb": 300.0}) + "\n")
+    (run_dir / "eval" / "results.json").write_text(
+        json.dumps({"step": last, "tasks": {"qa": {"exact_match": em, "n": 10}}})
+    )
+    (run_dir / "sweep_steps.jsonl").write_text(
+        json.dumps({"kind": "train", "exit": 0, "wall_s": 12.5, "peak_rss_mb": 300.0}) + "\n"
+    )
 
 
 def test_collect_means_stds_and_best_learning_rate(tmp_path):
@@ -214,7 +260,10 @@ def test_collect_means_stds_and_best_learning_rate(tmp_path):
         tmp_path,
         {
             "overrides": {"train.steps": 10},
-            "runs": [{"name": "dense", "memory.layers": []}, {"name": "wide", "grid": {"optim.lr": [0.001, 0.003]}}],
+            "runs": [
+                {"name": "dense", "memory.layers": []},
+                {"name": "wide", "grid": {"optim.lr": [0.001, 0.003]}},
+            ],
             "seeds": [0, 1, 2],
             "eval": {"tasks": ["facts:qa.jsonl"]},
             "report": {"tune": ["optim.lr"], "metrics": ["qa/exact_match", "val_loss"]},
@@ -224,7 +273,9 @@ def test_collect_means_stds_and_best_learning_rate(tmp_path):
     ems = {"dense": [0.1, 0.2, 0.3], "wide_lr-0.001": [0.5, 0.5, 0.8], "wide_lr-0.003": [0.0, 0.1, 0.2]}
     losses = {"dense": 3.0, "wide_lr-0.001": 2.0, "wide_lr-0.003": 2.5}
     for r in sweep.runs:
-        _fake(sweep.run_dir(r), [(5, losses[r.arm] + 1), (10, losses[r.arm] + r.seed * 0.1)], ems[r.arm][r.seed])
+        _fake(
+            sweep.run_dir(r), [(5, losses[r.arm] + 1), (10, losses[r.arm] + r.seed * 0.1)], ems[r.arm][r.seed]
+        )
     written = collect(sweep, tmp_path / "res")
     summary = {row["arm"]: row for row in csv.DictReader(written["summary"].open())}
     assert set(summary) == set(ems)
@@ -248,7 +299,11 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
             "runs": [
                 {"name": "base", "model.n_layers": 1, "train.steps": 20},
                 {"name": "scratch", "model.n_layers": 2, "train.steps": 30},
-                {"name": "grown", "grow": {"from": "base", "strategy": "stack_copy", "depth": 2}, "train.steps": 10},
+                {
+                    "name": "grown",
+                    "grow": {"from": "base", "strategy": "stack_copy", "depth": 2},
+                    "train.steps": 10,
+                },
             ],
             "seeds": [0, 1],
             "report": {"plot": "curves", "reference": "scratch"},
@@ -263,7 +318,9 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
     for r in sweep.runs:
         _fake(sweep.run_dir(r), curves[r.arm], 0.0)
         layers = {"base": 1, "scratch": 2, "grown": 2}[r.arm]
-        (sweep.run_dir(r) / "config.yaml").write_text(OmegaConf.to_yaml({"model": {"n_layers": layers, "dim": 16, "n_heads": 2, "vocab_size": 64}}))
+        (sweep.run_dir(r) / "config.yaml").write_text(
+            OmegaConf.to_yaml({"model": {"n_layers": layers, "dim": 16, "n_heads": 2, "vocab_size": 64}})
+        )
     written = collect(sweep, tmp_path / "g")
     summary = {row["arm"]: row for row in csv.DictReader(written["summary"].open())}
     assert summary["grown"]["steps_to_target"] == "6"  # first step at or below scratch's final 3.0
@@ -271,7 +328,9 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
     assert summary["scratch"]["steps_to_target"] == "30" and summary["base"]["steps_to_target"] == ""
     assert summary["grown"]["equiv_steps_used"] == "20"  # 10 steps + 20 base steps at half the depth
     assert summary["grown"]["reference_steps_matched"] == ""  # 2.9 is below anything scratch reached
-    assert summary["base"]["reference_steps_matched"] == "20"  # base ends at 3.5: scratch is at 4.0 at step 10, 3.2 at 20
+    assert (
+        summary["base"]["reference_steps_matched"] == "20"
+    )  # base ends at 3.5: scratch is at 4.0 at step 10, 3.2 at 20
 
     assert "Target: `scratch`'s final mean val loss 3.0000" in written["md"].read_text()
     if "png" in written:
@@ -281,9 +340,17 @@ def test_collect_steps_to_reference_for_grown_arms(tmp_path):
 def test_summary_metrics_come_from_finished_runs_only(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, {"runs": [{"name": "a"}, {"name": "b"}], "seeds": [0, 1]}))
     state = {"a_seed-0": "done", "a_seed-1": "partial", "b_seed-0": "partial", "b_seed-1": "new"}
-    rows = [{"run": r.name, "state": state[r.name], "params": 7, "val_ppl": 10.0 * (i + 1)} for i, r in enumerate(sweep.runs)]
+    rows = [
+        {"run": r.name, "state": state[r.name], "params": 7, "val_ppl": 10.0 * (i + 1)}
+        for i, r in enumerate(sweep.runs)
+    ]
     a, b = summarise(sweep, rows, ["val_ppl"])
-    assert (a["seeds"], a["of"], a["val_ppl"], a["val_ppl_std"]) == (1, 2, 10.0, 0.0)  # the partial seed's 20 left out
+    assert (a["seeds"], a["of"], a["val_ppl"], a["val_ppl_std"]) == (
+        1,
+        2,
+        10.0,
+        0.0,
+    )  # the partial seed's 20 left out
     assert (b["seeds"], b["params"], b["val_ppl"]) == (0, 7, None)  # nothing finished: constants, no figures
 
 
@@ -297,7 +364,9 @@ def test_value_lines_group_memory_arms_by_label_and_sort_by_values():
         {"arm": "ablation", "values": 1 << 16},
     ]
     arms = lambda ss: [s["arm"] for s in ss]  # noqa: E731
-    lines, others = value_lines(summary, {"narrow": ["m1M", "m16k"], "wide": ["w16k", "w1M"], "none run": ["x"]})
+    lines, others = value_lines(
+        summary, {"narrow": ["m1M", "m16k"], "wide": ["w16k", "w1M"], "none run": ["x"]}
+    )
     assert {k: arms(v) for k, v in lines.items()} == {"narrow": ["m16k", "m1M"], "wide": ["w16k", "w1M"]}
     assert arms(others) == ["ablation"]  # a memory arm on no line: a lone marker; dense: neither
     lines, others = value_lines(summary, ["m16k", "m1M"])  # the one-line form
@@ -308,7 +377,11 @@ def test_value_lines_group_memory_arms_by_label_and_sort_by_values():
 
 
 def test_collect_reports_memory_slot_use_of_memory_runs_only(tmp_path):
-    body = {"overrides": {"train.steps": 10}, "runs": [{"name": "dense", "memory.layers": []}, {"name": "mem"}], "seeds": [0, 1]}
+    body = {
+        "overrides": {"train.steps": 10},
+        "runs": [{"name": "dense", "memory.layers": []}, {"name": "mem"}],
+        "seeds": [0, 1],
+    }
     sweep = load_sweep(write_sweep(tmp_path, body))
     for r in sweep.runs:
         _fake(sweep.run_dir(r), [(10, 4.0)], 0.1)
@@ -320,7 +393,10 @@ def test_collect_reports_memory_slot_use_of_memory_runs_only(tmp_path):
                 f.write("".join(json.dumps(w) + "\n" for w in windows))
     written = collect(sweep, tmp_path / "m")
     runs = {row["run"]: row for row in csv.DictReader(written["csv"].open())}
-    assert float(runs["mem_seed-1"]["slots_read"]) == pytest.approx(0.3) and runs["mem_seed-0"]["usage_entropy"] == "0.5"
+    assert (
+        float(runs["mem_seed-1"]["slots_read"]) == pytest.approx(0.3)
+        and runs["mem_seed-0"]["usage_entropy"] == "0.5"
+    )
     assert runs["dense_seed-0"]["slots_read"] == ""
     summary = {row["arm"]: row for row in csv.DictReader(written["summary"].open())}
     assert float(summary["mem"]["slots_read"]) == pytest.approx(0.25) and summary["dense"]["slots_read"] == ""
@@ -354,7 +430,9 @@ def test_facts_by_attribute_against_hand_counts(tmp_path):
     for run, em in ems.items():
         d = tmp_path / "runs" / run / "eval" / "predictions"
         d.mkdir(parents=True)
-        (d / "facts_seen.jsonl").write_text("".join(json.dumps({"question": q["question"], "em": e}) + "\n" for q, e in zip(qa, em)))
+        (d / "facts_seen.jsonl").write_text(
+            "".join(json.dumps({"question": q["question"], "em": e}) + "\n" for q, e in zip(qa, em))
+        )
     attributes, floors, rows = fba.by_attribute(path, "facts_seen", qa_path)
     assert attributes == ["city", "year"] and floors == {"city": pytest.approx(2 / 3), "year": 1.0}
     a, b = rows
@@ -363,9 +441,14 @@ def test_facts_by_attribute_against_hand_counts(tmp_path):
     assert a["year_std"] == pytest.approx(statistics.stdev([1, 0]))
     assert a["all"] == pytest.approx(((1 / 3 + 1) / 2 + (1 + 0) / 2) / 2)
     out = tmp_path / "res" / "by_attr"
-    assert fba.main(["--sweep", str(path), "--task", "facts_seen", "--qa", str(qa_path), "--out", str(out)]) == 0
+    assert (
+        fba.main(["--sweep", str(path), "--task", "facts_seen", "--qa", str(qa_path), "--out", str(out)]) == 0
+    )
     md = Path(f"{out}.md").read_text()
-    assert "| majority answer | | 0.667 | 1.000 | 0.833 |" in md and "| a | 2/2 | 0.667 ± 0.471 | 0.500 ± 0.707 |" in md
+    assert (
+        "| majority answer | | 0.667 | 1.000 | 0.833 |" in md
+        and "| a | 2/2 | 0.667 ± 0.471 | 0.500 ± 0.707 |" in md
+    )
     with Path(f"{out}.csv").open() as f:
         assert next(csv.DictReader(f))["arm"] == "majority_answer"
     qa_path.write_text("".join(json.dumps({**r, "question": r["question"] + "?"}) + "\n" for r in qa))
@@ -397,16 +480,36 @@ def test_value_trend_against_hand_computed_statistics(tmp_path):
         vt.trend([(4, [0.1]), (4, [0.2])], None, boot=0)
 
     # end to end on a collect-style table: unfinished runs are left out
-    path = write_sweep(tmp_path, {"runs": [{"name": "dense", "memory.layers": []}, {"name": "m16"}, {"name": "m64"}], "seeds": [0, 1]})
+    path = write_sweep(
+        tmp_path,
+        {"runs": [{"name": "dense", "memory.layers": []}, {"name": "m16"}, {"name": "m64"}], "seeds": [0, 1]},
+    )
     table = tmp_path / "t.csv"
     rows = [("dense_seed-0", "", "done", 0.1), ("dense_seed-1", "", "done", 0.2), ("m16_seed-0", 16, "done", 0.2),
             ("m16_seed-1", 16, "done", 0.3), ("m64_seed-0", 64, "done", 0.6), ("m64_seed-1", 64, "partial", 0.9)]  # fmt: skip
-    table.write_text("run,values,state,facts_seen/exact_match\n" + "".join(f"{r},{v},{st},{m}\n" for r, v, st, m in rows))
+    table.write_text(
+        "run,values,state,facts_seen/exact_match\n" + "".join(f"{r},{v},{st},{m}\n" for r, v, st, m in rows)
+    )
     out = tmp_path / "res" / "trend"
-    argv = ["--csv", str(table), "--sweep", str(path), "--arms", "m64,m16", "--baseline", "dense", "--boot", "200", "--out", str(out)]
+    argv = [
+        "--csv",
+        str(table),
+        "--sweep",
+        str(path),
+        "--arms",
+        "m64,m16",
+        "--baseline",
+        "dense",
+        "--boot",
+        "200",
+        "--out",
+        str(out),
+    ]
     assert vt.main(argv) == 0
     result = json.loads(Path(f"{out}.json").read_text())
-    assert result["arm_names"] == ["m16", "m64"] and result["arms"][1]["runs"] == [0.6]  # the partial seed is not a result
+    assert result["arm_names"] == ["m16", "m64"] and result["arms"][1]["runs"] == [
+        0.6
+    ]  # the partial seed is not a result
     assert result["slope_per_doubling"] == pytest.approx(0.175)  # least squares of (4, .2), (4, .3), (6, .6)
     assert result["ratio_largest_to_baseline"] == pytest.approx(0.6 / 0.15)
     assert "| m64 | 64 | 0.600 | 0.600 ± 0.000 |" in Path(f"{out}.md").read_text()
@@ -421,7 +524,9 @@ def test_value_trend_against_hand_computed_statistics(tmp_path):
 def test_capacity_estimate():
     per_entity = math.log2(30) + math.log2(100) + math.log2(24) + math.log2(20) + math.log2(12)
     assert fact_bits(10) == pytest.approx(10 * per_entity)
-    assert params_to_hold(1000) == math.ceil(1000 * per_entity / 2) and params_to_hold(1000, 1.0) == math.ceil(1000 * per_entity)
+    assert params_to_hold(1000) == math.ceil(1000 * per_entity / 2) and params_to_hold(
+        1000, 1.0
+    ) == math.ceil(1000 * per_entity)
 
 
 def test_mixture_tokenizer_encodes_the_facts_shorter(tmp_path):
@@ -447,21 +552,45 @@ def test_mixture_tokenizer_encodes_the_facts_shorter(tmp_path):
 @pytest.mark.slow
 def test_quick_pipeline_smoke(tmp_path, capsys):
     corpus = tmp_path / "facts"
-    assert __import__("launch.facts", fromlist=["main"]).main(
-        [f"out={corpus}", "n_entities=10", "repeats=1", "tokenizer_vocab=400", f"tokenizer_with=[{corpus / 'train.txt'}]"]
-    ) == 0
+    assert (
+        __import__("launch.facts", fromlist=["main"]).main(
+            [
+                f"out={corpus}",
+                "n_entities=10",
+                "repeats=1",
+                "tokenizer_vocab=400",
+                f"tokenizer_with=[{corpus / 'train.txt'}]",
+            ]
+        )
+        == 0
+    )
     path = write_sweep(
         tmp_path,
         {
             "overrides": {
-                "data.train": str(corpus / "train.txt"), "data.val": str(corpus / "train.txt"), "data.tokenizer": str(corpus / "tokenizer.model"),
-                "model.vocab_size": 400, "model.dim": 32, "data.batch_size": 4, "data.val_sequences": 4,
-                "train.steps": 2, "train.ckpt_every": 2, "train.val_every": 2, "train.log_every": 1,
-                "memory.n_keys": 4, "memory.heads": 2, "memory.k_dim": 16, "memory.knn": 2, "memory.value_optimizer": "adamw",
+                "data.train": str(corpus / "train.txt"),
+                "data.val": str(corpus / "train.txt"),
+                "data.tokenizer": str(corpus / "tokenizer.model"),
+                "model.vocab_size": 400,
+                "model.dim": 32,
+                "data.batch_size": 4,
+                "data.val_sequences": 4,
+                "train.steps": 2,
+                "train.ckpt_every": 2,
+                "train.val_every": 2,
+                "train.log_every": 1,
+                "memory.n_keys": 4,
+                "memory.heads": 2,
+                "memory.k_dim": 16,
+                "memory.knn": 2,
+                "memory.value_optimizer": "adamw",
             },
             "runs": [{"name": "dense"}, {"name": "memory", "memory.layers": [1]}],
             "seeds": [0, 1],
-            "eval": {"tasks": [f"facts:{corpus / 'qa.jsonl'}?name=facts_heldout"], "args": {"eval.max_new_tokens": 2, "eval.limit": 4, "eval.sample_tokens": 0}},
+            "eval": {
+                "tasks": [f"facts:{corpus / 'qa.jsonl'}?name=facts_heldout"],
+                "args": {"eval.max_new_tokens": 2, "eval.limit": 4, "eval.sample_tokens": 0},
+            },
             "report": {"plot": "values"},
             "local": {"env": {"OMP_NUM_THREADS": "1"}},
         },
@@ -490,5 +619,10 @@ def test_training_documents_cover_the_mixture(tmp_path):
 def test_majority_baseline():
     from launch.data.facts import ATTRIBUTES, majority_em
 
-    people = [{a: "x" for a in ATTRIBUTES}, {a: "x" for a in ATTRIBUTES}, {**{a: "x" for a in ATTRIBUTES}, "employer": "y"}, {a: "z" for a in ATTRIBUTES}]
+    people = [
+        {a: "x" for a in ATTRIBUTES},
+        {a: "x" for a in ATTRIBUTES},
+        {**{a: "x" for a in ATTRIBUTES}, "employer": "y"},
+        {a: "z" for a in ATTRIBUTES},
+    ]
     assert majority_em(people) == pytest.approx(sum([3, 3, 3, 2, 3]) / 20)

@@ -41,7 +41,13 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 def random_model(vocab: int, max_seq_len: int = 32, seed: int = 0, kv_heads: int | None = 2) -> Transformer:
     """A random tiny model; a large init std spreads the logits so greedy choices are not near-ties."""
     cfg = ModelConfig(
-        dim=32, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=vocab, max_seq_len=max_seq_len, init_std=0.3
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=kv_heads,
+        vocab_size=vocab,
+        max_seq_len=max_seq_len,
+        init_std=0.3,
     )
     torch.manual_seed(seed)
     model = Transformer(cfg)

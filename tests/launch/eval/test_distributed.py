@@ -17,7 +17,11 @@ from launch.distributed.process_group import DistInfo
 from launch.eval.suite import run_tasks
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "eval"
-TASKS = [f"piqa:{FIXTURES / 'piqa.jsonl'}", f"nq_open:{FIXTURES / 'nq_open.jsonl'}", f"text:{FIXTURES / 'text.jsonl'}"]
+TASKS = [
+    f"piqa:{FIXTURES / 'piqa.jsonl'}",
+    f"nq_open:{FIXTURES / 'nq_open.jsonl'}",
+    f"text:{FIXTURES / 'text.jsonl'}",
+]
 CFG = dict(limit=3, max_new_tokens=5, batch_size=2)
 
 
@@ -25,7 +29,9 @@ def _model(vocab: int):
     from launch.models.llama import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=vocab, max_seq_len=64, init_std=0.3))
+    model = Transformer(
+        ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=vocab, max_seq_len=64, init_std=0.3)
+    )
     model.init_weights()
     return model
 
@@ -59,7 +65,9 @@ def test_run_tasks_two_ranks(tokenizer, tmp_path, fsdp):
     expected = run_tasks(_model(tokenizer.vocab_size), tokenizer, TASKS, EvalConfig(**CFG), DistInfo())
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "store"), str(tokenizer.path), str(tmp_path), fsdp))
+        ctx.Process(
+            target=_worker, args=(r, 2, str(tmp_path / "store"), str(tokenizer.path), str(tmp_path), fsdp)
+        )
         for r in range(2)
     ]
     for p in procs:

@@ -34,15 +34,47 @@ ALL_TASKS = [
 
 def test_eval_cli_runs_every_format(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = [f"checkpoint={tiny_run}", f"tasks=[{','.join(ALL_TASKS)}]", f"out={out}",
-            "eval.limit=3", "eval.shots=1", "eval.max_new_tokens=4", "eval.sample_tokens=8", "progress=false"]
+    argv = [
+        f"checkpoint={tiny_run}",
+        f"tasks=[{','.join(ALL_TASKS)}]",
+        f"out={out}",
+        "eval.limit=3",
+        "eval.shots=1",
+        "eval.max_new_tokens=4",
+        "eval.sample_tokens=8",
+        "progress=false",
+    ]
     assert eval_main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["checkpoint"].endswith("step_6") and results["step"] == 6
-    names = ["shakespeare", "text", "piqa", "hellaswag", "boolq", "arc", "arc_2", "openbookqa",
-             "winogrande", "nq_open", "triviaqa", "facts_recall"]
+    names = [
+        "shakespeare",
+        "text",
+        "piqa",
+        "hellaswag",
+        "boolq",
+        "arc",
+        "arc_2",
+        "openbookqa",
+        "winogrande",
+        "nq_open",
+        "triviaqa",
+        "facts_recall",
+    ]
     assert list(results["tasks"]) == names
-    covered = {"shakespeare", "text", "piqa", "hellaswag", "boolq", "arc", "openbookqa", "winogrande", "nq_open", "triviaqa", "facts"}
+    covered = {
+        "shakespeare",
+        "text",
+        "piqa",
+        "hellaswag",
+        "boolq",
+        "arc",
+        "openbookqa",
+        "winogrande",
+        "nq_open",
+        "triviaqa",
+        "facts",
+    }
     assert covered == set(FORMATS) | {"shakespeare"}
     t = results["tasks"]
     assert t["shakespeare"]["windows"] == 3 and t["shakespeare"]["tokens"] == 3 * 64
@@ -55,7 +87,10 @@ def test_eval_cli_runs_every_format(tiny_run, tmp_path, capsys):
         assert set(t[name]) == {"exact_match", "f1", "n"}
         rows = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
         assert len(rows) == t[name]["n"]
-        assert set(rows[0]) == {"question", "prediction", "gold", "em", "f1"} and "\n" not in rows[0]["prediction"]
+        assert (
+            set(rows[0]) == {"question", "prediction", "gold", "em", "f1"}
+            and "\n" not in rows[0]["prediction"]
+        )
     assert not (out / "predictions" / "piqa.jsonl").exists()
     assert isinstance(results["sample"], str)
     md = (out / "results.md").read_text()
@@ -66,7 +101,9 @@ def test_eval_cli_runs_every_format(tiny_run, tmp_path, capsys):
     # which perplexity this is, in words (the trainer's val_ppl is another one)
     note = "shakespeare: ppl {} over the first 3 windows (eval.limit=3) of the whole validation split (bundled plays)"
     assert note.format(f"{t['shakespeare']['ppl']:.4f}") in stdout
-    assert results["notes"]["shakespeare"].endswith("192 tokens in 3 windows of up to 64 tokens, each document starting with BOS")
+    assert results["notes"]["shakespeare"].endswith(
+        "192 tokens in 3 windows of up to 64 tokens, each document starting with BOS"
+    )
 
 
 def test_eval_cli_errors(tiny_run, tmp_path):
@@ -75,7 +112,9 @@ def test_eval_cli_errors(tiny_run, tmp_path):
     with pytest.raises(UserError, match="unknown format 'squad'"):
         eval_main([f"checkpoint={tiny_run}", "tasks=[squad:/x.jsonl]"])
     with pytest.raises(UserError, match=r"bad_piqa\.jsonl:2"):
-        eval_main([f"checkpoint={tiny_run}", f"tasks=[piqa:{FIXTURES / 'bad_piqa.jsonl'}]", "eval.sample_tokens=0"])
+        eval_main(
+            [f"checkpoint={tiny_run}", f"tasks=[piqa:{FIXTURES / 'bad_piqa.jsonl'}]", "eval.sample_tokens=0"]
+        )
     with pytest.raises(UserError, match="unknown key 'eval.limt'"):
         eval_main([f"checkpoint={tiny_run}", "eval.limt=3"])
 

@@ -56,7 +56,10 @@ def test_loglikelihood_rolling_is_the_sum_over_windows(lm, tokenizer):
 
 
 def test_generate_until_matches_generate(lm, tokenizer):
-    reqs = [("Q: who?\nA:", {"until": ["\n"], "max_gen_toks": 5}), ("ROMEO.", {"until": "e", "max_gen_toks": 7})]
+    reqs = [
+        ("Q: who?\nA:", {"until": ["\n"], "max_gen_toks": 5}),
+        ("ROMEO.", {"until": "e", "max_gen_toks": 7}),
+    ]
     got = lm.generate_until(instances("generate_until", reqs), disable_tqdm=True)
     assert got[0] == generate(lm.model, tokenizer, "Q: who?\nA:", 5, stop=["\n"])
     assert got[1] == generate(lm.model, tokenizer, "ROMEO.", 7, stop=["e"])
@@ -89,6 +92,8 @@ def test_simple_evaluate_on_local_tasks(tiny_run, tmp_path, monkeypatch):
     assert out["n-samples"]["memscale_local_piqa"]["effective"] == 4
     # the shipped YAML uses our piqa prompt: the harness and launch.eval must agree exactly
     loaded = load_checkpoint(tiny_run)
-    ours = run_tasks(loaded.model, loaded.tokenizer, [f"piqa:{FIXTURES / 'piqa.jsonl'}"], EvalConfig(), DistInfo())
+    ours = run_tasks(
+        loaded.model, loaded.tokenizer, [f"piqa:{FIXTURES / 'piqa.jsonl'}"], EvalConfig(), DistInfo()
+    )
     assert piqa["acc,none"] == pytest.approx(ours["piqa"]["acc"])
     assert piqa["acc_norm,none"] == pytest.approx(ours["piqa"]["acc_norm"])

@@ -63,12 +63,14 @@ def test_encode_pair_moves_trailing_space_and_splits_whole_encoding(tokenizer):
     assert (ctx, cont) == (ctx2, cont2)
     assert ctx[0] == tokenizer.bos_id  # every context starts with BOS
     assert ctx[1:] + cont == tokenizer.encode("Answer: yes")
-    assert tokenizer.decode(cont) .strip() == "yes"
+    assert tokenizer.decode(cont).strip() == "yes"
     only, cont3 = encode_pair(tokenizer, "", "Paris")
     assert only == [tokenizer.bos_id] and cont3 == tokenizer.encode("Paris")
 
 
-@pytest.mark.parametrize("n, max_len, stride", [(20, 4, None), (21, 4, None), (3, 8, None), (30, 6, 2), (9, 4, 1)])
+@pytest.mark.parametrize(
+    "n, max_len, stride", [(20, 4, None), (21, 4, None), (3, 8, None), (30, 6, 2), (9, 4, 1)]
+)
 def test_rolling_windows_score_each_token_once(n, max_len, stride):
     tokens = list(range(100, 100 + n))
     windows = rolling_windows(tokens, max_len, stride)

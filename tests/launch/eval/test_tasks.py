@@ -64,7 +64,10 @@ def test_arc_answer_keys_letters_and_digits():
     easy = load(f"arc:{FIXTURES / 'arc_easy.jsonl'}")
     assert [e.label for e in easy] == [0, 2, 1]  # "A" of A-D, "C" of A-C, "2" of 1-4
     assert len(easy[1].options) == 3
-    assert easy[0].options[0] == ("Question: Which of these is needed for a plant to make its own food?\nAnswer:", " sunlight")
+    assert easy[0].options[0] == (
+        "Question: Which of these is needed for a plant to make its own food?\nAnswer:",
+        " sunlight",
+    )
     challenge = load(f"arc:{FIXTURES / 'arc_challenge.jsonl'}")
     assert [e.label for e in challenge] == [2, 1, 0]  # 5 options; letter key against digit labels
     assert len(challenge[0].options) == 5
@@ -91,7 +94,9 @@ def test_generative_formats():
     assert nq[0].prompt() == "Q: what is the capital city of france?\nA:"
     assert nq[0].as_shot() == "Q: what is the capital city of france?\nA: Paris"
     tqa = load(f"triviaqa:{FIXTURES / 'triviaqa.jsonl'}")
-    assert tqa[0].answers[0] == "Mars" and "The Red Planet" in tqa[0].answers and "red planet" in tqa[0].answers
+    assert (
+        tqa[0].answers[0] == "Mars" and "The Red Planet" in tqa[0].answers and "red planet" in tqa[0].answers
+    )
     assert tqa[0].prompt() == "Q: Which planet is known as the Red Planet?\nA:"  # no doubled "?"
     facts = load(f"facts:{FIXTURES / 'facts.jsonl'}")
     assert facts[0].answers == ["blue"] and facts[2].answers == ["four", "4"]
@@ -132,7 +137,9 @@ def test_bad_values_name_line(tmp_path, row, message):
 
 def test_task_specs_names_and_errors(tmp_path):
     arc = FIXTURES / "arc_easy.jsonl"
-    specs = parse_task_specs([f"arc:{arc}", f"arc:{FIXTURES / 'arc_challenge.jsonl'}", "shakespeare", f"arc:{arc}?name=arc_e"])
+    specs = parse_task_specs(
+        [f"arc:{arc}", f"arc:{FIXTURES / 'arc_challenge.jsonl'}", "shakespeare", f"arc:{arc}?name=arc_e"]
+    )
     assert [s.name for s in specs] == ["arc", "arc_2", "shakespeare", "arc_e"]
     shots = parse_task_spec(f"nq_open:{FIXTURES / 'nq_open.jsonl'}?shots={FIXTURES / 'nq_open_shots.jsonl'}")
     assert shots.shots_path == FIXTURES / "nq_open_shots.jsonl"
@@ -153,7 +160,10 @@ def test_split_shots_file_or_held_out():
     assert shots == ex[:1] and rest == ex[1:]  # held out of scoring
     spec = parse_task_spec(f"nq_open:{FIXTURES / 'nq_open.jsonl'}?shots={FIXTURES / 'nq_open_shots.jsonl'}")
     shots, rest = split_shots(spec, ex, 2)
-    assert [s.question for s in shots] == ["what colour is grass", "how many days are in a week"] and rest == ex
+    assert [s.question for s in shots] == [
+        "what colour is grass",
+        "how many days are in a week",
+    ] and rest == ex
     with pytest.raises(UserError, match="has only 2 rows"):
         split_shots(spec, ex, 3)
 

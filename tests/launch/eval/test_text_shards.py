@@ -55,7 +55,9 @@ def test_documents_stream_through_the_scoring(tokenizer, tmp_path, monkeypatch):
     _, shards = _corpus(tmp_path, tokenizer)
     calls = []
     real = suite.loglikelihoods
-    monkeypatch.setattr(suite, "loglikelihoods", lambda m, reqs, *a, **k: calls.append(len(reqs)) or real(m, reqs, *a, **k))
+    monkeypatch.setattr(
+        suite, "loglikelihoods", lambda m, reqs, *a, **k: calls.append(len(reqs)) or real(m, reqs, *a, **k)
+    )
     model = random_model(vocab=tokenizer.vocab_size, max_seq_len=4)
     res = run_tasks(model, tokenizer, [f"text:{shards}"], EvalConfig(batch_size=1), DistInfo())["text"]
     longest = max(len(tokenizer.encode(d)) for d in DOCS)
@@ -84,8 +86,13 @@ def test_eval_cli_on_shards_of_a_checkpoint_tokenizer(tiny_run, tmp_path):
     tok = load_checkpoint(tiny_run).tokenizer
     jsonl, shards = _corpus(tmp_path, tok)
     out = tmp_path / "out"
-    argv = [f"checkpoint={tiny_run}", f"tasks=[text:{jsonl},text:{shards}?name=shards]", f"out={out}",
-            "eval.sample_tokens=0", "progress=false"]
+    argv = [
+        f"checkpoint={tiny_run}",
+        f"tasks=[text:{jsonl},text:{shards}?name=shards]",
+        f"out={out}",
+        "eval.sample_tokens=0",
+        "progress=false",
+    ]
     assert eval_main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"]["shards"] == results["tasks"]["text"]
