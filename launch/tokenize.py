@@ -12,25 +12,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.data.shards import read_index
-from launch.data.sources import resolve_files
-from launch.data.tokenize_corpus import DEFAULT_SHARD_TOKENS, Inputs, default_workers, ensure_shards
+from launch.data.sources import open_source
+from launch.data.tokenize_corpus import (
+    DEFAULT_SHARD_TOKENS,
+    Inputs,
+    default_workers,
+    ensure_shards,
+    remove_stale_temps,
+)
 from launch.data.tokenizer import Tokenizer
 from launch.runtime.errors import UserError
 
 
 @dataclass
 class TokenizeArgs:
-    data: str = ""  # PATH, directory or GLOB of .txt/.jsonl/.parquet (optionally .gz/.zst), or shakespeare
+    # PATH, directory or GLOB of .txt/.jsonl/.parquet/.csv/.arrow (optionally .gz/.zst), shakespeare,
+    # a save_to_disk directory [DIR:SPLIT], or a hub dataset hf://NAME[/CONFIG][:SPLIT][@REVISION]
+    data: str = ""
     out: str = ""  # output shard directory
     tokenizer: str = ""  # sentencepiece .model (make one with python -m launch.tokenizer)
     workers: int = 0  # tokenizer processes; 0: one per CPU core
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard file
-    format: str = "auto"  # auto | text | jsonl | parquet
-    text_field: str = "text"  # JSONL key / Parquet column holding the text
+    format: str = "auto"  # auto | text | jsonl | parquet | csv | arrow
+    text_field: str = "text"  # JSONL key / Parquet, CSV or dataset column holding the text
     encoding_errors: str = "strict"  # strict: refuse non-UTF-8 text | replace: decode with U+FFFD
-    split: str = "train"  # which split of the bundled corpus when data=shakespeare
+    # train | val: which split of the bundled corpus when data=shakespeare, and which split of a dataset
+    # that names none (train; val: validation, valid, val or test)
+    split: str = "train"
     dtype: str = "auto"  # auto | uint16 | uint32
     progress: bool = True  # progress bar with tokens/s on stderr
+    # what separates documents in a .txt file: file (whole file, streamed in chunks) | blank_line | line |
+    # any other string, e.g. '<|endoftext|>'
+    doc_separator: str = "file"
 
 
 def main(argv: list[str]) -> int:
@@ -45,18 +58,23 @@ def main(argv: list[str]) -> int:
     if args.workers < 0:
         raise UserError(f"workers={args.workers} must be 0 (one per CPU core) or more")
     out = Path(args.out)
+    remove_stale_temps(out.parent, out.name)  # OUT.tmp-PID of a killed run, before the checks below
     if out.exists() and not out.is_dir():
         raise UserError(f"out={out} is a file: expected a directory for the shards")
     if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
         raise UserError(f"out={out} is a non-empty directory without token shards: refusing to overwrite it")
+    source = open_source(
+        args.data, args.split, args.format, args.text_field, args.encoding_errors, args.doc_separator
+    )
     inputs = Inputs(
-        resolve_files(args.data, args.split),
+        source,
         Tokenizer(args.tokenizer),
         args.format,
         args.text_field,
         args.encoding_errors,
         args.shard_tokens,
         args.dtype,
+        args.doc_separator,
     )
     workers = args.workers or default_workers()
     start = time.perf_counter()

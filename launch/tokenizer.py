@@ -16,22 +16,24 @@ from launch.data.tokenizer import Tokenizer, train_tokenizer
 class TokenizerArgs:
     out: str = "tokenizer.model"  # where to write the sentencepiece model
     vocab_size: int = 8192  # pieces in the vocabulary
-    data: DataConfig = field(
-        default_factory=DataConfig
-    )  # the text to train on (data.train, data.format, data.text_field)
+    # the text to train on (data.train, data.format, data.text_field, data.doc_separator, data.encoding_errors);
+    # data.tokenizer_sample: lines used at most (a random sample; 0: all)
+    data: DataConfig = field(default_factory=DataConfig)
     overwrite: bool = False  # replace an existing `out` file
 
 
 def main(argv: list[str]) -> int:
     """python -m launch.tokenizer data.train=PATH|shakespeare out=tokenizer.model [vocab_size=8192] [overwrite=true]"""
     from launch.config import load_config
-    from launch.data.sources import load_documents
+    from launch.data.stream import training_documents
     from launch.runtime.outputs import check_output_file
 
     args = load_config(argv, TokenizerArgs)
     check_output_file(args.out, overwrite=args.overwrite)
-    docs = load_documents(args.data.train, "train", args.data.format, args.data.text_field)
-    path = train_tokenizer(docs, args.out, args.vocab_size)
+    # Streamed (data.mix sources too, as the trainer does); sentencepiece keeps a bounded sample of lines.
+    path = train_tokenizer(
+        training_documents(args.data), args.out, args.vocab_size, args.data.tokenizer_sample, quiet=False
+    )
     tok = Tokenizer(path)
     print(f"wrote {path} ({tok.vocab_size} pieces)")
     return 0

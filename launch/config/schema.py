@@ -63,10 +63,20 @@ class GrowConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "shakespeare"  # "shakespeare" (bundled) or a local file / directory / glob
-    val: str | None = "shakespeare"  # None: no validation
-    format: str = "auto"  # auto | text | jsonl | parquet
-    text_field: str = "text"  # JSONL/Parquet field holding the text
+    # "shakespeare" (bundled), a local file / directory / glob, a save_to_disk directory [DIR:SPLIT],
+    # or a hub dataset hf://NAME[/CONFIG][:SPLIT][@REVISION] (streamed)
+    train: str = "shakespeare"
+    val: str | None = (
+        "shakespeare"  # the same kinds (default split of a dataset: validation); None: no validation
+    )
+    format: str = "auto"  # auto | text | jsonl | parquet | csv | arrow
+    text_field: str = "text"  # JSONL/Parquet/CSV/dataset column holding the text
+    # what separates documents in a .txt file: file (whole file, streamed in chunks) | blank_line | line |
+    # any other string, e.g. '<|endoftext|>' (backslash escapes like \n allowed)
+    doc_separator: str = "file"
+    tokenizer_sample: int = (
+        2_000_000  # lines a tokenizer trained with the run uses at most (random sample); 0: all
+    )
     tokenizer: str | None = None  # path to a sentencepiece .model; None: train one with the run
     seq_len: int = 256  # tokens per training sequence
     batch_size: int = 32  # GLOBAL batch in sequences per optimizer step

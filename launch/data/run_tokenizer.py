@@ -32,7 +32,13 @@ def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> 
     else:
         if info.is_main and not run_tok.is_file():
             # Trained on data.train + data.mix, so the pieces are learnt from what the model reads.
-            train_tokenizer(training_documents(cfg.data), run_tok, cfg.model.vocab_size)
+            train_tokenizer(
+                training_documents(cfg.data),
+                run_tok,
+                cfg.model.vocab_size,
+                cfg.data.tokenizer_sample,
+                quiet=False,
+            )
         barrier()
         path = run_tok
     tok = Tokenizer(path)

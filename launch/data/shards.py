@@ -181,9 +181,12 @@ def read_index(directory: Path) -> dict:
     return index
 
 
-def open_shards(directory: str | os.PathLike, fingerprint: str | None = None) -> TokenShards:
+def open_shards(
+    directory: str | os.PathLike, fingerprint: str | None = None, vocab_size: int | None = None
+) -> TokenShards:
     """Map a shard directory, checking it against its index (and against `fingerprint`, the
-    sha256 of the tokenizer it must have been made with). Any mismatch raises `ShardError`."""
+    sha256 of the tokenizer it must have been made with, and `vocab_size`, the model's: every
+    shard's recorded largest id must be below it). Any mismatch raises `ShardError`."""
     directory = Path(directory)
     index = read_index(directory)
     try:
@@ -205,6 +208,13 @@ def open_shards(directory: str | os.PathLike, fingerprint: str | None = None) ->
                 )
             if probe(path) != shard["probe"]:
                 raise ShardError(f"{path}: contents do not match {INDEX} (rewritten or from another run)")
+            # Indexes written before max_id was recorded are not checked (reading every id would cost
+            # a pass over the corpus at every start).
+            if vocab_size is not None and int(shard.get("max_id", -1)) >= vocab_size:
+                raise ShardError(
+                    f"{path}: holds token id {shard['max_id']}, outside the model's vocabulary of {vocab_size} "
+                    f"(model.vocab_size): tokenized with a larger tokenizer; re-tokenize or match model.vocab_size"
+                )
             arrays.append(np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype))
         for name, n in ((DOCUMENTS, index["documents"]), (COUNTS, index["vocab_size"])):
             path = directory / name
@@ -249,17 +259,26 @@ class ShardWriter:
             self.shards[-1]["probe"] = probe(self.directory / self.shards[-1]["file"])
             self._file = None
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents: `tokens` their concatenation, `lengths` their token counts."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, first: np.ndarray | None = None) -> None:
+        """Append documents: `tokens` their concatenation, `lengths` their token counts. With
+        `first` (a mask), the pieces are segments and only those marked start a document."""
+        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            bad = int(tokens.max()) if int(tokens.max()) >= self.vocab_size else int(tokens.min())
+            raise ShardError(f"token id {bad} outside the tokenizer's vocabulary of {self.vocab_size}")
         starts = self.tokens + np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
+        if first is not None:
+            starts = starts[first]
         starts.astype(np.int64).tofile(self._docs)
-        self.n_docs += len(lengths)
+        self.n_docs += len(starts)
         self.counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._file is None or self._in_shard >= self.shard_tokens:
                 self._next_shard()
             take = min(len(tokens), self.shard_tokens - self._in_shard)
+            if take:  # the largest id in each shard: checked against the model's vocabulary on open
+                shard = self.shards[-1]
+                shard["max_id"] = max(shard.get("max_id", -1), int(tokens[:take].max()))
             tokens[:take].tofile(self._file)
             self._in_shard += take
             self.tokens += take

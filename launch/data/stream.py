@@ -41,8 +41,14 @@ from launch.data.shards import (
     open_shards,
     tokenizer_fingerprint,
 )
-from launch.data.sources import ENCODING_ERRORS, load_documents, resolve_files
-from launch.data.tokenize_corpus import Inputs, default_workers, ensure_shards, tokenize_files
+from launch.data.sources import ENCODING_ERRORS, Source, open_source
+from launch.data.tokenize_corpus import (
+    Inputs,
+    default_workers,
+    ensure_shards,
+    remove_stale_temps,
+    tokenize_files,
+)
 from launch.data.tokenizer import Tokenizer
 from launch.runtime.errors import UserError
 
@@ -61,15 +67,14 @@ def shard_tokenizer(source: str | None) -> Path | None:
 
 
 def _cache_key(
-    files: list[Path], tokenizer: Tokenizer, fmt: str, text_field: str, encoding_errors: str
+    source: Source, tokenizer: Tokenizer, fmt: str, text_field: str, encoding_errors: str, doc_separator: str
 ) -> str:
-    key = [
-        [str(p.resolve()) for p in files],
-        fmt,
-        text_field,
-        encoding_errors,
-        tokenizer_fingerprint(tokenizer),
-    ]
+    """The cache directory's name: what the source is (paths; dataset name, config, split) and how it
+    is read. Its contents (sizes and mtimes; a dataset's revision or fingerprint) are in the index, so
+    a changed source re-tokenizes into the same directory."""
+    key = [source.key(), fmt, text_field, encoding_errors, tokenizer_fingerprint(tokenizer)]
+    if doc_separator != "file":  # keeps the keys of caches made before data.doc_separator existed
+        key.append(doc_separator)
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -84,6 +89,7 @@ def tokenize_source(
     workers: int = 1,
     progress: bool = False,
     create: bool = True,
+    doc_separator: str = "file",
 ) -> TokenShards:
     """A source's tokens. A shard directory (from `launch.tokenize`) is opened as it is: one that
     does not match its index or the tokenizer is an error. Anything else is tokenized into
@@ -93,19 +99,24 @@ def tokenize_source(
     fingerprint = tokenizer_fingerprint(tokenizer)
     if is_shard_dir(source):
         try:
-            return open_shards(source, fingerprint)
+            return open_shards(source, fingerprint, tokenizer.vocab_size)
         except ShardError as e:
             raise ShardError(f"data source {e} (re-run python -m launch.tokenize to rebuild it)") from None
-    inputs = Inputs(resolve_files(source, split), tokenizer, fmt, text_field, encoding_errors)
+    src = open_source(source, split, fmt, text_field, encoding_errors, doc_separator)
+    inputs = Inputs(src, tokenizer, fmt, text_field, encoding_errors, doc_separator=doc_separator)
     if cache_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
             tokenize_files(inputs, Path(tmp) / "shards", workers, progress, made_by="launch.data")
             shards = open_shards(Path(tmp) / "shards")
             return TokenShards.in_memory(np.asarray(shards))
-    out = Path(cache_dir) / f"{split}-{_cache_key(inputs.files, tokenizer, fmt, text_field, encoding_errors)}"
+    out = (
+        Path(cache_dir)
+        / f"{split}-{_cache_key(src, tokenizer, fmt, text_field, encoding_errors, doc_separator)}"
+    )
     if create:
+        remove_stale_temps(Path(cache_dir))  # any source's debris: this run owns the cache
         ensure_shards(inputs, out, workers, progress, made_by="launch.train")
-    return open_shards(out, fingerprint)
+    return open_shards(out, fingerprint, tokenizer.vocab_size)
 
 
 class PackedSequences:
@@ -168,16 +179,19 @@ def parse_mix(mix: list) -> list[MixSource]:
     return sources
 
 
-def training_documents(data) -> list[str]:
-    """The documents of a `DataConfig`'s whole training mixture: data.train, then each data.mix source
-    (its own format/text_field where given), each document once. The trainer trains its tokenizer on
-    these, so the pieces are learnt from what the model actually reads."""
-    docs = load_documents(data.train, "train", data.format, data.text_field, data.encoding_errors)
-    for m in parse_mix(data.mix):
-        docs += load_documents(
-            m.path, "train", m.format or data.format, m.text_field or data.text_field, data.encoding_errors
-        )
-    return docs
+def training_documents(data) -> Iterator[str]:
+    """The text of a `DataConfig`'s whole training mixture, streamed: data.train, then each data.mix
+    source (its own format/text_field where given), as segments (a long document in pieces cut at
+    line breaks). The trainer trains its tokenizer on these, so the pieces are learnt from what the
+    model actually reads; sentencepiece samples their lines (`data.tokenizer_sample`)."""
+    entries = [(data.train, data.format, data.text_field)]
+    entries += [
+        (m.path, m.format or data.format, m.text_field or data.text_field) for m in parse_mix(data.mix)
+    ]
+    for path, fmt, text_field in entries:
+        src = open_source(path, "train", fmt, text_field, data.encoding_errors, data.doc_separator)
+        for text, _, _ in src.segments():
+            yield text
 
 
 class MixedSequences:
@@ -319,6 +333,7 @@ def build_datasets(cfg, tok: Tokenizer, info) -> Datasets:
                 workers,
                 cfg.train.progress and create,
                 create,
+                d.doc_separator,
             )
             for src, split, fmt, field in sources
         ]

@@ -15,10 +15,14 @@ shard directories; `data.train=DIR` trains on a directory written by this comman
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -35,10 +39,9 @@ from launch.data.shards import (
     dtype_for,
     open_shards,
     read_index,
-    source_records,
     tokenizer_fingerprint,
 )
-from launch.data.sources import iter_documents
+from launch.data.sources import FileSource, Segment, Source
 from launch.data.tokenizer import Tokenizer
 from launch.runtime.errors import UserError
 
@@ -50,23 +53,31 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(path: str) -> None:
     global _worker_tokenizer
+    # The parent owns shutdown: a worker dies quietly on SIGTERM (no traceback, no BrokenPipeError
+    # from results it can no longer send) and ignores the terminal's Ctrl-C, which the parent handles.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tokenizer = Tokenizer(path)
 
 
-def _encode(texts: list[str], tok: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated ids of `texts` (each BOS + pieces + EOS) and each one's length."""
+def _encode(
+    segments: list[Segment], tok: Tokenizer | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenated ids of `segments` (BOS where one starts a document, EOS where one ends it), each
+    segment's length, and whether it starts a document."""
     tok = tok or _worker_tokenizer
-    docs = [tok.encode_document(t) for t in texts]
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    flat = np.fromiter((i for d in docs for i in d), dtype=np.int64, count=int(lengths.sum()))
-    return flat, lengths
+    encoded = [tok.encode_segment(text, first, last) for text, first, last in segments]
+    lengths = np.fromiter((len(d) for d in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.fromiter((i for d in encoded for i in d), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.fromiter((first for _, first, _ in segments), dtype=bool, count=len(segments))
+    return flat, lengths, starts
 
 
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+def _batches(segments: Iterator[Segment]) -> Iterator[list[Segment]]:
     batch, chars = [], 0
-    for d in docs:
-        batch.append(d)
-        chars += len(d)
+    for seg in segments:
+        batch.append(seg)
+        chars += len(seg[0])
         if chars >= _BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -75,8 +86,8 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
 
 
 def _encoded(
-    batches: Iterator[list[str]], tok: Tokenizer, workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    batches: Iterator[list[Segment]], tok: Tokenizer, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Encoded batches in input order; with workers > 1, encoded by a process pool with a bounded
     number of batches in flight (Pool.imap would read the whole input ahead)."""
     if workers <= 1:
@@ -94,17 +105,80 @@ def _encoded(
             yield pending.popleft().get()
 
 
+class Terminated(UserError):
+    """SIGTERM arrived while tokenizing: the partial output is removed and the command exits in one line."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_raises(what: str):
+    """Turn SIGTERM into an exception in the main thread while `what` runs, so the `finally`
+    clauses remove the temporary directory and the worker pool is shut down before exiting."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated(f"SIGTERM while tokenizing {what}: stopped, nothing written (re-run to tokenize it)")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_TEMP = re.compile(r"\.(?:tmp|old)-(\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path, prefix: str = "") -> list[Path]:
+    """Remove `PREFIX*.tmp-PID` / `.old-PID` directories under `directory` left by processes that no
+    longer exist (killed mid-tokenization: SIGKILL runs no cleanup). A live process's are left alone.
+    Returns what was removed."""
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        m = _TEMP.search(path.name)
+        if m and path.name.startswith(prefix) and path.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @dataclass
 class Inputs:
     """What a shard directory is made from; equal inputs give identical shards."""
 
-    files: list[Path]
+    files: list[Path] | Source  # local files, or any source from `launch.data.sources.open_source`
     tokenizer: Tokenizer
     fmt: str = "auto"
     text_field: str = "text"
     encoding_errors: str = "strict"
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     dtype: str = "auto"
+    doc_separator: str = "file"
+
+    def __post_init__(self):
+        if isinstance(self.files, list):
+            self.files = FileSource(
+                self.files, self.fmt, self.text_field, self.encoding_errors, self.doc_separator
+            )
+
+    @property
+    def source(self) -> Source:
+        return self.files
 
     def metadata(self) -> dict:
         return {
@@ -112,11 +186,13 @@ class Inputs:
             "bos_id": self.tokenizer.bos_id,
             "eos_id": self.tokenizer.eos_id,
             "documents_are": "BOS + pieces + EOS",
-            "sources": source_records(self.files),
+            # files: path, size, mtime; datasets: name, config, split and revision or fingerprint
+            "sources": self.source.record(),
             "options": {
                 "format": self.fmt,
                 "text_field": self.text_field,
                 "encoding_errors": self.encoding_errors,
+                "doc_separator": self.doc_separator,
             },
         }
 
@@ -146,32 +222,39 @@ def up_to_date(out: Path, inputs: Inputs) -> str | None:
 def tokenize_files(
     inputs: Inputs, out: Path, workers: int = 1, progress: bool = False, made_by: str = "launch.tokenize"
 ) -> dict:
-    """Tokenize `inputs` into shard directory `out` (atomically replacing it). Returns the index."""
+    """Tokenize `inputs` into shard directory `out` (atomically replacing it). Returns the index.
+    SIGTERM meanwhile raises `Terminated` (one line at the command line) after removing the partial
+    output; a process killed outright leaves `OUT.tmp-PID`, which the next run here removes."""
+    with _sigterm_raises(inputs.source.describe()):
+        return _tokenize_files(inputs, out, workers, progress, made_by)
+
+
+def _tokenize_files(inputs: Inputs, out: Path, workers: int, progress: bool, made_by: str) -> dict:
     tok = inputs.tokenizer
     dtype = dtype_for(tok.vocab_size, inputs.dtype)
     if inputs.shard_tokens < 1:
         raise UserError(f"shard_tokens={inputs.shard_tokens} must be at least 1")
     metadata = inputs.metadata()  # before reading: a file changed during the run is re-read next time
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out.parent, out.name)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     writer = ShardWriter(tmp, dtype, tok.vocab_size, inputs.shard_tokens)
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            desc=f"tokenize {out.name}", unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr
-        )
     start = time.perf_counter()
     try:
-        docs = iter_documents(inputs.files, inputs.fmt, inputs.text_field, inputs.encoding_errors)
-        for flat, lengths in _encoded(_batches(docs), tok, workers):
-            writer.add(flat, lengths)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                desc=f"tokenize {out.name}", unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr
+            )
+        for flat, lengths, starts in _encoded(_batches(inputs.source.segments()), tok, workers):
+            writer.add(flat, lengths, starts)
             if bar is not None:
                 bar.update(len(flat))
         if writer.tokens == 0:
-            raise UserError(f"{', '.join(map(str, inputs.files[:3]))}: no text (every document is empty)")
+            raise UserError(f"{inputs.source.describe()}: no text (every document is empty)")
         shutil.copyfile(tok.path, tmp / TOKENIZER)
         index = writer.finish(
             {**metadata, "made_by": made_by, "seconds": round(time.perf_counter() - start, 3)}

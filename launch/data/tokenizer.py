@@ -49,6 +49,25 @@ class Tokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         return self.encode(text, bos=True)
 
+    def encode_segment(self, text: str, first: bool = True, last: bool = True) -> list[int]:
+        """A piece of a document (`launch.data.sources` segments): BOS if it starts one, EOS if it ends
+        one. A piece that continues a document was cut after a line break or before a space; encoding
+        it behind a newline and dropping the newline's pieces gives the ids it has in place (without
+        this, sentencepiece's dummy-prefix space would be added at every cut). The newline is a
+        user-defined piece, so nothing merges across it; the pieces equal the whole document's except
+        where a cut had to fall inside a run of 1 MiB without a line break or space."""
+        if first:
+            ids = self.sp.encode(text)
+        else:
+            ids = self.sp.encode("\n" + text)[len(self._newline) :]
+        return ([self.bos_id] if first else []) + ids + ([self.eos_id] if last else [])
+
+    @property
+    def _newline(self) -> list[int]:
+        if not hasattr(self, "_newline_ids"):
+            self._newline_ids = self.sp.encode("\n")
+        return self._newline_ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
 
@@ -56,14 +75,32 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: int = 8192) -> Path:
-    """Train a BPE model on `texts` (documents) and write it atomically to `out`."""
+DEFAULT_SAMPLE = 2_000_000  # sentences (lines) a tokenizer is trained on at most
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out: str | os.PathLike,
+    vocab_size: int = 8192,
+    sample: int = DEFAULT_SAMPLE,
+    quiet: bool = True,
+) -> Path:
+    """Train a BPE model on `texts` (documents, or pieces of them cut at line breaks) and write it
+    atomically to `out`. Lines are streamed to sentencepiece, which keeps a uniform reservoir sample
+    of `sample` of them (`input_sentence_size` + `shuffle_input_sentence`), so memory is bounded by
+    the sample, not the corpus (0: no limit). Unless `quiet`, prints how many lines it used."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if sample < 0:
+        raise UserError(f"tokenizer sample={sample} must be 0 (every line) or more")
+    seen = [0]
 
     def lines():
         for doc in texts:
-            yield from (line for line in doc.split("\n") if line.strip())
+            for line in doc.split("\n"):
+                if line.strip():
+                    seen[0] += 1
+                    yield line
 
     proto = io.BytesIO()
     try:
@@ -85,10 +122,16 @@ def train_tokenizer(texts: Iterable[str], out: str | os.PathLike, vocab_size: in
             pad_id=PAD,
             num_threads=os.cpu_count() or 1,
             max_sentence_length=1 << 16,
+            input_sentence_size=sample,
+            shuffle_input_sentence=True,
             minloglevel=2,
         )
     except RuntimeError as e:
         raise UserError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: {e}") from None
+    if not quiet:
+        used = min(seen[0], sample) if sample else seen[0]
+        how = f"a random sample of {used:,} of {seen[0]:,}" if used < seen[0] else f"all {used:,}"
+        print(f"tokenizer: trained on {how} lines (data.tokenizer_sample={sample})", flush=True)
     tmp = out.with_suffix(out.suffix + f".tmp{os.getpid()}")
     tmp.write_bytes(proto.getvalue())
     os.replace(tmp, out)

@@ -59,7 +59,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         _fail(str(e))
         if os.environ.get("LAUNCH_TRACEBACK"):
             raise
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # 2, or 143 for a SIGTERM turned into a clean stop
     except OSError as e:
         if e.errno not in RESOURCE_ERRNOS or os.environ.get("LAUNCH_TRACEBACK"):
             raise

@@ -93,7 +93,7 @@ def test_local_formats_through_datasets(tmp_path):
 
 
 def test_hub_names_and_missing_paths_fail_clearly(tmp_path):
-    with pytest.raises(UserError, match="offline"):
+    with pytest.raises(UserError, match="hf://allenai/c4"):
         resolve_files("allenai/c4", "train")
     with pytest.raises(UserError, match="matches no files"):
         resolve_files(str(tmp_path / "*.txt"), "train")
