@@ -503,6 +503,8 @@ class DatasetSource:
 
         try:
             ds = datasets.load_from_disk(self.name)
+        except IndexError:  # datasets cannot load a saved Dataset of zero rows (no arrow files)
+            raise UserError(f"{self.name}: no text (the saved dataset has no rows)") from None
         except Exception as e:
             raise UserError(f"cannot read saved dataset {self.name}: {str(e).splitlines()[0]}") from None
         if isinstance(ds, datasets.DatasetDict):

@@ -57,6 +57,7 @@ def _init_worker(path: str) -> None:
     # from results it can no longer send) and ignores the terminal's Ctrl-C, which the parent handles.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked by the parent while forking
     _worker_tokenizer = Tokenizer(path)
 
 
@@ -95,7 +96,13 @@ def _encoded(
             yield _encode(b, tok)
         return
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),)) as pool:
+    # SIGTERM is held while the workers start, so none dies in the parent's handler before its own is set.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),))
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    with pool:
         pending: deque = deque()
         for b in batches:
             pending.append(pool.apply_async(_encode, (b,)))

@@ -91,8 +91,8 @@ def train_tokenizer(
     the sample, not the corpus (0: no limit). Unless `quiet`, prints how many lines it used."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if sample < 0:
-        raise UserError(f"tokenizer sample={sample} must be 0 (every line) or more")
+    if sample < 0 or 0 < sample <= 100:  # sentencepiece's own floor for input_sentence_size
+        raise UserError(f"data.tokenizer_sample={sample} must be 0 (every line) or above 100")
     seen = [0]
 
     def lines():

@@ -290,7 +290,9 @@ def _fmt(value: Any) -> str:
 def describe_text_task(spec: TaskSpec, metrics: dict[str, Any], max_len: int, limit: int | None) -> str:
     """Which perplexity this is, in words: the trainer logs another one (`val_ppl`: its first
     data.val_sequences packed sequences), so each output says what it measured."""
-    where = "the whole validation split (bundled plays)" if spec.path is None else str(spec.path)
+    where = spec.dataset or (
+        "the whole validation split (bundled plays)" if spec.path is None else str(spec.path)
+    )
     scope = (
         f"the first {metrics.get('windows')} windows (eval.limit={limit}) of " if limit is not None else ""
     )

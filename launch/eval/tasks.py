@@ -33,7 +33,7 @@ from launch.data.shards import (
     read_index,
     tokenizer_fingerprint,
 )
-from launch.data.sources import json_object
+from launch.data.sources import HUB_PREFIX, DatasetSource, is_saved_dataset, json_object
 from launch.data.tokenizer import Tokenizer
 from launch.runtime.errors import UserError
 
@@ -290,9 +290,10 @@ BUILTIN = {"shakespeare": "text", "text": "text"}  # name -> format; path None =
 class TaskSpec:
     name: str
     format: Format
-    path: Path | None  # None: the bundled Shakespeare validation plays
+    path: Path | None  # None: the bundled Shakespeare validation plays (or `dataset`)
     shots_path: Path | None = None
     options: dict[str, str] = field(default_factory=dict)
+    dataset: str | None = None  # a saved `datasets` directory [DIR:SPLIT] or hf://NAME[/CONFIG][:SPLIT][@REV]
 
     @property
     def shards(self) -> bool:
@@ -321,6 +322,18 @@ def parse_task_spec(spec: str) -> TaskSpec:
         raise UserError(
             f"task {spec!r} needs a local file: {fmt_name}:/path/to/{fmt_name}.jsonl (nothing is downloaded)"
         )
+    elif (
+        path.startswith(HUB_PREFIX)
+        or is_saved_dataset(path.rpartition(":")[0] or path)
+        or is_saved_dataset(path)
+    ):
+        # Rows from `datasets` (read when the task is loaded): each row a dict, as a JSONL line would be.
+        fmt = FORMATS[fmt_name]
+        name = options.get("name") or fmt.name
+        shots = Path(options["shots"]) if "shots" in options else None
+        if shots is not None and not shots.is_file():
+            raise UserError(f"task {spec!r}: shots file not found: {shots}")
+        return TaskSpec(name, fmt, None, shots, options, dataset=path)
     else:
         fmt, file = FORMATS[fmt_name], Path(path)
         if fmt.kind == "text" and file.is_dir() and not is_shard_dir(file):
@@ -370,25 +383,37 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def parse_rows(fmt: Format, path: Path) -> list[Example]:
+def parse_rows(fmt: Format, path: Path, rows: Iterator[tuple[int, dict]] | None = None) -> list[Example]:
+    """Examples of `rows` ((line or row number, row) pairs; default: the JSONL file `path`)."""
     examples = []
-    for lineno, row in read_jsonl(path):
+    sep = ":" if rows is None else ": row "
+    for lineno, row in read_jsonl(path) if rows is None else rows:
         try:
             examples.append(fmt.parse(row))
         except KeyError as e:
             raise UserError(
-                f"{path}:{lineno}: {fmt.name} row is missing field {e}; expected fields {', '.join(fmt.fields)}"
+                f"{path}{sep}{lineno}: {fmt.name} row is missing field {e}; expected fields {', '.join(fmt.fields)}"
             ) from None
         except (ValueError, TypeError, AttributeError) as e:
-            raise UserError(f"{path}:{lineno}: bad {fmt.name} row: {e}") from None
+            raise UserError(f"{path}{sep}{lineno}: bad {fmt.name} row: {e}") from None
     if not examples:
         raise UserError(f"{path}: no rows")
     return examples
 
 
+def dataset_rows(source: str) -> Iterator[tuple[int, dict]]:
+    """(row number, row) of a saved `datasets` directory or hub dataset (default split: validation,
+    valid, val or test, whichever it has first; name one with :SPLIT)."""
+    ds = DatasetSource(source, usage="val").open()
+    for i, row in enumerate(ds, 1):
+        yield i, dict(row)
+
+
 def load_examples(task: TaskSpec) -> list[Example]:
     """Every example of a task's file (for `text`: JSONL rows with 'text', or a plain-text file
     as one document; no file: the bundled validation plays, one document per play)."""
+    if task.dataset is not None:
+        return parse_rows(task.format, task.dataset, dataset_rows(task.dataset))
     if task.path is None:
         from launch.data.corpus import shakespeare_files
 
