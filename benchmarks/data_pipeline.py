@@ -1,6 +1,7 @@
 """The data pipeline at growing corpus sizes: tokenization throughput, trainer start-up and memory.
 
     python -m benchmarks data_pipeline [--work /tmp/data_bench] [--sizes 1,12,62] [--baseline REPO] [--add-build]
+    python -m benchmarks data_pipeline --sources 12 [--out DIR]
 
 Corpora are the bundled training plays repeated k times (hard links under WORK/corpus_k, so they
 cost no disk and are never committed); the tokenizer is an 8192-piece BPE trained on the plays
@@ -17,6 +18,11 @@ Measured, each in fresh processes:
     run's cache, the second finds it there;
   - with --baseline REPO, the same command on another checkout (e.g. the code before token shards).
 Writes data_pipeline.{json,md} under --out. Timings depend on what else the machine runs.
+
+`--sources K` measures only how the source kind changes tokenization (`launch.tokenize`, 2 workers;
+peak RSS of the largest process and of the process tree, tokens/s) on the plays × K given as one
+big .txt (one document, streamed in chunks), as many .txt files, as JSONL (one row per play) and as
+a `save_to_disk` datasets directory; writes data_pipeline_sources.{json,md}.
 """
 
 from __future__ import annotations
@@ -167,6 +173,63 @@ def make_tokenizer(work: Path) -> Path:
     return path
 
 
+def measure_sources(work: Path, tok: Path, copies: int, env: dict) -> list[dict]:
+    """Tokenize the plays × `copies` given four ways; one row per kind."""
+    import datasets
+
+    corpus = make_corpus(work, copies)
+    files = sorted(corpus.rglob("*.txt"))
+    kinds = {"many .txt files": corpus}
+    big = work / f"single_{copies}.txt"
+    if not big.is_file():
+        with open(big, "wb") as f:
+            for p in files:
+                f.write(p.read_bytes())
+    kinds["one .txt file"] = big
+    jsonl = work / f"plays_{copies}.jsonl"
+    if not jsonl.is_file():
+        with open(jsonl, "w") as f:
+            for p in files:
+                f.write(json.dumps({"text": p.read_text()}) + "\n")
+    kinds["JSONL"] = jsonl
+    saved = work / f"saved_{copies}"
+    if not saved.is_dir():
+        ds = datasets.Dataset.from_generator(lambda: ({"text": p.read_text()} for p in files))
+        ds.save_to_disk(str(saved))
+    kinds["datasets directory"] = saved
+    rows = []
+    for kind, data in kinds.items():
+        out = work / "tok_sources"
+        r, tokens = tokenize(data, out, tok, 2, env)
+        shutil.rmtree(out)
+        r.pop("stdout")
+        rows.append(
+            {"kind": kind, "copies": copies, "tokens": tokens, **r, "tokens_per_s": tokens / r["seconds"]}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def render_sources(payload: dict) -> str:
+    m = payload["machine"]
+    return (
+        f"# Data pipeline: source kinds\n\nMachine: {m['cpu']}, {m['cores']} cores (shared), {payload['date']}. "
+        f"`python -m benchmarks data_pipeline --sources {payload['rows'][0]['copies']}`: `launch.tokenize` with "
+        "2 workers on the training plays repeated, given four ways.\n\n"
+        + md_table(
+            payload["rows"],
+            [
+                ("source", "{kind}"),
+                ("tokens", "{tokens:,}"),
+                ("seconds", "{seconds:.1f}"),
+                ("tokens/s", "{tokens_per_s:,.0f}"),
+                ("peak RSS, largest process", "{max_process_rss_mb:.0f} MB"),
+                ("peak RSS, process tree", "{tree_rss_mb:.0f} MB"),
+            ],
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
     ap.add_argument("--work", type=Path, default=Path("/tmp/data_bench"))
@@ -179,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--baseline-max-copies", type=int, default=12)
     ap.add_argument(
+        "--sources", type=int, default=0, help="only compare source kinds on the plays × this many copies"
+    )
+    ap.add_argument(
         "--add-build",
         action="store_true",
         help="only add the build_datasets measurement to the results of an earlier run",
@@ -189,6 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     tok = make_tokenizer(args.work)
+    if args.sources:
+        copies = 1 if args.quick else args.sources
+        payload = record("data_pipeline_sources", args, measure_sources(args.work, tok, copies, env))
+        write_record(payload, render_sources(payload), args.out)
+        return
     if args.add_build:
         payload = json.loads(((args.out or default_out()) / "data_pipeline.json").read_text())
         payload.setdefault("date", time.strftime("%Y-%m-%d"))
