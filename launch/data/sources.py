@@ -16,8 +16,9 @@ File formats, by suffix (after an optional `.gz` / `.zst` compression suffix):
   .jsonl .json     one document per line: the string in `text_field` (JSON Lines)
   .parquet         one document per row of column `text_field`
   .csv .arrow      one document per row of column `text_field`, through `datasets`' builders
-We read .txt, .jsonl and .parquet ourselves: it streams with no arrow cache conversion and measured
-faster than `datasets`' json/text builders (benchmarks/data_pipeline.py); csv and arrow go through
+We read .txt, .jsonl and .parquet ourselves: they stream with no arrow cache conversion, keep exact
+byte offsets for encoding errors and chunk large text (not yet timed against `datasets`' json/text
+builders); csv and arrow go through
 `datasets`, which handles their dialects and the arrow stream format.
 
 Documents flow as segments `(text, first, last)`: a document is one segment, or (a whole-file text
