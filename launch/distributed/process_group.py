@@ -29,21 +29,26 @@ class DistInfo:
         return self.world > 1
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int, key: str = "train.device") -> torch.device:
+    """`key` is how the calling command spells the setting (`train.device` for launch.train, `device`
+    for launch.eval), so the error names a key the user can actually pass."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but CUDA is not available (use train.device=cpu or auto)")
+            raise UserError(f"{key}=cuda but CUDA is not available (use {key}=cpu or {key}=auto)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op for a single process)."""
+def init_distributed(
+    device: str = "auto", backend: str = "auto", device_key: str = "train.device"
+) -> DistInfo:
+    """Join the process group torchrun describes in the environment (no-op for a single process).
+    `device_key` names the device setting in errors (see `pick_device`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = pick_device(device, local_rank, device_key)
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
