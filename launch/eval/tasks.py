@@ -123,25 +123,38 @@ KINDS = ("multiple_choice", "generative", "text")
 # The registry
 
 
+# Fields that hold labels, answers or option lists rather than text: the formats check these
+# themselves (`label_index`, `_answer_list`, `_choices`, `_strings`). Every other field a format
+# reads goes into a prompt, where a number or null would silently become "123" or "None".
+STRUCTURED_FIELDS = frozenset({"label", "answer", "answerKey", "choices", "endings"})
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     kind: str
     parse: Callable[[dict], Example]
     fields: tuple[str, ...]  # named in error messages
+    structured: frozenset[str] = frozenset()  # fields that are not text (labels, answers, option lists)
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def register_format(name: str, kind: str, fields: tuple[str, ...]) -> Callable:
+def register_format(
+    name: str, kind: str, fields: tuple[str, ...], structured: tuple[str, ...] | None = None
+) -> Callable:
+    """`structured`: the row fields that are not text (default: STRUCTURED_FIELDS); every other
+    field the format reads must be a string (`TextRow`)."""
     if kind not in KINDS:
         raise ValueError(f"format kind {kind!r}: expected one of {', '.join(KINDS)}")
 
     def decorate(fn: Callable[[dict], Example]) -> Callable[[dict], Example]:
         if name in FORMATS:
             raise ValueError(f"format {name!r} is already registered")
-        FORMATS[name] = Format(name, kind, fn, fields)
+        FORMATS[name] = Format(
+            name, kind, fn, fields, STRUCTURED_FIELDS if structured is None else frozenset(structured)
+        )
         return fn
 
     return decorate
@@ -379,12 +392,6 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-# Fields that hold labels, answers or option lists rather than text: the formats check these
-# themselves (`label_index`, `_answer_list`, `_choices`, `_strings`). Every other field a format
-# reads goes into a prompt, where a number or null would silently become "123" or "None".
-STRUCTURED_FIELDS = frozenset({"label", "answer", "answerKey", "choices", "endings"})
-
-
 class FieldTypeError(ValueError):
     def __init__(self, key: str, value: Any, what: str = "a string"):
         shown = "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
@@ -395,9 +402,13 @@ class TextRow(dict):
     """A JSONL row as the formats read it: a text field that is not a string fails naming the
     field. This is the one place the check lives, so a new format gets it without writing it."""
 
+    def __init__(self, row: dict, structured: frozenset[str] = STRUCTURED_FIELDS):
+        super().__init__(row)
+        self.structured = structured
+
     def __getitem__(self, key: str) -> Any:
         value = super().__getitem__(key)
-        if key not in STRUCTURED_FIELDS and not isinstance(value, str):
+        if key not in self.structured and not isinstance(value, str):
             raise FieldTypeError(key, value)
         return value
 
@@ -418,7 +429,7 @@ def parse_rows(fmt: Format, path: Path) -> list[Example]:
     examples = []
     for lineno, row in read_jsonl(path):
         try:
-            examples.append(fmt.parse(TextRow(row)))
+            examples.append(fmt.parse(TextRow(row, fmt.structured)))
         except FieldTypeError as e:
             raise UserError(f"{path}:{lineno}: bad {fmt.name} row: {e}") from None
         except KeyError as e:
