@@ -189,6 +189,19 @@ def grow_model(model: Transformer, g: GrowConfig, seed: int) -> dict[str, Any]:
         )
     except (ValueError, TypeError) as e:
         raise ConfigError(f"grow: {e}") from None
+    base = len(model.layers)
+    if spec["depth"] <= base:
+        # Any strategy can be asked for a depth (or an explicit mapping, or solar_dus's m) that keeps
+        # or drops blocks; that is pruning, not growth, and was once reported as "-30% growth".
+        asked = (
+            f"grow.depth={g.depth}"
+            if g.depth is not None
+            else f"grow.strategy={g.strategy} with these options"
+        )
+        raise ConfigError(
+            f"{asked} gives {spec['depth']} layers, not more than the source's {base}: launch.grow only deepens "
+            f"a model (pass grow.depth > {base}, or leave it unset for {2 * base})"
+        )
     model.layers = new_layers
     model.cfg = dataclasses.replace(model.cfg, n_layers=spec["depth"])
     return spec

@@ -24,23 +24,45 @@ def _schema_fields(schema: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
 
 
-def check_keys(data: Any, schema: type, source: str, prefix: str = "") -> None:
+def _all_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema, sections included (`device`, `eval.limit`, `train.device`)."""
+    keys = []
+    for name, sub in _schema_fields(schema).items():
+        keys.append(f"{prefix}{name}")
+        if dataclasses.is_dataclass(sub):
+            keys += _all_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def _did_you_mean(full: str, root: type) -> str:
+    """The schema's keys with the same last name as an unknown key: `launch.eval eval.device=cuda`
+    is a misplaced `device=cuda`, and saying so beats a list of the wrong section's keys."""
+    leaf = full.rsplit(".", 1)[-1]
+    same = [k for k in _all_keys(root) if k.rsplit(".", 1)[-1] == leaf and k != full]
+    return f" (did you mean {' or '.join(repr(k) for k in same)}?)" if same else ""
+
+
+def check_keys(data: Any, schema: type, source: str, prefix: str = "", root: type | None = None) -> None:
     """Fail on the first key of `data` the dataclass `schema` does not declare."""
     if not isinstance(data, dict | DictConfig):
         return
+    root = schema if root is None else root
     fields = _schema_fields(schema)
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in fields:
             where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
-            raise ConfigError(f"unknown key '{full}' in {source}; valid keys {where}: {', '.join(fields)}")
+            raise ConfigError(
+                f"unknown key '{full}' in {source}{_did_you_mean(full, root)}; valid keys {where}: "
+                f"{', '.join(fields)}"
+            )
         sub = fields[key]
         if dataclasses.is_dataclass(sub):
             if value is not None and not isinstance(value, dict | DictConfig):
                 raise ConfigError(
                     f"'{full}' in {source} must be a mapping of {', '.join(_schema_fields(sub))}"
                 )
-            check_keys(value, sub, source, prefix=f"{full}.")
+            check_keys(value, sub, source, prefix=f"{full}.", root=root)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:

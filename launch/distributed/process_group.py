@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,21 +30,26 @@ class DistInfo:
         return self.world > 1
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int, key: str = "train.device") -> torch.device:
+    """`key` is how the calling command spells the setting (`train.device` for launch.train, `device`
+    for launch.eval), so the error names a key the user can actually pass."""
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but CUDA is not available (use train.device=cpu or auto)")
+            raise UserError(f"{key}=cuda but CUDA is not available (use {key}=cpu or {key}=auto)")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes in the environment (no-op for a single process)."""
+def init_distributed(
+    device: str = "auto", backend: str = "auto", device_key: str = "train.device"
+) -> DistInfo:
+    """Join the process group torchrun describes in the environment (no-op for a single process).
+    `device_key` names the device setting in errors (see `pick_device`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
+    dev = pick_device(device, local_rank, device_key)
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -51,29 +57,99 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
-def destroy() -> None:
+def destroy(barrier: bool = True) -> None:
+    """Leave the process group. `barrier=False` on the way out of an error: a peer may be gone, and
+    a barrier would then fail again (burying the first error) or wait for it."""
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone (killed, OOM,
+# its node lost). Matched on the message: torch raises a plain RuntimeError for most of them.
+_PEER_GONE = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "connection refused",
+    "remote process exited",
+    "ncclremoteerror",
+    "socket timeout",
+)
+PEER_LOST_EXIT = 3  # not 2 (bad input) and not 1 (a bug): the run is intact, re-run to resume it
+
+
+def lost_peer_message(exc: BaseException, rank: int, world: int) -> str | None:
+    """One line for a collective that failed because another rank died, else None. The dead rank
+    is named when it is knowable: with two ranks it is the other one; gloo names only an address."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, RuntimeError) and any(m in text for m in _PEER_GONE):
+            who = f"rank {1 - rank}" if world == 2 else "a peer rank"
+            return (
+                f"rank {rank}: {who} was lost (its process died or its node went away) during a collective; "
+                f"this rank stops too. Re-run the same command to resume from the last checkpoint "
+                f"(look for the first failure in the lost rank's log)"
+            )
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def run_torchrun_cli(main) -> None:
     """`launch.errors.run_cli(main)`, then, under torchrun (after the process group is destroyed and
     every file closed), exit without the interpreter's teardown: torch's C++ background threads have
     been seen to abort a finished run there ("terminate called without an active exception", -6)."""
-    import sys
-
     from launch.runtime.errors import run_cli
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        watch_parent()
     try:
         run_cli(main)
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if world > 1:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
         raise
+    except Exception as e:
+        # A dead peer surfaces in whichever collective came next, as a gloo/NCCL traceback on
+        # every survivor: say it in one line instead (LAUNCH_TRACEBACK=1 keeps the traceback).
+        message = lost_peer_message(e, int(os.environ.get("RANK", "0")), world) if world > 1 else None
+        if message is None or os.environ.get("LAUNCH_TRACEBACK"):
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(PEER_LOST_EXIT)  # no teardown: torch's threads may still wait on the dead peer
+
+
+def watch_parent() -> None:
+    """Under torchrun: a SIGTERM when the launcher dies, even by SIGKILL (Linux PR_SET_PDEATHSIG).
+
+    Without it a `kill -9` of torchrun leaves its workers training as orphans, holding the run
+    directory's lock and the accelerators. The SIGTERM goes through the trainer's pre-emption path:
+    every rank receives it, so they checkpoint at the same step boundary and exit (before training
+    starts the default action applies: they exit at once). Not set for a plain `python -m` process,
+    whose parent (a shell, srun) dying is not a reason to stop."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # no prctl (an unusual libc): nothing to watch with, the old behaviour stays
+    if os.getppid() != parent or parent == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def barrier() -> None:

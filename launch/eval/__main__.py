@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"dtype={args.dtype!r}: expected one of {', '.join(DTYPES)}")
     validate_eval(args.eval)
     check_output_path(args.out)  # fail now, not after the evaluation
-    info = init_distributed(args.device)
+    info = init_distributed(args.device, device_key="device")
     try:
         loaded = load_checkpoint(args.checkpoint, info.device, DTYPES[args.dtype])
         tasks = list(args.tasks or args.eval.tasks or loaded.config.eval.tasks)

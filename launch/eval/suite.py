@@ -36,6 +36,7 @@ from launch.eval.tasks import (
     text_documents,
 )
 from launch.models.generate import generate
+from launch.runtime.errors import UserError
 
 
 @dataclass
@@ -128,7 +129,9 @@ def _scored_ids(tokenizer: Tokenizer, doc: Document | TokenDocument) -> tuple[li
     return ids, None
 
 
-def evaluate_text(ctx: _Ctx, docs: Iterable[Document | TokenDocument], limit: int | None) -> TaskResult:
+def evaluate_text(
+    ctx: _Ctx, docs: Iterable[Document | TokenDocument], limit: int | None, source: str = ""
+) -> TaskResult:
     """Perplexity over documents, each encoded BOS + text (`Tokenizer.encode_prompt`) and scored in windows
     of the model's context (see `rolling_windows`; `eval.text_stride` slides them). `limit` caps
     the number of windows. bits_per_byte = total NLL / ln 2 / UTF-8 bytes of the scored text.
@@ -166,14 +169,10 @@ def evaluate_text(ctx: _Ctx, docs: Iterable[Document | TokenDocument], limit: in
     if pending:
         score(pending)
     if tokens == 0:
-        return TaskResult(
-            {
-                "nll_per_token": float("nan"),
-                "ppl": float("nan"),
-                "bits_per_byte": float("nan"),
-                "tokens": 0,
-                "n": 0,
-            }
+        # Perplexity over nothing is NaN, which once went out as a result with exit status 0.
+        where = f" ({source})" if source else ""
+        raise UserError(
+            f"task {ctx.name}{where}: no text to score ({n_docs} documents, all empty); give a file with text"
         )
     per_token = nll / tokens
     return TaskResult(
@@ -190,7 +189,8 @@ def evaluate_text(ctx: _Ctx, docs: Iterable[Document | TokenDocument], limit: in
 
 def evaluate_task(ctx: _Ctx, task: TaskSpec) -> TaskResult:
     if task.format.kind == "text":
-        return evaluate_text(ctx, text_documents(task, ctx.tokenizer), ctx.cfg.limit)
+        source = str(task.path) if task.path is not None else "the bundled plays"
+        return evaluate_text(ctx, text_documents(task, ctx.tokenizer), ctx.cfg.limit, source)
     examples = load_examples(task)
     shots, examples = split_shots(task, examples, ctx.cfg.shots)
     if ctx.cfg.limit is not None:

@@ -17,6 +17,7 @@ from memory-mapped shards, one at a time).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -122,25 +123,38 @@ KINDS = ("multiple_choice", "generative", "text")
 # The registry
 
 
+# Fields that hold labels, answers or option lists rather than text: the formats check these
+# themselves (`label_index`, `_answer_list`, `_choices`, `_strings`). Every other field a format
+# reads goes into a prompt, where a number or null would silently become "123" or "None".
+STRUCTURED_FIELDS = frozenset({"label", "answer", "answerKey", "choices", "endings"})
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     kind: str
     parse: Callable[[dict], Example]
     fields: tuple[str, ...]  # named in error messages
+    structured: frozenset[str] = frozenset()  # fields that are not text (labels, answers, option lists)
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def register_format(name: str, kind: str, fields: tuple[str, ...]) -> Callable:
+def register_format(
+    name: str, kind: str, fields: tuple[str, ...], structured: tuple[str, ...] | None = None
+) -> Callable:
+    """`structured`: the row fields that are not text (default: STRUCTURED_FIELDS); every other
+    field the format reads must be a string (`TextRow`)."""
     if kind not in KINDS:
         raise ValueError(f"format kind {kind!r}: expected one of {', '.join(KINDS)}")
 
     def decorate(fn: Callable[[dict], Example]) -> Callable[[dict], Example]:
         if name in FORMATS:
             raise ValueError(f"format {name!r} is already registered")
-        FORMATS[name] = Format(name, kind, fn, fields)
+        FORMATS[name] = Format(
+            name, kind, fn, fields, STRUCTURED_FIELDS if structured is None else frozenset(structured)
+        )
         return fn
 
     return decorate
@@ -167,7 +181,8 @@ def _choices(row: dict) -> tuple[list[str], list[str]]:
     choices = row["choices"]
     if not isinstance(choices, dict) or "text" not in choices or "label" not in choices:
         raise ValueError("'choices' must be an object with lists 'text' and 'label'")
-    return [str(t) for t in choices["text"]], [str(lab) for lab in choices["label"]]
+    # Labels may be numbers ("1".."4" or 1..4); texts go into the prompt and must be text.
+    return _strings("choices.text", choices["text"]), [str(lab) for lab in choices["label"]]
 
 
 @register_format("piqa", "multiple_choice", fields=("goal", "sol1", "sol2", "label"))
@@ -198,7 +213,8 @@ def hellaswag(row: dict) -> MultipleChoice:
     if label in ("", None):
         raise ValueError("label is empty (the public test split is unlabelled: use the validation split)")
     context = _hellaswag_clean(ctx)
-    return MultipleChoice([(context, " " + _hellaswag_clean(e)) for e in row["endings"]], label_index(label))
+    endings = _strings("endings", row["endings"])
+    return MultipleChoice([(context, " " + _hellaswag_clean(e)) for e in endings], label_index(label))
 
 
 @register_format("boolq", "multiple_choice", fields=("question", "passage", "answer|label"))
@@ -251,7 +267,7 @@ def _answer_list(value: Any) -> list[str]:
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    raise ValueError(f"'answer' must be a string or a list of strings, got {type(value).__name__}")
+    raise FieldTypeError("answer", value, "a string or a list of strings")
 
 
 @register_format("nq_open", "generative", fields=("question", "answer"))
@@ -264,7 +280,13 @@ def triviaqa(row: dict) -> QA:
     answer = row["answer"]
     if not isinstance(answer, dict):
         raise ValueError("'answer' must be an object with 'value' and 'aliases'")
-    golds = [answer["value"], *answer.get("aliases", []), *answer.get("normalized_aliases", [])]
+    if not isinstance(answer["value"], str):
+        raise FieldTypeError("answer.value", answer["value"])
+    golds = [
+        answer["value"],
+        *_strings("answer.aliases", answer.get("aliases", [])),
+        *_strings("answer.normalized_aliases", answer.get("normalized_aliases", [])),
+    ]
     return QA(row["question"], list(dict.fromkeys(golds)))
 
 
@@ -383,13 +405,48 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+class FieldTypeError(ValueError):
+    def __init__(self, key: str, value: Any, what: str = "a string"):
+        shown = "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+        super().__init__(f"field '{key}' must be {what}, got {shown}")
+
+
+class TextRow(dict):
+    """A JSONL row as the formats read it: a text field that is not a string fails naming the
+    field. This is the one place the check lives, so a new format gets it without writing it."""
+
+    def __init__(self, row: dict, structured: frozenset[str] = STRUCTURED_FIELDS):
+        super().__init__(row)
+        self.structured = structured
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if key not in self.structured and not isinstance(value, str):
+            raise FieldTypeError(key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Optional fields (`row.get`): absent or null is the default; anything else is checked."""
+        return default if super().get(key) is None else self[key]
+
+
+def _strings(key: str, values: Any) -> list[str]:
+    """A structured field that must be a list of strings (hellaswag endings, ARC choice texts)."""
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        bad = values if not isinstance(values, list) else next(v for v in values if not isinstance(v, str))
+        raise FieldTypeError(key, bad, "a list of strings")
+    return values
+
+
 def parse_rows(fmt: Format, path: Path, rows: Iterator[tuple[int, dict]] | None = None) -> list[Example]:
     """Examples of `rows` ((line or row number, row) pairs; default: the JSONL file `path`)."""
     examples = []
     sep = ":" if rows is None else ": row "
     for lineno, row in read_jsonl(path) if rows is None else rows:
         try:
-            examples.append(fmt.parse(row))
+            examples.append(fmt.parse(TextRow(row, fmt.structured)))
+        except FieldTypeError as e:
+            raise UserError(f"{path}{sep}{lineno}: bad {fmt.name} row: {e}") from None
         except KeyError as e:
             raise UserError(
                 f"{path}{sep}{lineno}: {fmt.name} row is missing field {e}; expected fields {', '.join(fmt.fields)}"

@@ -28,8 +28,10 @@ def main(argv: list[str]) -> int:
             Trainer(cfg, info).fit()
         finally:
             lock.release()
-    finally:
-        destroy()
+    except BaseException:
+        destroy(barrier=False)  # a failed rank's peers may be gone: no barrier to hang on or re-fail in
+        raise
+    destroy()
     return 0
 
 

@@ -221,6 +221,13 @@ class MetricsLogger:
                 flush=True,
             )
 
+    def has_record(self, step: int, key: str) -> bool:
+        """Whether metrics.jsonl holds a record of `step` with `key` (rank 0; False elsewhere)."""
+        if not self.enabled or not self.path.is_file():
+            return False
+        records, _ = split_torn(self.path.read_text(errors="replace"))
+        return any(r.get("step") == step and key in r for r in records)
+
     def _rewrite(self, records: list[dict]) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -148,6 +148,17 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         check_resume_steps(cfg.train.steps, self.step, self.resume_from)
+        if self._already_finished():
+            # Nothing to train and the final validation is on record: re-running it would only append
+            # a duplicate record to metrics.jsonl on every re-run. Nothing in the run dir is touched.
+            if self.info.is_main:
+                print(
+                    f"already finished at step {self.step} (train.steps={cfg.train.steps}); its final validation "
+                    f"is in {self.metrics.path}: nothing to do (raise train.steps to train further)",
+                    flush=True,
+                )
+            self.metrics.close()
+            return {"step": self.step, "val_loss": None, "unigram_ppl": self.unigram_ppl}
         self._start_run_files()
         preempt, bar = Preemption(), self._progress_bar()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -219,6 +230,16 @@ class Trainer:
                 flush=True,
             )
         return summary
+
+    def _already_finished(self) -> bool:
+        """A resumed run already at train.steps whose final validation is logged (or switched off).
+        A run killed during its final validation is not finished: the re-run validates once."""
+        if self.resume_from is None or self.step < self.cfg.train.steps:
+            return False
+        wanted = self.validator.val is not None and bool(self.validator.final_sequences)
+        done = not wanted or self.metrics.has_record(self.step, "final_val_loss")
+        # Only rank 0 reads metrics.jsonl, and every rank must take the same branch (validation is collective).
+        return any_rank(done, self.info.device) if self.info.enabled else done
 
     def _preempted(self, preempt: Preemption) -> bool:
         """Whether any rank got SIGTERM: all of them save and stop at the same step."""

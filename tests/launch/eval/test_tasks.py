@@ -169,7 +169,7 @@ def test_split_shots_file_or_held_out():
 
 
 def test_adding_a_format_is_one_registered_function(tmp_path):
-    @register_format("_test_yesno", "multiple_choice", fields=("q", "a"))
+    @register_format("_test_yesno", "multiple_choice", fields=("q", "a"), structured=("a",))
     def _yesno(row):
         return MultipleChoice([(row["q"], " no"), (row["q"], " yes")], int(row["a"]))
 
