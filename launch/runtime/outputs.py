@@ -203,8 +203,7 @@ def check_run_dir(run_dir: str | Path, key: str = "run.dir") -> Path:
     """launch.train's run.dir: new, empty, a run directory, or a directory holding none of the names a
     run writes (a sweep's log next to it); never inside a checkpoint or another run's own files. Checked
     before the lock file is created, so a refused directory is left exactly as it was."""
-    path = Path(run_dir).absolute()
-    _check_not_file(path, key)
+    path = Path(run_dir).absolute()  # a file in the way is make_run_dir's one line
     why = protected_owner(path, allow_run=True)
     if why:
         raise UserError(f"{key}={run_dir} {why}: a run directory must be new, empty or an earlier run's")
