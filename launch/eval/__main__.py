@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"dtype={args.dtype!r}: expected one of {', '.join(DTYPES)}")
     validate_eval(args.eval)
     if args.out:  # the safe-output rule (launch.runtime.outputs), checked now, not after the evaluation
-        check_output_dir(args.out, command=COMMAND, overwrite=args.overwrite, sources=[args.checkpoint])
+        check_output_dir(args.out, command=COMMAND, overwrite=args.overwrite)
     info = init_distributed(args.device)
     try:
         loaded = load_checkpoint(args.checkpoint, info.device, DTYPES[args.dtype])
@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
             if args.out:
-                sources = [args.checkpoint, loaded.path]
+                # The checkpoint read, not its run: RUN/eval (README, launch.sweep) is a place of its own.
+                sources = [loaded.path]
                 with output_dir(args.out, command=COMMAND, overwrite=args.overwrite, sources=sources) as tmp:
                     name = write_results(tmp, results, header, text).name
                 print(f"wrote {Path(args.out) / name}", flush=True)
