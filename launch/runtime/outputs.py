@@ -43,6 +43,8 @@ RUN_OWNED = (
     "wandb",
     "wandb_id",
 )
+# What a trainer rewrites in its run.dir whatever is there: a non-run directory holding one is refused.
+_RUN_REWRITES = ("config.yaml", "metrics.jsonl", "tensorboard", "wandb_id")
 _RUN_FILES = ("run.lock", "metrics.jsonl")  # a directory holding one of these is a run directory
 _CHECKPOINT_FILES = ("manifest.json", "trainer_state.json")  # ... and one of these a checkpoint
 _STEP_DIR = re.compile(r"^step_\d+$")
@@ -208,7 +210,8 @@ def check_run_dir(run_dir: str | Path, key: str = "run.dir") -> Path:
     if why:
         raise UserError(f"{key}={run_dir} {why}: a run directory must be new, empty or an earlier run's")
     if path.is_dir() and not is_run_dir(path):
-        clash = sorted(n for n in RUN_OWNED if (path / n).exists())
+        # Inputs a run may be given in place (data_cache/, tokenizer.model) are not in the way.
+        clash = sorted(n for n in _RUN_REWRITES if (path / n).exists())
         if clash:
             raise UserError(
                 f"{key}={run_dir} is not a run directory but holds {', '.join(clash)}, which a run would "
