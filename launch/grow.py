@@ -285,7 +285,7 @@ def grow_checkpoint(
     out = check_output_dir(out, command=COMMAND, overwrite=overwrite, sources=(checkpoint, source))
     run_dir = Path(run_dir).absolute() if run_dir else out.with_name(out.name + "_run")
 
-    src = load_checkpoint(source)
+    src = load_checkpoint(checkpoint)  # re-resolved if the run prunes `source` meanwhile
     model, base_cfg, previous_spec = plain_base(src)
     base_params = model.num_params()
     model.train()

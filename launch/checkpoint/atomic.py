@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import threading
 from pathlib import Path
 
-from launch.runtime.errors import UserError
+from launch.runtime.errors import (  # noqa: F401 (ignore_file_size_signal is re-exported)
+    UserError,
+    describe_os_error,
+    ignore_file_size_signal,
+    root_cause,
+)
 
 
 def fsync_tree(path: Path) -> None:
@@ -39,33 +42,18 @@ def commit_directory(tmp: Path, final: Path) -> None:
 
 
 def write_failure(final: Path, e: BaseException) -> UserError:
-    """One line naming the file and the reason a checkpoint write failed (disk full, quota, EFBIG)."""
-    lines = str(e).strip().splitlines()
-    reason = getattr(e, "strerror", None) or (lines[0] if lines else type(e).__name__)
-    where = getattr(e, "filename", None) or final
-    return UserError(
-        f"cannot write checkpoint {final} ({where}: {reason}); the previous checkpoints are kept"
-    )
+    """One line naming the file, the reason and the errno a checkpoint write failed with (disk full,
+    quota, EFBIG), whatever wrapped it: DCP's CheckpointException is unwrapped to its OSError."""
+    cause = root_cause(e)
+    if isinstance(cause, OSError):
+        what = describe_os_error(cause) if cause.filename else f"{final}: {describe_os_error(cause)}"
+    else:
+        lines = str(cause).strip().splitlines()
+        what = f"{final}: {lines[0] if lines else type(cause).__name__}"
+    return UserError(f"cannot write checkpoint {final} ({what}); the previous checkpoints are kept")
 
 
-def ignore_file_size_signal() -> None:
-    """Under `ulimit -f` a write past the limit then fails with EFBIG (named in one line, earlier
-    checkpoints kept) instead of killing the process with SIGXFSZ. Only the main thread may set it."""
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
-def root_cause(e: BaseException) -> BaseException:
-    """The first OSError inside DCP's CheckpointException (which collects every rank's failure)."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict):
-        for f in failures.values():
-            inner = getattr(f, "exception", f)  # _WrappedException or the exception itself
-            if isinstance(inner, BaseException):
-                return root_cause(inner)
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return e
+def is_write_error(e: BaseException) -> bool:
+    """What a failed checkpoint write raises: an OSError, torch.save's RuntimeError for a short write,
+    or DCP's CheckpointException (a BaseException, so `except Exception` misses it)."""
+    return isinstance(e, OSError | RuntimeError) or type(e).__name__ == "CheckpointException"

@@ -47,7 +47,7 @@ from launch.checkpoint.atomic import (
     commit_directory,
     fsync_tree,
     ignore_file_size_signal,
-    root_cause,
+    is_write_error,
     write_failure,
 )
 from launch.checkpoint.paths import checkpoint_dir, latest_intact, step_dirs
@@ -90,9 +90,12 @@ class Checkpointer:
         """Every step_N directory (complete or not), oldest first."""
         return step_dirs(self.run_dir)
 
-    def latest_intact(self, warn: bool = True) -> Path | None:
-        """The newest checkpoint whose files match its manifest (launch.checkpoint.paths.latest_intact)."""
-        return latest_intact(self.run_dir, warn)
+    def latest_intact(
+        self, warn: bool = True, expected: dict | None = None, skipped: dict[Path, str] | None = None
+    ) -> Path | None:
+        """The newest checkpoint whose files match its manifest and whose content is usable (fits the
+        `expected` model shapes when given); launch.checkpoint.paths.latest_intact."""
+        return latest_intact(self.run_dir, warn, expected, skipped)
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -147,8 +150,8 @@ class Checkpointer:
                     self.last_save_blocking_s = time.perf_counter() - t0
                     return final
                 dcp.save(flat, storage_writer=writer, no_dist=not coll.is_distributed())
-        except Exception as e:  # noqa: BLE001 (DCP wraps OSErrors from any rank in CheckpointException)
-            self._raise_if_failed(str(write_failure(final, root_cause(e))), tmp)
+        except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+            self._fail_write(e, final, tmp)
         if fault("crash_in_save", step):
             os.kill(os.getpid(), 9)  # simulates a node dying halfway through the write
         self._commit(tmp, final)
@@ -163,8 +166,8 @@ class Checkpointer:
         self._pending = None
         try:
             fut.result()
-        except Exception as e:  # noqa: BLE001
-            self._raise_if_failed(str(write_failure(final, root_cause(e))), tmp)
+        except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+            self._fail_write(e, final, tmp)
         if fault("crash_in_save", step):
             os.kill(os.getpid(), 9)
         self._commit(tmp, final)
@@ -195,6 +198,15 @@ class Checkpointer:
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+
+    def _fail_write(self, e: BaseException, final: Path, tmp: Path) -> None:
+        """A DCP write that raised: a write error (a full disk, EFBIG, whichever rank) becomes one line
+        naming the path and errno; anything else keeps its traceback. The temp directory goes either way."""
+        if not is_write_error(e):
+            if coll.rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise e
+        self._raise_if_failed(str(write_failure(final, e)), tmp)
 
     def _raise_if_failed(self, err: str | None, tmp: Path) -> None:
         errs = [e for e in coll.all_ranks(err) if e]
@@ -337,6 +349,8 @@ def write_model_checkpoint(
             )
             manifest.write_manifest(tmp, manifest.digest_files(tmp, manifest.all_files(tmp)))
             fsync_tree(tmp)
-        except (OSError, RuntimeError) as e:  # torch.save/DCP report a short write as RuntimeError
-            raise write_failure(out, e) from None
+        except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
+            if not is_write_error(e):
+                raise
+            raise write_failure(out, e) from None  # output_dir removes the temp directory
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from launch.checkpoint.paths import resolve_checkpoint
-from launch.checkpoint.read import checkpoint_problem, read_model_state, read_trainer_state
+from launch.checkpoint.read import TRAINER_STATE, checkpoint_problem, read_model_state, read_trainer_state
 from launch.config import Config, config_from_file
 from launch.data.tokenizer import Tokenizer
 from launch.models.build import build_model
@@ -36,8 +36,34 @@ def load_config_of(path: Path) -> Config:
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedCheckpoint:
-    """Model (eval mode), tokenizer and config of a checkpoint dir (or a run dir: its latest)."""
-    path = resolve_checkpoint(path)
+    """Model (eval mode), tokenizer and config of a checkpoint dir (or a run dir: its latest).
+
+    A training run may prune the checkpoint while it is being read (evaluating a live run): whatever
+    the read then fails on (a shard, the tokenizer), the failure is reported as the pruning it is,
+    and for a run directory the newest checkpoint is taken again."""
+    given_run_dir = not (Path(path) / TRAINER_STATE).is_file()
+    for _attempt in range(_PRUNE_RETRIES):
+        ckpt = resolve_checkpoint(path)
+        try:
+            return _load(ckpt, device, dtype)
+        except (UserError, OSError):
+            if ckpt.is_dir():
+                raise
+            if not given_run_dir:
+                raise UserError(
+                    f"checkpoint {ckpt} was pruned (deleted) while it was being read, probably by the run "
+                    "training into it: pass the run directory to read its newest checkpoint"
+                ) from None
+    raise UserError(
+        f"the newest checkpoint of {path} was pruned while being read {_PRUNE_RETRIES} times in a row: "
+        "the run is saving faster than it can be read; read a checkpoint it keeps (train.keep_last) or wait"
+    )
+
+
+_PRUNE_RETRIES = 3
+
+
+def _load(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> LoadedCheckpoint:
     problem = checkpoint_problem(path)  # before its config is trusted to build a model
     if problem:
         raise UserError(f"checkpoint {path} is damaged: {problem}")
@@ -45,7 +71,6 @@ def load_checkpoint(
     model = build_model(cfg)
     read_model_state(path, model)  # any saving world size/layout: DCP assembles full tensors here
     model.to(device=device, dtype=dtype).eval()
-    tok_path = path / "tokenizer.model"
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = Tokenizer(path / "tokenizer.model")
     step = int(read_trainer_state(path).get("step", 0))
     return LoadedCheckpoint(model, tokenizer, cfg, path, step)

@@ -64,11 +64,14 @@ def verify(root: Path, files: dict[str, dict] | None = None, part: tuple[int, in
     i, n = part
     for rel in names[i::n]:
         path = root / rel
-        if not path.is_file():
-            return f"{path}: missing"
-        want = files[rel]
-        if path.stat().st_size != want["bytes"]:
-            return f"{path}: {path.stat().st_size} bytes, expected {want['bytes']} (truncated or overwritten)"
-        if file_digest(path)["sha256"] != want["sha256"]:
-            return f"{path}: checksum mismatch (corrupted)"
+        try:
+            if not path.is_file():
+                return f"{path}: missing"
+            want = files[rel]
+            if path.stat().st_size != want["bytes"]:
+                return f"{path}: {path.stat().st_size} bytes, expected {want['bytes']} (truncated or overwritten)"
+            if file_digest(path)["sha256"] != want["sha256"]:
+                return f"{path}: checksum mismatch (corrupted)"
+        except OSError as e:  # unreadable, or deleted under us (a pruner racing this reader)
+            return f"{path}: unreadable ({e.strerror})"
     return None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from launch.checkpoint.atomic import ignore_file_size_signal
 from launch.checkpoint.collectives import all_ranks, rank, world_size
-from launch.checkpoint.read import TRAINER_STATE, checkpoint_problem
+from launch.checkpoint.read import TRAINER_STATE, checkpoint_problem, usability_problem
 from launch.runtime.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -43,13 +43,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def latest_intact(run_dir: str | Path, warn: bool = True) -> Path | None:
-    """The newest checkpoint whose files match its manifest. A damaged newer one is skipped with a
-    one-line warning; if checkpoints exist but none is intact, a UserError naming the damage.
-    Collective when a process group is up: the ranks split the checksum work."""
+def latest_intact(
+    run_dir: str | Path,
+    warn: bool = True,
+    expected: dict[str, tuple[int, ...]] | None = None,
+    skipped: dict[Path, str] | None = None,
+) -> Path | None:
+    """The newest usable checkpoint: its files match its manifest and its content can be used
+    (launch.checkpoint.read.usability_problem; with `expected`, the configured model's tensor shapes,
+    its tensors fit too). Every newer one is skipped with one warning line naming what is wrong; if
+    checkpoints exist but none is usable, a UserError naming the problems. `skipped` ({path: why})
+    adds checkpoints a caller found unusable while loading them. Collective when a process group is
+    up: the ranks split the checksum work."""
+    skipped = dict(skipped or {})
     damaged: list[str] = []
     for _step, path in reversed(step_dirs(run_dir)):
-        problems = [p for p in all_ranks(checkpoint_problem(path, (rank(), world_size()))) if p]
+        if path in skipped:
+            damaged.append(skipped[path])
+            continue
+        problem = checkpoint_problem(path, (rank(), world_size()))
+        if problem is None and (rank() == 0 or world_size() == 1):
+            problem = usability_problem(path, expected)
+        problems = [p for p in all_ranks(problem) if p]
         if not problems:
             if damaged and warn and rank() == 0:
                 print(
@@ -62,7 +77,7 @@ def latest_intact(run_dir: str | Path, warn: bool = True) -> Path | None:
     if damaged:
         raise UserError(
             f"no intact checkpoint in {checkpoint_dir(run_dir)}: {'; '.join(damaged[:3])}. Delete the damaged checkpoint "
-            "directories to start this run over, or restore them"
+            "directories to start this run over, or restore them (or the run's model config)"
         )
     return None
 

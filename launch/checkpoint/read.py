@@ -38,6 +38,43 @@ def checkpoint_problem(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None
     return manifest.verify(ckpt, files, part)
 
 
+def usability_problem(ckpt: Path, expected: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """What makes a checkpoint whose files match its manifest unusable, or None.
+
+    The manifest only says the files are the ones written; this checks they can be used: a
+    trainer_state.json that parses (with a step), a DCP index that the safe reader accepts, every
+    shard file the index names present and covered by the manifest (a manifest edited to omit a shard
+    verifies otherwise), and, given the configured model's `expected` tensor shapes, tensors that fit
+    it (a foreign or differently-configured model put in checkpoints/)."""
+    try:
+        state = read_trainer_state(ckpt)
+        if not isinstance(state.get("step", 0), int):
+            return f"{ckpt / TRAINER_STATE}: 'step' is not an integer"
+        if not is_dcp_checkpoint(ckpt):
+            return None  # the legacy format carries no manifest or index to cross-check
+        index = ckpt / STATE_DIR / METADATA_FILE
+        listed = manifest.read_manifest(ckpt) or {}
+        for rel in (TRAINER_STATE, f"{STATE_DIR}/{METADATA_FILE}"):
+            if rel not in listed:
+                return f"{ckpt / rel}: not covered by the manifest"
+        meta = read_metadata_file(index)
+        storage = getattr(meta, "storage_data", None) or {}
+        for info in storage.values():
+            rel = f"{STATE_DIR}/{getattr(info, 'relative_path', '')}"
+            if rel not in listed:
+                return f"{ckpt / rel}: named by {index} but not covered by the manifest (removed or tampered)"
+        if expected is not None:
+            entries = tensor_entries(meta)
+            stored = {k[len("model/") :]: s for k, (s, _) in entries.items() if k.startswith("model/")}
+            aliases = checked_aliases(ckpt, state.get("aliases", {}), set(stored))
+            check_shapes(
+                str(ckpt / STATE_DIR), {k: v for k, v in expected.items() if k not in aliases}, stored
+            )
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     """trainer_state.json of either format, as a dict; anything else is one line naming the file."""
     path = ckpt / TRAINER_STATE

@@ -5,17 +5,31 @@ directly: nothing is unpickled, and no second in-memory copy of an HF model is b
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save_file as _save_file
 
 from launch.runtime.errors import UserError
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failure (a full disk, `ulimit -f`) raised as the OSError it
+    is, so the command reports it in one line naming the file instead of a Rust error's traceback."""
+    try:
+        _save_file(tensors, path, metadata=metadata)
+    except Exception as e:  # noqa: BLE001 (SafetensorError is not an OSError; only I/O ones are rewrapped)
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise OSError(n, os.strerror(n), path) from None
 
 
 def parse_size(size: int | str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,8 +21,11 @@ from launch.distributed.process_group import destroy, init_distributed
 from launch.eval.suite import describe_text_task, format_table, run_suite, sample, write_results
 from launch.eval.tasks import parse_task_specs
 from launch.runtime.errors import ConfigError, run_cli
-from launch.runtime.outputs import check_output_path
+from launch.runtime.outputs import check_output_dir, output_dir
 
+COMMAND = (
+    "launch.eval"  # recorded in launch.runtime.outputs.MARKER: overwrite=true replaces only such outputs
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,6 +34,7 @@ class EvalArgs:
     checkpoint: str = ""  # checkpoints/step_N dir, or a run dir (its latest checkpoint)
     tasks: list[str] = field(default_factory=list)  # empty: eval.tasks, else the checkpoint's eval.tasks
     out: str | None = None  # None: print only
+    overwrite: bool = False  # replace an earlier launch.eval output in a non-empty out
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     progress: bool = True  # progress bars
@@ -43,7 +48,8 @@ def main(argv: list[str]) -> int:
     if args.dtype not in DTYPES:
         raise ConfigError(f"dtype={args.dtype!r}: expected one of {', '.join(DTYPES)}")
     validate_eval(args.eval)
-    check_output_path(args.out)  # fail now, not after the evaluation
+    if args.out:  # the safe-output rule (launch.runtime.outputs), checked now, not after the evaluation
+        check_output_dir(args.out, command=COMMAND, overwrite=args.overwrite)
     info = init_distributed(args.device, device_key="device")
     try:
         loaded = load_checkpoint(args.checkpoint, info.device, DTYPES[args.dtype])
@@ -83,8 +89,11 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
             if args.out:
-                path = write_results(args.out, results, header, text)
-                print(f"wrote {path}", flush=True)
+                # The checkpoint read, not its run: RUN/eval (README, launch.sweep) is a place of its own.
+                sources = [loaded.path]
+                with output_dir(args.out, command=COMMAND, overwrite=args.overwrite, sources=sources) as tmp:
+                    name = write_results(tmp, results, header, text).name
+                print(f"wrote {Path(args.out) / name}", flush=True)
     finally:
         destroy()
     return 0

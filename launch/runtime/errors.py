@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -27,6 +29,44 @@ class TrainingError(UserError):
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
+def root_cause(e: BaseException) -> BaseException:
+    """The first OSError behind `e`: inside torch.distributed.checkpoint's CheckpointException (a
+    BaseException collecting every rank's failure, each wrapped) or along the cause/context chain."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for f in failures.values():
+            # DCP wraps each rank's failure as (exception, traceback summary); older versions as an object.
+            inner = f[0] if isinstance(f, tuple) and f else getattr(f, "exception", f)
+            if isinstance(inner, BaseException):
+                cause = root_cause(inner)
+                if isinstance(cause, OSError):
+                    return cause
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return e
+
+
+def describe_os_error(e: OSError) -> str:
+    """'PATH: No space left on device (ENOSPC)': the file and the errno, by name."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    reason = f"{e.strerror or e}" + (f" ({name})" if name else "")
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+def ignore_file_size_signal() -> None:
+    """Under `ulimit -f` a write past the limit then fails with EFBIG (one line, temporaries removed)
+    instead of the process dying from SIGXFSZ with its temp directories left behind. Main thread only."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _is_checkpoint_exception(e: BaseException) -> bool:
+    return type(e).__name__ == "CheckpointException"  # torch's, without importing torch here
+
+
 def _fail(message: str) -> None:
     rank = os.environ.get("RANK", "0")
     prefix = "error" if rank == "0" else f"error (rank {rank})"
@@ -44,6 +84,7 @@ class CliExit(Exception):
 
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    ignore_file_size_signal()  # every command: a write past `ulimit -f` is an error, not a kill
     try:
         code = main(argv)
     except CliExit as e:
@@ -60,10 +101,17 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
         if os.environ.get("LAUNCH_TRACEBACK"):
             raise
         sys.exit(getattr(e, "exit_code", 2))  # 2, or 143 for a SIGTERM turned into a clean stop
-    except OSError as e:
-        if e.errno not in RESOURCE_ERRNOS or os.environ.get("LAUNCH_TRACEBACK"):
+    except BaseException as e:  # noqa: BLE001 (filtered to resource errors below; the rest re-raised)
+        if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
             raise
-        where = f": {e.filename}" if e.filename else ""
-        _fail(f"{e.strerror}{where} (free space or fix the permissions, then re-run)")
+        # torch's CheckpointException wraps the per-rank OSError (a full disk while DCP writes a shard).
+        cause = root_cause(e) if isinstance(e, OSError) or _is_checkpoint_exception(e) else e
+        if (
+            not isinstance(cause, OSError)
+            or cause.errno not in RESOURCE_ERRNOS
+            or os.environ.get("LAUNCH_TRACEBACK")
+        ):
+            raise
+        _fail(f"{describe_os_error(cause)} (free space or fix the permissions, then re-run)")
         sys.exit(2)
     sys.exit(code or 0)

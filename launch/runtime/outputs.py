@@ -1,7 +1,12 @@
-"""Safe outputs for the commands that write a directory or a file (convert, grow, facts, tokenizer).
+"""Safe outputs for every command that writes (convert, grow, eval, facts, tokenizer, and train's run.dir).
 
 The rules, one place for every command:
 - an output that is, contains, or lies inside one of the command's sources is refused up front;
+- an output never lands on or inside a run directory's own files (its checkpoints/, config.yaml,
+  metrics.jsonl, ...) or inside any checkpoint, whichever command made them: they are recognised by
+  their markers, walking up from the output (`protected_owner`), not only by the source named, so
+  `to-hf ... out=RUN/checkpoints/step_99` cannot plant a directory the trainer later takes for a
+  damaged checkpoint, and `eval out=RUN` cannot write into a run;
 - an output path that is (or runs through) a regular file is refused;
 - an existing non-empty output directory is refused unless `overwrite=true`, and even then it is
   replaced only if it carries the marker file this command wrote into it earlier: overwrite=true
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +29,65 @@ from pathlib import Path
 from launch.runtime.errors import UserError
 
 MARKER = ".launch_output.json"  # {"command": ..., "time": ...}: written into every output directory
+
+# What a trainer's run directory holds at its top level (launch.train writes these, and nothing else
+# may): an output at or under one of them would be overwritten, pruned or taken for a checkpoint.
+RUN_OWNED = (
+    "checkpoints",
+    "config.yaml",
+    "metrics.jsonl",
+    "tokenizer.model",
+    "run.lock",
+    "data_cache",
+    "tensorboard",
+    "wandb",
+    "wandb_id",
+)
+# What a trainer rewrites in its run.dir whatever is there: a non-run directory holding one is refused.
+_RUN_REWRITES = ("config.yaml", "metrics.jsonl", "tensorboard", "wandb_id")
+_RUN_FILES = ("run.lock", "metrics.jsonl")  # a directory holding one of these is a run directory
+_CHECKPOINT_FILES = ("manifest.json", "trainer_state.json")  # ... and one of these a checkpoint
+_STEP_DIR = re.compile(r"^step_\d+$")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A trainer's run directory: its lock or metrics file, or a checkpoints/ of step_N directories."""
+    if any((path / f).is_file() for f in _RUN_FILES):
+        return True
+    ckpts = path / "checkpoints"
+    try:
+        return ckpts.is_dir() and any(
+            _STEP_DIR.match(p.name) or p.name.startswith(".tmp_step_") for p in ckpts.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint directory (ours, grow's, from-hf's, or an older format's)."""
+    return any((path / f).is_file() for f in _CHECKPOINT_FILES) or (path / "state" / ".metadata").is_file()
+
+
+def protected_owner(path: Path, *, allow_run: bool = False) -> str | None:
+    """Why writing at `path` would land in a run's or a checkpoint's files, or None.
+
+    Walks up from `path` itself: `path` being a checkpoint, lying inside one, being a run directory
+    (unless `allow_run`: train's own run.dir), being or lying under a run's own entries (RUN_OWNED),
+    or being a step_N under a checkpoints/ directory (where a trainer would look for it)."""
+    path = path.resolve()
+    if path.parent.name == "checkpoints" and _STEP_DIR.match(path.name):
+        return f"is a checkpoint slot of the run {path.parent.parent} (trainers resume from and prune checkpoints/step_N)"
+    for p in (path, *path.parents):
+        if p.is_dir() and is_checkpoint(p):
+            return "is the checkpoint" if p == path else f"lies inside the checkpoint {p}"
+        if p.is_dir() and is_run_dir(p):
+            if p == path:
+                return None if allow_run else "is the run directory"
+            top = path.relative_to(p).parts[0]
+            if top in RUN_OWNED:
+                return f"lies in {p / top}, which the run {p} owns"
+            return None  # a directory of its own next to the run's files (a sweep's eval/, grown/)
+    return None
 
 
 def written_by(path: Path) -> str | None:
@@ -60,6 +125,13 @@ def check_output_dir(
                 f"{key}={out} is, contains or lies inside the source {src}; choose a directory outside it"
             )
     _check_not_file(out, key)
+    # An earlier output of this very command (grow and from-hf write checkpoints) may be replaced.
+    own = overwrite and out.is_dir() and written_by(out) == command
+    why = None if own else protected_owner(out)
+    if why:
+        raise UserError(
+            f"{key}={out} {why}; {command} never writes into runs or checkpoints: choose another directory"
+        )
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(
@@ -121,12 +193,28 @@ def check_output_file(out: str | Path, *, overwrite: bool = False, key: str = "o
     if out.is_dir():
         raise UserError(f"{key}={out} is a directory: expected a file path")
     _check_not_file(out.parent, key)
+    why = protected_owner(out.absolute())
+    if why:
+        raise UserError(f"{key}={out} {why}; choose a path outside runs and checkpoints")
     if out.exists() and not overwrite:
         raise UserError(f"{key}={out} exists; pass overwrite=true to replace it")
     return out
 
 
-def check_output_path(out: str | Path | None, key: str = "out") -> None:
-    """For commands that add files to a directory (launch.eval out=): only refuse a file in the way."""
-    if out:
-        _check_not_file(Path(out).absolute(), key)
+def check_run_dir(run_dir: str | Path, key: str = "run.dir") -> Path:
+    """launch.train's run.dir: new, empty, a run directory, or a directory holding none of the names a
+    run writes (a sweep's log next to it); never inside a checkpoint or another run's own files. Checked
+    before the lock file is created, so a refused directory is left exactly as it was."""
+    path = Path(run_dir).absolute()  # a file in the way is make_run_dir's one line
+    why = protected_owner(path, allow_run=True)
+    if why:
+        raise UserError(f"{key}={run_dir} {why}: a run directory must be new, empty or an earlier run's")
+    if path.is_dir() and not is_run_dir(path):
+        # Inputs a run may be given in place (data_cache/, tokenizer.model) are not in the way.
+        clash = sorted(n for n in _RUN_REWRITES if (path / n).exists())
+        if clash:
+            raise UserError(
+                f"{key}={run_dir} is not a run directory but holds {', '.join(clash)}, which a run would "
+                "overwrite: choose a new or empty directory"
+            )
+    return path

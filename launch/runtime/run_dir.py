@@ -9,6 +9,11 @@
 - `check_resume_steps` refuses a `train.steps` below the step being resumed, before anything in
   the run directory is rewritten.
 - `write_run_file` writes RUN/config.yaml atomically, failing in one line naming the file.
+- `clear_debris`: the lock holder removes what killed writers left behind (half-written checkpoint
+  temp directories, temp files of atomic writes): only the holder may, since nobody else can be
+  writing them, and every requeue does, so repeated crashes never accumulate them.
+- run.dir itself must be new, empty or a run directory (launch.runtime.outputs.check_run_dir),
+  checked before the lock file is created.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 from launch.runtime.errors import UserError
+from launch.runtime.outputs import check_run_dir
 
 LOCK_FILE = "run.lock"
 TOKENIZER_FILE = "tokenizer.model"
@@ -70,7 +76,9 @@ def _holder(lock_path: Path) -> str:
 
 
 def acquire_lock(run_dir: str | Path) -> RunDirLock:
-    """Take RUN/run.lock or fail naming its holder (single process; see `lock_run_dir`)."""
+    """Take RUN/run.lock or fail naming its holder (single process; see `lock_run_dir`); then clear
+    the debris of earlier, dead writers."""
+    check_run_dir(run_dir)
     path = make_run_dir(run_dir)
     lock_path = path / LOCK_FILE
     try:
@@ -105,7 +113,27 @@ def acquire_lock(run_dir: str | Path) -> RunDirLock:
         fd,
         f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(),
     )
+    clear_debris(path)
     return RunDirLock(path, fd)
+
+
+# Temporary names the run's writers use (launch.checkpoint.checkpointer / atomic, write_run_file,
+# install_tokenizer, MetricsLogger): anything matching them in a locked run dir is a dead writer's.
+DEBRIS = ("checkpoints/.tmp_step_*", "checkpoints/.old_step_*", ".*.tmp[0-9]*", "metrics.jsonl.tmp")
+
+
+def clear_debris(run_dir: Path) -> list[Path]:
+    """Remove dead writers' temporaries from a run directory this process has just locked."""
+    removed = []
+    for pattern in DEBRIS:
+        for p in run_dir.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+    return removed
 
 
 def lock_run_dir(run_dir: str | Path, info) -> RunDirLock:

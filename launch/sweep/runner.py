@@ -98,7 +98,13 @@ def plan(sweep: Sweep, run: Run) -> list[Step]:
         steps.append(Step("train", "launch.train", train_args, True))
     if sweep.eval.tasks and not (is_trained(sweep, run) and _evaluated(run_dir, trained_step(run_dir))):
         tasks = "[" + ",".join(sweep.eval.tasks) + "]"
-        args = [f"checkpoint={run_dir}", f"tasks={tasks}", f"out={run_dir / EVAL}", "progress=false"]
+        args = [
+            f"checkpoint={run_dir}",
+            f"tasks={tasks}",
+            f"out={run_dir / EVAL}",
+            "progress=false",
+            "overwrite=true",
+        ]
         steps.append(Step("eval", "launch.eval", [*args, *override_args(sweep.eval.args)], False))
     return steps
 

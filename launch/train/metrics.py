@@ -233,6 +233,17 @@ class MetricsLogger:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.path)
 
+    def set_aside(self) -> Path | None:
+        """A run starting from step 0 over an existing, non-empty metrics.jsonl (its checkpoints were
+        deleted, or none was ever written): move the old records to metrics.jsonl.N, never overwrite them."""
+        if not self.enabled or not self.path.is_file() or self.path.stat().st_size == 0:
+            return None
+        n = 1
+        while (old := self.path.with_name(f"{self.path.name}.{n}")).exists():
+            n += 1
+        os.replace(self.path, old)
+        return old
+
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (after a resume they describe a future that was rolled back)
         and repair a torn tail. The trainer calls this when it (re)starts at `step`."""

@@ -12,6 +12,7 @@ evaluate and save is each component's own decision (`due`); the loop only asks.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from launch.checkpoint import paths as ckpt
 from launch.checkpoint.checkpointer import Checkpointer
 from launch.checkpoint.read import read_trainer_state
-from launch.checkpoint.state import StateAdapter
+from launch.checkpoint.state import StateAdapter, canonical_name
 from launch.config import Config, to_yaml
 from launch.data.run_tokenizer import prepare_tokenizer
 from launch.data.stream import BatchStream, build_datasets
@@ -32,7 +33,7 @@ from launch.distributed.process_group import DistInfo, all_reduce_sum, any_rank
 from launch.eval.suite import TaskEvaluator
 from launch.models.build import active_params, build_model
 from launch.runtime import faults
-from launch.runtime.errors import TrainingError
+from launch.runtime.errors import TrainingError, UserError
 from launch.runtime.preemption import Preemption
 from launch.runtime.run_dir import check_resume_steps, write_run_file
 from launch.train.hooks import StepHooks
@@ -50,8 +51,11 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.run_dir, train.keep_last, async_save=train.async_checkpoint, every=train.ckpt_every
         )
-        # A damaged newest checkpoint: warn and take the one before.
-        self.resume_from = self.checkpointer.latest_intact()
+        # An unusable newest checkpoint (damaged, tampered, another model's): warn and take the one before.
+        with torch.device("meta"):
+            shapes = {canonical_name(k): tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+        self.expected_shapes = shapes
+        self.resume_from = self.checkpointer.latest_intact(expected=shapes)
         init_from = Path(cfg.train.init_from) if cfg.train.init_from and self.resume_from is None else None
         self.init_from = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
         self.tok = prepare_tokenizer(cfg, info, self.resume_from or self.init_from)
@@ -85,7 +89,7 @@ class Trainer:
 
         self.step, self.tokens_seen = 0, 0
         if self.resume_from is not None:
-            self._resume(self.resume_from)
+            self._resume_newest_usable()
         elif self.init_from is not None:
             self.checkpointer.load_weights(self.init_from, self.model, self._state_adapter())
             if not cfg.train.reset_data:
@@ -97,6 +101,23 @@ class Trainer:
 
     def _state_adapter(self) -> StateAdapter:
         return StateAdapter(self.parallel.local_shards())
+
+    def _resume_newest_usable(self) -> None:
+        """Load the newest usable checkpoint. One that passed every check before loading but still fails
+        to load (an index that parses yet does not describe its shards) is skipped like a damaged one;
+        a full load overwrites every tensor a failed one touched. Collective: loads fail on every rank."""
+        skipped: dict[Path, str] = {}
+        while True:
+            try:
+                self._resume(self.resume_from)
+                return
+            except UserError as e:
+                skipped[self.resume_from] = str(e)
+            self.resume_from = self.checkpointer.latest_intact(expected=self.expected_shapes, skipped=skipped)
+            if self.resume_from is None:  # every step_N directory vanished meanwhile
+                raise UserError(
+                    f"no usable checkpoint left in {self.checkpointer.root}: {'; '.join(skipped.values())}"
+                )
 
     def _resume(self, path: Path) -> None:
         trainer_state = self.checkpointer.load(path, self.model, self.optimizers, self._state_adapter())
@@ -258,6 +279,13 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_run_file(self.run_dir, "config.yaml", to_yaml(cfg))
+        if self.resume_from is None and (old := self.metrics.set_aside()) is not None:
+            print(
+                f"warning: starting {self.run_dir} from step 0 (no checkpoint to resume) over an existing "
+                f"metrics.jsonl: its records were moved to {old}",
+                file=sys.stderr,
+                flush=True,
+            )
         self.metrics.truncate_after(self.step)
         total, non_embedding, active = self.param_counts
         print(

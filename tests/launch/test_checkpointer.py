@@ -192,7 +192,9 @@ def test_crafted_metadata_is_refused_without_running_code(tmp_path):
     with pytest.raises(UserError, match="not a plain checkpoint metadata file"):
         read_metadata_file(path / "state" / ".metadata")
     resign(path)  # also through the trainer's and the readers' paths
-    assert ck.latest_intact() == path
+    # Its manifest matches, but its content is unusable: never chosen to resume from.
+    with pytest.raises(UserError, match="no intact checkpoint .*not a plain checkpoint metadata file"):
+        ck.latest_intact()
     with pytest.raises(UserError, match="not a plain checkpoint metadata file"):
         ck.load(path, *trained())
     with pytest.raises(UserError, match="not a plain checkpoint metadata file"):

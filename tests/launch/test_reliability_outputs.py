@@ -1,0 +1,271 @@
+"""Reliability battery, part 3 (issue 33): one test per mechanism, not per symptom.
+
+- the safe-output rule knows runs and checkpoints (launch.runtime.outputs.protected_owner);
+- a write failure inside DCP's writer is one line with the errno, and its temp dir goes;
+- the lock holder removes dead writers' debris, so requeues never accumulate it;
+- resume skips any unusable newest checkpoint; a step-0 restart keeps the old metrics; a reader
+  racing the pruner says so."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.checkpoint import load as ckpt_load
+from launch.checkpoint import manifest
+from launch.checkpoint.read import usability_problem
+from launch.convert import __main__ as convert_cli
+from launch.eval import __main__ as eval_cli
+from launch.grow import main as grow_main
+from launch.runtime.errors import UserError, root_cause
+from launch.runtime.run_dir import LOCK_FILE, acquire_lock
+from launch.train import __main__ as train_cli
+
+from ..conftest import REPO, TINY  # noqa: TID252
+from ._reliability import cli_error, digest
+
+QUICK = ["train.val_every=0", "train.final_val_sequences=4", "train.log_every=1"]
+
+
+def _train(run_dir: Path, *args: str, env: dict | None = None, preexec=None):
+    cmd = [sys.executable, "-m", "launch.train", f"config={TINY}", f"run.dir={run_dir}", *QUICK, *args]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, preexec_fn=preexec, timeout=300
+    )
+
+
+def _resign(ckpt: Path) -> None:
+    manifest.write_manifest(ckpt, manifest.digest_files(ckpt, manifest.all_files(ckpt)))
+
+
+def _one_error_line(stderr: str, *culprits: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, stderr
+    for c in culprits:
+        assert c in lines[0], (c, lines[0])
+    return lines[0]
+
+
+# -- 1. the safe-output rule ------------------------------------------------------------------
+
+
+def test_no_command_writes_into_a_run_a_checkpoint_or_files_it_did_not_write(
+    capsys, tiny_checkpoint, tmp_path
+):
+    run = tiny_checkpoint
+    step = sorted((run / "checkpoints").iterdir())[-1]
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name in ("results.json", "results.md", "config.yaml"):
+        (user / name).write_text(f"my own {name}\n")
+    # Another run and another checkpoint, recognised by their markers (not the source named).
+    other_run, other_ckpt = tmp_path / "other_run", tmp_path / "other_ckpt"
+    other_run.mkdir(), other_ckpt.mkdir()
+    (other_run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (other_ckpt / "trainer_state.json").write_text('{"step": 1}')
+    (user / "sub").mkdir()
+    before_run, before_user = digest(run), digest(tmp_path)
+    slot = run / "checkpoints" / "step_99"
+    cases = [
+        (convert_cli.main, ["to-hf", f"checkpoint={step}", f"out={slot}"], "checkpoint slot"),
+        (
+            grow_main,
+            ["grow.strategy=stack_copy", f"checkpoint={step}", f"out={run / 'checkpoints' / 'step_1'}"],
+            "checkpoint slot",
+        ),
+        (
+            grow_main,
+            [
+                "grow.strategy=stack_copy",
+                f"checkpoint={step}",
+                f"out={tmp_path / 'g' / 'checkpoints' / 'step_50'}",
+            ],
+            "checkpoint slot",
+        ),
+        (
+            eval_cli.main,
+            [f"checkpoint={step}", "tasks=[shakespeare]", f"out={other_run}"],
+            "is the run directory",
+        ),
+        (
+            eval_cli.main,
+            [f"checkpoint={step}", "tasks=[shakespeare]", f"out={other_ckpt}"],
+            "is the checkpoint",
+        ),
+        (
+            eval_cli.main,
+            [f"checkpoint={step}", "tasks=[shakespeare]", f"out={other_ckpt / 'x'}"],
+            "inside the checkpoint",
+        ),
+        (eval_cli.main, [f"checkpoint={step}", "tasks=[shakespeare]", f"out={user}"], "not empty"),
+        (
+            eval_cli.main,
+            [f"checkpoint={step}", "tasks=[shakespeare]", f"out={user}", "overwrite=true"],
+            "not written by",
+        ),
+        (train_cli.main, [f"config={TINY}", f"run.dir={step}"], "checkpoint slot"),
+        (train_cli.main, [f"config={TINY}", f"run.dir={step / 'state'}"], "inside the checkpoint"),
+        (train_cli.main, [f"config={TINY}", f"run.dir={run / 'checkpoints'}"], "which the run"),
+        (train_cli.main, [f"config={TINY}", f"run.dir={user}"], "config.yaml"),
+    ]
+    for main, argv, why in cases:
+        out = next(a.split("=", 1)[1] for a in argv if a.startswith(("out=", "run.dir=")))
+        cli_error(capsys, main, argv, out, why)
+    after_run = digest(run)
+    after_run.pop(LOCK_FILE, None), before_run.pop(LOCK_FILE, None)
+    assert after_run == before_run and digest(tmp_path) == before_user
+    assert not (tmp_path / "g").exists()
+
+
+def test_eval_overwrite_replaces_only_its_own_output(capsys, tiny_checkpoint, tmp_path):
+    out = tmp_path / "ev"
+    argv = [
+        f"checkpoint={tiny_checkpoint}",
+        "tasks=[shakespeare]",
+        "eval.limit=1",
+        "progress=false",
+        f"out={out}",
+    ]
+    with pytest.raises(SystemExit) as e:
+        from launch.runtime.errors import run_cli
+
+        run_cli(eval_cli.main, argv)
+    assert e.value.code == 0 and (out / "results.json").is_file()
+    cli_error(capsys, eval_cli.main, argv, str(out), "overwrite=true")  # a re-run must ask
+    with pytest.raises(SystemExit) as e:
+        run_cli(eval_cli.main, [*argv, "overwrite=true"])
+    assert e.value.code == 0 and (out / "results.md").is_file()
+
+
+# -- 2. write failures inside torch's checkpoint writer ---------------------------------------
+
+
+def test_write_failure_inside_dcp_is_one_line_with_errno_and_no_temp_dir(tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, "train.steps=2").returncode == 0
+    before = digest(run / "checkpoints")
+    limit = 500_000  # the small files fit, the ~1.7 MB shard DCP writes does not: EFBIG inside DCP
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = _train(run, "train.steps=4", "train.ckpt_every=2", preexec=small_files)
+    assert proc.returncode == 2, proc.stderr
+    _one_error_line(proc.stderr, str(run / "checkpoints" / "step_4"), "File too large (EFBIG)")
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+    assert digest(run / "checkpoints") == before
+
+
+def test_root_cause_unwraps_dcp_checkpoint_exception():
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise OSError(28, "No space left on device", "/x/__0_0.distcp")
+    except OSError as e:
+        wrapped = CheckpointException("save failed", {0: _wrap_exception(e)})
+    cause = root_cause(wrapped)
+    assert isinstance(cause, OSError) and cause.filename == "/x/__0_0.distcp"
+
+
+# -- 3. debris of dead writers ----------------------------------------------------------------
+
+
+def test_killed_saves_never_accumulate_temp_dirs(tmp_path):
+    run = tmp_path / "run"
+    for _cycle in range(2):  # each run dies halfway through writing step 2, the next one clears it
+        proc = _train(run, "train.steps=2", env={"LAUNCH_FAULT": "crash_in_save:2"})
+        assert proc.returncode == -9, proc.stderr
+        assert len(list((run / "checkpoints").glob(".tmp_step_*"))) == 1
+    proc = _train(run, "train.steps=2")
+    assert proc.returncode == 0, proc.stderr
+    assert not list((run / "checkpoints").glob(".tmp_step_*"))
+    # Debris is cleared under the lock: a later holder removes it even when no save follows.
+    (run / "checkpoints" / ".tmp_step_7_4242").mkdir()
+    (run / ".config.yaml.tmp4242").write_text("torn")
+    acquire_lock(run).release()
+    assert (
+        not (run / "checkpoints" / ".tmp_step_7_4242").exists()
+        and not (run / ".config.yaml.tmp4242").exists()
+    )
+
+
+# -- 5. fallback on any unusable newest checkpoint --------------------------------------------
+
+
+def _tamper_metadata(ck: Path) -> str:
+    (ck / "state" / ".metadata").write_bytes(b"\x80\x04not a pickle")
+    return ".metadata"
+
+
+def _tamper_shard_and_manifest(ck: Path) -> str:
+    shard = next((ck / "state").glob("*.distcp"))
+    shard.unlink()
+    return shard.name
+
+
+def _tamper_trainer_state(ck: Path) -> str:
+    (ck / "trainer_state.json").write_text('{"step": 4, "tok')
+    return "trainer_state.json"
+
+
+@pytest.mark.parametrize("tamper", [_tamper_metadata, _tamper_shard_and_manifest, _tamper_trainer_state])
+def test_unusable_newest_checkpoint_is_skipped_for_the_newest_usable(tmp_path, tiny_checkpoint, tamper):
+    ck = tmp_path / "ck"
+    newest = sorted((tiny_checkpoint / "checkpoints").iterdir())[-1]
+    shutil.copytree(newest, ck)
+    culprit = tamper(ck)
+    _resign(ck)  # the manifest matches: only the content check can tell
+    problem = usability_problem(ck)
+    assert problem and culprit in problem
+
+
+def test_resume_falls_back_and_a_restart_keeps_old_metrics(tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, "train.steps=4", "train.ckpt_every=2", "train.keep_last=2").returncode == 0
+    _tamper_metadata(run / "checkpoints" / "step_4")
+    _resign(run / "checkpoints" / "step_4")
+    proc = _train(run, "train.steps=4", "train.ckpt_every=2", "train.keep_last=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: skipping damaged checkpoint(s)" in proc.stderr and ".metadata" in proc.stderr
+    assert f"resuming from {run / 'checkpoints' / 'step_2'}" in proc.stdout
+    # Every checkpoint deleted (as the all-damaged error advises): the old metrics are kept aside.
+    old = (run / "metrics.jsonl").read_bytes()
+    shutil.rmtree(run / "checkpoints")
+    proc = _train(run, "train.steps=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "metrics.jsonl.1" in proc.stderr and (run / "metrics.jsonl.1").read_bytes() == old
+
+
+def test_a_foreign_model_in_checkpoints_is_skipped(tmp_path, tiny_checkpoint):
+    newest = sorted((tiny_checkpoint / "checkpoints").iterdir())[-1]
+    assert usability_problem(newest, {"tok_embeddings.weight": (3, 3)}) is not None
+    assert "does not match the configured model" in usability_problem(newest, {"no_such.weight": (1,)})
+
+
+def test_reader_racing_the_pruner(monkeypatch, tmp_path, tiny_checkpoint):
+    run = tmp_path / "run"
+    newest = sorted((tiny_checkpoint / "checkpoints").iterdir())[-1]
+    steps = [run / "checkpoints" / "step_1", run / "checkpoints" / "step_2"]
+    for s in steps:
+        shutil.copytree(newest, s)
+    real = ckpt_load._load
+
+    def pruned_once(path, *a):
+        if path == steps[-1] and path.exists():  # the trainer prunes it halfway through the read
+            shutil.rmtree(path)
+            raise UserError(f"{path / 'tokenizer.model'}: tokenizer file not found")
+        return real(path, *a)
+
+    monkeypatch.setattr(ckpt_load, "_load", pruned_once)
+    assert ckpt_load.load_checkpoint(run).path == steps[0]  # a run dir: its newest, taken again
+    shutil.copytree(steps[0], steps[1])
+    with pytest.raises(UserError, match=r"step_2 was pruned \(deleted\) while it was being read"):
+        ckpt_load.load_checkpoint(steps[1])  # a checkpoint named directly: said as it is
