@@ -35,13 +35,24 @@ import glob
 import gzip
 import io
 import json
-import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from launch.data.corpus import shakespeare_files
+from launch.data.hub import DatasetSource
+from launch.data.rows import (
+    HUB_PREFIX,
+    Segment,
+    as_segments,
+    check_text,
+    dataset_rows,
+    is_saved_dataset,
+    no_column,
+    split_suffix,
+    whole_documents,
+)
 from launch.runtime.errors import UserError
 
 FORMATS = {
@@ -56,14 +67,9 @@ FORMATS = {
 }
 COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
 ENCODING_ERRORS = ("strict", "replace")
-HUB_PREFIX = "hf://"
 # What separates documents in a text file (data.doc_separator): the named modes, else a literal string.
 DOC_SEPARATORS = ("file", "blank_line", "line")
 CHUNK_BYTES = 1 << 20  # a text file is read and encoded in pieces of about this size
-# Splits the usage split ('train' / 'val') into a dataset's split name when the source names none.
-VAL_SPLITS = ("validation", "valid", "val", "test")
-
-Segment = tuple[str, bool, bool]  # (text, starts a document, ends a document)
 
 
 def _format_of(path: Path) -> str | None:
@@ -71,24 +77,6 @@ def _format_of(path: Path) -> str | None:
     if suffixes and suffixes[-1] in COMPRESSION:
         suffixes = suffixes[:-1]
     return FORMATS.get(suffixes[-1]) if suffixes else None
-
-
-def is_saved_dataset(path: str | os.PathLike) -> bool:
-    """A directory written by `Dataset.save_to_disk` (state.json + dataset_info.json) or
-    `DatasetDict.save_to_disk` (dataset_dict.json): recognised by those metadata files, so it is read
-    through `datasets` rather than as a directory of text files (its dataset_info.json is not JSONL)."""
-    path = Path(path)
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
-    )
-
-
-def _split_suffix(source: str) -> tuple[str, str | None]:
-    """'DIR:SPLIT' -> (DIR, SPLIT) when DIR is a saved dataset; else (source, None)."""
-    base, colon, split = source.rpartition(":")
-    if colon and split and "/" not in split and is_saved_dataset(base):
-        return base, split
-    return source, None
 
 
 def resolve_files(source: str, split: str) -> list[Path]:
@@ -281,27 +269,10 @@ def json_object(line: str, path: Path, lineno: int) -> dict:
     return row
 
 
-def check_text(value, where: str, text_field: str) -> str:
-    """A row's text, which must be a string: null, numbers and lists fail naming where and what."""
-    if isinstance(value, str):
-        return value
-    got = "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
-    raise UserError(
-        f"{where}: column {text_field!r} (data.text_field) must hold a string, got {got}; "
-        f"fix the row or point data.text_field at the text column"
-    )
-
-
-def _no_column(where: str, text_field: str, columns) -> UserError:
-    return UserError(
-        f"{where}: no column {text_field!r} (data.text_field); columns are {', '.join(columns) or 'none'}"
-    )
-
-
 def _jsonl_documents(path: Path, text_field: str, errors: str) -> Iterator[str]:
     for lineno, row in json_rows(path, errors):
         if text_field not in row:
-            raise _no_column(f"{path}:{lineno}", text_field, row)
+            raise no_column(f"{path}:{lineno}", text_field, row)
         text = check_text(row[text_field], f"{path}:{lineno}", text_field)
         if text:
             yield text
@@ -316,7 +287,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         raise UserError(f"cannot read {path} as parquet: {str(e).splitlines()[0]}") from None
     columns = pf.schema_arrow.names
     if text_field not in columns:
-        raise _no_column(str(path), text_field, columns)
+        raise no_column(str(path), text_field, columns)
     row = 0
     try:
         batches = pf.iter_batches(columns=[text_field], batch_size=1024)
@@ -331,49 +302,19 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         raise UserError(f"cannot read {path} as parquet: {str(e).splitlines()[0]}") from None
 
 
-def _dataset_rows(ds, where: str, text_field: str) -> Iterator[str]:
-    """The texts of a `datasets` Dataset / IterableDataset, in batches (a Dataset is memory-mapped
-    arrow, an IterableDataset a stream: neither is held whole)."""
-    columns = ds.column_names
-    if columns is not None and text_field not in columns:
-        raise _no_column(where, text_field, columns)
-    row = 0
-    for batch in ds.iter(batch_size=1000):
-        if text_field not in batch:
-            raise _no_column(where, text_field, list(batch))
-        for text in batch[text_field]:
-            row += 1
-            if check_text(text, f"{where}: row {row}", text_field):
-                yield text
-
-
 def _builder_documents(files: list[Path], kind: str, text_field: str) -> Iterator[str]:
     import datasets
 
     for path in files:
         try:
             ds = datasets.load_dataset(kind, data_files=[str(path)], split="train", streaming=True)
-            yield from _dataset_rows(ds, str(path), text_field)
+            yield from dataset_rows(ds, str(path), text_field)
         except UserError:
             raise
         except Exception as e:
             raise UserError(
                 f"cannot read {path} as {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from None
-
-
-def _whole(segments: Iterator[Segment]) -> Iterator[str]:
-    """Segments joined back into documents (for small inputs only: a document is held whole)."""
-    parts: list[str] = []
-    for text, _, last in segments:
-        parts.append(text)
-        if last:
-            yield "".join(parts)
-            parts = []
-
-
-def _as_segments(docs: Iterator[str]) -> Iterator[Segment]:
-    return ((d, True, True) for d in docs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,11 +356,11 @@ class FileSource:
                 if self.kind == "text":
                     yield from _text_segments(path, self.encoding_errors, self.doc_separator)
                 elif self.kind == "jsonl":
-                    yield from _as_segments(_jsonl_documents(path, self.text_field, self.encoding_errors))
+                    yield from as_segments(_jsonl_documents(path, self.text_field, self.encoding_errors))
                 elif self.kind == "parquet":
-                    yield from _as_segments(_parquet_documents(path, self.text_field))
+                    yield from as_segments(_parquet_documents(path, self.text_field))
                 else:
-                    yield from _as_segments(_builder_documents([path], self.kind, self.text_field))
+                    yield from as_segments(_builder_documents([path], self.kind, self.text_field))
             except (
                 EOFError,
                 gzip.BadGzipFile,
@@ -430,178 +371,7 @@ class FileSource:
                 ) from None
 
     def documents(self) -> Iterator[str]:
-        return _whole(self.segments())
-
-
-def parse_hub_name(source: str) -> tuple[str, str | None, str | None, str | None]:
-    """'hf://NAME[/CONFIG][:SPLIT][@REVISION]' -> (NAME, CONFIG, SPLIT, REVISION). NAME is OWNER/NAME
-    (or a bare NAME for the few datasets without an owner); a third path part is the config."""
-    body = source[len(HUB_PREFIX) :]
-    body, at, revision = body.partition("@")
-    body, colon, split = body.partition(":")
-    parts = body.strip("/").split("/")
-    if not parts[0] or len(parts) > 3 or (at and not revision) or (colon and not split):
-        raise UserError(
-            f"data source {source!r}: expected hf://NAME[/CONFIG][:SPLIT][@REVISION], e.g. "
-            f"hf://HuggingFaceFW/fineweb-edu/sample-10BT:train"
-        )
-    name = "/".join(parts[:2])
-    config = parts[2] if len(parts) == 3 else None
-    return name, config, split or None, revision or None
-
-
-def _offline_error(name: str, revision: str | None, why: str) -> UserError:
-    rev = f" --revision {revision}" if revision else ""
-    return UserError(
-        f"hf://{name}: cannot reach the Hugging Face hub ({why}) and no copy is in the local cache; on a "
-        f"machine with network run `huggingface-cli download --repo-type dataset {name}{rev}` (same HF_HOME; "
-        f"then it works offline), or `datasets.load_dataset(...).save_to_disk(DIR)` and use DIR"
-    )
-
-
-def _pick_split(available, wanted: str | None, usage: str, where: str) -> str:
-    available = list(available)
-    if wanted is None:
-        candidates = ("train",) if usage == "train" else VAL_SPLITS
-        wanted = next((s for s in candidates if s in available), None)
-        if wanted is None:
-            raise UserError(
-                f"{where}: no {usage} split among {', '.join(available)}; name one as {where}:SPLIT"
-            )
-    if wanted not in available:
-        raise UserError(f"{where}: no split {wanted!r}; splits are {', '.join(available)}")
-    return wanted
-
-
-@dataclass
-class DatasetSource:
-    """A `datasets` dataset: saved with `save_to_disk` (path) or on the hub (hf://)."""
-
-    source: str
-    usage: str = "train"  # train | val: which split to pick when the source names none
-    text_field: str = "text"
-    name: str = ""
-    config: str | None = None
-    split: str | None = None
-    revision: str | None = None
-    _resolved: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        if self.source.startswith(HUB_PREFIX):
-            self.name, self.config, self.split, self.revision = parse_hub_name(self.source)
-        else:
-            self.name, self.split = _split_suffix(self.source)
-
-    @property
-    def hub(self) -> bool:
-        return self.source.startswith(HUB_PREFIX)
-
-    def describe(self) -> str:
-        return self.source
-
-    def _open_saved(self):
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(self.name)
-        except IndexError:  # datasets cannot load a saved Dataset of zero rows (no arrow files)
-            raise UserError(f"{self.name}: no text (the saved dataset has no rows)") from None
-        except Exception as e:
-            raise UserError(f"cannot read saved dataset {self.name}: {str(e).splitlines()[0]}") from None
-        if isinstance(ds, datasets.DatasetDict):
-            self.split = _pick_split(ds.keys(), self.split, self.usage, self.name)
-            ds = ds[self.split]
-        elif self.split is not None:
-            raise UserError(f"{self.name} is a single saved Dataset: drop the :{self.split} split")
-        self._resolved["fingerprint"] = ds._fingerprint
-        return ds
-
-    def _open_hub(self):
-        import datasets
-
-        kwargs = {"streaming": True, "revision": self.revision}
-        try:
-            ds = datasets.load_dataset(self.name, self.config, **kwargs)
-            self._resolved["revision"] = self.revision or _hub_commit(self.name, self.revision)
-        except (ConnectionError, OSError) as e:
-            # Offline (HF_HUB_OFFLINE=1) or unreachable: a snapshot in the hub cache (huggingface-cli
-            # download) is a local dataset repository; `datasets` reads it as one.
-            local, commit = _cached_snapshot(self.name, self.revision)
-            if local is None:
-                why = "HF_HUB_OFFLINE=1" if _hub_offline() else str(e).splitlines()[0][:120]
-                raise _offline_error(self.name, self.revision, why) from None
-            try:
-                ds = datasets.load_dataset(local, self.config, streaming=True)
-            except Exception as e2:
-                raise UserError(
-                    f"{self.source}: cached copy {local} unreadable: {str(e2).splitlines()[0]}"
-                ) from None
-            self._resolved["revision"] = commit
-        except ValueError as e:  # unknown config / split names
-            raise UserError(f"{self.source}: {str(e).splitlines()[0]}") from None
-        except datasets.exceptions.DatasetNotFoundError as e:
-            raise UserError(f"{self.source}: {str(e).splitlines()[0]}") from None
-        self.split = _pick_split(ds.keys(), self.split, self.usage, self.source)
-        return ds[self.split]
-
-    def open(self):
-        return self._open_hub() if self.hub else self._open_saved()
-
-    def key(self) -> list:
-        return [
-            self.source if self.hub else str(Path(self.name).resolve()),
-            self.config,
-            self.split,
-            self.usage,
-            self.text_field,
-        ]
-
-    def record(self) -> list[dict]:
-        """Dataset name, config, split and revision (hub) or fingerprint (saved): a changed source re-tokenizes."""
-        if not self._resolved:
-            self.open()
-        rec = {
-            "dataset": self.name if self.hub else str(Path(self.name).resolve()),
-            "config": self.config,
-            "split": self.split,
-        }
-        return [{**rec, **self._resolved}]
-
-    def segments(self) -> Iterator[Segment]:
-        ds = self.open()
-        if ds.column_names is not None and self.text_field not in ds.column_names:
-            raise _no_column(self.source, self.text_field, ds.column_names)
-        yield from _as_segments(_dataset_rows(ds, self.source, self.text_field))
-
-    def documents(self) -> Iterator[str]:
-        return _whole(self.segments())
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _cached_snapshot(name: str, revision: str | None) -> tuple[str | None, str | None]:
-    """The local hub-cache snapshot of a dataset repository (and its commit), if one was downloaded."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True)
-    except Exception:
-        return None, None
-    return path, Path(path).name
-
-
-def _hub_commit(name: str, revision: str | None) -> str | None:
-    """The commit a hub revision points at now (so the index pins what was read)."""
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(name, revision=revision).sha
-    except Exception:
-        return revision
+        return whole_documents(self.segments())
 
 
 Source = FileSource | DatasetSource
@@ -617,7 +387,7 @@ def open_source(
 ) -> Source:
     """The source a `data.train`-style string names (`usage`: train | val, for the bundled corpus'
     split and a dataset's default split)."""
-    if source.startswith(HUB_PREFIX) or is_saved_dataset(_split_suffix(source)[0]):
+    if source.startswith(HUB_PREFIX) or is_saved_dataset(split_suffix(source)[0]):
         return DatasetSource(source, usage, text_field)
     return FileSource(resolve_files(source, usage), fmt, text_field, encoding_errors, doc_separator)
 

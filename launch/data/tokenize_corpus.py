@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launch.data.rows import Segment
 from launch.data.shards import (
     TOKENIZER,
     ShardError,
@@ -41,7 +42,7 @@ from launch.data.shards import (
     read_index,
     tokenizer_fingerprint,
 )
-from launch.data.sources import FileSource, Segment, Source
+from launch.data.sources import FileSource, Source
 from launch.data.tokenizer import Tokenizer
 from launch.runtime.errors import UserError
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from launch.data.hub import parse_hub_name
 from launch.data.shards import ShardError, open_shards
-from launch.data.sources import FileSource, load_documents, open_source, parse_hub_name, text_chunks
+from launch.data.sources import FileSource, load_documents, open_source, text_chunks
 from launch.data.tokenize_corpus import Inputs, ensure_shards, remove_stale_temps, tokenize_files, up_to_date
 from launch.data.tokenizer import Tokenizer, train_tokenizer
 from launch.runtime.errors import UserError
