@@ -21,12 +21,11 @@ from tqdm import tqdm
 from launch.config import EvalConfig
 from launch.data.tokenizer import Tokenizer
 from launch.distributed.process_group import DistInfo
+from launch.eval.formats import QA, MultipleChoice
 from launch.eval.qa_metrics import best_over_golds
 from launch.eval.scoring import encode_pair, loglikelihoods, rolling_windows
 from launch.eval.tasks import (
-    QA,
     Document,
-    MultipleChoice,
     TaskSpec,
     TokenDocument,
     load_examples,

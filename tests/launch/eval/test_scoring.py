@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from launch.config import EvalConfig
+from launch.eval.formats import MultipleChoice
 from launch.eval.scoring import encode_pair, loglikelihoods, rolling_windows
 from launch.eval.suite import _Ctx, evaluate_multiple_choice, evaluate_text
-from launch.eval.tasks import Document, MultipleChoice
+from launch.eval.tasks import Document
 
 from .conftest import PreferenceModel, random_model
 

@@ -4,17 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.eval.tasks import (
-    FORMATS,
-    QA,
-    Document,
-    MultipleChoice,
-    load_examples,
-    parse_task_spec,
-    parse_task_specs,
-    register_format,
-    split_shots,
-)
+from launch.eval.formats import QA, MultipleChoice, register_format
+from launch.eval.tasks import FORMATS, Document, load_examples, parse_task_spec, parse_task_specs, split_shots
 from launch.runtime.errors import UserError
 
 from .conftest import FIXTURES
