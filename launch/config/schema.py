@@ -66,17 +66,15 @@ class DataConfig:
     # "shakespeare" (bundled), a local file / directory / glob, a save_to_disk directory [DIR:SPLIT],
     # or a hub dataset hf://NAME[/CONFIG][:SPLIT][@REVISION] (streamed)
     train: str = "shakespeare"
-    val: str | None = (
-        "shakespeare"  # the same kinds (default split of a dataset: validation); None: no validation
-    )
+    # the same kinds (default split of a dataset: validation); None: no validation
+    val: str | None = "shakespeare"
     format: str = "auto"  # auto | text | jsonl | parquet | csv | arrow
     text_field: str = "text"  # JSONL/Parquet/CSV/dataset column holding the text
     # what separates documents in a .txt file: file (whole file, streamed in chunks) | blank_line | line |
     # any other string, e.g. '<|endoftext|>' (backslash escapes like \n allowed)
     doc_separator: str = "file"
-    tokenizer_sample: int = (
-        2_000_000  # lines a tokenizer trained with the run uses at most (random sample); 0: all
-    )
+    # lines a tokenizer trained with the run uses at most (random sample); 0: all
+    tokenizer_sample: int = 2_000_000
     tokenizer: str | None = None  # path to a sentencepiece .model; None: train one with the run
     seq_len: int = 256  # tokens per training sequence
     batch_size: int = 32  # GLOBAL batch in sequences per optimizer step
@@ -85,13 +83,11 @@ class DataConfig:
     # entry: format, text_field). `ratio` is the fraction of training SEQUENCES drawn from that
     # source (small sources repeat); data.train gets 1 - sum(ratios). Validation uses data.val only.
     mix: list[Any] = field(default_factory=list)
-    cache_dir: str | None = (
-        None  # where sources that are not shard directories are tokenized to; None: RUN_DIR/data_cache
-    )
+    # where sources that are not shard directories are tokenized to; None: RUN_DIR/data_cache
+    cache_dir: str | None = None
     tokenize_workers: int = 0  # processes that tokenize a source not yet in the cache; 0: one per CPU core
-    encoding_errors: str = (
-        "strict"  # strict: refuse non-UTF-8 text (file and byte offset) | replace: decode with U+FFFD
-    )
+    # strict: refuse non-UTF-8 text (file and byte offset) | replace: decode with U+FFFD
+    encoding_errors: str = "strict"
 
 
 @dataclass
@@ -118,21 +114,17 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto | cpu | cuda
-    progress: bool = (
-        True  # tqdm bar on a terminal; false (or stdout not a terminal): a plain line every log_every steps
-    )
+    # tqdm bar on a terminal; false (or stdout not a terminal): a plain line every log_every steps
+    progress: bool = True
     tensorboard: bool = False  # also write TensorBoard events to RUN/tensorboard (extra [tensorboard])
     init_from: str | None = None  # checkpoint to start from (weights only; fresh optimizer)
     reset_data: bool = False  # with init_from: restart the data stream instead of continuing it
-    async_checkpoint: bool = (
-        False  # write checkpoints in a background thread (DCP async_save); training continues
-    )
-    activation_checkpoint: str = (
-        "none"  # none | full | selective (every other block): recompute activations in backward
-    )
-    final_val_sequences: int = (
-        -1
-    )  # sequences in the end-of-training validation: -1 the whole split, 0 none, N the first N
+    # write checkpoints in a background thread (DCP async_save); training continues
+    async_checkpoint: bool = False
+    # none | full | selective (every other block): recompute activations in backward
+    activation_checkpoint: str = "none"
+    # sequences in the end-of-training validation: -1 the whole split, 0 none, N the first N
+    final_val_sequences: int = -1
     wandb: str | None = None  # W&B project to log to as well (extra [wandb]; WANDB_MODE=offline: no network)
 
 
@@ -147,9 +139,8 @@ class ParallelConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # run `tasks` every N training steps (0: never)
-    tasks: list[str] = field(
-        default_factory=list
-    )  # FORMAT:PATH[?shots=PATH][&name=NAME] or a built-in name (shakespeare)
+    # FORMAT:PATH[?shots=PATH][&name=NAME] or a built-in name (shakespeare)
+    tasks: list[str] = field(default_factory=list)
     limit: int | None = None  # rows per task (windows for text); None: all
     shots: int = 0  # few-shot examples before each prompt
     batch_size: int = 16  # sequences per forward
@@ -166,14 +157,12 @@ class EvalConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)  # where the run lives
     model: ModelConfig = field(default_factory=ModelConfig)  # the Llama-style decoder
-    memory: MemoryConfig = field(
-        default_factory=MemoryConfig
-    )  # product-key memory layers (empty layers: dense)
+    # product-key memory layers (empty layers: dense)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     grow: GrowConfig = field(default_factory=GrowConfig)  # ScaleNet growth (set by launch.grow)
     data: DataConfig = field(default_factory=DataConfig)  # training and validation text
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the LR schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # the training loop, logging, checkpoints
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # distributed layout
-    eval: EvalConfig = field(
-        default_factory=EvalConfig
-    )  # evaluation tasks (launch.eval, and during training)
+    # evaluation tasks (launch.eval, and during training)
+    eval: EvalConfig = field(default_factory=EvalConfig)

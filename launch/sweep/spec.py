@@ -102,19 +102,16 @@ class ReportSettings:
     """How `launch.sweep collect` summarises the runs (per-run rows are always written)."""
 
     plot: str = "bars"  # bars | values (metrics against memory values, dense arms as lines) | curves (val loss vs step)
-    metrics: list[str] = field(
-        default_factory=list
-    )  # summary/plot metrics; empty: val_ppl and every */exact_match
-    tune: list[str] = field(
-        default_factory=list
-    )  # keys searched per tuning group (entry grids); best mean kept
+    # summary/plot metrics; empty: val_ppl and every */exact_match
+    metrics: list[str] = field(default_factory=list)
+    # keys searched per tuning group (entry grids); best mean kept
+    tune: list[str] = field(default_factory=list)
     tune_metric: str = "val_loss"  # lower is better
     reference: str | None = None  # curves: the arm whose final val loss is the target (e.g. scratch)
     # values: the memory arms joined by one line, or LABEL -> arms for several lines (empty: all, one line)
     line: list[str] | dict[str, list[str]] = field(default_factory=list)
-    floors: dict[str, float] = field(
-        default_factory=dict
-    )  # values: METRIC -> a no-knowledge baseline drawn dotted
+    # values: METRIC -> a no-knowledge baseline drawn dotted
+    floors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
