@@ -21,6 +21,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def run_command(cmd: list[str], *, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session, so a timeout can kill torchrun AND its workers (subprocess.run's kill
+    reaches only torchrun: a hung worker was left running for half an hour after its test had failed)."""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as child:  # fmt: skip
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            stdout, stderr = child.communicate()
+            raise AssertionError(
+                f"{' '.join(cmd)} timed out after {timeout} s (every process of it killed)\n"
+                f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
+            ) from None
+    return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+
+
 def run_module(
     module: str, *args: str, env: dict | None = None, nproc: int = 1, timeout: int = 300, check: bool = True
 ):
@@ -44,20 +61,7 @@ def run_module(
         ]
     else:
         cmd = [sys.executable, "-m", module, *args]
-    # Own session, so a timeout can kill torchrun AND its workers (subprocess.run's kill reaches only
-    # torchrun: a hung worker was left running for half an hour after its test had failed).
-    with subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as child:  # fmt: skip
-        try:
-            stdout, stderr = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            stdout, stderr = child.communicate()
-            raise AssertionError(
-                f"{' '.join(cmd)} timed out after {timeout} s (every process of it killed)\n"
-                f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
-            ) from None
-    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+    proc = run_command(cmd, cwd=REPO, env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"

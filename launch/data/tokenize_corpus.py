@@ -44,6 +44,7 @@ from launch.data.shards import (
 )
 from launch.data.sources import FileSource, Source
 from launch.data.tokenizer import Tokenizer
+from launch.runtime.debris import remove_dead_temps
 from launch.runtime.errors import UserError
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
@@ -137,32 +138,10 @@ def _sigterm_raises(what: str):
         signal.signal(signal.SIGTERM, previous)
 
 
-_TEMP = re.compile(r"\.(?:tmp|old)-(\d+)$")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def remove_stale_temps(directory: Path, prefix: str = "") -> list[Path]:
     """Remove `PREFIX*.tmp-PID` / `.old-PID` directories under `directory` left by processes that no
-    longer exist (killed mid-tokenization: SIGKILL runs no cleanup). A live process's are left alone.
-    Returns what was removed."""
-    removed = []
-    if not directory.is_dir():
-        return removed
-    for path in directory.iterdir():
-        m = _TEMP.search(path.name)
-        if m and path.name.startswith(prefix) and path.is_dir() and not pid_alive(int(m.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    longer exist (killed mid-tokenization). A live process's are left alone. Returns what was removed."""
+    return remove_dead_temps(directory, re.compile(re.escape(prefix) + r".*\.(?:tmp|old)-(?P<pid>\d+)"))
 
 
 @dataclass

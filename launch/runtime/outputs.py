@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from launch.runtime.debris import remove_dead_temps
 from launch.runtime.errors import UserError
 
 MARKER = ".launch_output.json"  # {"command": ..., "time": ...}: written into every output directory
@@ -159,6 +160,8 @@ def output_dir(
     out = check_output_dir(out, command=command, overwrite=overwrite, sources=sources, key=key)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # A killed earlier run of any command writing `out` left its temporaries: gone now.
+        remove_dead_temps(out.parent, re.compile(rf"\.(?:tmp|old)_{re.escape(out.name)}_(?P<pid>\d+)"))
         tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -123,11 +123,27 @@ def check_trained_before_eval(sweep: Sweep, run: Run, step: Step) -> None:
         )
 
 
+# torchrun turns a SIGTERM it receives (SLURM's pre-emption, scancel) into a SignalException traceback;
+# left to the default action it exits 143 at once, and each worker, told by the kernel that its launcher
+# died (launch.distributed.process_group.watch_parent), checkpoints and exits. SIGINT and friends keep
+# torchrun's own forwarding.
+TORCHRUN_SIGNALS = "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT"
+
+
 def command(step: Step, nproc: int = 1, torchrun: list[str] | None = None) -> list[str]:
     """The process to start for `step`: python -m, or torchrun for a distributed train step."""
     if step.distributed and (nproc > 1 or torchrun):
         launcher = torchrun or ["--standalone", f"--nproc_per_node={nproc}"]
-        return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", step.module, *step.args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            TORCHRUN_SIGNALS,
+            *launcher,
+            "-m",
+            step.module,
+            *step.args,
+        ]
     return [sys.executable, "-m", step.module, *step.args]
 
 

@@ -28,8 +28,6 @@ import importlib.util
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from ..conftest import REPO, run_command  # noqa: TID252
+
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINKED_PAGES = [*PAGES, REPO / "CONTRIBUTING.md", REPO / "CHANGELOG.md"]
 FENCE = re.compile(r"^```(\w*)\s*$")
@@ -336,21 +335,6 @@ def test_command_static(block_cmd):
     static_check(parse(text))
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    """Like tests/conftest.run_module, in `cwd`: own session, every process killed on timeout."""
-    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as child:  # fmt: skip
-        try:
-            out, err = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            out, err = child.communicate()
-            raise AssertionError(
-                f"{' '.join(cmd)} timed out after {timeout} s\n{out[-2000:]}\n{err[-3000:]}"
-            ) from None
-    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
-
-
 def runnable(block: Block, text: str) -> list[str] | None:
     for old, new in block.subs:
         text = text.replace(old, new)
@@ -396,7 +380,7 @@ def test_page_commands_run(page, tmp_path):
             env = {**base_env, **parse(text).env, **block.env}
             if "torch.distributed.run" in cmd:
                 env["OMP_NUM_THREADS"] = "1"
-            proc = _run(cmd, tmp_path, env, timeout=300)
+            proc = run_command(cmd, cwd=tmp_path, env=env, timeout=300)
             assert proc.returncode == 0, (
                 f"{block.where}: {text}\nran: {' '.join(cmd[1:])}\nexit {proc.returncode}\n"
                 f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"

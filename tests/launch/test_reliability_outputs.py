@@ -216,6 +216,31 @@ def _tamper_trainer_state(ck: Path) -> str:
     return "trainer_state.json"
 
 
+def test_output_temps_of_dead_processes_are_removed_by_the_next_writer(tmp_path):
+    """grow/convert/facts/eval write into `.tmp_OUT_PID` and swap it in; a kill -9 leaves it. The next
+    command writing OUT removes a dead process's temporaries and leaves a live one's alone."""
+    from launch.runtime.outputs import output_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [tmp_path / f".tmp_out_{dead.pid}", tmp_path / f".old_out_{dead.pid}"]
+        kept = tmp_path / f".tmp_out_{live.pid}"
+        other = tmp_path / f".tmp_other_{dead.pid}"  # another output's: not this writer's place
+        for d in [*stale, kept, other]:
+            d.mkdir()
+            (d / "weights").write_text("partial")
+        with output_dir(tmp_path / "out", command="test") as tmp:
+            (tmp / "result").write_text("done")
+        assert (tmp_path / "out" / "result").read_text() == "done"
+        assert not any(d.exists() for d in stale)
+        assert kept.is_dir() and other.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("tamper", [_tamper_metadata, _tamper_shard_and_manifest, _tamper_trainer_state])
 def test_unusable_newest_checkpoint_is_skipped_for_the_newest_usable(tmp_path, tiny_checkpoint, tamper):
     ck = tmp_path / "ck"
