@@ -147,8 +147,11 @@ class EvalConfig:
     max_new_tokens: int = 32  # generative tasks: answer length limit
     sample_prompt: str = "ROMEO.\n"  # prompt of the printed sample generation
     sample_tokens: int = 64  # tokens in the printed sample (0: no sample)
-    sample_temperature: float = 0.0  # 0: greedy sample; > 0: sampled with eval.seed
-    sample_top_k: int | None = None  # sampled sample: keep the top-k tokens (None: all)
+    # 0: greedy sample (loops on a small model); > 0: sampled with eval.seed
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 50  # sampled sample: keep the top-k tokens (None: all)
+    # sampled sample: keep the most likely tokens holding this much probability (1: all)
+    sample_top_p: float = 0.95
     seed: int = 0  # seed of the sampled sample
     text_stride: int = 0  # perplexity windows: 0 = non-overlapping; S < max_seq_len slides by S tokens
 

@@ -82,6 +82,7 @@ EVAL_RANGES: dict[str, tuple] = {
     "sample_tokens": _range(0),
     "sample_temperature": _range(0),
     "sample_top_k": _range(1, optional=True),
+    "sample_top_p": _range(0, 1, open_low=True),
     "text_stride": _range(0),
 }
 

@@ -18,7 +18,14 @@ import torch
 from launch.checkpoint.load import load_checkpoint
 from launch.config import EvalConfig, load_config, validate_eval
 from launch.distributed.process_group import destroy, init_distributed
-from launch.eval.suite import describe_text_task, format_table, run_suite, sample, write_results
+from launch.eval.suite import (
+    describe_text_task,
+    format_table,
+    run_suite,
+    sample,
+    sample_settings,
+    write_results,
+)
 from launch.eval.tasks import parse_task_specs
 from launch.runtime.errors import ConfigError, run_cli
 from launch.runtime.outputs import check_output_dir, output_dir
@@ -84,10 +91,7 @@ def main(argv: list[str]) -> int:
                 print(note, flush=True)
             header["notes"] = notes
             if text is not None:
-                print(
-                    f"\nsample ({args.eval.sample_tokens} tokens):\n{args.eval.sample_prompt}{text}",
-                    flush=True,
-                )
+                print(f"\nsample ({sample_settings(args.eval)}): {args.eval.sample_prompt}{text}", flush=True)
             if args.out:
                 # The checkpoint read, not its run: RUN/eval (README, launch.sweep) is a place of its own.
                 sources = [loaded.path]

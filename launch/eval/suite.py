@@ -255,9 +255,22 @@ class TaskEvaluator:
         }
 
 
+def sample_settings(eval_cfg: EvalConfig) -> str:
+    """The decoding settings of the printed sample, as printed beside it: `greedy`, or
+    `temperature=0.8 top_k=50 top_p=0.95 seed=0` (then `tokens=N`), so a sample can be reproduced."""
+    if eval_cfg.sample_temperature <= 0:
+        how = "greedy"
+    else:
+        how = f"temperature={eval_cfg.sample_temperature:g} top_k={eval_cfg.sample_top_k} "
+        how += f"top_p={eval_cfg.sample_top_p:g} seed={eval_cfg.seed}"
+    return f"{how} tokens={eval_cfg.sample_tokens}"
+
+
 def sample(model: torch.nn.Module, tokenizer: Tokenizer, eval_cfg: EvalConfig, sync: bool = False) -> str:
-    """`eval.sample_tokens` tokens continuing `eval.sample_prompt` (greedy unless
-    eval.sample_temperature > 0, then seeded with eval.seed)."""
+    """`eval.sample_tokens` tokens continuing `eval.sample_prompt`: sampled with
+    eval.sample_temperature / sample_top_k / sample_top_p, seeded with eval.seed (greedy when the
+    temperature is 0). Sampling is the default because greedy decoding of a small model falls into a
+    loop within a few tokens (measured: docs/evaluation.md#the-printed-sample)."""
     was_training = model.training
     model.eval()
     try:
@@ -269,6 +282,7 @@ def sample(model: torch.nn.Module, tokenizer: Tokenizer, eval_cfg: EvalConfig, s
             stop=(),
             temperature=eval_cfg.sample_temperature,
             top_k=eval_cfg.sample_top_k,
+            top_p=eval_cfg.sample_top_p,
             seed=eval_cfg.seed,
             sync=sync,
         )

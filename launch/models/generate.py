@@ -1,5 +1,5 @@
 """KV-cached generation for any `Transformer` (dense, memory or grown: they share the `caches`
-interface): greedy, or sampled with temperature / top-k.
+interface): greedy, or sampled with temperature, top-k and top-p (nucleus).
 
 Batches need no padding and no attention mask: every row sits at the same absolute position. The
 batch is prefilled with the shortest prompt's length; from there, rows whose prompt is longer are
@@ -35,17 +35,40 @@ def _all_ranks_done(done: bool, sync: bool, device: torch.device) -> bool:
     return flag.item() == 0
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of (B, V) logits: keep the smallest set of most likely tokens whose
+    probability adds up to at least `top_p` (always the most likely one), -inf elsewhere. It cuts
+    the long tail of unlikely tokens that plain temperature sampling keeps drawing from, which is
+    where incoherent words come from, while leaving a flat distribution many choices."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    # A token is dropped when the tokens before it already reach top_p; the first never is.
+    drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def _pick(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generators: list | None, active: list[bool]
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generators: list | None,
+    active: list[bool],
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Next token per row from last-position logits (B, V). Only `active` rows draw a sample, so a
-    row's random stream does not depend on how long its batch-mates' prompts are."""
+    row's random stream does not depend on how long its batch-mates' prompts are. Order: temperature,
+    then top-k, then top-p over what top-k kept (Hugging Face's order)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = top_p_filter(logits, top_p)
     probs = logits.softmax(-1).cpu()
     picks = torch.zeros(len(probs), dtype=torch.long)
     for i, p in enumerate(probs):
@@ -64,6 +87,7 @@ def generate_ids(
     stop: StopFn | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
     seed: int | None = None,
     sync: bool = False,
 ) -> list[list[int]]:
@@ -76,6 +100,8 @@ def generate_ids(
         raise ValueError("every prompt needs at least one token (start it with BOS: Tokenizer.encode_prompt)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if not hasattr(model, "new_caches"):
         raise TypeError("generation needs a model with new_caches() (launch.model.Transformer)")
     if max_new_tokens == 0:
@@ -102,7 +128,7 @@ def generate_ids(
     logits = model(buf[:, :pos], caches=caches, start_pos=0)
     for cur in range(pos, total):
         active = [not done[i] and cur >= lens[i] for i in range(B)]
-        nxt = _pick(logits[:, -1], temperature, top_k, generators, active)
+        nxt = _pick(logits[:, -1], temperature, top_k, generators, active, top_p)
         nxt = torch.where(in_prompt[:, cur], buf[:, cur], nxt)
         buf[:, cur] = nxt
         for i in range(B):
@@ -141,6 +167,7 @@ def generate(
     seed: int | None = None,
     batch_size: int = 16,
     sync: bool = False,
+    top_p: float = 1.0,
 ) -> str | list[str] | list[list[int]]:
     """Continue `prompts`: text in, text out (cut before the first `stop` string) with a tokenizer;
     with `tokenizer=None`, token-id lists in and out (no stop strings, no EOS).
@@ -171,6 +198,7 @@ def generate(
             stop=stop_fn,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
             seed=seed,
             sync=sync,
         )

@@ -56,6 +56,8 @@ BAD_TRAIN_VALUES = [
     ("eval.shots=-2", "eval.shots"),
     ("eval.every=-1", "eval.every"),
     ("eval.sample_temperature=-0.5", "eval.sample_temperature"),
+    ("eval.sample_top_p=0", "eval.sample_top_p"),
+    ("eval.sample_top_p=1.5", "eval.sample_top_p"),
     ("eval.batch_size=0", "eval.batch_size"),
 ]
 
@@ -71,6 +73,7 @@ def test_bad_train_value_is_one_line(capsys, tmp_path, override, key):
     "override,key",
     [
         ("eval.sample_top_k=0", "eval.sample_top_k"),
+        ("eval.sample_top_p=0", "eval.sample_top_p"),
         ("eval.max_new_tokens=-5", "eval.max_new_tokens"),
         ("eval.shots=-2", "eval.shots"),
         ("eval.limit=0", "eval.limit"),

@@ -97,7 +97,8 @@ def test_eval_cli_runs_every_format(tiny_run, tmp_path, capsys):
     assert "| task | metric | value | n |" in md and "| arc_2 | acc |" in md
     stdout = capsys.readouterr().out
     assert "| shakespeare | nll_per_token |" in stdout and "|  | ppl |" in stdout
-    assert "sample (8 tokens):\nROMEO.\n" in stdout
+    # the defaults: sampled, with the settings beside it so the sample can be reproduced
+    assert "sample (temperature=0.8 top_k=50 top_p=0.95 seed=0 tokens=8): ROMEO.\n" in stdout
     # which perplexity this is, in words (the trainer's val_ppl is another one)
     note = "shakespeare: ppl {} over the first 3 windows (eval.limit=3) of the whole validation split (bundled plays)"
     assert note.format(f"{t['shakespeare']['ppl']:.4f}") in stdout

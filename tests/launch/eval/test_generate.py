@@ -1,12 +1,17 @@
 """KV-cached generation equals recomputing the whole forward for every token; batching changes
 nothing."""
 
+from collections import Counter
+
 import pytest
 import torch
 
-from launch.models.generate import _truncate_at_stop, generate, generate_ids
+from launch.checkpoint.load import load_checkpoint
+from launch.config import EvalConfig
+from launch.eval.suite import sample
+from launch.models.generate import _truncate_at_stop, generate, generate_ids, top_p_filter
 
-from .conftest import random_model
+from .conftest import PreferenceModel, random_model
 
 
 def uncached_greedy(model, prompt, n):
@@ -97,3 +102,77 @@ def test_bad_arguments():
         generate_ids(model, [[1]], 3, temperature=1.0, top_k=0)
     with pytest.raises(TypeError, match="need a tokenizer"):
         generate(model, None, ["text"], 3)
+
+
+def naive_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The nucleus by definition, one row at a time: add the most likely tokens one by one until
+    their probability reaches p; True where a token is kept."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for row, probs in enumerate(logits.softmax(-1)):
+        total = 0.0
+        for tok in sorted(range(len(probs)), key=lambda t: -float(probs[t])):
+            keep[row, tok] = True
+            total += float(probs[tok])
+            if total >= p:
+                break
+    return keep
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.3, 0.5, 0.9, 0.95, 0.999, 1.0])
+def test_top_p_filter_matches_the_naive_nucleus(p):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, generator=g, dtype=torch.float64) * torch.tensor(
+        [[0.3], [1], [2], [4], [8], [0]]
+    )
+    logits[-1] += torch.arange(11) * 1e-3  # a nearly flat row (no exact ties: their order is arbitrary)
+    kept = top_p_filter(logits, p) > float("-inf")
+    assert torch.equal(kept, naive_top_p(logits, p))
+    assert kept.any(-1).all()  # the most likely token always survives
+
+
+def test_sampling_draws_only_from_the_nucleus():
+    favoured = [3, 17, 40]
+    model = PreferenceModel(64, favoured, bonus=12.0)  # the three favoured tokens hold > 99.9%
+    model.cfg = random_model(64).cfg
+    model.tok_embeddings = torch.nn.Embedding(1, 1)
+    model.new_caches = lambda batch, window: None
+    out = generate_ids(model, [[1]], 200, temperature=1.0, top_p=0.99, seed=0)[0]
+    assert set(out) == set(favoured)  # all three drawn, nothing from the 0.1% tail
+
+
+def test_top_p_leaves_greedy_and_top_p_one_leaves_sampling_unchanged():
+    model = random_model(vocab=64, max_seq_len=32)
+    prompts = prompts_of([2, 5, 3])
+    greedy = [uncached_greedy(model, p, 10) for p in prompts]
+    assert generate_ids(model, prompts, 10, top_p=0.5) == greedy  # temperature 0: top_p is not read
+    sampled = generate_ids(model, prompts, 10, temperature=1.5, top_k=20, seed=7)
+    assert generate_ids(model, prompts, 10, temperature=1.5, top_k=20, top_p=1.0, seed=7) == sampled
+    assert generate_ids(model, prompts, 10, temperature=1.5, top_p=0.5, seed=7) != sampled
+    with pytest.raises(ValueError, match="top_p"):
+        generate_ids(model, [[1]], 3, temperature=1.0, top_p=0.0)
+
+
+def top_trigram_share(ids: list[int]) -> float:
+    """How much of a sequence is its most frequent 3-gram: 1.0 for a one-token loop."""
+    grams = Counter(tuple(ids[i : i + 3]) for i in range(len(ids) - 2))
+    return max(grams.values()) / sum(grams.values())
+
+
+def test_default_sample_of_a_trained_tiny_model_does_not_loop(tiny_checkpoint):
+    """configs/tiny.yaml trained 20 steps: the printed sample with the default settings is not one
+    repeated n-gram. Seeded, so the same tokens every run. (Greedy decoding of this model loops:
+    the measurements are in docs/evaluation.md#the-printed-sample.)"""
+    loaded = load_checkpoint(tiny_checkpoint)
+    cfg = EvalConfig(sample_tokens=96)
+    assert cfg.sample_temperature > 0 and cfg.sample_top_p < 1  # the defaults sample
+    text = sample(loaded.model, loaded.tokenizer, cfg)
+    ids = loaded.tokenizer.encode(text)
+    assert len(ids) >= 48 and top_trigram_share(ids) < 0.3
+    assert sample(loaded.model, loaded.tokenizer, cfg) == text  # seeded: reproducible
+    # temperature 0 is still plain greedy decoding
+    greedy = EvalConfig(sample_tokens=12, sample_temperature=0.0)
+    ref = uncached_greedy(loaded.model, loaded.tokenizer.encode_prompt(greedy.sample_prompt), 12)
+    eos = loaded.tokenizer.eos_id
+    assert sample(loaded.model, loaded.tokenizer, greedy) == loaded.tokenizer.decode(
+        ref[: ref.index(eos)] if eos in ref else ref
+    )
