@@ -87,6 +87,40 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise UserError(f"unreadable checkpoint state {path}: {e}") from None
 
 
+def checkpoint_steps(ckpt: Path) -> int | None:
+    """train.steps of the run that wrote `ckpt` (its config.yaml), or None when unknown. Read as
+    plain YAML, not through the schema: only this one number is wanted, and an older config with
+    keys since renamed must not stop a resume."""
+    import yaml
+
+    try:
+        steps = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("train", {}).get("steps")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def init_from_line(ckpt: Path, state: dict[str, Any], reset_data: bool) -> str:
+    """The line `train.init_from` prints: which checkpoint, its step, and what was taken from it
+    (weights always; the data position unless train.reset_data; never the optimizer or schedule)."""
+    grown = state.get("grown_from")
+    origin = (
+        f", grown from step {grown.get('step')} of {grown.get('checkpoint')}"
+        if isinstance(grown, dict)
+        else ""
+    )
+    consumed = (state.get("data") or {}).get("consumed", "?")
+    data = (
+        "data stream restarted from the beginning (train.reset_data=true)"
+        if reset_data
+        else f"data position continued from the checkpoint ({consumed} sequences already read)"
+    )
+    return (
+        f"init_from: loaded weights only from {ckpt} (step {state.get('step', '?')}{origin}); fresh optimizer, "
+        f"LR schedule and step counter from 0; {data}"
+    )
+
+
 def is_dcp_checkpoint(ckpt: Path) -> bool:
     return (ckpt / STATE_DIR).is_dir()
 

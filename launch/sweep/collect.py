@@ -57,6 +57,14 @@ def _last(records: list[dict], key: str) -> Any:
     return None
 
 
+def _last_of(records: list[dict], *keys: str) -> Any:
+    """The last value of the first key that has one."""
+    for key in keys:
+        if (value := _last(records, key)) is not None:
+            return value
+    return None
+
+
 def model_facts(run_dir: Path) -> dict[str, Any]:
     """params, active_params (per token), values (memory slots; None for dense) and n_layers of the
     model in RUN/config.yaml, built on the meta device; empty when there is no readable config."""
@@ -140,8 +148,10 @@ def collect_rows(
             "steps": _last(train, "step"),
             "tokens": _last(train, "tokens"),
             "loss": _last(train, "loss"),
-            "val_loss": _last(records, "val_loss"),
-            "val_ppl": _last(records, "val_ppl"),
+            # The last periodic validation, else the end-of-training one: a run with
+            # train.val_every=0 has only final_val_* records, and its columns must not stay empty.
+            "val_loss": _last_of(records, "val_loss", "final_val_loss"),
+            "val_ppl": _last_of(records, "val_ppl", "final_val_ppl"),
             "params": facts.get("params"),
             "active_params": facts.get("active_params"),
             "values": facts.get("values"),

@@ -5,7 +5,7 @@ lines, and optionally TensorBoard and Weights & Biases.
   `mem_slots_read_frac`, ...); with the optimizers attached, each record also carries
   `lr/GROUP` for every optimizer group (`decay`, `no_decay`, `memory_values`).
 - TensorBoard and W&B get namespaced tags (`tb_tag`): train/loss, train/lr/GROUP, val/loss,
-  eval/TASK/METRIC, memory/slots_read_frac.
+  val/final_loss (metrics.jsonl's final_val_loss), eval/TASK/METRIC, memory/slots_read_frac.
 - Progress lines (`ProgressReporter`): when train.progress=false or stdout is not a terminal (a
   SLURM log), each training record prints one line: step, loss, lr, tokens/s, ETA.
 - A torn last line (disk full, a kill mid-write) is moved to metrics.jsonl.torn on resume, with a
@@ -33,6 +33,8 @@ def tb_tag(key: str) -> str:
     """The namespaced tag of a flat metrics.jsonl key."""
     if key.startswith(_NAMESPACES):
         return key
+    if key.startswith("final_val_"):  # the end-of-training validation: val/final_loss beside val/loss
+        return "val/final_" + key[len("final_val_") :]
     if key.startswith("val_"):
         return "val/" + key[4:]
     if key.startswith("mem_"):

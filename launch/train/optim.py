@@ -9,6 +9,7 @@ Groups:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -133,6 +134,25 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+
+def schedule_change(old_steps: int | None, step: int, cfg: Config) -> str | None:
+    """What a resume at `step` does to the LR schedule when train.steps differs from the
+    checkpoint's run (`old_steps`): the schedule is a function of train.steps, so the LR jumps from
+    the old curve to the new one at the resumed step. None when nothing changed."""
+    new_steps = cfg.train.steps
+    if old_steps is None or old_steps == new_steps:
+        return None
+    head = f"train.steps changed from {old_steps} (the checkpoint's run) to {new_steps}"
+    if cfg.optim.schedule == "constant":
+        return f"{head}; the constant LR schedule is unaffected"
+    old_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=old_steps))
+    before, after = cfg.optim.lr * lr_multiplier(step, old_cfg), cfg.optim.lr * lr_multiplier(step, cfg)
+    how = "stretched" if new_steps > old_steps else "shortened"
+    return (
+        f"{head}: the {cfg.optim.schedule} LR schedule is {how} to {new_steps} steps "
+        f"(LR at step {step}: {before:.2e} on the old schedule, {after:.2e} now)"
+    )
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> float:

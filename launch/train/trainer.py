@@ -22,7 +22,7 @@ import torch
 
 from launch.checkpoint import paths as ckpt
 from launch.checkpoint.checkpointer import Checkpointer
-from launch.checkpoint.read import read_trainer_state
+from launch.checkpoint.read import checkpoint_steps, init_from_line, read_trainer_state
 from launch.checkpoint.state import StateAdapter, canonical_name
 from launch.config import Config, to_yaml
 from launch.data.run_tokenizer import prepare_tokenizer
@@ -38,7 +38,7 @@ from launch.runtime.preemption import Preemption
 from launch.runtime.run_dir import check_resume_steps, write_run_file
 from launch.train.hooks import StepHooks
 from launch.train.metrics import MetricsLogger, Throughput
-from launch.train.optim import build_optimizers, lr_multiplier, reset_base_lrs, set_lr
+from launch.train.optim import build_optimizers, lr_multiplier, reset_base_lrs, schedule_change, set_lr
 from launch.train.validation import Validator, cross_entropy, perplexity
 
 
@@ -92,8 +92,11 @@ class Trainer:
             self._resume_newest_usable()
         elif self.init_from is not None:
             self.checkpointer.load_weights(self.init_from, self.model, self._state_adapter())
+            source = read_trainer_state(self.init_from)
             if not cfg.train.reset_data:
-                self.stream.load_state_dict(read_trainer_state(self.init_from)["data"])
+                self.stream.load_state_dict(source["data"])
+            if info.is_main:
+                print(init_from_line(self.init_from, source, cfg.train.reset_data), flush=True)
         # Last: nothing (TensorBoard directory, W&B run) is opened for a run that failed to load.
         self.metrics = MetricsLogger(self.run_dir, enabled=info.is_main, cfg=cfg, optimizers=self.optimizers)
 
@@ -125,7 +128,8 @@ class Trainer:
         self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
         self.stream.load_state_dict(trainer_state["data"])
         if self.info.is_main:
-            print(f"resuming from {path} at step {self.step}", flush=True)
+            change = schedule_change(checkpoint_steps(path), self.step, self.cfg)
+            print(f"resuming from {path} at step {self.step}" + (f"; {change}" if change else ""), flush=True)
 
     def save(self) -> Path:
         layout = self.layout

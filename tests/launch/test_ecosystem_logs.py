@@ -28,6 +28,7 @@ RECORDS = [
     },
     {"step": 10, "val_loss": 4.4, "val_ppl": 81.45},
     {"step": 10, "eval/piqa/acc": 0.5, "eval/piqa/n": 4},
+    {"step": 10, "final_val_loss": 4.3, "final_val_ppl": 73.7, "final_val_sequences": 64},
 ]
 
 
@@ -47,6 +48,9 @@ def test_tags_are_namespaced():
         tb_tag("mem_slots_read_frac") == "memory/slots_read_frac"
         and tb_tag("tokens_per_s") == "train/tokens_per_s"
     )
+    # the end-of-training validation sits under val/ beside the periodic one, not under train/
+    assert tb_tag("final_val_loss") == "val/final_loss" and tb_tag("final_val_ppl") == "val/final_ppl"
+    assert tb_tag("final_val_sequences") == "val/final_sequences"
 
 
 def test_progress_lines_when_not_a_terminal(tmp_path):
@@ -96,10 +100,13 @@ def test_tensorboard_tags_include_every_lr_group(tmp_path):
         "train/tokens_per_s",
         "val/loss",
         "val/ppl",
+        "val/final_loss",
+        "val/final_ppl",
         "eval/piqa/acc",
         "memory/slots_read_frac",
     }
     assert want <= tags, want - tags
+    assert not any(t.startswith("train/final") for t in tags)
     assert "train/lr" not in tags and "loss" not in tags
     assert acc.Scalars("train/lr/memory_values")[0].value == pytest.approx(1e-3)
 
@@ -125,6 +132,7 @@ def test_wandb_offline_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
         summary = sent  # what reached wandb.log, under the namespaced tags
         assert summary["train/loss"] == 4.5 and summary["train/lr/memory_values"] == 1e-3
         assert summary["val/loss"] == 4.4 and summary["eval/piqa/acc"] == 0.5 and "loss" not in summary
+        assert summary["val/final_loss"] == 4.3 and "train/final_val_loss" not in summary
     run_id = (tmp_path / "wandb_id").read_text().strip()
     runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     # two starts within one second share an offline directory: the run id is what must be shared

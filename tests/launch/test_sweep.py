@@ -326,6 +326,27 @@ def test_collect_tables_from_fixture_runs(tmp_path):
     assert "| run | train.steps | state |" in md and "| steps-10 | 10 | done |" in md
 
 
+def test_collect_falls_back_to_the_final_validation(tmp_path):
+    """A run trained with train.val_every=0 logs only final_val_*: its val columns are those."""
+    path = write_sweep(tmp_path, {"grid": {"train.steps": [10, 20]}})
+    sweep = load_sweep(path)
+    _fake_run(sweep.run_dir("steps-10"), 10, 3.0, None)  # periodic and final: the periodic one wins
+    only_final = sweep.run_dir("steps-20")
+    (only_final / "checkpoints" / "step_20").mkdir(parents=True)
+    (only_final / "checkpoints" / "step_20" / "trainer_state.json").write_text("{}")
+    records = [
+        {"step": 20, "loss": 4.0, "tokens": 2000},
+        {"step": 20, "final_val_loss": 2.0, "final_val_ppl": 7.389, "final_val_sequences": 64},
+    ]
+    (only_final / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # the run with periodic validation also has a final record: the periodic column stays periodic
+    with (sweep.run_dir("steps-10") / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 10, "final_val_loss": 9.0, "final_val_ppl": 8103.0}) + "\n")
+    rows = {r["run"]: r for r in csv.DictReader(collect(sweep, tmp_path / "t")["csv"].open())}
+    assert float(rows["steps-20"]["val_loss"]) == 2.0 and float(rows["steps-20"]["val_ppl"]) == 7.389
+    assert float(rows["steps-10"]["val_loss"]) == 3.0
+
+
 def test_collect_cli(tmp_path, capsys):
     path = write_sweep(tmp_path, {"runs": [{"name": "only"}]})
     _fake_run(tmp_path / "runs" / "only", 20, 2.0, 0.5)
