@@ -88,7 +88,24 @@ class MemscaleLM(LM):
         return str(self.tokenizer.path)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """As lm-eval's `hf` model (HFLM._loglikelihood_tokens): a context that does not fit with its
+        continuation is cut from the left, with a warning; a continuation longer than the context
+        window is refused, since it cannot be scored whole (`launch.eval` itself scores its last
+        tokens instead, but a harness number must mean what `hf`'s would)."""
         pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in (r.args for r in requests)]
+        for i, (ctx, cont) in enumerate(pairs):
+            if len(cont) > self.max_length:
+                raise ValueError(
+                    f"loglikelihood request {i}: the continuation is {len(cont)} tokens, longer than the "
+                    f"model's context window ({self.max_length}); lm-eval's hf model refuses it too"
+                )
+            if len(ctx) + len(cont) > self.max_length + 1:
+                warnings.warn(
+                    f"loglikelihood request {i}: context ({len(ctx)} tokens) and continuation ({len(cont)}) "
+                    f"exceed the context window ({self.max_length}); the first "
+                    f"{len(ctx) + len(cont) - self.max_length - 1} context tokens are dropped, as hf does",
+                    stacklevel=2,
+                )
         results = loglikelihoods(
             self.model,
             pairs,

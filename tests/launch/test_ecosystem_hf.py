@@ -278,3 +278,32 @@ def test_the_second_environment_pins_the_floor_pyproject_declares():
     ).group(1)
     assert pinned.split(".")[:2] == floor.split(".")[:2], (floor, pinned)
     assert "accelerate" not in " ".join(extra)  # never imported by this repo
+
+
+def test_requests_longer_than_the_context_are_treated_as_hf_treats_them(exports):
+    """A context that does not fit is cut from the left by both (same log-likelihood); a
+    continuation longer than the window is refused by both instead of being scored in part."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from launch.eval.harness import MemscaleLM
+
+    ckpt, hf_dir = exports["dense"]
+    ours = MemscaleLM(checkpoint=str(ckpt), device="cpu", batch_size=4)
+    theirs = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=4)
+    assert ours.max_length == theirs.max_length == 64
+
+    def requests(*pairs):
+        return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+    long_context = "ROMEO.\nBut soft, what light through yonder window breaks? " * 12
+    fits = requests((long_context, " It is the east"), ("Q: who wrote it?\nA:", " William  Shakespeare"))
+    with pytest.warns(UserWarning, match="context tokens are dropped"):
+        got = ours.loglikelihood(fits, disable_tqdm=True)
+    want = theirs.loglikelihood(fits, disable_tqdm=True)
+    assert all(abs(a[0] - b[0]) <= NATS and a[1] == b[1] for a, b in zip(got, want)), (got, want)
+    too_long = requests(("ROMEO.", " " + "héllo ☃ a leading space " * 30))
+    with pytest.raises(AssertionError):
+        theirs.loglikelihood(too_long, disable_tqdm=True)
+    with pytest.raises(ValueError, match="longer than the model's context window"):
+        ours.loglikelihood(too_long, disable_tqdm=True)
