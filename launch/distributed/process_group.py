@@ -42,10 +42,14 @@ def pick_device(requested: str, local_rank: int, key: str = "train.device") -> t
 
 
 def init_distributed(
-    device: str = "auto", backend: str = "auto", device_key: str = "train.device"
+    device: str = "auto",
+    backend: str = "auto",
+    device_key: str = "train.device",
+    timeout_s: float | None = None,
 ) -> DistInfo:
     """Join the process group torchrun describes in the environment (no-op for a single process).
-    `device_key` names the device setting in errors (see `pick_device`)."""
+    `device_key` names the device setting in errors (see `pick_device`). `timeout_s`: how long a
+    collective may wait for its peers (None: 30 minutes; the trainer derives it from train.watchdog_s)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,7 +57,7 @@ def init_distributed(
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or 1800))
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
@@ -161,6 +165,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks, on every rank."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
