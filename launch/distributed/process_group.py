@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,8 @@ def run_torchrun_cli(main) -> None:
             os._exit(code)
         raise
     except Exception as e:
+        if _watchdog_exiting():
+            threading.Event().wait()  # the watchdog thread prints its line and ends the process
         # A dead peer surfaces in whichever collective came next, as a gloo/NCCL traceback on
         # every survivor: say it in one line instead (LAUNCH_TRACEBACK=1 keeps the traceback).
         message = lost_peer_message(e, int(os.environ.get("RANK", "0")), world) if world > 1 else None
@@ -130,6 +133,13 @@ def run_torchrun_cli(main) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(PEER_LOST_EXIT)  # no teardown: torch's threads may still wait on the dead peer
+
+
+def _watchdog_exiting() -> bool:
+    """Whether the trainer's watchdog (launch.train.watchdog) has fired in this process: looked up in
+    sys.modules, as only the trainer imports it."""
+    watchdog = sys.modules.get("launch.train.watchdog")
+    return watchdog is not None and watchdog.FIRED.is_set()
 
 
 def watch_parent() -> None:

@@ -36,6 +36,10 @@ _WAITING = tuple(
 )
 _STATE_WAITING = "state: waiting in a collective"
 _STATE_WORKING = "state: not in a collective"
+# Set once this process's watchdog has fired: from then on it owns the exit (its line, its status). A
+# collective failing meanwhile in the main thread because a peer's watchdog exited first is a consequence,
+# not news (launch.distributed.process_group.run_torchrun_cli parks that thread instead of reporting it).
+FIRED = threading.Event()
 
 
 def collective_timeout_s(watchdog_s: float) -> float | None:
@@ -86,6 +90,7 @@ class Watchdog:
         return self.dir / f"rank_{rank}.txt"
 
     def _fire(self, idle: float) -> None:
+        FIRED.set()
         step = self._step + 1  # the step in progress: the last completed one plus one
         waiting = _main_thread_waiting()
         try:
