@@ -7,9 +7,14 @@ under SLURM, runs `scontrol requeue $SLURM_JOB_ID` once."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pickle
 import signal
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,7 +23,7 @@ from launch.runtime.preemption import REQUEUE_EXIT, Preemption, decode, encode, 
 from launch.train.metrics import read_metrics
 from launch.train.watchdog import WATCHDOG_EXIT, collective_timeout_s
 
-from ..conftest import TINY, run_module  # noqa: TID252
+from ..conftest import REPO, TINY, run_module  # noqa: TID252
 
 ARGS = [f"config={TINY}", "train.val_every=0", "train.log_every=1", "train.final_val_sequences=0",
         "train.ckpt_every=2"]  # fmt: skip
@@ -85,3 +90,37 @@ def test_sigusr1_to_one_rank_checkpoints_every_rank_and_requeues(tmp_path):
     shards = sorted(p.name for p in (run / "checkpoints" / "step_3" / "state").glob("*.distcp"))
     assert len(shards) == 2, shards
     assert record.read_text().split("\n") == ["requeue 4242", ""]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="submitit not installed")
+def test_sweep_slurm_job_turns_the_time_limit_warning_into_a_trainer_checkpoint(tmp_path):
+    """submitit's handler calls SlurmJob.checkpoint on SLURM's warning (--signal=USR2@N): the trainer
+    checkpoints and exits 75 before the job is requeued (a requeue first would end it mid-save)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from launch.sweep.runner import SlurmJob, executor_parameters
+    from launch.sweep.spec import SlurmSettings
+
+    params = executor_parameters(SimpleNamespace(name="s", slurm=SlurmSettings(gpus_per_node=0)))
+    assert params["slurm_signal_delay_s"] == 120
+    sbatch = _make_sbatch_string(command="x", folder=tmp_path, signal_delay_s=params["slurm_signal_delay_s"])
+    assert "#SBATCH --signal=USR2@120" in sbatch
+
+    run = tmp_path / "run"
+    job = SlurmJob("sweep.yaml", "base", 1, 1, str(tmp_path), signal_delay_s=120)
+    job._training = True
+    job._child = subprocess.Popen([sys.executable, "-m", "launch.train", *ARGS, "train.steps=2000", f"run.dir={run}"],
+                                  cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    try:
+        end = time.time() + 120
+        while not list_checkpoints(run):
+            assert time.time() < end and job._child.poll() is None, "no checkpoint appeared"
+            time.sleep(0.2)
+        resubmission = job.checkpoint()
+        assert job._child.returncode == REQUEUE_EXIT
+        assert pickle.loads(pickle.dumps(resubmission.function))._child is None
+    finally:
+        job._child.kill()
+        job._child.wait()
+    assert list_checkpoints(run)[-1][0] % 2 == 1  # the signal's checkpoint, not a periodic one
