@@ -126,6 +126,14 @@ class TrainConfig:
     # sequences in the end-of-training validation: -1 the whole split, 0 none, N the first N
     final_val_sequences: int = -1
     wandb: str | None = None  # W&B project to log to as well (extra [wandb]; WANDB_MODE=offline: no network)
+    # seconds without step progress on a rank before every rank writes its stacks to RUN/stacks/ and the
+    # job exits 4 instead of hanging (0: off); also the collective timeout, max(watchdog_s, 60) s
+    watchdog_s: float = 1800
+    # signals that checkpoint at the next step boundary: SIGTERM/SIGINT then exit 0, others (SLURM's
+    # --signal=USR1@120 warning) exit 75, 'requeue me'
+    checkpoint_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # after a requeue signal's checkpoint, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (under SLURM)
+    requeue: bool = False
 
 
 @dataclass

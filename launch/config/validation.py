@@ -8,6 +8,7 @@ from typing import Any
 
 from launch.config.schema import Config, EvalConfig
 from launch.runtime.errors import ConfigError
+from launch.runtime.preemption import parse_signal
 
 
 def _finite(v: Any) -> bool:
@@ -69,6 +70,7 @@ RANGES: dict[str, tuple] = {
     "train.ckpt_every": _range(0),
     "train.keep_last": _range(1),
     "train.val_every": _range(0),
+    "train.watchdog_s": _range(0),
     "parallel.memory": _range(1),
     "parallel.tensor": _range(1),
     "eval.every": _range(0),
@@ -124,6 +126,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
     check_ranges(cfg, RANGES)
     validate_eval(cfg.eval)
+    for name in cfg.train.checkpoint_signals:
+        try:
+            parse_signal(name)
+        except ValueError as e:
+            raise ConfigError(f"train.checkpoint_signals: {e}") from None
     if not cfg.run.dir:
         raise ConfigError("run.dir is empty: expected the run directory")
     m = cfg.memory

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,14 @@ def pick_device(requested: str, local_rank: int, key: str = "train.device") -> t
 
 
 def init_distributed(
-    device: str = "auto", backend: str = "auto", device_key: str = "train.device"
+    device: str = "auto",
+    backend: str = "auto",
+    device_key: str = "train.device",
+    timeout_s: float | None = None,
 ) -> DistInfo:
     """Join the process group torchrun describes in the environment (no-op for a single process).
-    `device_key` names the device setting in errors (see `pick_device`)."""
+    `device_key` names the device setting in errors (see `pick_device`). `timeout_s`: how long a
+    collective may wait for its peers (None: 30 minutes; the trainer derives it from train.watchdog_s)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -53,7 +58,7 @@ def init_distributed(
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or 1800))
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
@@ -118,6 +123,8 @@ def run_torchrun_cli(main) -> None:
             os._exit(code)
         raise
     except Exception as e:
+        if _watchdog_exiting():
+            threading.Event().wait()  # the watchdog thread prints its line and ends the process
         # A dead peer surfaces in whichever collective came next, as a gloo/NCCL traceback on
         # every survivor: say it in one line instead (LAUNCH_TRACEBACK=1 keeps the traceback).
         message = lost_peer_message(e, int(os.environ.get("RANK", "0")), world) if world > 1 else None
@@ -126,6 +133,13 @@ def run_torchrun_cli(main) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(PEER_LOST_EXIT)  # no teardown: torch's threads may still wait on the dead peer
+
+
+def _watchdog_exiting() -> bool:
+    """Whether the trainer's watchdog (launch.train.watchdog) has fired in this process: looked up in
+    sys.modules, as only the trainer imports it."""
+    watchdog = sys.modules.get("launch.train.watchdog")
+    return watchdog is not None and watchdog.FIRED.is_set()
 
 
 def watch_parent() -> None:
@@ -161,6 +175,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks, on every rank."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

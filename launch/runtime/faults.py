@@ -1,30 +1,41 @@
-"""Fault injection for the failure-handling tests (kill -9, SIGTERM, NaN, a crash mid-checkpoint).
+"""Fault injection for the failure-handling tests (kill -9, signals, a hung rank, NaN, a crash mid-checkpoint).
 
-Set LAUNCH_FAULT=NAME:STEP (e.g. `kill:3`, `sigterm:4`, `nan:2`, `crash_in_save:6`). The trainer
-installs `FaultInjection` as a step hook only when it is set (`step_hooks`), so normal runs carry
-nothing of it; the checkpoint writer asks `fault("crash_in_save", step)` itself.
+Set LAUNCH_FAULT=NAME:STEP (e.g. `kill:3`, `sigterm:4`, `sigusr1:4`, `stall:5`, `nan:2`,
+`crash_in_save:6`), on every rank, or NAME:STEP@RANK on one rank only (`stall:5@1`: rank 1 hangs,
+the others wait for it in the step's collectives). The trainer installs `FaultInjection` as a step
+hook only when it is set (`step_hooks`), so normal runs carry nothing of it; the checkpoint writer
+asks `fault("crash_in_save", step)` itself.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def fault(name: str, step: int) -> bool:
     spec = os.environ.get("LAUNCH_FAULT")
-    return bool(spec) and spec == f"{name}:{step}"
+    if not spec:
+        return False
+    spec, _, rank = spec.partition("@")
+    return spec == f"{name}:{step}" and (not rank or rank == os.environ.get("RANK", "0"))
 
 
 class FaultInjection:
     """A trainer step hook (`launch.train.hooks`) that injects the LAUNCH_FAULT named for a step."""
 
     def before_step(self, step: int) -> None:
-        """At the start of optimizer step `step`: `kill` (SIGKILL) or `sigterm`."""
+        """At the start of optimizer step `step`: `kill` (SIGKILL), `sigterm`, `sigusr1`, or `stall`
+        (sleep for good in Python: the watchdog's case of a rank that stops making progress)."""
         if fault("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
         if fault("sigterm", step):
             os.kill(os.getpid(), signal.SIGTERM)
+        if fault("sigusr1", step):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        while fault("stall", step):
+            time.sleep(3600)
 
     def after_loss(self, loss, step: int):
         """On the step's reduced loss: `nan` poisons it."""

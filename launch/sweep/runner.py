@@ -8,9 +8,11 @@ again re-issues only the missing steps: the trainer itself resumes from the late
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -234,13 +236,52 @@ def run_local(sweep: Sweep, runs: list[Run], parallel: int, nproc: int, env: dic
 # SLURM (submitit)
 
 
+def _ignore_submitit_signal() -> None:
+    """In the step's process before exec (inherited by torchrun and its workers): SLURM sends the
+    warning signal (submitit's USR2) to every process of the job step, and its default action would kill
+    torchrun and the workers mid-step. Only submitit's handler in the job process acts on it
+    (SlurmJob.checkpoint); the trainer installs its own handlers for its checkpoint signals."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (/proc): torchrun's workers, each in a session of its own."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
 class SlurmJob:
     """One array task: every missing step of one run, with torchrun across the job's nodes.
-    Re-submitted on pre-emption or timeout; the trainer resumes from its last checkpoint."""
+    Re-submitted on pre-emption or timeout; the trainer resumes from its last checkpoint.
 
-    def __init__(self, sweep_path: str, run_name: str, nproc_per_node: int, nodes: int, out: str):
+    At the time-limit warning (`slurm.signal_delay_s` before the end) submitit calls `checkpoint` on
+    the first node: it sends SIGUSR1 to the trainer's workers on this node, which makes every rank (on
+    every node) checkpoint at the same step and exit 75; once torchrun has exited, submitit requeues the job."""
+
+    def __init__(
+        self,
+        sweep_path: str,
+        run_name: str,
+        nproc_per_node: int,
+        nodes: int,
+        out: str,
+        signal_delay_s: int = 120,
+    ):
         self.sweep_path, self.run_name = sweep_path, run_name
         self.nproc_per_node, self.nodes, self.out = nproc_per_node, nodes, out
+        self.signal_delay_s = signal_delay_s
+        self._child: subprocess.Popen | None = None
+        self._training = self._torchrun = False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_child": None}  # pickled for the requeue: a live process is not state
 
     def __call__(self) -> str:
         import submitit
@@ -268,12 +309,32 @@ class SlurmJob:
             check_trained_before_eval(sweep, run, step)
             cmd = command(step, self.nproc_per_node, torchrun)
             print(f"$ {' '.join(cmd)}", flush=True)
-            subprocess.run(cmd, check=True)
+            self._training, self._torchrun = step.kind == "train", "torch.distributed.run" in cmd
+            self._child = subprocess.Popen(cmd, preexec_fn=_ignore_submitit_signal)
+            code = self._child.wait()
+            self._child = None
+            if code != 0:
+                raise subprocess.CalledProcessError(code, cmd)
         return state(sweep, run)
 
     def checkpoint(self, *args, **kwargs):
+        """submitit's handler for the warning signal, in this process's main thread: have the trainer
+        checkpoint, wait for it (requeueing first would end the job mid-save), then requeue."""
         import submitit
 
+        child = self._child
+        if child is not None and child.poll() is None:
+            # torchrun's workers, or a one-process trainer itself; grow and eval have nothing to save
+            targets = (_children(child.pid) if self._torchrun else [child.pid]) if self._training else []
+            for pid in targets:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+            try:
+                child.wait(timeout=max(10, self.signal_delay_s - 15))
+            except subprocess.TimeoutExpired:
+                print(
+                    "warning: the trainer did not stop before the time limit; requeueing anyway", flush=True
+                )
         return submitit.helpers.DelayedSubmission(self)
 
 
@@ -287,6 +348,8 @@ def executor_parameters(sweep: Sweep) -> dict:
         "cpus_per_task": max(1, s.cpus_per_gpu * max(1, s.gpus_per_node)),
         "timeout_min": s.time_min,
         "slurm_array_parallelism": s.array_parallelism,
+        # --signal=USR2@N: submitit's handler turns it into SIGUSR1 for the trainer (SlurmJob.checkpoint)
+        "slurm_signal_delay_s": s.signal_delay_s,
     }
     if s.gpus_per_node:
         params["gpus_per_node"] = s.gpus_per_node
@@ -340,7 +403,17 @@ def submit_slurm(sweep: Sweep, runs: list[Run], cluster: str | None = "slurm", w
             for j in deps:  # no scheduler to hold the jobs back: wait here
                 j.result()
         jobs = executor.submit_array(
-            [SlurmJob(str(sweep.path), r.name, nproc, sweep.slurm.nodes, str(sweep.out)) for r in todo]
+            [
+                SlurmJob(
+                    str(sweep.path),
+                    r.name,
+                    nproc,
+                    sweep.slurm.nodes,
+                    str(sweep.out),
+                    sweep.slurm.signal_delay_s,
+                )
+                for r in todo
+            ]
         )
         for r, j in zip(todo, jobs):
             submitted[r.name] = j

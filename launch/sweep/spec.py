@@ -86,6 +86,9 @@ class SlurmSettings:
     qos: str | None = None
     constraint: str | None = None
     array_parallelism: int = 64  # array tasks running at once
+    # seconds before the time limit at which SLURM warns the job (submitit's --signal=USR2@N); the job
+    # then has the trainer checkpoint (SIGUSR1 to its workers) and requeues itself
+    signal_delay_s: int = 120
     folder: str | None = None  # submitit logs; default OUT/_slurm
     setup: list[str] = field(default_factory=list)  # shell lines run before each job (module load ...)
     additional: dict[str, Any] = field(default_factory=dict)  # passed as slurm_additional_parameters

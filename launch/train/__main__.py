@@ -11,6 +11,7 @@ from launch.distributed import parallelize as par
 from launch.distributed.process_group import destroy, init_distributed
 from launch.runtime.run_dir import lock_run_dir
 from launch.train.trainer import Trainer
+from launch.train.watchdog import collective_timeout_s
 
 
 def main(argv: list[str]) -> int:
@@ -21,18 +22,21 @@ def main(argv: list[str]) -> int:
 
         parse_task_specs(list(cfg.eval.tasks))
     par.check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before joining any process group
-    info = init_distributed(cfg.train.device, cfg.parallel.backend)
+    timeout_s = collective_timeout_s(cfg.train.watchdog_s)  # a hung collective fails after the watchdog fires
+    info = init_distributed(cfg.train.device, cfg.parallel.backend, timeout_s=timeout_s)
     try:
         lock = lock_run_dir(cfg.run.dir, info)  # one trainer per run dir; dies with the process
         try:
-            Trainer(cfg, info).fit()
+            summary = Trainer(cfg, info).fit()
         finally:
             lock.release()
     except BaseException:
         destroy(barrier=False)  # a failed rank's peers may be gone: no barrier to hang on or re-fail in
         raise
     destroy()
-    return 0
+    return summary.get(
+        "exit", 0
+    )  # REQUEUE_EXIT after a requeue signal's checkpoint (launch.runtime.preemption)
 
 
 if __name__ == "__main__":

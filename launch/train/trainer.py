@@ -1,8 +1,10 @@
 """The training loop: build → resume → loop (step, log, validate?, evaluate?, save?) → final validation.
 
 Re-running a command resumes from the run directory's latest complete checkpoint. SIGTERM
-(SLURM pre-emption) checkpoints and exits 0. A non-finite loss stops the run with an error
-naming the step; the last good checkpoint is never touched.
+(SLURM pre-emption) checkpoints and exits 0, SIGUSR1 (SLURM's time-limit warning) checkpoints and
+exits 75 ("requeue me", `launch.runtime.preemption`); a rank without step progress for
+train.watchdog_s ends the job with stacks (`launch.train.watchdog`). A non-finite loss stops the run
+with an error naming the step; the last good checkpoint is never touched.
 
 The model is built on the meta device, laid out by `launch.distributed.parallelize` (tensor, memory,
 data parallel), then each rank allocates and initialises only its own shards. When to validate,
@@ -29,10 +31,10 @@ from launch.data.run_tokenizer import prepare_tokenizer
 from launch.data.stream import BatchStream, build_datasets
 from launch.distributed.grad_norm import grad_norm_and_clip
 from launch.distributed.parallelize import build_layout, materialize, parallelize
-from launch.distributed.process_group import DistInfo, all_reduce_sum, any_rank
+from launch.distributed.process_group import DistInfo, all_reduce_max, all_reduce_sum, any_rank
 from launch.eval.suite import TaskEvaluator
 from launch.models.build import active_params, build_model
-from launch.runtime import faults
+from launch.runtime import faults, preemption
 from launch.runtime.errors import TrainingError, UserError
 from launch.runtime.preemption import Preemption
 from launch.runtime.run_dir import check_resume_steps, write_run_file
@@ -40,6 +42,7 @@ from launch.train.hooks import StepHooks
 from launch.train.metrics import MetricsLogger, Throughput
 from launch.train.optim import build_optimizers, lr_multiplier, reset_base_lrs, schedule_change, set_lr
 from launch.train.validation import Validator, cross_entropy, perplexity
+from launch.train.watchdog import Watchdog
 
 
 class Trainer:
@@ -185,11 +188,15 @@ class Trainer:
             self.metrics.close()
             return {"step": self.step, "val_loss": None, "unigram_ppl": self.unigram_ppl}
         self._start_run_files()
-        preempt, bar = Preemption(), self._progress_bar()
+        preempt, bar = Preemption(cfg.train.checkpoint_signals), self._progress_bar()
+        watchdog = self._watchdog()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         throughput = Throughput()  # the logged tokens_per_s: training time only
         try:
+            stop = 0
             while self.step < cfg.train.steps:
+                if watchdog is not None:
+                    watchdog.beat(self.step)  # a step, its validation, evaluation and checkpoint: one unit
                 self.hooks.before_step(self.step + 1)
                 lr = set_lr(self.optimizers, lr_multiplier(self.step + 1, cfg))
                 loss, gnorm = self.train_step()
@@ -217,12 +224,16 @@ class Trainer:
                     if self.checkpointer.due(self.step, last=last, preempted=stop):
                         self.save()
                 if stop:
-                    if self.info.is_main:
-                        print(f"SIGTERM: checkpointed step {self.step}; exiting", flush=True)
                     break
             self.checkpointer.wait()  # an asynchronous save in flight is committed before exiting
+            if watchdog is not None:
+                watchdog.stop()  # the final validation may take longer than a step: not timed
+            if stop:
+                return self._stopped_by_signal(stop)
             return self._final_validation()
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             preempt.restore()
             if bar is not None:
                 bar.close()
@@ -266,9 +277,26 @@ class Trainer:
         # Only rank 0 reads metrics.jsonl, and every rank must take the same branch (validation is collective).
         return any_rank(done, self.info.device) if self.info.enabled else done
 
-    def _preempted(self, preempt: Preemption) -> bool:
-        """Whether any rank got SIGTERM: all of them save and stop at the same step."""
-        return any_rank(preempt.requested, self.info.device) if self.info.enabled else preempt.requested
+    def _preempted(self, preempt: Preemption) -> int:
+        """Whether any rank got a checkpoint signal (0: none; else `preemption.encode`d, the same on
+        every rank): all of them save and stop at the same step, even when only one rank was signalled."""
+        return all_reduce_max(preempt.code(), self.info.device) if self.info.enabled else preempt.code()
+
+    def _stopped_by_signal(self, code: int) -> dict:
+        """After the checkpoint of a stop agreed on `code`: the line, the requeue, the exit status."""
+        sig = preemption.decode(code)
+        requeue = preemption.requests_requeue(sig)
+        if self.info.is_main:
+            status = f"exit {preemption.REQUEUE_EXIT} (requeue me)" if requeue else "exiting"
+            print(f"{sig.name}: checkpointed step {self.step}; {status}", flush=True)
+            if requeue and self.cfg.train.requeue:
+                preemption.requeue_slurm_job()  # the checkpoint is committed: SLURM may end the job now
+        exit_code = preemption.REQUEUE_EXIT if requeue else 0
+        return {"step": self.step, "val_loss": None, "unigram_ppl": self.unigram_ppl, "exit": exit_code}
+
+    def _watchdog(self) -> Watchdog | None:
+        s = self.cfg.train.watchdog_s
+        return Watchdog(s, self.run_dir, self.info.rank, self.info.world) if s > 0 else None
 
     def _stop_nonfinite(self, what: str, value: float) -> NoReturn:
         raise TrainingError(
