@@ -611,9 +611,10 @@ def test_training_documents_cover_the_mixture(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("plays text\n")
     b.write_text("Nima Solk was born in Oslo.\n")
+    # Streamed (the tokenizer samples from it without holding the corpus): a generator of the texts.
     docs = training_documents(DataConfig(train=str(a), mix=[{"path": str(b), "ratio": 0.5}]))
-    assert docs == ["plays text\n", "Nima Solk was born in Oslo.\n"]
-    assert training_documents(DataConfig(train=str(a))) == ["plays text\n"]
+    assert list(docs) == ["plays text\n", "Nima Solk was born in Oslo.\n"]
+    assert list(training_documents(DataConfig(train=str(a)))) == ["plays text\n"]
 
 
 def test_majority_baseline():
