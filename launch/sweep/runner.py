@@ -244,7 +244,7 @@ def _ignore_submitit_signal() -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """Direct children of `pid` (/proc): torchrun's workers, each in a session of its own."""
     kids = []
     for d in Path("/proc").iterdir():
@@ -325,7 +325,7 @@ class SlurmJob:
         child = self._child
         if child is not None and child.poll() is None:
             # torchrun's workers, or a one-process trainer itself; grow and eval have nothing to save
-            targets = (_children(child.pid) if self._torchrun else [child.pid]) if self._training else []
+            targets = (child_pids(child.pid) if self._torchrun else [child.pid]) if self._training else []
             for pid in targets:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)

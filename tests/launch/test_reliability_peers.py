@@ -19,6 +19,7 @@ import pytest
 
 from launch.checkpoint.paths import list_checkpoints
 from launch.distributed.process_group import PEER_LOST_EXIT
+from launch.sweep.runner import child_pids
 from launch.train.metrics import read_metrics
 
 from ..conftest import REPO, TINY  # noqa: TID252
@@ -34,18 +35,6 @@ def _wait_for_checkpoint(run: Path, procs: list[subprocess.Popen], timeout: floa
     while not list_checkpoints(run):
         assert time.time() < end and all(p.poll() is None for p in procs), "no checkpoint appeared"
         time.sleep(0.2)
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return kids
 
 
 def _alive(pid: int) -> bool:
@@ -108,7 +97,7 @@ def test_kill_9_of_torchrun_leaves_no_orphan_workers(tmp_path):
     agent = _torchrun(run, "train.steps=2000")
     try:
         _wait_for_checkpoint(run, [agent])
-        workers = _children(agent.pid)
+        workers = child_pids(agent.pid)
         assert len(workers) == 2, workers
         agent.kill()
         agent.communicate()
