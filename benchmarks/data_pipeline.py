@@ -180,12 +180,7 @@ def measure_sources(work: Path, tok: Path, copies: int, env: dict) -> list[dict]
     corpus = make_corpus(work, copies)
     files = sorted(corpus.rglob("*.txt"))
     kinds = {"many .txt files": corpus}
-    big = work / f"single_{copies}.txt"
-    if not big.is_file():
-        with open(big, "wb") as f:
-            for p in files:
-                f.write(p.read_bytes())
-    kinds["one .txt file"] = big
+    kinds["one .txt file"] = one_file(work, copies)
     jsonl = work / f"plays_{copies}.jsonl"
     if not jsonl.is_file():
         with open(jsonl, "w") as f:
@@ -208,6 +203,56 @@ def measure_sources(work: Path, tok: Path, copies: int, env: dict) -> list[dict]
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def one_file(work: Path, copies: int) -> Path:
+    """The training plays × `copies` concatenated into ONE .txt file (one whole-file document)."""
+    big = work / f"single_{copies}.txt"
+    if not big.is_file():
+        files = sorted(make_corpus(work, copies).rglob("*.txt"))
+        tmp = big.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for p in files:
+                f.write(p.read_bytes())
+        os.replace(tmp, big)
+    return big
+
+
+def measure_one_file(work: Path, tok: Path, sizes: list[int], env: dict) -> list[dict]:
+    """`launch.tokenize` (2 workers) on one ever larger .txt file: peak memory must not grow with it."""
+    rows = []
+    for copies in sizes:
+        big = one_file(work, copies)
+        out = work / "tok_one_file"
+        r, tokens = tokenize(big, out, tok, 2, env)
+        shutil.rmtree(out)
+        r.pop("stdout")
+        rows.append({"copies": copies, "bytes": big.stat().st_size, "tokens": tokens, **r,
+                     "tokens_per_s": tokens / r["seconds"]})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def render_one_file(payload: dict) -> str:
+    m = payload["machine"]
+    sizes = ",".join(str(r["copies"]) for r in payload["rows"])
+    return (
+        f"# Data pipeline: one large text file\n\nMachine: {m['cpu']}, {m['cores']} cores, {payload['date']}. "
+        f"`python -m benchmarks data_pipeline --one-file {sizes}`: `launch.tokenize` with 2 workers on the "
+        "training plays repeated into ONE .txt file (one document, read and encoded in ~1 MiB chunks).\n\n"
+        + md_table(
+            payload["rows"],
+            [
+                ("copies", "{copies}"),
+                ("file", "{bytes:,} B"),
+                ("tokens", "{tokens:,}"),
+                ("seconds", "{seconds:.1f}"),
+                ("tokens/s", "{tokens_per_s:,.0f}"),
+                ("peak RSS, largest process", "{max_process_rss_mb:.0f} MB"),
+                ("peak RSS, process tree", "{tree_rss_mb:.0f} MB"),
+            ],
+        )
+    )
 
 
 def render_sources(payload: dict) -> str:
@@ -245,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         "--sources", type=int, default=0, help="only compare source kinds on the plays × this many copies"
     )
     ap.add_argument(
+        "--one-file",
+        default="",
+        help="only tokenize the plays × K (comma-separated sizes) as ONE .txt file each: memory vs file size",
+    )
+    ap.add_argument(
         "--add-build",
         action="store_true",
         help="only add the build_datasets measurement to the results of an earlier run",
@@ -255,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     tok = make_tokenizer(args.work)
+    if args.one_file:
+        sizes = [1] if args.quick else [int(k) for k in args.one_file.split(",")]
+        payload = record("data_pipeline_one_file", args, measure_one_file(args.work, tok, sizes, env))
+        write_record(payload, render_one_file(payload), args.out)
+        return
     if args.sources:
         copies = 1 if args.quick else args.sources
         payload = record("data_pipeline_sources", args, measure_sources(args.work, tok, copies, env))
