@@ -7,12 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from launch.runtime.errors import (  # noqa: F401 (ignore_file_size_signal is re-exported)
-    UserError,
-    describe_os_error,
-    ignore_file_size_signal,
-    root_cause,
-)
+from launch.runtime.errors import UserError, describe_os_error, root_cause
 
 
 def fsync_tree(path: Path) -> None:

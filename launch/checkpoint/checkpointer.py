@@ -43,13 +43,7 @@ from torch import nn
 
 from launch.checkpoint import collectives as coll
 from launch.checkpoint import legacy, manifest
-from launch.checkpoint.atomic import (
-    commit_directory,
-    fsync_tree,
-    ignore_file_size_signal,
-    is_write_error,
-    write_failure,
-)
+from launch.checkpoint.atomic import commit_directory, fsync_tree, is_write_error, write_failure
 from launch.checkpoint.paths import checkpoint_dir, latest_intact, step_dirs
 from launch.checkpoint.read import (
     FORMAT,
@@ -60,7 +54,7 @@ from launch.checkpoint.read import (
     read_trainer_state,
 )
 from launch.checkpoint.state import StateAdapter, alias_map, canonical_name, flat_state, nonfinite_entry
-from launch.runtime.errors import TrainingError, UserError
+from launch.runtime.errors import TrainingError, UserError, ignore_file_size_signal
 from launch.runtime.faults import fault
 
 

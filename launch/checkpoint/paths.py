@@ -8,7 +8,6 @@ import re
 import sys
 from pathlib import Path
 
-from launch.checkpoint.atomic import ignore_file_size_signal
 from launch.checkpoint.collectives import all_ranks, rank, world_size
 from launch.checkpoint.read import TRAINER_STATE, checkpoint_problem, usability_problem
 from launch.runtime.errors import UserError
@@ -89,9 +88,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     latest = None
     if checkpoint_dir(p).is_dir():
-        # Resolving a run directory has always gone through the Checkpointer, which set this: kept so
-        # that commands given a run directory still fail in one line under `ulimit -f`.
-        ignore_file_size_signal()
         latest = latest_intact(p)
     if latest is not None:
         return latest
