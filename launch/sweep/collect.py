@@ -1,18 +1,20 @@
 """Results tables of a sweep: one row per run from RUN/metrics.jsonl, RUN/eval/results.json,
 RUN/sweep_steps.jsonl (wall time, peak RSS) and the run's config (parameter counts, memory values),
 then one row per arm with mean ± std over seeds, written as Markdown and CSV, with a PNG chosen
-by the sweep file's `report.plot` when matplotlib is installed (launch.sweeps.plots)."""
+by the sweep file's `report.plot` when matplotlib is installed (launch.report.plots). Reading a run
+(metrics, parameter counts, evaluation results) and the tables are launch.report's, shared with
+`python -m launch.report`."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from launch.sweep.runner import EVAL, STEPS_LOG, state
+from launch.report.runs import eval_metrics, last, last_of, mean_curve, model_facts, numeric, read_records
+from launch.report.tables import cell, to_csv, to_markdown
+from launch.report.write import MEMORY_COLUMNS
+from launch.sweep.runner import STEPS_LOG, state
 from launch.sweep.spec import Sweep, format_value
 from launch.sweep.summary import (
     REACH,
@@ -20,12 +22,9 @@ from launch.sweep.summary import (
     USED_EQUIV,
     WORTH,
     mark_best,
-    mean_curve,
-    numeric,
     reach_reference,
     summarise,
 )
-from launch.train.metrics import read_metrics
 
 BASE_COLUMNS = (
     "run",
@@ -44,59 +43,6 @@ BASE_COLUMNS = (
 )
 
 
-# Memory runs only: slot use in the last logging window (memlayers' MemoryPool.usage_stats), i.e. the
-# fraction of all slots read at least once and the normalised entropy of the reads. A table that is
-# mostly unread holds parameters the model cannot use, which no loss column shows.
-MEMORY_COLUMNS = {"slots_read": "mem_slots_read_frac", "usage_entropy": "mem_usage_entropy"}
-
-
-def _last(records: list[dict], key: str) -> Any:
-    for r in reversed(records):
-        if key in r and r[key] is not None:
-            return r[key]
-    return None
-
-
-def _last_of(records: list[dict], *keys: str) -> Any:
-    """The last value of the first key that has one."""
-    for key in keys:
-        if (value := _last(records, key)) is not None:
-            return value
-    return None
-
-
-def model_facts(run_dir: Path) -> dict[str, Any]:
-    """params, active_params (per token), values (memory slots; None for dense) and n_layers of the
-    model in RUN/config.yaml, built on the meta device; empty when there is no readable config."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    import torch
-
-    from launch.config import config_from_file
-    from launch.models.build import active_params, build_model
-
-    try:
-        cfg = config_from_file(path)
-        with torch.device("meta"):
-            model = build_model(cfg)
-        values = cfg.memory.n_keys**2 if cfg.memory.layers else None
-        return {
-            "params": model.num_params(),
-            "active_params": active_params(model),
-            "values": values,
-            "n_layers": cfg.model.n_layers,
-        }
-    except Exception:  # a config from another version of the code: leave the cells empty
-        return {}
-
-
-def param_counts(run_dir: Path) -> tuple[int | None, int | None]:
-    """(total, active per token) of the model in RUN/config.yaml."""
-    facts = model_facts(run_dir)
-    return facts.get("params"), facts.get("active_params")
-
-
 def step_costs(run_dir: Path) -> dict[str, float]:
     """Wall time and peak RSS of the last local train step (RUN/sweep_steps.jsonl), if recorded."""
     path = run_dir / STEPS_LOG
@@ -113,24 +59,6 @@ def val_curve(records: list[dict]) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r["val_loss"])) for r in records if numeric(r.get("val_loss"))]
 
 
-def eval_metrics(run_dir: Path, records: list[dict]) -> dict[str, float]:
-    """TASK/METRIC -> value from RUN/eval/results.json, else the last in-training eval record."""
-    path = run_dir / EVAL / "results.json"
-    out: dict[str, float] = {}
-    if path.is_file():
-        tasks = json.loads(path.read_text()).get("tasks", {})
-        for task, metrics in tasks.items():
-            for metric, value in metrics.items():
-                if metric != "n" and isinstance(value, int | float):
-                    out[f"{task}/{metric}"] = value
-        return out
-    for r in records:
-        for k, v in r.items():
-            if k.startswith("eval/") and isinstance(v, int | float) and not k.endswith("/n"):
-                out[k.removeprefix("eval/")] = v
-    return out
-
-
 def collect_rows(
     sweep: Sweep, curves: dict[str, list[tuple[int, float]]] | None = None
 ) -> list[dict[str, Any]]:
@@ -138,20 +66,20 @@ def collect_rows(
     rows = []
     for run in sweep.runs:
         run_dir = sweep.run_dir(run)
-        records = read_metrics(run_dir)
+        records = read_records(run_dir)
         train = [r for r in records if "loss" in r]
         facts = model_facts(run_dir)
         speeds = [r["tokens_per_s"] for r in train if numeric(r.get("tokens_per_s"))]
         row: dict[str, Any] = {"run": run.name, "state": state(sweep, run)}
         row |= {k: format_value(v) if isinstance(v, list | dict) else v for k, v in run.varied.items()}
         row |= {
-            "steps": _last(train, "step"),
-            "tokens": _last(train, "tokens"),
-            "loss": _last(train, "loss"),
+            "steps": last(train, "step"),
+            "tokens": last(train, "tokens"),
+            "loss": last(train, "loss"),
             # The last periodic validation, else the end-of-training one: a run with
             # train.val_every=0 has only final_val_* records, and its columns must not stay empty.
-            "val_loss": _last_of(records, "val_loss", "final_val_loss"),
-            "val_ppl": _last_of(records, "val_ppl", "final_val_ppl"),
+            "val_loss": last_of(records, "val_loss", "final_val_loss"),
+            "val_ppl": last_of(records, "val_ppl", "final_val_ppl"),
             "params": facts.get("params"),
             "active_params": facts.get("active_params"),
             "values": facts.get("values"),
@@ -159,7 +87,7 @@ def collect_rows(
             if speeds
             else None,  # median: robust to a busy machine
         }
-        row |= {col: v for col, key in MEMORY_COLUMNS.items() if (v := _last(train, key)) is not None}
+        row |= {col: v for col, key in MEMORY_COLUMNS.items() if (v := last(train, key)) is not None}
         row |= step_costs(run_dir)
         row |= eval_metrics(run_dir, records)
         if curves is not None:
@@ -176,37 +104,6 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
     return ["run", *varied, *[c for c in BASE_COLUMNS if c != "run"], *memory, *evals]
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if abs(value) >= 1e5:
-            return f"{value:.3e}"
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 100_000:
-        return f"{value / 1e6:.2f}M"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
-
-
-def to_markdown(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
-    return buf.getvalue()
-
-
 def summary_metrics(sweep: Sweep, cols: list[str]) -> list[str]:
     """report.metrics, else val_loss, val_ppl and every exact-match column; plus the costs."""
     chosen = sweep.report.metrics or ["val_loss", "val_ppl", *[c for c in cols if c.endswith("/exact_match")]]
@@ -217,7 +114,7 @@ def summary_metrics(sweep: Sweep, cols: list[str]) -> list[str]:
 def _pm(mean: Any, std: Any) -> str:
     if mean is None:
         return ""
-    return _cell(mean) + (f" ± {_cell(std)}" if numeric(std) and std > 0 else "")
+    return cell(mean) + (f" ± {cell(std)}" if numeric(std) and std > 0 else "")
 
 
 def summary_markdown(summary: list[dict[str, Any]], metrics: list[str], tuned: bool, reach: bool) -> str:
@@ -230,18 +127,18 @@ def summary_markdown(summary: list[dict[str, Any]], metrics: list[str], tuned: b
         cells = [
             s["arm"],
             f"{s['seeds']}/{s['of']}",
-            _cell(s.get("params")),
-            _cell(s.get("active_params")),
-            _cell(s.get("values")),
+            cell(s.get("params")),
+            cell(s.get("active_params")),
+            cell(s.get("values")),
         ]
         cells += [_pm(s.get(m), s.get(f"{m}_std")) for m in metrics]
         if reach:
             cells += [
-                _cell(s.get("overhead_pct")),
-                _cell(s.get(REACH)) or "not reached",
-                _cell(s.get(REACH_EQUIV)) or "—",
+                cell(s.get("overhead_pct")),
+                cell(s.get(REACH)) or "not reached",
+                cell(s.get(REACH_EQUIV)) or "—",
             ]
-            cells += [_cell(s.get(USED_EQUIV)), _cell(s.get(WORTH)) or "beyond its end"]
+            cells += [cell(s.get(USED_EQUIV)), cell(s.get(WORTH)) or "beyond its end"]
         if tuned:
             cells.append("**best**" if s.get("best") else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -276,7 +173,7 @@ def collect(
 ) -> dict[str, Path]:
     """Write OUT.md and OUT.csv (one row per run), OUT_summary.csv (one row per arm, mean and std
     over seeds) and OUT.png; OUT defaults to SWEEP_OUT/results."""
-    from launch.sweep import plots
+    from launch.report import plots
 
     run_curves: dict[str, list[tuple[int, float]]] = {}
     rows = collect_rows(sweep, run_curves)

@@ -23,11 +23,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from launch.checkpoint.paths import list_checkpoints
+from launch.report.runs import EVAL  # RUN/eval: launch.eval's results.json
 from launch.runtime.errors import UserError
 from launch.sweep.spec import Run, Sweep, override_args, run_config
 
 GROWN = "grown"  # RUN/grown: the grown checkpoint a grow run starts from
-EVAL = "eval"  # RUN/eval: launch.eval's results.json
 STEPS_LOG = "sweep_steps.jsonl"  # RUN/sweep_steps.jsonl: wall time and peak RSS of each local step
 
 

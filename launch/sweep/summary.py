@@ -4,27 +4,15 @@ reference arm's final validation loss (after growth, and counted with the base's
 
 from __future__ import annotations
 
-import math
-import statistics
 from typing import Any
 
+from launch.report.runs import mean_std, numeric
 from launch.sweep.spec import Sweep
 
 REACH = "steps_to_target"  # first step whose seed-mean val loss <= the reference's final mean
 REACH_EQUIV = "equiv_steps_to_target"  # the same plus base training, in grown-depth step equivalents
 USED_EQUIV = "equiv_steps_used"  # the arm's own steps (plus base training, as above) at its last validation
 WORTH = "reference_steps_matched"  # first step at which the reference's seed-mean val loss <= this arm's final mean
-
-
-def numeric(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (0 for one value; None for none)."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(sweep: Sweep, rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
@@ -56,15 +44,6 @@ def mark_best(sweep: Sweep, summary: list[dict[str, Any]]) -> None:
             best[s["group"]] = s
     for s in summary:
         s["best"] = best.get(s["group"]) is s
-
-
-def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
-    """(step, mean, std) at the steps every curve has."""
-    if not curves:
-        return []
-    common = set.intersection(*({step for step, _ in c} for c in curves))
-    by_step = [dict(c) for c in curves]
-    return [(step, *mean_std([c[step] for c in by_step])) for step in sorted(common)]  # type: ignore[misc]
 
 
 def first_reaching(curve: list[tuple[int, float, float]], target: float) -> int | None:

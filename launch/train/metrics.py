@@ -10,6 +10,10 @@ lines, and optionally TensorBoard and Weights & Biases.
   SLURM log), each training record prints one line: step, loss, lr, tokens/s, ETA.
 - A torn last line (disk full, a kill mid-write) is moved to metrics.jsonl.torn on resume, with a
   message, instead of making every later resume fail to parse the file.
+- Costs (`RunCosts`), on every training record: `wall_s`, the wall-clock seconds of training summed
+  over the run's jobs (carried in checkpoints, so time lost after the last checkpoint of a killed
+  job is not counted), and `peak_mem_mb`, rank 0's peak memory of this job (CUDA: torch's peak
+  allocation on the device; CPU: the process's peak resident set size).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import secrets
 import sys
 import time
@@ -150,6 +155,33 @@ class Throughput:
 
     def rate(self) -> float:
         return self.tokens / max(time.perf_counter() - self.start - self.excluded, 1e-9)
+
+
+def peak_memory_mb(device: Any = None) -> float:
+    """This process's peak memory so far, in MiB: torch's peak allocation on a CUDA `device`, else the
+    peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+class RunCosts:
+    """`wall_s` and `peak_mem_mb` of a training record. `wall_s` counts from this job's start of
+    training plus `wall_before` (what the resumed checkpoint recorded): the run's training time
+    over all its jobs, up to now."""
+
+    def __init__(self, device: Any = None, wall_before: float = 0.0):
+        self.device, self.wall_before = device, wall_before
+        self.start = time.perf_counter()
+
+    def wall_s(self) -> float:
+        return self.wall_before + time.perf_counter() - self.start
+
+    def record(self) -> dict[str, float]:
+        return {"wall_s": self.wall_s(), "peak_mem_mb": peak_memory_mb(self.device)}
 
 
 def wants_plain_progress(progress: bool, stream: TextIO | None = None) -> bool:

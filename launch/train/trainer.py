@@ -39,7 +39,7 @@ from launch.runtime.errors import TrainingError, UserError
 from launch.runtime.preemption import Preemption
 from launch.runtime.run_dir import check_resume_steps, write_run_file
 from launch.train.hooks import StepHooks
-from launch.train.metrics import MetricsLogger, Throughput
+from launch.train.metrics import MetricsLogger, RunCosts, Throughput
 from launch.train.optim import build_optimizers, lr_multiplier, reset_base_lrs, schedule_change, set_lr
 from launch.train.validation import Validator, cross_entropy, perplexity
 from launch.train.watchdog import Watchdog
@@ -91,6 +91,7 @@ class Trainer:
         self.hooks = StepHooks(faults.step_hooks())  # empty unless LAUNCH_FAULT is set
 
         self.step, self.tokens_seen = 0, 0
+        self.costs = RunCosts(info.device)  # wall_s and peak_mem_mb of the training records
         if self.resume_from is not None:
             self._resume_newest_usable()
         elif self.init_from is not None:
@@ -129,6 +130,7 @@ class Trainer:
         trainer_state = self.checkpointer.load(path, self.model, self.optimizers, self._state_adapter())
         reset_base_lrs(self.optimizers, self.cfg)
         self.step, self.tokens_seen = int(trainer_state["step"]), int(trainer_state["tokens"])
+        self.costs.wall_before = float(trainer_state.get("wall_s", 0.0))  # older checkpoints: none recorded
         self.stream.load_state_dict(trainer_state["data"])
         if self.info.is_main:
             change = schedule_change(checkpoint_steps(path), self.step, self.cfg)
@@ -142,6 +144,7 @@ class Trainer:
             "world_size": self.info.world,
             "parallel": {"memory": layout.memory, "tensor": layout.tensor, "data": layout.data},
             "time": time.time(),
+            "wall_s": self.costs.wall_s(),  # training time so far, continued by a resume
         }
         config, adapter = to_yaml(self.cfg), self._state_adapter()
         return self.checkpointer.save(
@@ -192,6 +195,7 @@ class Trainer:
         watchdog = self._watchdog()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         throughput = Throughput()  # the logged tokens_per_s: training time only
+        self.costs.start = time.perf_counter()  # wall_s counts training, not building and loading
         try:
             stop = 0
             while self.step < cfg.train.steps:
@@ -212,7 +216,7 @@ class Trainer:
                     self.metrics.log(
                         {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": self.tokens_seen,
                          "tokens_per_s": throughput.rate(), "epoch": self.stream.epoch,
-                         **self.parallel.memory.usage_stats(reset=True)}
+                         **self.parallel.memory.usage_stats(reset=True), **self.costs.record()}
                     )  # fmt: skip
                     throughput.reset()
                 with throughput.paused():

@@ -224,6 +224,7 @@ SCHEMAS = {
     "launch.tokenize": "TokenizeArgs",
     "launch.convert to-hf": "ToHFArgs",
     "launch.convert from-hf": "FromHFArgs",
+    "launch.report": "ReportArgs",
 }
 EXTRA_KEYS = {  # arguments a command takes besides its schema's keys
     "launch.train": {"config", "print_config"},

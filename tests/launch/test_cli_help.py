@@ -28,6 +28,7 @@ ENTRY_POINTS = [
     "launch.tokenizer",
     "launch.plan",  # added on another branch: checked when present
     "launch.tokenize",
+    "launch.report",
 ]
 
 
@@ -90,6 +91,7 @@ def _schema_keys(module: str) -> list[str]:
         "launch.sweep": "launch.sweep.__main__:SweepArgs",
         "launch.facts": "launch.facts:FactsArgs",
         "launch.tokenizer": "launch.tokenizer:TokenizerArgs",
+        "launch.report": "launch.report.__main__:ReportArgs",
     }
     if module not in schemas:
         return []

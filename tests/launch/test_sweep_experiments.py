@@ -18,11 +18,11 @@ from omegaconf import OmegaConf
 
 from launch.data.facts import FactsArgs, fact_bits, mixture_tokenizer, params_to_hold, write_corpus
 from launch.data.tokenizer import Tokenizer
+from launch.report.plots import DEFAULT_LINE, value_lines
 from launch.runtime.errors import ConfigError
 from launch.sweep.__main__ import main as sweep_main
 from launch.sweep.__main__ import selected
 from launch.sweep.collect import collect
-from launch.sweep.plots import DEFAULT_LINE, value_lines
 from launch.sweep.runner import plan
 from launch.sweep.spec import load_sweep, run_config
 from launch.sweep.summary import summarise

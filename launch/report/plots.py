@@ -1,5 +1,10 @@
-"""The PNG of a sweep's results (matplotlib, optional: every function returns None without it).
+"""Every PNG the project draws (matplotlib, optional: every function returns None without it), for
+`launch.report` and `launch.sweep collect`.
 
+- `line_panels`: panels of lines against steps or tokens, one line per run or arm; an arm of
+  several seeds drawn as its mean with a ±std band. Loss, learning rate, tokens/s and the memory
+  health signals of a report, and the sweep's `curves_plot`, are all drawn by it.
+- `slot_histograms`: per memory layer, how many slots were read how often.
 - `bars`: one horizontal bar panel per metric, one bar per run.
 - `values_plot`: each metric against the number of memory values (log axis), seed mean with ±std
   error bars, one joined line per group of arms (`report.line`); arms without memory (dense) as
@@ -10,10 +15,14 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.sweep.summary import numeric
+from launch.report.runs import numeric
+
+Curve = list[tuple[float, float, float]]  # (x, mean, std over seeds; 0 for one run)
 
 
 def _pyplot():
@@ -150,30 +159,131 @@ def curves_plot(
     title: str,
 ) -> Path | None:
     """Validation loss vs step per arm (seed mean, ±std band); the target as a dashed line."""
-    plt = _pyplot()
     curves = {a: c for a, c in curves.items() if c}
-    if plt is None or not curves:
+    if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for arm, c in curves.items():
-        steps, mean, std = zip(*c)
-        style = {"color": "k", "lw": 2} if arm == reference else {}
-        line = ax.plot(steps, mean, label=arm, **style)[0]
-        ax.fill_between(
-            steps,
-            [m - s for m, s in zip(mean, std)],
-            [m + s for m, s in zip(mean, std)],
-            color=line.get_color(),
-            alpha=0.15,
-        )
-    if target is not None:
-        ax.axhline(target, color="gray", ls="--", lw=1, label=f"{reference} final ({target:.3f})")
     lo = min(m for c in curves.values() for _, m, _ in c)
     hi = max(m for c in curves.values() for _, m, _ in c[len(c) // 5 :])
-    ax.set_ylim(lo - 0.05, hi + 0.1)
-    ax.set_xlabel("steps (grown arms: after growth)")
-    ax.set_ylabel("validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title)
+    panel = Panel(
+        title,
+        curves,
+        xlabel="steps (grown arms: after growth)",
+        ylabel="validation loss",
+        styles={reference: {"color": "k", "lw": 2}} if reference else {},
+        hlines=[(target, f"{reference} final ({target:.3f})")] if target is not None else [],
+        ylim=(lo - 0.05, hi + 0.1),
+    )
+    return line_panels([panel], path, None, figsize=(8, 5))
+
+
+@dataclass
+class Panel:
+    """One axes of `line_panels`: `series` maps a label (a run, an arm) to its curve."""
+
+    title: str
+    series: dict[str, Curve]
+    xlabel: str = "step"
+    ylabel: str = ""
+    styles: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> plot keyword arguments
+    hlines: list[tuple[float, str]] = field(default_factory=list)  # (y, label): dashed grey lines
+    ylim: tuple[float, float] | None = None
+    yscale: str = "linear"
+    # label -> points drawn as markers in the colour of that label's line (a run's final validation)
+    points: dict[str, Curve] = field(default_factory=dict)
+    points_label: str = ""  # the points' legend entry ("" none), e.g. "final validation"
+
+
+def line_panels(
+    panels: list[Panel],
+    path: Path,
+    title: str | None,
+    ncols: int = 2,
+    figsize: tuple[float, float] | None = None,
+) -> Path | None:
+    """Panels of lines (mean, with a ±std band where std > 0; a lone point as a marker); panels
+    with nothing to draw are left out. None when matplotlib is missing or nothing is left."""
+    plt = _pyplot()
+    panels = [p for p in panels if any(p.series.values()) or any(p.points.values())]
+    if plt is None or not panels:
+        return None
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize or (6.5 * ncols, 4.2 * nrows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        colors: dict[str, str] = {}
+        for label, curve in panel.series.items():
+            if not curve:
+                continue
+            xs, mean, std = zip(*curve)
+            style = {"marker": "o"} if len(curve) == 1 else {}
+            line = ax.plot(xs, mean, label=label, **(style | panel.styles.get(label, {})))[0]
+            colors[label] = line.get_color()
+            if any(std):
+                ax.fill_between(
+                    xs,
+                    [m - s for m, s in zip(mean, std)],
+                    [m + s for m, s in zip(mean, std)],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
+        marked = False
+        for label, pts in panel.points.items():
+            if pts:
+                xs, mean, std = zip(*pts)
+                legend = panel.points_label if panel.points_label and not marked else None
+                ax.errorbar(xs, mean, yerr=[s or 0.0 for s in std], fmt="D", ms=6, capsize=3,
+                            color=colors.get(label, "k"), mec="k", label=legend)  # fmt: skip
+                marked = marked or legend is not None
+        for y, label in panel.hlines:
+            ax.axhline(y, color="gray", ls="--", lw=1, label=label)
+        if panel.ylim is not None:
+            ax.set_ylim(*panel.ylim)
+        ax.set_yscale(panel.yscale)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
+
+
+def slot_histograms(layers: dict[str, list[int]], path: Path, title: str) -> Path | None:
+    """One panel per memory layer: the number of slots (y) read a given number of times (x, log
+    bins); the slots never read are counted in the panel's title, beside the normalised entropy."""
+    plt = _pyplot()
+    if plt is None or not layers:
+        return None
+    import numpy as np
+
+    ncols = min(3, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, (name, counts) in zip(axes.flat, layers.items()):
+        c = np.asarray(counts, dtype=np.int64)
+        read = c[c > 0]
+        if len(read):
+            edges = np.unique(np.geomspace(1, read.max() + 1, 30).astype(np.int64))
+            ax.hist(read, bins=edges if len(edges) > 1 else 1, color="tab:blue")
+            ax.set_xscale("log")
+        p = read / max(read.sum(), 1)
+        entropy = float(-(p * np.log(p)).sum() / math.log(len(c))) if len(c) > 1 and len(read) else 0.0
+        ax.set_title(
+            f"{name}\n{len(read):,} of {len(c):,} slots read ({len(read) / len(c):.0%}), entropy {entropy:.2f}",
+            fontsize=9,
+        )
+        ax.set_xlabel("reads of a slot")
+        ax.set_ylabel("slots")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def pyplot_missing() -> bool:
+    """Whether matplotlib (extra `[plot]`) is missing: reports then hold their tables only."""
+    return _pyplot() is None
