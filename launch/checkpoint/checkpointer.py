@@ -173,7 +173,7 @@ class Checkpointer:
             self._fail_write(e, final, tmp)
         if fault("crash_in_save", step):
             os.kill(os.getpid(), 9)  # simulates a node dying halfway through the write
-        self._commit(tmp, final)
+        self._commit(tmp, final, step)
         self.last_save_blocking_s = time.perf_counter() - t0
         return final
 
@@ -189,15 +189,14 @@ class Checkpointer:
             self._fail_write(e, final, tmp)
         if fault("crash_in_save", step):
             os.kill(os.getpid(), 9)
-        self._commit(tmp, final)
+        self._commit(tmp, final, step)
 
     close = wait
 
     def _make_tmp(self, step: int) -> CheckpointPath:
         err = None
-        tmp = staging_dir(
-            self.root, f"step_{step}"
-        )  # behind a URL: step_N itself, uncommitted until published
+        # Behind a URL this is step_N itself, uncommitted until published.
+        tmp = staging_dir(self.root, f"step_{step}")
         if coll.rank() == 0:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -237,7 +236,7 @@ class Checkpointer:
                 _remove_quietly(tmp)
             raise UserError(errs[0])
 
-    def _commit(self, tmp: CheckpointPath, final: CheckpointPath) -> None:
+    def _commit(self, tmp: CheckpointPath, final: CheckpointPath, step: int) -> None:
         """Checksums (each rank its own shard files), manifest, marker last, rename (local), prune. Collective."""
         rank = coll.rank()
         shards = (tmp / STATE_DIR).iterdir()
@@ -255,7 +254,7 @@ class Checkpointer:
                 rest = [f for f in manifest.all_files(tmp) if f not in files]
                 files.update(manifest.digest_files(tmp, rest))
                 manifest.write_manifest(tmp, files)
-                publish(tmp, final, {"step": int(final.name.rsplit("_", 1)[-1])})
+                publish(tmp, final, {"step": step})
             except OSError as e:
                 err = str(write_failure(final, e))
         self._raise_if_failed(coll.from_rank0(err), tmp)
