@@ -1,21 +1,64 @@
-"""Atomic checkpoint directories: a directory is filled under a temporary name and renamed into place
-only when complete and flushed, so a crash mid-write leaves the previous checkpoint untouched."""
+"""Atomic checkpoint directories, one protocol on every store (launch.checkpoint.storage):
+
+1. the files are written into a staging directory (`staging_dir`): a hidden temporary sibling on a
+   local path, the final place itself behind an fsspec URL (object stores have no rename);
+2. the manifest is written (by the caller), then every file is flushed and the commit marker
+   `COMMITTED` is written last (`publish`);
+3. on a local path the directory is renamed into place.
+
+A step directory counts as a checkpoint once committed (`committed`): renamed into place on a local
+path (checkpoints of earlier versions have no marker), holding the marker behind a URL. A crash at
+any point leaves the previous checkpoints untouched and the new one uncommitted: a `.tmp_step_*`
+directory, or a `step_N/` without its marker, which readers ignore and the next run removes.
+Removal (`remove`) takes the marker first, so a removal cut short leaves an uncommitted directory,
+never a committed one with files missing."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+from launch.checkpoint.storage import CheckpointPath, fsync_tree, renames, rmtree, sync_tree
 from launch.runtime.errors import UserError, describe_os_error, root_cause
 
+MARKER = "COMMITTED"  # written last: its presence commits a checkpoint directory
 
-def fsync_tree(path: Path) -> None:
-    """Flush every file under `path` to disk: a rename must never publish data still in the page cache."""
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+
+def staging_dir(root: CheckpointPath, name: str) -> CheckpointPath:
+    """Where the directory `root/name` is assembled: a hidden temporary sibling where it will be renamed
+    into place, the final place itself on a store that cannot rename."""
+    return root / f".tmp_{name}_{os.getpid()}" if renames(root) else root / name
+
+
+def committed(directory: CheckpointPath) -> bool:
+    """Whether a checkpoint directory has been committed (see the module docstring)."""
+    return renames(directory) or (directory / MARKER).is_file()
+
+
+def remove(directory: CheckpointPath) -> None:
+    """Uncommit, then remove, a checkpoint directory."""
+    if not renames(directory):
+        (directory / MARKER).unlink(missing_ok=True)
+    rmtree(directory)
+
+
+def publish(staging: CheckpointPath, final: CheckpointPath, marker: dict) -> None:
+    """Commit a complete staging directory (manifest already written): flush, write the marker, and
+    rename it to `final` where the store can."""
+    if renames(staging):
+        mark(staging, marker)
+        commit_directory(staging, final)
+    else:
+        sync_tree(staging)  # the marker must never be durable before the files it vouches for
+        mark(staging, marker)
+
+
+def mark(directory: CheckpointPath, marker: dict) -> None:
+    """Write the commit marker into a complete, flushed `directory`, and flush it."""
+    (directory / MARKER).write_text(json.dumps(marker) + "\n")
+    sync_tree(directory)
 
 
 def commit_directory(tmp: Path, final: Path) -> None:

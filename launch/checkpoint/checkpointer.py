@@ -10,10 +10,14 @@
         rng.pt               rank 0's RNG state (a plain tensor)
         config.yaml          the resolved config: every other command needs only this directory
         tokenizer.model
-        manifest.json        size and sha256 of every other file; written last
+        manifest.json        size and sha256 of every other file
+        COMMITTED            the commit marker, written last
 
-A checkpoint is assembled in a hidden temporary directory and renamed into place only when complete
-(and only when every saved tensor is finite); `train.keep_last` prunes older ones afterwards.
+`train.checkpoint_dir` puts the step_N directories elsewhere: another local path, or an fsspec URL
+(s3://, gs://, file://; launch.checkpoint.storage). A checkpoint is assembled in a hidden temporary
+directory and renamed into place only when complete (and only when every saved tensor is finite);
+behind a URL (object stores cannot rename) it is written in place and committed by its marker
+(launch.checkpoint.atomic). `train.keep_last` prunes older ones afterwards.
 Loading verifies the manifest, reshards to the loading run's layout (any world size, P, T, data
 parallel kind) and never unpickles code. A damaged newest checkpoint is skipped with a one-line
 warning for the newest intact one; with none intact the run stops with one line naming the damage,
@@ -29,6 +33,7 @@ checkpoints (paths), checksums (manifest).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,9 +47,9 @@ import torch.distributed as dist
 from torch import nn
 
 from launch.checkpoint import collectives as coll
-from launch.checkpoint import legacy, manifest
-from launch.checkpoint.atomic import commit_directory, fsync_tree, is_write_error, write_failure
-from launch.checkpoint.paths import checkpoint_dir, latest_intact, step_dirs
+from launch.checkpoint import legacy, manifest, storage
+from launch.checkpoint.atomic import is_write_error, mark, publish, remove, staging_dir, write_failure
+from launch.checkpoint.paths import configured_dir, debris, latest_intact, step_dirs
 from launch.checkpoint.read import (
     FORMAT,
     STATE_DIR,
@@ -54,6 +59,7 @@ from launch.checkpoint.read import (
     read_trainer_state,
 )
 from launch.checkpoint.state import StateAdapter, alias_map, canonical_name, flat_state, nonfinite_entry
+from launch.checkpoint.storage import CheckpointPath
 from launch.runtime.errors import TrainingError, UserError, ignore_file_size_signal
 from launch.runtime.faults import fault
 
@@ -62,13 +68,21 @@ class Checkpointer:
     """Save, find and load a run's checkpoints. `save` and `load` are collective (every rank calls
     them); `latest_intact` too when a process group is up (ranks split the checksum work)."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 1, *, async_save: bool = False, every: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_last: int = 1,
+        *,
+        async_save: bool = False,
+        every: int = 0,
+        root: str | None = None,
+    ):
         self.run_dir = Path(run_dir)
-        self.root = checkpoint_dir(run_dir)
+        self.root = configured_dir(run_dir, root)  # train.checkpoint_dir (None: RUN/checkpoints)
         self.keep_last = max(1, keep_last)
         self.async_save = async_save
         self.every = every  # train.ckpt_every: steps between periodic saves (0: none)
-        self._pending: tuple[Any, Path, Path, int] | None = None
+        self._pending: tuple[Any, CheckpointPath, CheckpointPath, int] | None = None
         self._async_group = None
         self.last_save_blocking_s = 0.0  # seconds the last save() held the training loop
         ignore_file_size_signal()
@@ -80,16 +94,27 @@ class Checkpointer:
 
     # -- finding ---------------------------------------------------------------------------------
 
-    def candidates(self) -> list[tuple[int, Path]]:
-        """Every step_N directory (complete or not), oldest first."""
-        return step_dirs(self.run_dir)
+    def candidates(self) -> list[tuple[int, CheckpointPath]]:
+        """Every committed step_N directory (intact or not), oldest first."""
+        return step_dirs(None, root=self.root)
 
     def latest_intact(
-        self, warn: bool = True, expected: dict | None = None, skipped: dict[Path, str] | None = None
-    ) -> Path | None:
+        self, warn: bool = True, expected: dict | None = None, skipped: dict | None = None
+    ) -> CheckpointPath | None:
         """The newest checkpoint whose files match its manifest and whose content is usable (fits the
         `expected` model shapes when given); launch.checkpoint.paths.latest_intact."""
-        return latest_intact(self.run_dir, warn, expected, skipped)
+        return latest_intact(None, warn, expected, skipped, root=self.root)
+
+    def clear_debris(self) -> list[CheckpointPath]:
+        """Remove what killed writers left in the checkpoint root (launch.checkpoint.paths.debris): for
+        the holder of the run lock only, before anything is read. Collective: no rank lists the
+        root while rank 0 is still removing."""
+        removed = []
+        if coll.rank() == 0:
+            removed = debris(self.root)
+            for p in removed:
+                remove(p)
+        return coll.from_rank0(removed)
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -102,7 +127,7 @@ class Checkpointer:
         config_yaml: str,
         tokenizer_path: Path | None,
         adapter: StateAdapter | None = None,
-    ) -> Path:
+    ) -> CheckpointPath:
         """Write checkpoint step_N (collective). With async_save the tensors are staged in memory and
         written in the background; the directory is committed at the next save/wait."""
         t0 = time.perf_counter()
@@ -127,7 +152,7 @@ class Checkpointer:
         self._raise_if_failed(coll.from_rank0(ok), tmp)
         import torch.distributed.checkpoint as dcp
 
-        writer = dcp.FileSystemWriter(tmp / STATE_DIR, sync_files=True)
+        writer = storage.dcp_writer(tmp / STATE_DIR)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -148,7 +173,7 @@ class Checkpointer:
             self._fail_write(e, final, tmp)
         if fault("crash_in_save", step):
             os.kill(os.getpid(), 9)  # simulates a node dying halfway through the write
-        self._commit(tmp, final)
+        self._commit(tmp, final, step)
         self.last_save_blocking_s = time.perf_counter() - t0
         return final
 
@@ -164,18 +189,19 @@ class Checkpointer:
             self._fail_write(e, final, tmp)
         if fault("crash_in_save", step):
             os.kill(os.getpid(), 9)
-        self._commit(tmp, final)
+        self._commit(tmp, final, step)
 
     close = wait
 
-    def _make_tmp(self, step: int) -> Path:
+    def _make_tmp(self, step: int) -> CheckpointPath:
         err = None
-        tmp = self.root / f".tmp_step_{step}_{os.getpid()}"
+        # Behind a URL this is step_N itself, uncommitted until published.
+        tmp = staging_dir(self.root, f"step_{step}")
         if coll.rank() == 0:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 if tmp.exists():
-                    shutil.rmtree(tmp)
+                    remove(tmp)
                 tmp.mkdir()
             except OSError as e:
                 err = str(write_failure(self.root / f"step_{step}", e))
@@ -185,34 +211,36 @@ class Checkpointer:
         return tmp
 
     def _write_small_files(
-        self, tmp: Path, trainer_state: dict, config_yaml: str, tokenizer_path: Path | None
+        self, tmp: CheckpointPath, trainer_state: dict, config_yaml: str, tokenizer_path: Path | None
     ) -> None:
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        with (tmp / "rng.pt").open("wb") as f:
+            torch.save({"torch": torch.get_rng_state()}, f)
         (tmp / "config.yaml").write_text(config_yaml)
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            storage.put_file(tokenizer_path, tmp / "tokenizer.model")
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
 
-    def _fail_write(self, e: BaseException, final: Path, tmp: Path) -> None:
+    def _fail_write(self, e: BaseException, final: CheckpointPath, tmp: CheckpointPath) -> None:
         """A DCP write that raised: a write error (a full disk, EFBIG, whichever rank) becomes one line
         naming the path and errno; anything else keeps its traceback. The temp directory goes either way."""
         if not is_write_error(e):
             if coll.rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_quietly(tmp)
             raise e
         self._raise_if_failed(str(write_failure(final, e)), tmp)
 
-    def _raise_if_failed(self, err: str | None, tmp: Path) -> None:
+    def _raise_if_failed(self, err: str | None, tmp: CheckpointPath) -> None:
         errs = [e for e in coll.all_ranks(err) if e]
         if errs:
             if coll.rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                _remove_quietly(tmp)
             raise UserError(errs[0])
 
-    def _commit(self, tmp: Path, final: Path) -> None:
-        """Checksums (each rank its own shard files), manifest last, rename, prune. Collective."""
+    def _commit(self, tmp: CheckpointPath, final: CheckpointPath, step: int) -> None:
+        """Checksums (each rank its own shard files), manifest, marker last, rename (local), prune. Collective."""
         rank = coll.rank()
-        mine = sorted(str(p.relative_to(tmp)) for p in (tmp / STATE_DIR).glob(f"__{rank}_*"))
+        shards = (tmp / STATE_DIR).iterdir()
+        mine = sorted(f"{STATE_DIR}/{p.name}" for p in shards if p.name.startswith(f"__{rank}_"))
         err = None
         try:
             digests = manifest.digest_files(tmp, mine)
@@ -226,7 +254,7 @@ class Checkpointer:
                 rest = [f for f in manifest.all_files(tmp) if f not in files]
                 files.update(manifest.digest_files(tmp, rest))
                 manifest.write_manifest(tmp, files)
-                commit_directory(tmp, final)
+                publish(tmp, final, {"step": step})
             except OSError as e:
                 err = str(write_failure(final, e))
         self._raise_if_failed(coll.from_rank0(err), tmp)
@@ -235,15 +263,15 @@ class Checkpointer:
         if coll.is_distributed():
             dist.barrier()
 
-    def _prune(self, keep: Path) -> None:
+    def _prune(self, keep: CheckpointPath) -> None:
         intact = [p for _, p in self.candidates()]
         for p in intact[: -self.keep_last]:
             if p != keep:
-                shutil.rmtree(p, ignore_errors=True)
-        for stale in self.root.glob(".tmp_step_*"):  # leftovers of crashed writes
-            shutil.rmtree(stale, ignore_errors=True)
+                _remove_quietly(p)
+        for stale in debris(self.root):  # leftovers of crashed writes
+            _remove_quietly(stale)
 
-    def newest_intact(self) -> Path | None:
+    def newest_intact(self) -> CheckpointPath | None:
         """The newest intact (hence finite) checkpoint or None, without warnings (for error messages)."""
         try:
             return self.latest_intact(warn=False)
@@ -254,7 +282,7 @@ class Checkpointer:
 
     def load(
         self,
-        path: Path,
+        path: CheckpointPath,
         model: nn.Module,
         optimizers: list[torch.optim.Optimizer],
         adapter: StateAdapter | None = None,
@@ -296,10 +324,16 @@ class Checkpointer:
         return trainer_state
 
     def load_weights(
-        self, path: Path, model: nn.Module, adapter: StateAdapter | None = None
+        self, path: CheckpointPath, model: nn.Module, adapter: StateAdapter | None = None
     ) -> dict[str, Any]:
         """Only the model's weights (`train.init_from`), resharded to this run's layout. Collective."""
         return self.load(path, model, [], adapter)
+
+
+def _remove_quietly(path: CheckpointPath) -> None:
+    """Remove a temporary or pruned checkpoint directory; a failure leaves it for the next pruning."""
+    with contextlib.suppress(OSError):
+        remove(path)
 
 
 def write_model_checkpoint(
@@ -317,7 +351,7 @@ def write_model_checkpoint(
     """A weights-only checkpoint directory in the training format, from one process (launch.grow,
     launch.convert from-hf). The output rules are launch.runtime.outputs' (never inside a source; overwrite=true
     replaces only an earlier output of the same command); the content is written into a temp dir,
-    manifest last, and renamed into place."""
+    then the manifest and the commit marker, and renamed into place. A local directory only."""
     import torch.distributed.checkpoint as dcp
 
     from launch.runtime.outputs import output_dir
@@ -342,7 +376,7 @@ def write_model_checkpoint(
                 json.dumps({**trainer_state, "format": FORMAT, "aliases": aliases}, indent=2)
             )
             manifest.write_manifest(tmp, manifest.digest_files(tmp, manifest.all_files(tmp)))
-            fsync_tree(tmp)
+            mark(tmp, {"step": int(trainer_state.get("step", 0))})  # output_dir renames it into place
         except BaseException as e:  # noqa: BLE001 (DCP's CheckpointException is a BaseException)
             if not is_write_error(e):
                 raise

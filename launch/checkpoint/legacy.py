@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from launch.checkpoint.state import alias_map, canonical_name, local_part
+from launch.checkpoint.storage import CheckpointPath, local_copy
 from launch.runtime.errors import UserError
 
 MODEL_FILE = "model.safetensors"
@@ -44,12 +45,12 @@ def save_model_file(
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_model_file(path: CheckpointPath) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The full state dict (aliases filled in, pointing at the same tensor) and the file's metadata."""
     if not path.is_file():
         raise UserError(f"no model weights at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(local_copy(path)), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for bad headers/lengths)
@@ -67,10 +68,11 @@ def load_model_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return state, meta
 
 
-def read_plain_tensors(path: Path) -> Any:
+def read_plain_tensors(path: CheckpointPath) -> Any:
     """torch.load with weights_only=True; a crafted or damaged file is one line naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path} is missing: not a complete checkpoint") from None
     except pickle.UnpicklingError as e:
@@ -79,7 +81,7 @@ def read_plain_tensors(path: Path) -> Any:
         raise UserError(f"{path} is damaged or truncated ({str(e).splitlines()[0]})") from None
 
 
-def full_state(path: Path, n_optimizers: int) -> dict[str, torch.Tensor]:
+def full_state(path: CheckpointPath, n_optimizers: int) -> dict[str, torch.Tensor]:
     """A single-file (format 1) checkpoint as flat full tensors under the DCP keys (convert on read)."""
     state, _ = load_model_file(path / MODEL_FILE)
     flat = {f"model/{k}": v for k, v in state.items()}

@@ -1,43 +1,46 @@
 """Per-file checksums of a checkpoint directory: written last before the directory is committed,
 verified before a checkpoint is trusted (resume, eval, export), so bit rot or a truncated file is
-caught and the newest intact checkpoint is used instead."""
+caught and the newest intact checkpoint is used instead. Paths are local or fsspec
+(launch.checkpoint.storage)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+
+from launch.checkpoint import storage
+from launch.checkpoint.atomic import MARKER
+from launch.checkpoint.storage import CheckpointPath
 
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 1 << 22
 
 
-def file_digest(path: Path) -> dict:
+def file_digest(path: CheckpointPath) -> dict:
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             size += len(chunk)
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def digest_files(root: Path, relative: list[str]) -> dict[str, dict]:
+def digest_files(root: CheckpointPath, relative: list[str]) -> dict[str, dict]:
     return {rel: file_digest(root / rel) for rel in relative}
 
 
-def all_files(root: Path) -> list[str]:
-    """Every regular file under `root` except the manifest itself, as sorted relative paths."""
-    return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE
-    )
+def all_files(root: CheckpointPath) -> list[str]:
+    """Every regular file under `root` except the manifest itself and the commit marker (written after
+    it), as sorted relative paths."""
+    return [rel for rel in storage.files(root) if rel not in (MANIFEST_FILE, MARKER)]
 
 
-def write_manifest(root: Path, files: dict[str, dict]) -> None:
+def write_manifest(root: CheckpointPath, files: dict[str, dict]) -> None:
     (root / MANIFEST_FILE).write_text(json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True))
 
 
-def read_manifest(root: Path) -> dict[str, dict] | None:
+def read_manifest(root: CheckpointPath) -> dict[str, dict] | None:
     """The recorded {file: {bytes, sha256}}, None when the checkpoint has no manifest (older format)."""
     path = root / MANIFEST_FILE
     if not path.exists():
@@ -51,7 +54,9 @@ def read_manifest(root: Path) -> dict[str, dict] | None:
         return {MANIFEST_FILE: {"bytes": -1, "sha256": "unreadable"}}
 
 
-def verify(root: Path, files: dict[str, dict] | None = None, part: tuple[int, int] = (0, 1)) -> str | None:
+def verify(
+    root: CheckpointPath, files: dict[str, dict] | None = None, part: tuple[int, int] = (0, 1)
+) -> str | None:
     """The first problem found (a file and what is wrong with it), or None when intact.
 
     `part=(i, n)` checks only every n-th file from the i-th, so n ranks can share the work."""
@@ -73,5 +78,5 @@ def verify(root: Path, files: dict[str, dict] | None = None, part: tuple[int, in
             if file_digest(path)["sha256"] != want["sha256"]:
                 return f"{path}: checksum mismatch (corrupted)"
         except OSError as e:  # unreadable, or deleted under us (a pruner racing this reader)
-            return f"{path}: unreadable ({e.strerror})"
+            return f"{path}: unreadable ({e.strerror or e})"
     return None

@@ -1,26 +1,28 @@
 """Reading a checkpoint directory: is it intact (manifest), its trainer state, its tensors' names and
 shapes against the configured model, and DCP loads through the allowlisted metadata reader. Both
-formats are read: DCP (format 2, `state/`) and the single-file format 1 (launch.checkpoint.legacy)."""
+formats are read: DCP (format 2, `state/`) and the single-file format 1 (launch.checkpoint.legacy),
+from a local directory or an fsspec URL (launch.checkpoint.storage)."""
 
 from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from launch.checkpoint import legacy, manifest
+from launch.checkpoint.atomic import MARKER, committed
 from launch.checkpoint.safe_metadata import (
     METADATA_FILE,
-    SafeFileSystemReader,
     SafeLoadPlanner,
     read_metadata_file,
+    safe_reader,
     tensor_entries,
 )
 from launch.checkpoint.state import canonical_name
+from launch.checkpoint.storage import CheckpointPath
 from launch.runtime.errors import UserError
 
 STATE_DIR = "state"
@@ -28,8 +30,10 @@ TRAINER_STATE = "trainer_state.json"
 FORMAT = 2  # trainer_state.json "format": 2 = DCP state/ directory (1 / absent = model.safetensors)
 
 
-def checkpoint_problem(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None:
+def checkpoint_problem(ckpt: CheckpointPath, part: tuple[int, int] = (0, 1)) -> str | None:
     """What is wrong with a checkpoint directory (first damaged file), or None when it is intact."""
+    if not committed(ckpt):
+        return f"{ckpt}: not committed (no {MARKER} marker: its save was cut short, or is still running)"
     if not (ckpt / TRAINER_STATE).is_file():
         return f"{ckpt / TRAINER_STATE}: missing"
     files = manifest.read_manifest(ckpt)
@@ -38,7 +42,7 @@ def checkpoint_problem(ckpt: Path, part: tuple[int, int] = (0, 1)) -> str | None
     return manifest.verify(ckpt, files, part)
 
 
-def usability_problem(ckpt: Path, expected: dict[str, tuple[int, ...]] | None = None) -> str | None:
+def usability_problem(ckpt: CheckpointPath, expected: dict[str, tuple[int, ...]] | None = None) -> str | None:
     """What makes a checkpoint whose files match its manifest unusable, or None.
 
     The manifest only says the files are the ones written; this checks they can be used: a
@@ -75,7 +79,7 @@ def usability_problem(ckpt: Path, expected: dict[str, tuple[int, ...]] | None = 
     return None
 
 
-def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+def read_trainer_state(ckpt: CheckpointPath) -> dict[str, Any]:
     """trainer_state.json of either format, as a dict; anything else is one line naming the file."""
     path = ckpt / TRAINER_STATE
     try:
@@ -87,7 +91,7 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
         raise UserError(f"unreadable checkpoint state {path}: {e}") from None
 
 
-def checkpoint_steps(ckpt: Path) -> int | None:
+def checkpoint_steps(ckpt: CheckpointPath) -> int | None:
     """train.steps of the run that wrote `ckpt` (its config.yaml), or None when unknown. Read as
     plain YAML, not through the schema: only this one number is wanted, and an older config with
     keys since renamed must not stop a resume."""
@@ -100,7 +104,7 @@ def checkpoint_steps(ckpt: Path) -> int | None:
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
-def init_from_line(ckpt: Path, state: dict[str, Any], reset_data: bool) -> str:
+def init_from_line(ckpt: CheckpointPath, state: dict[str, Any], reset_data: bool) -> str:
     """The line `train.init_from` prints: which checkpoint, its step, and what was taken from it
     (weights always; the data position unless train.reset_data; never the optimizer or schedule)."""
     grown = state.get("grown_from")
@@ -121,11 +125,11 @@ def init_from_line(ckpt: Path, state: dict[str, Any], reset_data: bool) -> str:
     )
 
 
-def is_dcp_checkpoint(ckpt: Path) -> bool:
+def is_dcp_checkpoint(ckpt: CheckpointPath) -> bool:
     return (ckpt / STATE_DIR).is_dir()
 
 
-def checked_aliases(ckpt: Path, aliases: Any, known: set[str]) -> dict[str, str]:
+def checked_aliases(ckpt: CheckpointPath, aliases: Any, known: set[str]) -> dict[str, str]:
     """The alias map of a checkpoint, refusing a tampered one in one line."""
     if not isinstance(aliases, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
@@ -164,7 +168,7 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: 
     check_shapes(source, own, {k: tuple(t.shape) for k, t in state.items()})
 
 
-def read_model_state(ckpt: Path, model: nn.Module) -> None:
+def read_model_state(ckpt: CheckpointPath, model: nn.Module) -> None:
     """Load the weights of checkpoint `ckpt` into an unsharded `model` on this process alone,
     whatever world size and layout saved it (DCP assembles the full tensors)."""
     problem = checkpoint_problem(ckpt)
@@ -186,7 +190,7 @@ def read_model_state(ckpt: Path, model: nn.Module) -> None:
 
 
 def read_dcp_state(
-    path: Path, flat: dict[str, torch.Tensor], trainer_state: dict, growing: set[str] = frozenset()
+    path: CheckpointPath, flat: dict[str, torch.Tensor], trainer_state: dict, growing: set[str] = frozenset()
 ) -> None:
     """Load a DCP checkpoint into the flat state of a live run (launch.checkpoint.state), resharding to
     its layout, after checking names and shapes. Entries in `growing` (optimizer state that grows with
@@ -212,7 +216,7 @@ def read_dcp_state(
     dcp_load(flat, path)
 
 
-def dcp_load(targets: dict[str, torch.Tensor], ckpt: Path, no_dist: bool = False) -> None:
+def dcp_load(targets: dict[str, torch.Tensor], ckpt: CheckpointPath, no_dist: bool = False) -> None:
     """DCP load into `targets` in place, never unpickling code; failures are one line naming the directory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -222,7 +226,7 @@ def dcp_load(targets: dict[str, torch.Tensor], ckpt: Path, no_dist: bool = False
             warnings.simplefilter("ignore")
             dcp.load(
                 targets,
-                storage_reader=SafeFileSystemReader(ckpt / STATE_DIR),
+                storage_reader=safe_reader(ckpt / STATE_DIR),
                 planner=SafeLoadPlanner(allow_partial_load=False),
                 no_dist=no_dist,
             )

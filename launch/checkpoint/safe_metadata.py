@@ -5,21 +5,24 @@ and `DefaultLoadPlanner.load_bytes` reads non-tensor entries with `torch.load(we
 a crafted checkpoint could run code at either point. `SafeFileSystemReader` unpickles `.metadata`
 through an allowlist of DCP's own metadata classes (plus torch dtypes/sizes/layouts), and
 `SafeLoadPlanner` loads non-tensor entries with `weights_only=True` (our checkpoints hold none).
-Tensor payloads are already read by DCP with `torch.load(weights_only=True)`.
+Tensor payloads are already read by DCP with `torch.load(weights_only=True)`. `safe_reader` picks
+the reader for a local directory or an fsspec URL (launch.checkpoint.storage); both read `.metadata`
+through the same allowlist.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
+from launch.checkpoint.storage import CheckpointPath, FsspecPath, as_path
 from launch.runtime.errors import UserError
 
 METADATA_FILE = ".metadata"
@@ -53,10 +56,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
 
 
-def read_metadata_file(path: Path) -> Metadata:
-    """The DCP `Metadata` in `path`, or a one-line UserError (crafted, truncated, missing)."""
+def read_metadata_file(path: CheckpointPath | str) -> Metadata:
+    """The DCP `Metadata` in `path` (local or fsspec), or a one-line UserError (crafted, truncated, missing)."""
+    path = as_path(path)
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             meta = _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise UserError(f"{path} is missing: not a complete checkpoint") from None
@@ -67,18 +71,33 @@ def read_metadata_file(path: Path) -> Metadata:
     return meta
 
 
-class SafeFileSystemReader(FileSystemReader):
-    """`FileSystemReader` whose metadata is read through the allowlisted unpickler."""
+class _SafeMetadata:
+    """DCP reader mixin: metadata read through the allowlisted unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
-        meta = read_metadata_file(Path(self._get_metadata_path(rank)))
+        meta = read_metadata_file(as_path(self._get_metadata_path(rank)))
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(meta, "storage_meta", None) is None:
             meta.storage_meta = StorageMeta()
         meta.storage_meta.load_id = self.load_id
         return meta
+
+
+class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    """`FileSystemReader` (a local directory) whose metadata is read through the allowlisted unpickler."""
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """`FsspecReader` (an fsspec URL) whose metadata is read through the allowlisted unpickler."""
+
+
+def safe_reader(directory: CheckpointPath) -> FileSystemReader:
+    """The allowlisted DCP reader of a state directory, local or behind an fsspec URL."""
+    if isinstance(directory, FsspecPath):
+        return SafeFsspecReader(str(directory))
+    return SafeFileSystemReader(directory)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -110,6 +110,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics records (and plain progress lines)
     ckpt_every: int = 200  # steps between checkpoints (0: only at the end)
     keep_last: int = 2  # checkpoints kept on disk
+    # where checkpoints go: a local path or an fsspec URL (s3://, gs:// with the [s3]/[gcs] extras, file://);
+    # None: RUN/checkpoints. run.dir stays local (lock, metrics.jsonl, logs). One run per directory
+    checkpoint_dir: str | None = None
     val_every: int = 200  # steps between validation losses (0: never)
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False  # torch.compile the model

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from launch.config.schema import Config, EvalConfig
-from launch.runtime.errors import ConfigError
+from launch.runtime.errors import ConfigError, UserError
 from launch.runtime.preemption import parse_signal
 
 
@@ -133,6 +133,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.checkpoint_signals: {e}") from None
     if not cfg.run.dir:
         raise ConfigError("run.dir is empty: expected the run directory")
+    if "://" in cfg.run.dir:
+        raise ConfigError(
+            f"run.dir={cfg.run.dir}: the run directory must be a local or shared filesystem path (it holds the "
+            "run lock, metrics.jsonl and logs, which need file locks and appends); put the checkpoints on "
+            f"object storage with train.checkpoint_dir={cfg.run.dir} and a local run.dir"
+        )
+    if cfg.train.checkpoint_dir and "://" in cfg.train.checkpoint_dir:
+        from launch.checkpoint.storage import check_url
+
+        try:
+            check_url(cfg.train.checkpoint_dir, "train.checkpoint_dir")
+        except UserError as e:
+            raise ConfigError(str(e)) from None
     m = cfg.memory
     if m.value_rounding == "stochastic" and (m.value_dtype != "bf16" or m.value_optimizer == "adamw"):
         raise ConfigError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from launch.checkpoint.storage import CheckpointPath, local_copy
 from launch.config import Config
 from launch.data.stream import shard_tokenizer, training_documents
 from launch.data.tokenizer import Tokenizer, train_tokenizer
@@ -16,13 +17,13 @@ from launch.runtime.errors import UserError
 from launch.runtime.run_dir import install_tokenizer
 
 
-def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: Path | None) -> Tokenizer:
+def prepare_tokenizer(cfg: Config, info: DistInfo, resume_from: CheckpointPath | None) -> Tokenizer:
     """The run's tokenizer, kept at RUN/tokenizer.model: taken from the checkpoint resumed (or
     initialised) from, else data.tokenizer, else the run dir's own, else trained now. Loading it
     from the run dir means no later step reads a checkpoint that pruning may have deleted."""
     run_tok = Path(cfg.run.dir) / "tokenizer.model"
     if resume_from is not None and (resume_from / "tokenizer.model").is_file():
-        path = resume_from / "tokenizer.model"
+        path = local_copy(resume_from / "tokenizer.model")  # itself, or a download from a URL
     elif cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer)
         if not path.is_file():

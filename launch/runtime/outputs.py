@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from launch.checkpoint.storage import local_path
 from launch.runtime.debris import remove_dead_temps
 from launch.runtime.errors import UserError
 
@@ -120,7 +121,10 @@ def check_output_dir(
     out = Path(out).absolute()
     real = out.resolve()
     for src in sources:
-        s = Path(src).resolve()
+        local = local_path(src)
+        if local is None:  # a checkpoint on a remote store: no local output can lie inside it
+            continue
+        s = local.resolve()
         if real == s or s in real.parents or real in s.parents:
             raise UserError(
                 f"{key}={out} is, contains or lies inside the source {src}; choose a directory outside it"

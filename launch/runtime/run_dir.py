@@ -11,7 +11,8 @@
 - `write_run_file` writes RUN/config.yaml atomically, failing in one line naming the file.
 - `clear_debris`: the lock holder removes what killed writers left behind (half-written checkpoint
   temp directories, temp files of atomic writes): only the holder may, since nobody else can be
-  writing them, and every requeue does, so repeated crashes never accumulate them.
+  writing them, and every requeue does, so repeated crashes never accumulate them. Checkpoints kept
+  elsewhere (`train.checkpoint_dir`, a URL) are cleared the same way by the trainer's Checkpointer.
 - run.dir itself must be new, empty or a run directory (launch.runtime.outputs.check_run_dir),
   checked before the lock file is created.
 """

@@ -52,14 +52,21 @@ class Trainer:
         self.layout = build_layout(cfg, info)  # impossible layouts fail here, before any allocation
         train = cfg.train
         self.checkpointer = Checkpointer(
-            self.run_dir, train.keep_last, async_save=train.async_checkpoint, every=train.ckpt_every
+            self.run_dir,
+            train.keep_last,
+            async_save=train.async_checkpoint,
+            every=train.ckpt_every,
+            root=train.checkpoint_dir,
         )
+        self.checkpointer.clear_debris()  # this job holds the run lock: uncommitted saves are dead ones
         # An unusable newest checkpoint (damaged, tampered, another model's): warn and take the one before.
         with torch.device("meta"):
             shapes = {canonical_name(k): tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
         self.expected_shapes = shapes
         self.resume_from = self.checkpointer.latest_intact(expected=shapes)
-        init_from = Path(cfg.train.init_from) if cfg.train.init_from and self.resume_from is None else None
+        if self.resume_from is None:
+            ckpt.check_not_moved(self.run_dir, self.checkpointer.root)
+        init_from = cfg.train.init_from if cfg.train.init_from and self.resume_from is None else None
         self.init_from = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
         self.tok = prepare_tokenizer(cfg, info, self.resume_from or self.init_from)
 

@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node=W -m tests.launch.checkpoint_worker MODE RUN_DIR P [DATA] [async]
 
+RUN_DIR may be an fsspec URL (file://...): the checkpoints then go there (train.checkpoint_dir).
+
 A toy model with what a real run has: an FSDP2- (or DDP-) wrapped dense part with a tied weight, and
 a value table split by columns over P ranks (Shard(1), outside FSDP) owned by a RowSparseAdam.
 MODE `save` trains two steps and checkpoints; `load` builds a fresh model at this layout, resumes,
@@ -84,7 +86,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    mode, run_dir, P = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    mode, where, P = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    run_dir, root = (Path.cwd(), where) if "://" in where else (Path(where), None)
     data = sys.argv[4] if len(sys.argv) > 4 else "fsdp"
     async_save = "async" in sys.argv[5:]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,7 +95,7 @@ def main() -> None:
     if world > 1:
         dist.init_process_group("gloo")
     model, raw, opts, adapter = build(rank, world, P if world > 1 else 1, data)
-    ck = Checkpointer(run_dir, keep_last=2, async_save=async_save)
+    ck = Checkpointer(run_dir, keep_last=2, async_save=async_save, root=root)
     if mode == "save":
         steps(model, opts, 2)
         ck.save(2, raw, opts, {"tokens": 8}, "model: {}\n", None, adapter=adapter)

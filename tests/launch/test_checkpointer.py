@@ -90,8 +90,11 @@ def test_sharded_save_reshards_on_load(
     assert shards == [f"__{r}_0.distcp" for r in range(save_nproc)]  # each rank wrote its own file
     files = json.loads((step / "manifest.json").read_text())["files"]
     assert set(files) == {
-        str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json"
+        str(p.relative_to(step))
+        for p in step.rglob("*")
+        if p.is_file() and p.name not in ("manifest.json", "COMMITTED")  # the marker is written after it
     }
+    assert json.loads((step / "COMMITTED").read_text()) == {"step": 2}
     run_module(WORKER, "load", run_dir, str(load_p), load_data, nproc=load_nproc)
 
 

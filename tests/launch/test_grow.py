@@ -76,6 +76,7 @@ def tensor_positions(model, name: str) -> list[torch.nn.Parameter]:
 def test_grown_checkpoint_continues_training(grown, tiny_checkpoint, tmp_path, strategy):
     ckpt = grown[strategy]
     assert sorted(p.name for p in ckpt.iterdir() if p.name != MARKER) == [
+        "COMMITTED",
         "config.yaml",
         "growth.json",
         "manifest.json",

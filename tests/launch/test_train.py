@@ -42,6 +42,7 @@ def test_run_directory_layout_and_metrics(tiny_checkpoint):
     for f in [
         "state/.metadata",
         "manifest.json",
+        "COMMITTED",
         "trainer_state.json",
         "rng.pt",
         "config.yaml",
