@@ -139,7 +139,9 @@ def test_a_lost_node_shrinks_the_job_which_resumes_and_finishes(tmp_path, victim
     ours, theirs = final_weights(run), final_weights(one_process)
     assert ours.keys() == theirs.keys()
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+        # measured: at most 7.6e-6 apart (Adam magnifies the reassociation of tiny gradients); one
+        # step more or less moves weights by ~lr = 3e-3
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 @pytest.mark.slow
