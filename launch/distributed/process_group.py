@@ -74,13 +74,8 @@ def shared_store_warning() -> str | None:
     restarts ("Connection refused" when connecting), 3 were clean; with
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (rank 0 then hosts a fresh store each attempt) 7 of 7 restarted
     once and finished (torch issue 135712)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    try:
-        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    except ValueError:
-        return None
-    if restarts <= 0:
+    restarts = _torchrun_restarts()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts <= 0:
         return None
     return (
         f"warning: torchrun --max-restarts={restarts} shares its rendezvous TCPStore with the workers, and "
@@ -122,13 +117,26 @@ def lost_peer_message(exc: BaseException, rank: int, world: int) -> str | None:
         text = str(e).lower()
         if isinstance(e, RuntimeError) and any(m in text for m in _PEER_GONE):
             who = f"rank {1 - rank}" if world == 2 else "a peer rank"
+            then = (
+                "torchrun restarts the workers while it has restarts left (--max-restarts), resuming"
+                if _torchrun_restarts() > 0
+                else "Re-run the same command to resume"
+            )
             return (
                 f"rank {rank}: {who} was lost (its process died or its node went away) during a collective; "
-                f"this rank stops too. Re-run the same command to resume from the last checkpoint "
+                f"this rank stops too. {then} from the last checkpoint "
                 f"(look for the first failure in the lost rank's log)"
             )
         e = e.__cause__ or e.__context__
     return None
+
+
+def _torchrun_restarts() -> int:
+    """torchrun's --max-restarts for this worker (0 when not under torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return 0
 
 
 def run_torchrun_cli(main) -> None:

@@ -124,6 +124,7 @@ def test_a_lost_node_shrinks_the_job_which_resumes_and_finishes(tmp_path, victim
           "to the resumed run's first step")  # fmt: skip
     if victim == "agent+worker":  # the survivor's rank saw its peer vanish
         assert f"failed (exitcode: {PEER_LOST_EXIT})" in survivor.err, survivor.tail()
+        assert "was lost" in survivor.err and "torchrun restarts the workers" in survivor.err, survivor.tail()
     else:  # the orphan made every rank checkpoint and exit 75: a failure to restart, not the job's end
         assert "(a torchrun agent died): checkpointed step" in survivor.out + agents[1].out, survivor.tail()
         assert f"failed (exitcode: {REQUEUE_EXIT})" in survivor.err, survivor.tail()
