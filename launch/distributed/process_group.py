@@ -59,7 +59,29 @@ def init_distributed(
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or 1800))
+    if rank == 0 and (warning := shared_store_warning()):
+        print(warning, file=sys.stderr, flush=True)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def shared_store_warning() -> str | None:
+    """A line for rank 0 when torchrun may restart workers (--max-restarts) over its shared TCPStore.
+
+    torchrun's c10d rendezvous hands the workers one TCPStore for the life of the agent (torch >= 2.4,
+    TORCHELASTIC_USE_AGENT_STORE=True), and the keys of one attempt outlive it: a restarted worker may
+    read its peers' addresses from the attempt before. Measured on torch 2.13 (gloo, two agents on one
+    machine, one worker SIGKILLed, 9 tries): 2 restarted jobs hung for good, 4 needed 1 to 3 more
+    restarts ("Connection refused" when connecting), 3 were clean; with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (rank 0 then hosts a fresh store each attempt) 7 of 7 restarted
+    once and finished (torch issue 135712)."""
+    restarts = _torchrun_restarts()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts <= 0:
+        return None
+    return (
+        f"warning: torchrun --max-restarts={restarts} shares its rendezvous TCPStore with the workers, and "
+        "a restarted worker can then read its peers' old addresses and fail to connect or hang (torch issue "
+        "135712): start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/parallelism.md)"
+    )
 
 
 def destroy(barrier: bool = True) -> None:
@@ -95,13 +117,26 @@ def lost_peer_message(exc: BaseException, rank: int, world: int) -> str | None:
         text = str(e).lower()
         if isinstance(e, RuntimeError) and any(m in text for m in _PEER_GONE):
             who = f"rank {1 - rank}" if world == 2 else "a peer rank"
+            then = (
+                "torchrun restarts the workers while it has restarts left (--max-restarts), resuming"
+                if _torchrun_restarts() > 0
+                else "Re-run the same command to resume"
+            )
             return (
                 f"rank {rank}: {who} was lost (its process died or its node went away) during a collective; "
-                f"this rank stops too. Re-run the same command to resume from the last checkpoint "
+                f"this rank stops too. {then} from the last checkpoint "
                 f"(look for the first failure in the lost rank's log)"
             )
         e = e.__cause__ or e.__context__
     return None
+
+
+def _torchrun_restarts() -> int:
+    """torchrun's --max-restarts for this worker (0 when not under torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return 0
 
 
 def run_torchrun_cli(main) -> None:
@@ -147,14 +182,16 @@ def watch_parent() -> None:
 
     Without it a `kill -9` of torchrun leaves its workers training as orphans, holding the run
     directory's lock and the accelerators. The SIGTERM goes through the trainer's pre-emption path:
-    every rank receives it, so they checkpoint at the same step boundary and exit (before training
-    starts the default action applies: they exit at once). Not set for a plain `python -m` process,
+    every rank receives it, so they checkpoint at the same step boundary and exit REQUEUE_EXIT, since
+    the run is not finished (`launcher_gone`; before training starts the default action applies: they
+    exit at once). Not set for a plain `python -m` process,
     whose parent (a shell, srun) dying is not a reason to stop."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
+    global _LAUNCHER
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -162,8 +199,22 @@ def watch_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):
         return  # no prctl (an unusual libc): nothing to watch with, the old behaviour stays
+    _LAUNCHER = parent
     if os.getppid() != parent or parent == 1:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+_LAUNCHER: int | None = None  # the torchrun agent watch_parent watches (None: not watching)
+
+
+def launcher_gone() -> bool:
+    """Whether the torchrun agent that started this worker has died (this process was re-parented).
+
+    Its death is not a request to stop the job: under `torchrun --max-restarts` the agents that are
+    left restart their workers, which resume from the checkpoint this worker's SIGTERM leads to. So
+    the trainer exits REQUEUE_EXIT ("not finished, run me again"), never 0, which the other agents
+    would take for the job's success (launch.train.trainer)."""
+    return _LAUNCHER is not None and os.getppid() != _LAUNCHER
 
 
 def barrier() -> None:
@@ -179,10 +230,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(value: int, device: torch.device) -> int:
     """The largest `value` over all ranks, on every rank."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    return all_reduce_max_each([value], device)[0]
+
+
+def all_reduce_max_each(values: list[int], device: torch.device) -> list[int]:
+    """The largest of each of `values` over all ranks, on every rank (one collective)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -3,7 +3,8 @@
 - `lock_run_dir` takes an exclusive `fcntl.flock` on RUN/run.lock for the life of the job (rank 0;
   the other ranks learn the outcome through one collective). A second trainer on the same directory
   fails with one line naming the directory and the holder's pid and host. The kernel drops a flock
-  when its process dies, so a job killed with SIGKILL never blocks its requeue.
+  when its process dies, so a job killed with SIGKILL never blocks its requeue. A worker restarted by
+  `torchrun --max-restarts` waits for the lock a while (its previous attempt may still be exiting).
 - `install_tokenizer` keeps the run's tokenizer at RUN/tokenizer.model. Checkpoints copy it from
   there, so a resumed run never reads a file inside a checkpoint that pruning may delete.
 - `check_resume_steps` refuses a `train.steps` below the step being resumed, before anything in
@@ -76,9 +77,46 @@ def _holder(lock_path: Path) -> str:
     return text or "another process (it did not record its pid)"
 
 
-def acquire_lock(run_dir: str | Path) -> RunDirLock:
-    """Take RUN/run.lock or fail naming its holder (single process; see `lock_run_dir`); then clear
-    the debris of earlier, dead writers."""
+def _flock(fd: int, lock_path: Path, wait_s: float) -> None:
+    """Take the exclusive flock, trying for up to `wait_s` seconds (BlockingIOError if still held)."""
+    end, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                raise
+            if not said:
+                print(
+                    f"waiting up to {wait_s:.0f} s for {lock_path}, held by {_holder(lock_path)} "
+                    "(the previous attempt of this torchrun job, still exiting?)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            time.sleep(0.5)
+
+
+def restart_lock_wait_s() -> float:
+    """How long a worker waits for the run directory's lock: 0, except in a worker that torchrun
+    restarted (TORCHELASTIC_RESTART_COUNT > 0), whose previous attempt's rank 0 may still be
+    finishing its last checkpoint (an orphan whose agent was killed) or exiting."""
+    try:
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        restarts = 0
+    return RESTART_LOCK_WAIT_S if restarts > 0 else 0.0
+
+
+# Below the shortest collective timeout (60 s, launch.train.watchdog.collective_timeout_s): the other ranks
+# wait for rank 0's lock in a collective meanwhile.
+RESTART_LOCK_WAIT_S = 45.0
+
+
+def acquire_lock(run_dir: str | Path, wait_s: float = 0.0) -> RunDirLock:
+    """Take RUN/run.lock (trying for up to `wait_s` seconds) or fail naming its holder (single
+    process; see `lock_run_dir`); then clear the debris of earlier, dead writers."""
     check_run_dir(run_dir)
     path = make_run_dir(run_dir)
     lock_path = path / LOCK_FILE
@@ -89,7 +127,7 @@ def acquire_lock(run_dir: str | Path) -> RunDirLock:
             f"run.dir={run_dir}: cannot create the lock file {lock_path} ({e.strerror})"
         ) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd, lock_path, wait_s)
     except BlockingIOError:
         os.close(fd)
         raise UserError(
@@ -146,7 +184,7 @@ def lock_run_dir(run_dir: str | Path, info) -> RunDirLock:
     lock, failure = RunDirLock(Path(run_dir), None), None
     if info.is_main:
         try:
-            lock = acquire_lock(run_dir)
+            lock = acquire_lock(run_dir, restart_lock_wait_s())
         except UserError as e:
             failure = e
     if info.enabled:

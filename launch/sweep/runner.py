@@ -257,6 +257,22 @@ def child_pids(pid: int) -> list[int]:
     return kids
 
 
+def multinode_torchrun(nodes: int, nproc_per_node: int, env) -> list[str]:
+    """torchrun's options on each node of a SLURM job (`env`: submitit's JobEnvironment): the c10d
+    rendezvous hosted by the job's first node (docs/parallelism.md, "Several nodes"), on a port derived
+    from the job id so the nodes agree on it without talking. SLURM_JOB_ID (`raw_job_id`), not the
+    array's id: each array task is a job of its own, and two of them may share a first node."""
+    job = str(env.raw_job_id)
+    port = 20000 + int(job) % 20000 if job.isdigit() else 29500
+    return [
+        f"--nnodes={nodes}",
+        f"--nproc_per_node={nproc_per_node}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={env.hostnames[0]}:{port}",
+        f"--rdzv_id={job}",
+    ]
+
+
 class SlurmJob:
     """One array task: every missing step of one run, with torchrun across the job's nodes.
     Re-submitted on pre-emption or timeout; the trainer resumes from its last checkpoint.
@@ -293,16 +309,7 @@ class SlurmJob:
         run = sweep.get(self.run_name)
         env = submitit.JobEnvironment()
         node = env.node if self.nodes > 1 else 0
-        torchrun = None
-        if self.nodes > 1:
-            port = 20000 + int(str(env.job_id).split("_")[0][-4:]) % 20000
-            torchrun = [
-                f"--nnodes={self.nodes}",
-                f"--node_rank={node}",
-                f"--nproc_per_node={self.nproc_per_node}",
-                f"--master_addr={env.hostnames[0]}",
-                f"--master_port={port}",
-            ]
+        torchrun = multinode_torchrun(self.nodes, self.nproc_per_node, env) if self.nodes > 1 else None
         for step in plan(sweep, run):
             if step.kind != "train" and node != 0:
                 continue  # grow and eval are single-process: the first node does them

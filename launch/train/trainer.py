@@ -14,6 +14,8 @@ evaluate and save is each component's own decision (`due`); the loop only asks.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -31,7 +33,13 @@ from launch.data.run_tokenizer import prepare_tokenizer
 from launch.data.stream import BatchStream, build_datasets
 from launch.distributed.grad_norm import grad_norm_and_clip
 from launch.distributed.parallelize import build_layout, materialize, parallelize
-from launch.distributed.process_group import DistInfo, all_reduce_max, all_reduce_sum, any_rank
+from launch.distributed.process_group import (
+    DistInfo,
+    all_reduce_max_each,
+    all_reduce_sum,
+    any_rank,
+    launcher_gone,
+)
 from launch.eval.suite import TaskEvaluator
 from launch.models.build import active_params, build_model
 from launch.runtime import faults, preemption
@@ -99,6 +107,7 @@ class Trainer:
 
         self.step, self.tokens_seen = 0, 0
         self.costs = RunCosts(info.device)  # wall_s and peak_mem_mb of the training records
+        self.launcher_lost = False  # set with each stop agreement (_preempted)
         if self.resume_from is not None:
             self._resume_newest_usable()
         elif self.init_from is not None:
@@ -290,19 +299,29 @@ class Trainer:
 
     def _preempted(self, preempt: Preemption) -> int:
         """Whether any rank got a checkpoint signal (0: none; else `preemption.encode`d, the same on
-        every rank): all of them save and stop at the same step, even when only one rank was signalled."""
-        return all_reduce_max(preempt.code(), self.info.device) if self.info.enabled else preempt.code()
+        every rank): all of them save and stop at the same step, even when only one rank was signalled.
+        Agreed at the same time: whether any rank's torchrun agent died (`launcher_gone`; its SIGTERM
+        may not have been handled yet, so the death alone is a stop too)."""
+        code, lost = preempt.code(), int(launcher_gone())
+        if self.info.enabled:
+            code, lost = all_reduce_max_each([code, lost], self.info.device)
+        self.launcher_lost = bool(lost)
+        return code or (preemption.encode(signal.SIGTERM) if lost else 0)
 
     def _stopped_by_signal(self, code: int) -> dict:
-        """After the checkpoint of a stop agreed on `code`: the line, the requeue, the exit status."""
+        """After the checkpoint of a stop agreed on `code`: the line, the requeue, the exit status.
+        A stop because a launcher died exits REQUEUE_EXIT too (the run is not finished: the agents
+        left restart their workers under --max-restarts), but never runs `scontrol requeue`: the
+        job goes on elsewhere, and a SIGTERM from `scancel` must not bring a job back."""
         sig = preemption.decode(code)
         requeue = preemption.requests_requeue(sig)
+        exit_code = preemption.REQUEUE_EXIT if requeue or self.launcher_lost else 0
         if self.info.is_main:
-            status = f"exit {preemption.REQUEUE_EXIT} (requeue me)" if requeue else "exiting"
-            print(f"{sig.name}: checkpointed step {self.step}; {status}", flush=True)
+            status = f"exit {exit_code} (requeue me)" if exit_code else "exiting"
+            why = " (a torchrun agent died)" if self.launcher_lost else ""
+            print(f"{sig.name}{why}: checkpointed step {self.step}; {status}", flush=True)
             if requeue and self.cfg.train.requeue:
                 preemption.requeue_slurm_job()  # the checkpoint is committed: SLURM may end the job now
-        exit_code = preemption.REQUEUE_EXIT if requeue else 0
         return {"step": self.step, "val_loss": None, "unigram_ppl": self.unigram_ppl, "exit": exit_code}
 
     def _watchdog(self) -> Watchdog | None:
@@ -335,7 +354,8 @@ class Trainer:
             f"model: {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding, "
             f"{active / 1e6:.2f}M active per token) | train {self.train_sequences} seqs × {cfg.data.seq_len} | "
             f"world {info.world} | device {info.device}"
-            + (f" | unigram val ppl {self.unigram_ppl:.1f}" if self.unigram_ppl else ""),
+            + (f" | unigram val ppl {self.unigram_ppl:.1f}" if self.unigram_ppl else "")
+            + _restart_note(),
             flush=True,
         )
 
@@ -345,3 +365,10 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True)
+
+
+def _restart_note() -> str:
+    """' | torchrun restart N of M' in a worker that torchrun restarted (--max-restarts), else ''."""
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    most = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+    return f" | torchrun restart {count} of {most}" if count not in ("", "0") and most else ""
