@@ -156,11 +156,16 @@ def write_record(rec: dict, markdown: str, out_dir: Path | None = None) -> Path:
 
 
 def _training_step(config: str, overrides: list[str], device: str):
-    """Build the configured model and its optimizers; returns (one optimizer step on random tokens, info)."""
+    """Build the configured model and its optimizers; returns (one optimizer step on random tokens, info).
+    The step is the trainer's (launch.train.trainer.Trainer.train_step with one micro-batch): forward,
+    backward, the global-norm clip at optim.grad_clip (the value tables' gradients included unless
+    memory.clip_values=false), then every optimizer's step."""
     from launch.config import load_config, validate
+    from launch.distributed.grad_norm import grad_norm_and_clip
     from launch.models.build import active_params, build_model
     from launch.train.optim import build_optimizers
     from launch.train.validation import cross_entropy
+    from memlayers.shard_layout import MemoryShardLayout
 
     cfg = load_config([f"config={config}", *overrides])
     validate(cfg)
@@ -168,6 +173,8 @@ def _training_step(config: str, overrides: list[str], device: str):
     model = build_model(cfg).to(device)
     model.init_weights()
     opts = build_optimizers(model, cfg)
+    layout = MemoryShardLayout(model)
+    params = [p for o in opts for g in o.param_groups for p in g["params"]]
     B, T = cfg.data.batch_size, cfg.data.seq_len
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bf16")
 
@@ -179,6 +186,7 @@ def _training_step(config: str, overrides: list[str], device: str):
         with autocast:
             loss = cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
+        grad_norm_and_clip(params, cfg.optim.grad_clip, layout, cfg.memory.clip_values)
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)

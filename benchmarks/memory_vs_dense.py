@@ -3,13 +3,19 @@
     python -m benchmarks memory_vs_dense [--n-keys 1024] [--steps 5] [--warmup 2] [--device cpu]
 
 The 20M quickstart model, dense, against the same model with block 3's FFN replaced by a
-product-key memory of n_keys² values (default 1M), trained with the dense AdamW value recipe and
-with the row-sparse optimizers (`NAME:fused` = the update fused into the lookup backward, which needs
-optim.grad_clip=0; plain names run unfused; `NAME:fused:stochastic` adds stochastic rounding of the
-bf16 stores). `--value-dtype bf16` stores the table in bf16. One fresh process per row; each memory row's
-process also builds the dense model and alternates steps with it (`measure_training_paired`), so the ratio
-is measured under one machine state. Writes
-memory_vs_dense.{json,md} under --out (`memory_vs_dense_bf16` for bf16 values).
+product-key memory of n_keys² values (default 1M). Each step is the trainer's: forward, backward,
+the global-norm clip (optim.grad_clip=1.0 over every gradient, the values' included), the optimizer
+steps. `--optimizers` lists the memory rows: `default` = nothing but the memory shape set (what a user
+gets: row_sparse_adam, its fused update deferred to the clipped step); `NAME` = memory.value_optimizer=NAME
+with the other defaults; `NAME:unfused` = memory.fused_value_update=false (the value gradient written to
+.grad, then clipped and stepped); `NAME:fused` = optim.grad_clip=0, so the update runs inside the lookup
+backward; a third part (`NAME:fused:stochastic`) sets memory.value_rounding (bf16 stores).
+`--value-dtype bf16` stores the table in bf16. One fresh process per row; each memory row's process also
+builds the dense model and alternates steps with it (`measure_training_paired`), so the ratio is
+measured under one machine state. Writes memory_vs_dense.{json,md} under --out
+(`memory_vs_dense_bf16` for bf16 values).
+
+Result files before 2026-12 ran no clipping in the measured step, and their plain `NAME` rows ran unfused.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--optimizers", default="adamw,row_sparse_adam,row_sparse_adam:fused,rowwise_adam:fused")
+    ap.add_argument(
+        "--optimizers", default="default,adamw,row_sparse_adam:unfused,row_sparse_adam:fused,rowwise_adam"
+    )
     ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args(argv)
     base = "configs/quickstart.yaml"
@@ -35,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             16,
             1,
             1,
-            "row_sparse_adam:fused",
+            "default",
         )
     mem = [
         f"memory.layers=[{1 if args.quick else 3}]",
@@ -44,15 +52,21 @@ def main(argv: list[str] | None = None) -> None:
         f"memory.k_dim={16 if args.quick else 128}",
         f"memory.knn={4 if args.quick else 32}",
     ]
-    rows = [{"variant": "dense", **measure_in_subprocess(base, [], args.steps, args.warmup, args.device)}]
     mem.append(f"memory.value_dtype={args.value_dtype}")
+    variants = []  # (spec, overrides), checked before anything is measured
     for spec in args.optimizers.split(","):
         opt, _, mode = spec.partition(":")
         mode, _, rounding = mode.partition(":")
-        extra = ["optim.grad_clip=0"] if mode == "fused" else ["memory.fused_value_update=false"]
+        if mode not in ("", "fused", "unfused"):
+            ap.error(f"--optimizers: {spec!r}: the mode after NAME: must be fused or unfused")
+        extra = {"": [], "fused": ["optim.grad_clip=0"], "unfused": ["memory.fused_value_update=false"]}[mode]
+        if opt != "default":
+            extra.append(f"memory.value_optimizer={opt}")
         if rounding:
             extra.append(f"memory.value_rounding={rounding}")
-        overrides = [*mem, f"memory.value_optimizer={opt}", *extra]
+        variants.append((spec, [*mem, *extra]))
+    rows = [{"variant": "dense", **measure_in_subprocess(base, [], args.steps, args.warmup, args.device)}]
+    for spec, overrides in variants:
         r = measure_in_subprocess(base, overrides, args.steps, args.warmup, args.device, paired_with=[])
         rows.append({"variant": f"memory {args.n_keys**2 / 1e6:.2f}M {args.value_dtype} values, {spec}", **r})
     dense_tps = rows[0]["tokens_per_s"]

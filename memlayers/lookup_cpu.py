@@ -119,8 +119,9 @@ class _BagSumCPU(torch.autograd.Function):
         else:
             out32 = _torch_forward(values, indices, weights32)
         ctx.save_for_backward(values, indices, weights32)
-        # Fused value update: a RowSparseAdam(fused=True) owning `values` takes the row gradients
-        # in the backward, so no gradient tensor is built, stored in .grad, or read back.
+        # Fused value update: a RowSparseAdam(fused=True) owning `values` takes the value gradient in
+        # the backward (stepped there, or kept as this lookup's inputs until its step when deferred), so
+        # no gradient tensor is stored in .grad and read back.
         ctx.fused = fused_owner(values) if sparse_grad else None
         ctx.sparse_grad = sparse_grad
         ctx.use_native = ops is not None

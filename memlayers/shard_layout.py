@@ -8,6 +8,7 @@ at every forward, DDP would all-reduce the whole dense table. So the trainer ask
     layout.values()          the value parameters (their own optimizer group; FSDP's ignored_params)
     layout.sync_grads()      after backward: average value gradients like data-parallel ones
     layout.grad_sq_norm()    their squared gradient norm, every logical element counted once
+    layout.clip_(scale)      scale their gradients (a global-norm clip)
     layout.regions()         {name: (full shape, offset of the local block)} for shard-wise init
     layout.usage_stats()     slot-usage statistics of the training reads
     with layout.untracked(): reads that must not count as training reads (validation)
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from memlayers.optim.lazy_tables import deferred_grad_owner
 from memlayers.pool import MemoryPool
 from memlayers.sharded import ShardedMemoryPool, gather_columns, shard_memory_pools
 
@@ -88,6 +90,13 @@ class MemoryShardLayout:
         shard's gradient already sums its memory group's tokens; summing over the replicas adds the
         other groups' tokens. Call once per optimizer step, on every rank, after backward."""
         values = self.named_values()
+        if self.replica_group is not None and any(
+            deferred_grad_owner(p) is not None for p in values.values()
+        ):
+            raise RuntimeError(
+                "a RowSparseAdam(fused=True, deferred=True) holds a value gradient back until its step, but "
+                "replicated values need their gradients averaged first: use fused=False on several ranks"
+            )
         for name in sorted(values):  # a fixed order: every rank runs the same collectives
             p = values[name]
             if p.grad is None:
@@ -105,12 +114,18 @@ class MemoryShardLayout:
     @torch.no_grad()
     def grad_sq_norm(self) -> Tensor:
         """Squared L2 norm of every value gradient (float64, on CPU), each logical element once:
-        shard norms summed over the memory group (replicas hold equal gradients after the sync)."""
+        shard norms summed over the memory group (replicas hold equal gradients after the sync).
+        A gradient that a RowSparseAdam holds back for its fused step counts like a `.grad`."""
         local = torch.zeros((), dtype=torch.float64)
         device = None
         values = self.named_values()
         for name in sorted(values):
-            g = values[name].grad
+            p = values[name]
+            owner = deferred_grad_owner(p)
+            if owner is not None:
+                device = p.device
+                local += owner.deferred_grad_sq_norm(p)
+            g = p.grad
             if g is None:
                 continue
             device = g.device
@@ -126,6 +141,9 @@ class MemoryShardLayout:
         for p in self.values():
             if p.grad is not None:
                 p.grad.mul_(scale)
+            owner = deferred_grad_owner(p)
+            if owner is not None:
+                owner.scale_deferred_grad(p, scale)
 
     # -- full tables (checkpoints in the full-tensor format) -------------------------------------
 

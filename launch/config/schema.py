@@ -34,12 +34,20 @@ class MemoryConfig:
     shared: bool = True  # one value pool for every memory layer (False: one per layer)
     value_lr: float = 1e-3  # learning rate of the value table (its own optimizer group)
     value_weight_decay: float = 0.0  # weight decay of the value table
-    value_optimizer: str = "adamw"  # adamw (dense, the paper's recipe) | row_sparse_adam (same result, touches read rows only) | rowwise_adam (one second moment per row)
+    # row_sparse_adam (the paper's dense-AdamW recipe to float tolerance, touching read rows only) | adamw
+    # (torch's AdamW over every row every step: the same result, several times slower on large tables) |
+    # rowwise_adam (one second moment per row)
+    value_optimizer: str = "row_sparse_adam"
     lookup_impl: str = "auto"  # auto | torch | triton | cpu
     value_dtype: str = "fp32"  # fp32 | bf16: storage of the value table (reads accumulate in fp32; row_sparse_adam/rowwise_adam keep moments in this dtype)
     value_rounding: str = "nearest"  # nearest | stochastic: how row_sparse_adam/rowwise_adam round bf16 stores of values and moments (stochastic keeps updates below half a bf16 step in expectation)
-    fused_value_update: bool = True  # row_sparse_adam/rowwise_adam: step inside the lookup backward where that is exact (no clipping of the values: optim.grad_clip=0 or memory.clip_values=false; grad_accum=1, 1 process, one layer per pool)
-    clip_values: bool = True  # count the value tables in optim.grad_clip's global norm (false: values are neither counted nor scaled, as FBGEMM TBE does; lets the fused update run with clipping on)
+    # row_sparse_adam/rowwise_adam on one process: the lookup backward hands the value gradient to the
+    # optimizer, never writing it to .grad; the step runs inside the backward where that is exact (values
+    # not clipped, grad_accum=1, one layer per pool), else at the optimizer step (clipping kept exact)
+    fused_value_update: bool = True
+    # count the value tables in optim.grad_clip's global norm (false: values are neither counted nor
+    # scaled, as FBGEMM TBE does; lets the fused update run inside the backward with clipping on)
+    clip_values: bool = True
 
 
 @dataclass

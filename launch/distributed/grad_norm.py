@@ -1,6 +1,7 @@
 """The global gradient norm and clipping, over every kind of gradient the trainer produces: FSDP2
 and tensor-parallel DTensors (per device mesh), plain dense tensors, row-sparse gradients, and the
-memory value tables (whose shards' norms `memlayers.shard_layout.MemoryShardLayout` sums over its group)."""
+memory value tables (whose shards' norms `memlayers.shard_layout.MemoryShardLayout` sums over its group,
+counting a gradient that a row-sparse optimizer holds back for its fused step like a `.grad`)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ def grad_norm_and_clip(
 ) -> float:
     """L2 norm of all gradients, each logical element once; scales them to `max_norm` when above.
     `clip_values=False` leaves the memory value tables out of both the norm and the scaling (FBGEMM
-    TBE's practice): their update then need not wait for the global norm, so it can be fused into
-    the lookup backward with clipping on."""
+    TBE's practice): their update then need not wait for the global norm, so it can run inside the
+    lookup backward with clipping on (with them in, the fused update waits for the step and is scaled
+    there through `memory.clip_`)."""
     values = {id(p) for p in memory.values()}
     grads = [p.grad for p in dict.fromkeys(params) if p.grad is not None and id(p) not in values]
     dense = [g for g in grads if not g.is_sparse]

@@ -4,13 +4,15 @@ Groups:
   decay          2-D weight matrices of linear layers (and adapters): AdamW weight decay
   no_decay       norms, biases, embeddings, memory keys
   memory_values  the shared value pools: their own learning rate (`memory.value_lr`) and decay,
-                 and optionally their own row-sparse optimizer
+                 and their own row-sparse optimizer (the default; `memory.value_optimizer=adamw`
+                 puts them in the main AdamW instead)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,13 +60,15 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
             from memlayers.optim import RowSparseAdam, RowwiseAdam, flush_on_state_dict
 
             cls = RowSparseAdam if mem.value_optimizer == "row_sparse_adam" else RowwiseAdam
+            fused = mem.fused_value_update and fused_update_is_exact(model, cfg)
             value_opt = cls(
                 [{"name": "memory_values", "params": groups["memory_values"], "lr": mem.value_lr}],
                 lr=mem.value_lr,
                 betas=(o.beta1, o.beta2),
                 eps=o.eps,
                 weight_decay=mem.value_weight_decay,
-                fused=mem.fused_value_update and fused_update_is_exact(model, cfg),
+                fused=fused,
+                deferred=fused and not fused_update_in_backward(model, cfg),
                 rounding=mem.value_rounding,
                 rounding_seed=cfg.run.seed,
             )
@@ -105,16 +109,26 @@ def reset_base_lrs(optimizers: list[torch.optim.Optimizer], cfg: Config) -> None
 
 
 def fused_update_is_exact(model: nn.Module, cfg: Config) -> bool:
-    """Whether the value update can run inside the lookup's backward with the unfused result: each
-    table read once per step (one memory layer per pool, no gradient accumulation), no clipping of
-    the values (the global norm is not known until every gradient exists: optim.grad_clip=0, or
-    memory.clip_values=false to leave the values out of it), and one process (replicated values
-    need their gradients averaged first)."""
+    """Whether the row-sparse value update can be fused (the lookup's backward hands the value gradient
+    to the optimizer; no gradient rows are written to `.grad`) with the unfused result: on one process.
+    Replicated or column-sharded values on several ranks need their gradients averaged or summed
+    across ranks first, so they take the unfused path. Where the fused update runs is
+    `fused_update_in_backward`: inside the backward, or deferred to the optimizer step, which keeps
+    global-norm clipping over the values (the paper's recipe), gradient accumulation and several
+    memory layers per pool exact."""
     import torch.distributed as dist
 
+    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def fused_update_in_backward(model: nn.Module, cfg: Config) -> bool:
+    """Whether the fused value update can run inside the lookup's backward (one pass: the fastest):
+    each table read once per step (one memory layer per pool, no gradient accumulation) and no
+    clipping of the values (optim.grad_clip=0, or memory.clip_values=false to leave them out of the
+    global norm, which is not known until every gradient exists). Otherwise it is deferred: the
+    backward keeps the lookup's inputs, the clip measures the value gradient's norm from them, and the
+    optimizer step applies the update scaled by the clip coefficient."""
     if (cfg.optim.grad_clip > 0 and cfg.memory.clip_values) or cfg.train.grad_accum != 1:
-        return False
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return False
     readers: dict[int, int] = {}
     for m in model.modules():
@@ -122,6 +136,42 @@ def fused_update_is_exact(model: nn.Module, cfg: Config) -> bool:
         if pool is not None and hasattr(pool, "values"):
             readers[id(pool)] = readers.get(id(pool), 0) + 1
     return bool(readers) and all(n == 1 for n in readers.values())
+
+
+def checkpoint_value_optimizer(ckpt: Path) -> str | None:
+    """memory.value_optimizer of the run that wrote `ckpt` (its config.yaml), or None when unknown or
+    the run had no memory layers. Plain YAML, like `launch.checkpoint.read.checkpoint_steps`."""
+    import yaml
+
+    try:
+        memory = (yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("memory") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not isinstance(memory, dict) or not memory.get("layers"):
+        return None
+    name = memory.get("value_optimizer")
+    return name if isinstance(name, str) else None
+
+
+def keep_value_optimizer(cfg: Config, ckpt: Path) -> tuple[Config, str | None]:
+    """A resumed run keeps the value optimizer its checkpoint was written with: the optimizer state
+    follows it (`adamw` keeps the values' moments in the main AdamW; the row-sparse optimizers are an
+    optimizer of their own, with per-row steps), so the state cannot load into another one. A run begun
+    with `adamw` (the default before row_sparse_adam) resumes with `adamw`. Returns (the config to
+    resume with, a line saying what changed, or None)."""
+    saved = checkpoint_value_optimizer(ckpt)
+    asked = cfg.memory.value_optimizer
+    if saved is None or saved == asked or not cfg.memory.layers:
+        return cfg, None
+    from launch.config import validate
+
+    kept = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, value_optimizer=saved))
+    validate(kept)
+    return kept, (
+        f"memory.value_optimizer={saved} kept on resume: {ckpt} was written with it, and its optimizer state "
+        f"would not load into {asked} (this config's); for {asked} start a fresh run, or one with "
+        f"train.init_from={ckpt} (its weights, a fresh optimizer)"
+    )
 
 
 def lr_multiplier(step: int, cfg: Config) -> float:

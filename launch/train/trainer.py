@@ -48,7 +48,14 @@ from launch.runtime.preemption import Preemption
 from launch.runtime.run_dir import check_resume_steps, write_run_file
 from launch.train.hooks import StepHooks
 from launch.train.metrics import MetricsLogger, RunCosts, Throughput
-from launch.train.optim import build_optimizers, lr_multiplier, reset_base_lrs, schedule_change, set_lr
+from launch.train.optim import (
+    build_optimizers,
+    keep_value_optimizer,
+    lr_multiplier,
+    reset_base_lrs,
+    schedule_change,
+    set_lr,
+)
 from launch.train.validation import Validator, cross_entropy, perplexity
 from launch.train.watchdog import Watchdog
 
@@ -74,6 +81,12 @@ class Trainer:
         self.resume_from = self.checkpointer.latest_intact(expected=shapes)
         if self.resume_from is None:
             ckpt.check_not_moved(self.run_dir, self.checkpointer.root)
+        else:
+            # The optimizer state's layout follows memory.value_optimizer: a run keeps the one it began with.
+            cfg, kept = keep_value_optimizer(cfg, self.resume_from)
+            self.cfg = cfg
+            if kept and info.is_main:
+                print(kept, flush=True)
         init_from = cfg.train.init_from if cfg.train.init_from and self.resume_from is None else None
         self.init_from = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
         self.tok = prepare_tokenizer(cfg, info, self.resume_from or self.init_from)

@@ -1,10 +1,16 @@
-// memlayers_cpu::bag_backward and bag_backward_adam_: the weighted bag sum's gradients in one pass over
-// the unique rows read, optionally with the value table's AdamW step fused in (memlayers/lookup_cpu.py,
-// RowSparseAdam.fused_backward).
+// memlayers_cpu::bag_backward, bag_backward_adam_ and bag_grad_sq_norm: the weighted bag sum's gradients in
+// one pass over the unique rows read, optionally with the value table's AdamW step fused in
+// (memlayers/lookup_cpu.py, RowSparseAdam.fused_backward), or only the value gradient's squared norm
+// (RowSparseAdam's deferred fused update: the global-norm clip coefficient is known before the step).
 
 #include "row_math.h"
 
+#include <cmath>
+#include <optional>
+#include <utility>
+
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sort.h>
 
 #ifdef __linux__
@@ -88,10 +94,29 @@ struct RowSegments {
   int64_t unique() const { return static_cast<int64_t>(seg_start.size()) - 1; }
 };
 
-RowSegments segment_rows(const Tensor& indices) {
+// `order`: (sorted rows, permutation) of an earlier stable sort of these indices (a deferred update's
+// norm pass hands its sort to the step), checked against the indices; otherwise sorted here.
+RowSegments segment_rows(const Tensor& indices, const std::optional<std::pair<Tensor, Tensor>>& order = std::nullopt) {
   RowSegments s;
   Tensor flat = indices.reshape({-1});
-  std::tie(s.sorted_rows, s.perm) = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  if (order) {
+    std::tie(s.sorted_rows, s.perm) = *order;
+    const int64_t M = flat.numel();
+    for (const Tensor* t : {&s.sorted_rows, &s.perm}) {
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 && t->numel() == M,
+                  "sorted_rows and perm must be contiguous int64 tensors of indices.numel() entries");
+    }
+    const int64_t* S = s.sorted_rows.const_data_ptr<int64_t>();
+    const int64_t* P = s.perm.const_data_ptr<int64_t>();
+    const int64_t* F = flat.const_data_ptr<int64_t>();
+    for (int64_t e = 0; e < M; ++e) {  // a permutation that sorts the indices stably: what at::sort gives
+      TORCH_CHECK(P[e] >= 0 && P[e] < M && S[e] == F[P[e]] &&
+                      (e == 0 || S[e] > S[e - 1] || (S[e] == S[e - 1] && P[e] > P[e - 1])),
+                  "sorted_rows/perm are not a stable sort of these indices");
+    }
+  } else {
+    std::tie(s.sorted_rows, s.perm) = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  }
   const int64_t M = flat.numel();
   const int64_t* S = s.sorted_rows.const_data_ptr<int64_t>();
   s.seg_start.reserve(M + 1);
@@ -102,13 +127,22 @@ RowSegments segment_rows(const Tensor& indices) {
   return s;
 }
 
+// What the pass over the unique rows does with each row's summed gradient.
+enum class RowsOut {
+  kGradRows,  // write it to `grad_rows` (row u, or row r when dense)
+  kAdam,      // the AdamW step of that row, in place (FBGEMM's fused backward+update)
+  kSqNorm,    // its squared L2 norm (in the table's dtype, as the unfused gradient holds it), and the row
+              // itself to `grad_rows` (row u) when that is given
+};
+
 // The value gradient (plus grad_weights when needed) in one pass over the UNIQUE rows: every value
 // row is read once, its dot products with the bag gradients give grad_weights, and its summed
-// gradient either goes to `grad_rows` (kFuseAdam false: row u, or row r when dense) or, with
-// kFuseAdam, straight into the AdamW step of that row (FBGEMM's fused backward+update: no gradient
-// row is written or read back). Fused, a row not yet caught up to step target-1 is first caught
-// up as a read would (and rounded to the storage dtype as that write would), the gradient is rounded
-// to the table's dtype as the unfused gradient tensor is, and the row's state is stored once.
+// gradient either goes to `grad_rows` (kGradRows), straight into the AdamW step of that row (kAdam:
+// no gradient row is written or read back), or into `row_sq[u]`, its squared norm (kSqNorm: no value
+// row is read either). Fused, a row not yet caught up to step target-1 is first caught up as a read
+// would (and rounded to the storage dtype as that write would), the gradient is rounded to the table's
+// dtype as the unfused gradient tensor is, multiplied by `grad_scale` and rounded again when that is
+// not 1 (the unfused gradient's in-place clip, `grad.mul_(scale)`), and the row's state is stored once.
 //
 // The reads' weights and weight gradients are used in row order, i.e. at random positions of the
 // (B, K) tensors (2 MB each at 4096 x 128, past L2). Inside the row loop, whose state rows already
@@ -121,11 +155,13 @@ RowSegments segment_rows(const Tensor& indices) {
 // the prefetch another 1.06-1.07x (8 and 16 rows ahead alike). Same sums in the same order: the
 // results are bit-identical.
 constexpr int64_t kGradPrefetch = 8;
-template <typename scalar_t, bool kFuseAdam, typename Rounding = Nearest>
+template <typename scalar_t, RowsOut kOut, typename Rounding = Nearest>
 void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Tensor& grad_out, const int64_t K,
                           const RowSegments& seg, bool need_gw, bool dense, Tensor& grad_rows, Tensor& gw,
                           Tensor* exp_avg, Tensor* exp_avg_sq, Tensor* row_step, const AdamArgs* adam,
-                          int64_t target) {
+                          int64_t target, float grad_scale = 1.f, double* row_sq = nullptr) {
+  constexpr bool kFuseAdam = kOut == RowsOut::kAdam;
+  constexpr bool kNorm = kOut == RowsOut::kSqNorm;
   const int64_t D = values.size(1);
   const int64_t U = seg.unique();
   const int64_t* SS = seg.seg_start.data();
@@ -134,7 +170,9 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
   const float* G = grad_out.const_data_ptr<float>();
   const int64_t* S = seg.sorted_rows.const_data_ptr<int64_t>();
   const int64_t* Pm = seg.perm.const_data_ptr<int64_t>();
-  scalar_t* GR = kFuseAdam ? nullptr : grad_rows.mutable_data_ptr<scalar_t>();
+  scalar_t* GR = kOut == RowsOut::kGradRows || (kNorm && grad_rows.defined() && grad_rows.numel() > 0)
+                     ? grad_rows.mutable_data_ptr<scalar_t>()
+                     : nullptr;
   float* GW = need_gw ? gw.mutable_data_ptr<float>() : nullptr;
   scalar_t* Mp = kFuseAdam ? exp_avg->mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* Vp = kFuseAdam ? exp_avg_sq->mutable_data_ptr<scalar_t>() : nullptr;
@@ -170,6 +208,7 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
         at_step = row_rounding<Rounding>(*adam, r, target);
       }
       const bool replay = has_replay(plan);
+      double sq = 0.0;  // kNorm: the row's squared norm
       for_blocks(D, [&](int64_t col, auto w) {
         scalar_t* P = Pp + r * D + col;
         if (need_gw || kFuseAdam) load_block(P, w, p);
@@ -196,8 +235,18 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
 #pragma omp simd
           for (int64_t j = 0; j < w; ++j) acc[j] += wt * g[j];
         }
-        if constexpr (kFuseAdam) {
+        if constexpr (kNorm) {
           round_block<scalar_t>(acc, w);
+#pragma omp simd reduction(+ : sq)
+          for (int64_t j = 0; j < w; ++j) sq += static_cast<double>(acc[j]) * static_cast<double>(acc[j]);
+          if (GR != nullptr) store_block(acc, w, GR + u * D + col);
+        } else if constexpr (kFuseAdam) {
+          round_block<scalar_t>(acc, w);
+          if (grad_scale != 1.f) {
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) acc[j] *= grad_scale;
+            round_block<scalar_t>(acc, w);
+          }
           scalar_t* __restrict__ M = Mp + r * D + col;
           scalar_t* __restrict__ V = Vp + r * D + col;
           const AdamArgs& a = *adam;
@@ -223,6 +272,7 @@ void rows_backward_kernel(const Tensor& values, const Tensor& weights, const Ten
         }
       });
       if constexpr (kFuseAdam) RS[r] = target;
+      if constexpr (kNorm) row_sq[u] = sq;
     }
   });
   if (need_gw) {
@@ -277,48 +327,104 @@ std::tuple<Tensor, Tensor, Tensor> bag_backward(const Tensor& values, const Tens
   Tensor grad_rows = dense ? zeros_large(values.sizes(), values.options()) : empty_large({U, D}, values.options());
   Tensor* none = nullptr;
   if (st == at::kFloat)
-    rows_backward_kernel<float, false>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows, gw,
+    rows_backward_kernel<float, RowsOut::kGradRows>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows, gw,
                                        none, none, none, nullptr, 0);
   else if (st == at::kBFloat16)
-    rows_backward_kernel<c10::BFloat16, false>(values, weights, grad_out, K, seg, need_weights_grad, dense,
+    rows_backward_kernel<c10::BFloat16, RowsOut::kGradRows>(values, weights, grad_out, K, seg, need_weights_grad, dense,
                                                grad_rows, gw, none, none, none, nullptr, 0);
   else
-    rows_backward_kernel<c10::Half, false>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows,
+    rows_backward_kernel<c10::Half, RowsOut::kGradRows>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows,
                                            gw, none, none, none, nullptr, 0);
   return {rows, grad_rows, gw};
 }
 
 // Fused backward + AdamW step of the value table (row-sparse, exact: see rows_backward_kernel and
-// lazy_adam_rows_). Returns grad_weights (B, K) float32 (empty when not needed).
+// lazy_adam_rows_), the value gradient scaled by `grad_scale` (a global-norm clip coefficient; 1: none).
+// Returns grad_weights (B, K) float32 (empty when not needed).
 Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tensor row_step, const Tensor& indices,
                           const Tensor& weights, const Tensor& grad_out, bool need_weights_grad, const Tensor& hist,
                           int64_t target, double beta1, double beta2, double eps, int64_t horizon,
-                          int64_t rounding_seed) {
+                          int64_t rounding_seed, double grad_scale, const std::optional<Tensor>& sorted_rows,
+                          const std::optional<Tensor>& perm) {
   check_backward_inputs(param, indices, weights, grad_out);
+  TORCH_CHECK(sorted_rows.has_value() == perm.has_value(), "pass sorted_rows and perm together, or neither");
+  const float scale = static_cast<float>(grad_scale);  // as `grad.mul_(scale)` converts a Python float
+  TORCH_CHECK(std::isfinite(scale) && scale >= 0.f, "grad_scale must be finite and >= 0, got ", grad_scale);
   check_adam_state(param, exp_avg, exp_avg_sq, row_step, hist, target);
   TORCH_CHECK(target >= 1, "target step must be >= 1");
   const int64_t B = indices.size(0), K = indices.size(1);
   Tensor gw = need_weights_grad ? at::empty({B, K}, weights.options()) : at::empty({0}, weights.options());
-  RowSegments seg = segment_rows(indices);
+  RowSegments seg = sorted_rows ? segment_rows(indices, std::make_pair(*sorted_rows, *perm)) : segment_rows(indices);
   const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon, rounding_seed);
   Tensor none;
   switch (param.scalar_type()) {
     case at::kFloat:
-      rows_backward_kernel<float, true>(param, weights, grad_out, K, seg, need_weights_grad, false, none, gw,
-                                        &exp_avg, &exp_avg_sq, &row_step, &a, target);
+      rows_backward_kernel<float, RowsOut::kAdam>(param, weights, grad_out, K, seg, need_weights_grad, false, none,
+                                                  gw, &exp_avg, &exp_avg_sq, &row_step, &a, target, scale);
       break;
     case at::kBFloat16:
       with_rounding<c10::BFloat16>(rounding_seed, [&](auto rnd) {
-        rows_backward_kernel<c10::BFloat16, true, decltype(rnd)>(param, weights, grad_out, K, seg, need_weights_grad,
-                                                                 false, none, gw, &exp_avg, &exp_avg_sq, &row_step,
-                                                                 &a, target);
+        rows_backward_kernel<c10::BFloat16, RowsOut::kAdam, decltype(rnd)>(param, weights, grad_out, K, seg,
+                                                                           need_weights_grad, false, none, gw,
+                                                                           &exp_avg, &exp_avg_sq, &row_step, &a,
+                                                                           target, scale);
       });
       break;
     default:
-      rows_backward_kernel<c10::Half, true>(param, weights, grad_out, K, seg, need_weights_grad, false, none, gw,
-                                            &exp_avg, &exp_avg_sq, &row_step, &a, target);
+      rows_backward_kernel<c10::Half, RowsOut::kAdam>(param, weights, grad_out, K, seg, need_weights_grad, false,
+                                                      none, gw, &exp_avg, &exp_avg_sq, &row_step, &a, target, scale);
   }
   return gw;
+}
+
+// The squared L2 norm (float64 scalar) of the value gradient that bag_backward would return for these
+// reads, in the table's dtype: each row's gradient summed in registers as the fused update sums it,
+// then squared, with no gradient row written. Rows in sorted order, each row's columns in blocks, then
+// the rows' sums one after the other: the same number for any thread count. With need_weights_grad
+// also grad_weights, from the same pass (each unique value row read once, as bag_backward reads it;
+// without it no value row is read). When the rows are read at least `rows_at_reads_per_row` times each
+// on average (>= 0; < 0: never), the summed rows are also written, as bag_backward writes them: few
+// rows read many times cost less to keep than to sum again at the step. Returns (sq_norm, grad_weights
+// or empty, sorted_rows, perm, rows, grad_rows): the sort, for bag_backward_adam_ to reuse, and the
+// unique rows with their (U, D) gradient rows, or empty (0,) and (0, D) when not written.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bag_grad_sq_norm(
+    const Tensor& values, const Tensor& indices, const Tensor& weights, const Tensor& grad_out,
+    bool need_weights_grad, double rows_at_reads_per_row) {
+  check_backward_inputs(values, indices, weights, grad_out);
+  const int64_t B = indices.size(0), K = indices.size(1), D = values.size(1);
+  const bool need_gw = need_weights_grad;
+  RowSegments seg = segment_rows(indices);
+  const int64_t U = seg.unique();
+  std::vector<double> row_sq(static_cast<size_t>(U));
+  const bool write_rows =
+      U > 0 && rows_at_reads_per_row >= 0 && static_cast<double>(B * K) >= rows_at_reads_per_row * static_cast<double>(U);
+  Tensor rows = at::empty({write_rows ? U : 0}, indices.options());
+  if (write_rows) {
+    int64_t* R = rows.mutable_data_ptr<int64_t>();
+    const int64_t* S = seg.sorted_rows.const_data_ptr<int64_t>();
+    for (int64_t u = 0; u < U; ++u) R[u] = S[seg.seg_start[u]];
+  }
+  Tensor grad_rows = write_rows ? empty_large({U, D}, values.options()) : at::empty({0, D}, values.options());
+  Tensor gw = need_gw ? at::empty({B, K}, weights.options()) : at::empty({0}, weights.options());
+  Tensor* no_state = nullptr;
+  switch (values.scalar_type()) {
+    case at::kFloat:
+      rows_backward_kernel<float, RowsOut::kSqNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows, gw,
+                                                    no_state, no_state, no_state, nullptr, 0, 1.f, row_sq.data());
+      break;
+    case at::kBFloat16:
+      rows_backward_kernel<c10::BFloat16, RowsOut::kSqNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows,
+                                                            gw, no_state, no_state, no_state, nullptr, 0, 1.f,
+                                                            row_sq.data());
+      break;
+    default:
+      rows_backward_kernel<c10::Half, RowsOut::kSqNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows, gw,
+                                                        no_state, no_state, no_state, nullptr, 0, 1.f,
+                                                        row_sq.data());
+  }
+  double total = 0.0;
+  for (double x : row_sq) total += x;
+  return {at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)), gw, seg.sorted_rows, seg.perm, rows, grad_rows};
 }
 
 }  // namespace
@@ -331,6 +437,11 @@ TORCH_LIBRARY_FRAGMENT(memlayers_cpu, m) {
   m.def(
       "bag_backward_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) row_step, "
       "Tensor indices, Tensor weights, Tensor grad_out, bool need_weights_grad, Tensor hist, int target, "
-      "float beta1, float beta2, float eps, int horizon, int rounding_seed=-1) -> Tensor",
+      "float beta1, float beta2, float eps, int horizon, int rounding_seed=-1, float grad_scale=1.0, "
+      "Tensor? sorted_rows=None, Tensor? perm=None) -> Tensor",
       &bag_backward_adam_);
+  m.def(
+      "bag_grad_sq_norm(Tensor values, Tensor indices, Tensor weights, Tensor grad_out, bool need_weights_grad=False, "
+      "float rows_at_reads_per_row=-1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+      &bag_grad_sq_norm);
 }

@@ -10,6 +10,7 @@ bf16 rounding   stochastic_rounding.py  the C++ kernels' stochastic rounding in 
 from memlayers.optim.adam_replay import replay_horizon, step_table
 from memlayers.optim.lazy_tables import (
     catch_up_before_read,
+    deferred_grad_owner,
     flush_on_state_dict,
     fused_owner,
     has_lazy_tables,
@@ -22,6 +23,7 @@ __all__ = [
     "RowSparseAdam",
     "RowwiseAdam",
     "catch_up_before_read",
+    "deferred_grad_owner",
     "flush_on_state_dict",
     "fused_owner",
     "has_lazy_tables",

@@ -2,7 +2,8 @@
 
 A table owned by a `RowSparseAdam` holds rows that are behind dense AdamW until they are read. Every
 read (`memlayers.lookup`) therefore asks this registry first and lets the owner catch the rows up;
-the CPU lookup's backward asks it whether the owner applies its update inside the backward (fused).
+the CPU lookup's backward asks it whether the owner applies its update inside the backward (fused),
+and a gradient-norm clip asks it for value gradients an owner holds back until its step (deferred).
 Keeping the registry apart from the optimizer lets the lookup ask without importing the optimizer,
 so the two never import each other.
 
@@ -20,7 +21,14 @@ import torch
 if TYPE_CHECKING:
     from memlayers.optim.row_sparse_adam import RowSparseAdam
 
-__all__ = ["catch_up_before_read", "flush_on_state_dict", "fused_owner", "has_lazy_tables", "register_tables"]
+__all__ = [
+    "catch_up_before_read",
+    "deferred_grad_owner",
+    "flush_on_state_dict",
+    "fused_owner",
+    "has_lazy_tables",
+    "register_tables",
+]
 
 # id(param) -> (weakref to param, weakref to its RowSparseAdam). The lookup consults it on
 # every read so stale rows are caught up before they are gathered.
@@ -77,6 +85,19 @@ def fused_owner(values: torch.Tensor) -> tuple[torch.Tensor, RowSparseAdam] | No
     if param is not values or opt is None or not opt.fused:
         return None
     return param, opt
+
+
+def deferred_grad_owner(values: torch.Tensor) -> RowSparseAdam | None:
+    """The RowSparseAdam holding a deferred gradient of `values` (fused update deferred to its step:
+    between the backward and `step()`), else None. Such a table has no `.grad`; its gradient's norm
+    and clip scale go through the owner (`deferred_grad_sq_norm`, `scale_deferred_grad`)."""
+    entry = _READERS.get(id(values))
+    if entry is None:
+        return None
+    param, opt = entry[0](), entry[1]()
+    if param is not values or opt is None or not opt.has_deferred_grad(values):
+        return None
+    return opt
 
 
 def flush_on_state_dict(module: torch.nn.Module, optimizer: RowSparseAdam) -> None:

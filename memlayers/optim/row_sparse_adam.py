@@ -47,6 +47,21 @@ biases v upwards (b2*v + (1-b2)*g^2 moves only when g^2 is several times v) and 
 steps of p. The dither is a hash of the value's fp32 bits, the row, the step and the tensor, so
 it is deterministic: resumes, column shards and the fused/unfused/catch-up paths round alike.
 
+Fused update (`fused=True`): the CPU lookup's backward hands the value gradient to this optimizer instead
+of autograd, so no (rows read x width) gradient tensor is written to `.grad` and read back. Either the
+step runs inside the backward (`deferred=False`: exact when the table is read once per step and its
+gradient is not clipped), or it waits for `step()` (`deferred=True`): the backward returns the weights'
+gradient from a pass over the unique rows read that also sums the value gradient's squares without
+writing it, and keeps only the lookup's inputs (slot ids, weights and the output gradient: tokens x
+width, not rows x width); :meth:`RowSparseAdam.deferred_grad_sq_norm` gives that norm (for a global-norm
+clip), :meth:`RowSparseAdam.scale_deferred_grad` takes the clip coefficient, and `step()` runs the fused
+row update on the kept inputs, each summed row scaled. Rows read many times each (`rows_at_reads_per_row`)
+are cheaper to keep summed than to sum again: then the backward keeps the gradient rows instead (few of
+them) and `step()` is the unfused one. Several reads in one step (memory layers sharing the table,
+gradient accumulation) are summed: their inputs are concatenated. The result is the unfused step on the
+clipped gradient (bit-identical for one read per step; to float rounding otherwise, where the per-row
+sums run in another order).
+
 The row kernel is C++ (memlayers/csrc/lazy_adam.cpp; the fused backward+update in bag_backward.cpp) on
 CPU when it builds, else vectorised torch ops over the touched rows (CUDA included; adam_replay.py).
 The replay maths live in :mod:`memlayers.optim.adam_replay`, the registry of lazily updated tables in
@@ -56,6 +71,7 @@ The replay maths live in :mod:`memlayers.optim.adam_replay`, the registry of laz
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -95,6 +111,45 @@ def _coalesced_rows(grad: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torc
     return rows, summed
 
 
+@dataclass
+class _DeferredGrad:
+    """A value gradient held back until `step()` (fused, deferred), as the parts of its backwards in
+    order: a bag part (indices (B, K) int64, weights (B, K) fp32, grad_out (B, D) fp32) is a lookup to
+    sum again at the step; a row part (unique rows, (U, D) row gradients) is summed already."""
+
+    parts: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    scale: float = 1.0  # clip coefficient (scale_deferred_grad)
+    sq_norm: torch.Tensor | None = None  # float64, of the whole unscaled gradient, once measured
+    order: tuple[torch.Tensor, torch.Tensor] | None = None  # the stable sort of the one bag part's slot ids
+
+    def bag_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every part as one lookup (bags concatenated, once), or None when there are row parts or the
+        reads differ in width."""
+        if not self.parts or any(len(part) != 3 for part in self.parts):
+            return None
+        if len({part[0].shape[1] for part in self.parts}) != 1:
+            return None
+        if len(self.parts) > 1:
+            self.parts, self.order = [tuple(torch.cat(t) for t in zip(*self.parts))], None
+        return self.parts[0]  # type: ignore[return-value]
+
+    def coalesced(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unique sorted rows, summed row gradients in p's dtype): the unfused gradient, unscaled, its
+        parts summed in the order autograd would have accumulated them into `.grad`."""
+        parts = [
+            part if len(part) == 2 else native_ops().bag_backward(p.detach(), *part, True, False, False)[:2]
+            for part in self.parts
+        ]
+        if len(parts) == 1:
+            return parts[0]  # type: ignore[return-value]
+        rows = torch.cat([r for r, _ in parts])
+        grads = torch.cat([g.reshape(r.numel(), -1) for r, g in parts])
+        shape = (p.shape[0], grads.shape[1])
+        return _coalesced_rows(
+            torch.sparse_coo_tensor(rows[None], grads, shape, check_invariants=False), p.shape[0]
+        )
+
+
 class RowSparseAdam(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) that touches only the rows read, with dense AdamW's result.
 
@@ -110,6 +165,7 @@ class RowSparseAdam(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         *,
         fused: bool = False,
+        deferred: bool = False,
         rounding: str = "nearest",
         rounding_seed: int = 0,
     ) -> None:
@@ -123,11 +179,16 @@ class RowSparseAdam(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if deferred and not fused:
+            raise ValueError("deferred=True defers the fused update to step(): it needs fused=True")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        # fused: the lookup's backward hands each value gradient straight to `fused_step` (no .grad);
-        # exact only when the table is read once per optimizer step (see fused_owner).
+        # fused: the lookup's backward hands each value gradient to this optimizer (no .grad): stepped
+        # there (exact only when the table is read once per step and not clipped), or, deferred, kept
+        # as the lookup's inputs until step() (see the module docstring).
         self.fused = fused
+        self.deferred = deferred
+        self._deferred: dict[int, _DeferredGrad] = {}
         # bf16 stores: < 0 rounds to nearest even, else stochastically with this seed (any dtype
         # other than bf16 ignores it).
         self.rounding_seed = (int(rounding_seed) & 0xFFFFFFFF) if rounding == "stochastic" else -1
@@ -240,6 +301,15 @@ class RowSparseAdam(torch.optim.Optimizer):
         self._fused_since_step.clear()
         for group in self.param_groups:
             for p in group["params"]:
+                deferred = self._deferred.pop(id(p), None)
+                if deferred is not None:
+                    if p.grad is not None:
+                        raise RuntimeError(
+                            "RowSparseAdam(deferred=True): the value table has both a deferred gradient (reads "
+                            "through the C++ lookup) and a .grad (other reads); read it one way within a step"
+                        )
+                    self._step_deferred(p, group, deferred)
+                    continue
                 if p.grad is None:
                     continue  # fused mode: the backward already stepped this table
                 if p.grad.is_sparse and p.dim() != 2:
@@ -248,12 +318,120 @@ class RowSparseAdam(torch.optim.Optimizer):
                 self._step_rows(p, group, rows, grad_rows)
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also drops deferred value gradients (fused, deferred mode) that no `step()` consumed."""
+        self._deferred.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
     @torch.no_grad()
     def fused_step(self, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         """One optimizer step of `p` from its coalesced gradient (unique rows, (U, D) row grads),
-        called from the lookup's backward in fused mode: the same arithmetic as `step()`."""
+        called from the lookup's backward in fused mode: the same arithmetic as `step()`. Deferred:
+        the rows are kept for `step()` instead."""
+        if self.deferred:
+            d = self._deferred_of(p)
+            d.parts.append((rows, grad_rows))
+            d.sq_norm = d.order = None
+            return
         self._claim_fused(p)
         self._step_rows(p, self._group_of(p), rows, grad_rows)
+
+    # ------------------------------------------------------------------ deferred fused update
+    def has_deferred_grad(self, p: torch.Tensor) -> bool:
+        """Whether `p` has a gradient held back for `step()` (deferred fused update)."""
+        return id(p) in self._deferred
+
+    # A backward (or the clip, for several reads) that reads the table's rows at least this many times
+    # each on average keeps their summed gradient rows: writing U rows and reading them back at the step
+    # then costs less than summing the reads again there (see `_measure_grad`). Measured at the
+    # quickstart memory's reads (2,048 x 128, 1M x 512 fp32), one core: 129k unique rows (2 reads each)
+    # 244 ms summed again vs 321 ms kept; 2.5k rows (104 reads each) 118 vs 76 ms; even near 5-6.
+    rows_at_reads_per_row = 6.0
+
+    @torch.no_grad()
+    def deferred_grad_sq_norm(self, p: torch.Tensor) -> torch.Tensor:
+        """Squared L2 norm (float64 scalar, CPU) of `p`'s deferred gradient: what `p.grad`'s would be
+        unfused. Measured once per step, by the backward's own pass when the table was read once. After
+        `scale_deferred_grad` it is the measured norm times the coefficient squared (in float64: the
+        scaled gradient's rounding to p's dtype is not seen)."""
+        d = self._deferred[id(p)]
+        if d.sq_norm is None:
+            bags = d.bag_inputs()
+            if bags is not None:
+                self._measure_grad(p, d, bags, need_weights_grad=False)
+            else:
+                d.sq_norm = self._materialize(p, d)[1].double().pow(2).sum().cpu()
+        return d.sq_norm * (d.scale * d.scale) if d.scale != 1.0 else d.sq_norm
+
+    def scale_deferred_grad(self, p: torch.Tensor, scale: float) -> None:
+        """Multiply `p`'s deferred gradient by `scale` (a global-norm clip coefficient), as
+        `p.grad.mul_(scale)` would: the step scales each summed row, rounded to p's dtype."""
+        d = self._deferred[id(p)]
+        if scale == 1.0:
+            return
+        if d.scale != 1.0:
+            # A second coefficient: two roundings in p's dtype do not fold into one, so the first is
+            # applied to the gradient held as rows (as the first `.grad.mul_` would have).
+            rows, grad_rows = self._materialize(p, d)
+            d.parts, d.sq_norm = [(rows, grad_rows.mul_(d.scale))], None
+        d.scale = float(scale)
+
+    def _measure_grad(
+        self,
+        p: torch.Tensor,
+        d: _DeferredGrad,
+        bags: tuple[torch.Tensor, ...],
+        need_weights_grad: bool,
+        copy: bool = False,
+    ) -> torch.Tensor:
+        """One C++ pass over the unique rows of the lookup `bags`, d's whole gradient: grad_weights when
+        asked for, the value gradient's squared norm, and the sort. d keeps the summed rows when the rows
+        are read often enough (`rows_at_reads_per_row`), else the lookup (its output gradient copied
+        when `copy`: autograd's buffer) and the sort, for the step."""
+        sq_norm, grad_w, sorted_rows, perm, rows, grad_rows = native_ops().bag_grad_sq_norm(
+            p.detach(), *bags, need_weights_grad, self.rows_at_reads_per_row
+        )
+        if rows.numel():
+            d.parts, d.order = [(rows, grad_rows)], None
+        else:
+            indices, weights, grad_out = bags
+            d.parts, d.order = (
+                [(indices, weights, grad_out.clone() if copy else grad_out)],
+                (sorted_rows, perm),
+            )
+        d.sq_norm = sq_norm
+        return grad_w
+
+    def _materialize(self, p: torch.Tensor, d: _DeferredGrad) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn `d` into one coalesced row part (the unfused gradient, unscaled) and return it."""
+        if not (len(d.parts) == 1 and len(d.parts[0]) == 2):
+            d.parts, d.order = [d.coalesced(p)], None
+        return d.parts[0]  # type: ignore[return-value]
+
+    def _deferred_of(self, p: torch.Tensor) -> _DeferredGrad:
+        d = self._deferred.get(id(p))
+        if d is None:
+            d = self._deferred[id(p)] = _DeferredGrad()
+        return d
+
+    def _step_deferred(self, p: torch.Tensor, group: dict[str, Any], d: _DeferredGrad) -> None:
+        bags = d.bag_inputs()
+        if bags is None:  # summed rows: the unfused step on them
+            rows, grad_rows = self._materialize(p, d)
+            if d.scale != 1.0:
+                grad_rows = grad_rows.to(p.dtype).mul_(d.scale)
+            self._step_rows(p, group, rows, grad_rows)
+            return
+        if not p.is_contiguous():
+            raise ValueError("RowSparseAdam updates rows in place and needs contiguous parameters")
+        state = self._state(p)
+        self._advance(state, group["lr"])
+        beta1, beta2 = group["betas"]
+        native_ops().bag_backward_adam_(
+            p.detach(), state["exp_avg"], state["exp_avg_sq"], state["row_step"], *bags, False,
+            self._table(p, state, group), int(state["step"].item()), beta1, beta2, group["eps"],
+            replay_horizon(beta1, beta2), self.rounding_seed, d.scale, *(d.order or (None, None)),
+        )  # fmt: skip
 
     def fuses_backward(self, p: torch.Tensor) -> bool:
         """Whether `fused_backward` can run for `p`: the C++ kernel that applies the update inside the
@@ -272,9 +450,28 @@ class RowSparseAdam(torch.optim.Optimizer):
         """The lookup's backward and this optimizer's step of `p` in one pass over the unique rows read
         (FBGEMM's fused backward+update): each row's gradient is summed in registers and applied at once,
         so no gradient row is written or read back. Bit-identical to the lookup's sparse backward
-        followed by `step()` (tests). Returns grad_weights (fp32, like `indices`) or None."""
+        followed by `step()` (tests). Returns grad_weights (fp32, like `indices`) or None.
+
+        Deferred: grad_weights now, from one pass over the unique rows read that also sums the value
+        gradient's squared norm (what a global-norm clip needs next); the inputs (or, for rows read many
+        times, their summed gradient rows), that norm and the pass's sort are kept for `step()`."""
         if not p.is_contiguous():
             raise ValueError("RowSparseAdam updates rows in place and needs contiguous parameters")
+        if self.deferred:
+            d = self._deferred_of(p)
+            # grad_out may be autograd's own buffer: what is kept of it is a copy (tokens x width).
+            if not d.parts:
+                grad_w = self._measure_grad(
+                    p, d, (indices, weights32, grad_out32), need_weights_grad, copy=True
+                )
+            else:
+                # A further read of the table in this step: the norm of the sum is measured when asked for.
+                grad_w = native_ops().bag_grad_sq_norm(
+                    p.detach(), indices, weights32, grad_out32, need_weights_grad
+                )[1]
+                d.parts.append((indices, weights32, grad_out32.clone()))
+                d.sq_norm = d.order = None
+            return grad_w if need_weights_grad else None
         self._claim_fused(p)
         group = self._group_of(p)
         state = self._state(p)
@@ -294,7 +491,7 @@ class RowSparseAdam(torch.optim.Optimizer):
             raise RuntimeError(
                 "RowSparseAdam(fused=True): the value table got two backward passes in one optimizer step "
                 "(several memory layers on one pool, or gradient accumulation); the fused update is exact "
-                "only for one read per step. Use fused=False (memory.fused_value_update=false)."
+                "only for one read per step. Use deferred=True (the update then waits for step())."
             )
         self._fused_since_step.add(id(p))
 

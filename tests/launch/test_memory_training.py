@@ -46,10 +46,14 @@ def test_values_have_their_own_group_lr_and_no_decay():
     assert all(p is not values for p in groups["decay"] + groups["no_decay"])
     keys = model.layers[1].feed_forward.keys
     assert any(p is keys for p in groups["no_decay"])
-    opt = build_optimizers(model, cfg)[0]
-    (g,) = [g for g in opt.param_groups if g["name"] == "memory_values"]
-    assert g["lr"] == 0.05 and g["weight_decay"] == 0.0
-    assert {x["name"]: x["lr"] for x in opt.param_groups}["decay"] == 0.001
+    for value_opt in ("row_sparse_adam", "adamw"):  # their own optimizer (the default), or a group of AdamW's
+        opts = build_optimizers(
+            model, cfg_of("memory.value_lr=0.05", "optim.lr=0.001", f"memory.value_optimizer={value_opt}")
+        )
+        assert len(opts) == (2 if value_opt == "row_sparse_adam" else 1)
+        (g,) = [g for o in opts for g in o.param_groups if g["name"] == "memory_values"]
+        assert g["params"] == [values] and g["lr"] == 0.05 and g["weight_decay"] == 0.0
+        assert {x["name"]: x["lr"] for x in opts[0].param_groups}["decay"] == 0.001
 
 
 def test_active_params_count_value_rows_read_not_the_table():
@@ -134,18 +138,102 @@ def test_memory_model_trains_resumes_and_logs_usage(tmp_path, extra):
 
 
 @pytest.mark.parametrize(
-    "overrides,fused",
+    "overrides,fused,deferred",
     [
-        (["optim.grad_clip=0"], True),
-        (["optim.grad_clip=1.0"], False),  # the values' gradients must exist for the global norm
-        (["optim.grad_clip=1.0", "memory.clip_values=false"], True),
-        (["optim.grad_clip=0", "train.grad_accum=2"], False),
+        ([], True, True),  # the defaults: row_sparse_adam, clipped values, the fused update at the step
+        (["optim.grad_clip=0"], True, False),  # nothing to wait for: the step runs inside the backward
+        (["optim.grad_clip=1.0", "memory.clip_values=false"], True, False),
+        (["optim.grad_clip=0", "train.grad_accum=2"], True, True),  # two backwards: summed at the step
+        (["optim.grad_clip=0", "model.n_layers=2", "memory.layers=[0,1]"], True, True),  # two readers
+        (["memory.fused_value_update=false"], False, False),
     ],
 )
-def test_fused_value_update_only_where_exact(overrides, fused):
-    model = build_model(cfg_of("memory.value_optimizer=row_sparse_adam", *overrides))
-    value_opt = build_optimizers(model, cfg_of("memory.value_optimizer=row_sparse_adam", *overrides))[-1]
-    assert value_opt.fused is fused
+def test_fused_value_update_where_exact(overrides, fused, deferred):
+    from memlayers.optim import RowSparseAdam
+
+    model = build_model(cfg_of(*overrides))
+    value_opt = build_optimizers(model, cfg_of(*overrides))[-1]
+    assert type(value_opt) is RowSparseAdam  # the default value optimizer
+    assert (value_opt.fused, value_opt.deferred) == (fused, deferred)
+
+
+def test_defaults_take_the_deferred_fused_path():
+    """With the defaults the lookup's backward writes no value gradient: the optimizer holds the
+    lookup's inputs, the trainer's clip measures and scales the gradient through the layout."""
+    from launch.distributed.grad_norm import grad_norm_and_clip
+    from memlayers.shard_layout import MemoryShardLayout
+
+    cfg = cfg_of("optim.grad_clip=1e-3")
+    model = build_model(cfg)
+    opts = build_optimizers(model, cfg)
+    values = model.memory_pools[0].values
+    model(torch.randint(0, 64, (2, 16))).float().pow(2).mean().backward()
+    assert values.grad is None and opts[-1].has_deferred_grad(values)
+    layout = MemoryShardLayout(model)
+    params = [p for o in opts for g in o.param_groups for p in g["params"]]
+    values_sq = float(opts[-1].deferred_grad_sq_norm(values))
+    total = grad_norm_and_clip(params, cfg.optim.grad_clip, layout, cfg.memory.clip_values)
+    others_sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+    assert values_sq > 0 and total == pytest.approx(
+        (values_sq + others_sq / (1e-3 / total) ** 2) ** 0.5, rel=1e-6
+    )
+    before = values.detach().clone()
+    for opt in opts:
+        opt.step()
+    assert not opts[-1].has_deferred_grad(values) and not torch.equal(values.detach(), before)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        # clipping active at every step, two memory layers reading the pool, two micro-batches per step
+        ["optim.grad_clip=0.05", "memory.layers=[0,1]", "train.grad_accum=2"],
+    ],
+)
+def test_default_value_optimizer_equals_dense_adamw_in_the_trainer(tmp_path, extra):
+    """The defaults (row_sparse_adam, fused update deferred to the clipped step) train the tiny memory
+    model like memory.value_optimizer=adamw (torch's dense AdamW over the whole table): losses and
+    gradient norms to float tolerance, checkpoint values too."""
+    from launch.checkpoint.load import load_checkpoint
+
+    args = [f"config={TINY_MEMORY}", "train.steps=6", "train.log_every=1", "train.val_every=0", *extra]
+    run_module("launch.train", *args, f"run.dir={tmp_path / 'default'}")
+    run_module("launch.train", *args, f"run.dir={tmp_path / 'adamw'}", "memory.value_optimizer=adamw")
+    ours = [r for r in read_metrics(tmp_path / "default") if "loss" in r]
+    ref = [r for r in read_metrics(tmp_path / "adamw") if "loss" in r]
+    assert len(ours) == len(ref) == 6
+    if extra:
+        assert all(r["grad_norm"] > 0.05 for r in ours)  # clipping acted every step
+    for a, b in zip(ours, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-6)
+    values = [load_checkpoint(tmp_path / d).model.memory_pools[0].values for d in ("default", "adamw")]
+    torch.testing.assert_close(values[0], values[1], rtol=1e-4, atol=1e-6)
+
+
+def test_run_begun_with_adamw_resumes_with_adamw(tmp_path):
+    """A run whose checkpoints were written with memory.value_optimizer=adamw (the old default) and is
+    re-run with the new default keeps adamw (its optimizer state would not load into row_sparse_adam):
+    it says so, and ends where the uninterrupted adamw run ends."""
+    args = [
+        f"config={TINY_MEMORY}",
+        "train.steps=8",
+        "train.ckpt_every=4",
+        "train.log_every=1",
+        "train.val_every=0",
+    ]
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+    adamw = "memory.value_optimizer=adamw"
+    run_module(
+        "launch.train", *args, f"run.dir={run_dir}", adamw, env={"LAUNCH_FAULT": "kill:7"}, check=False
+    )
+    resumed = run_module("launch.train", *args, f"run.dir={run_dir}")  # the new default
+    assert "memory.value_optimizer=adamw" in resumed.stdout and "kept on resume" in resumed.stdout
+    assert "value_optimizer: adamw" in (run_dir / "config.yaml").read_text()
+    run_module("launch.train", *args, f"run.dir={straight}", adamw)
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    assert losses[-4:] == [r["loss"] for r in read_metrics(straight) if "loss" in r][-4:]
 
 
 def test_values_left_out_of_clipping_keep_their_gradient():

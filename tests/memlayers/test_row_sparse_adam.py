@@ -579,3 +579,269 @@ def test_unique_rows_equals_torch_unique():
     for bad in (-1, 10):
         with pytest.raises(RuntimeError, match="out of range for a table of 10 rows"):
             ops.unique_rows(torch.tensor([[1, bad, 2]]), 10)
+
+
+# ---------------------------------------------------------------- deferred fused update (clipping on)
+
+
+def _pkm_model(n_layers: int, sparse: bool, seed: int = 0) -> torch.nn.Module:
+    """`n_layers` product-key memory layers on one shared pool (36 x 12 values), residual stack."""
+    from memlayers import MemoryPool, ProductKeyMemory
+
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    model.pool = MemoryPool(n_keys=6, v_dim=12, sparse_grad=sparse, lookup_impl="cpu")
+    model.layers = torch.nn.ModuleList(
+        ProductKeyMemory(dim=10, pool=model.pool, heads=2, k_dim=8, knn=3) for _ in range(n_layers)
+    )
+    return model
+
+
+def _forward_loss(model, x, target):
+    y = x
+    for layer in model.layers:
+        y = y + layer(y)
+    return (y - target).pow(2).mean()
+
+
+def _clip_like_trainer(others, layout, max_norm: float) -> float:
+    """launch.distributed.grad_norm.grad_norm_and_clip's arithmetic: float64 norm of every gradient
+    (the values' through the layout, deferred ones included), scaled when above max_norm."""
+    sq = layout.grad_sq_norm() + sum(p.grad.double().pow(2).sum() for p in others if p.grad is not None)
+    total = float(sq.sqrt())
+    if total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for p in others:
+            p.grad.mul_(scale)
+        layout.clip_(scale)
+    return total
+
+
+def _train(mode: str, n_layers: int, micro: int, max_norm: float, steps: int = 8, keep_rows: float = 4.0):
+    """mode: deferred | unfused (RowSparseAdam for the values, AdamW for the rest, the trainer's clip)
+    or dense (torch.optim.AdamW over everything, torch.nn.utils.clip_grad_norm_). keep_rows: the
+    deferred update's `rows_at_reads_per_row` (-1: always sum the reads again at the step; 0: always
+    keep the summed rows)."""
+    from memlayers.shard_layout import MemoryShardLayout
+
+    model = _pkm_model(n_layers, sparse=mode != "dense")
+    values = model.pool.values
+    others = [p for p in model.parameters() if p is not values]
+    betas, lr_v, lr_o = (0.9, 0.95), 2e-2, 1e-2
+    if mode == "dense":
+        opts = [
+            torch.optim.AdamW(
+                [{"params": others, "lr": lr_o, "weight_decay": 0.1}, {"params": [values], "lr": lr_v, "weight_decay": 0.01}],
+                betas=betas, foreach=False,
+            )
+        ]  # fmt: skip
+    else:
+        value_opt = RowSparseAdam(
+            [values],
+            lr=lr_v,
+            betas=betas,
+            weight_decay=0.01,
+            fused=mode == "deferred",
+            deferred=mode == "deferred",
+        )
+        value_opt.rows_at_reads_per_row = keep_rows
+        opts = [torch.optim.AdamW(others, lr=lr_o, betas=betas, weight_decay=0.1, foreach=False), value_opt]
+    layout = MemoryShardLayout(model)
+    gen = torch.Generator().manual_seed(11)
+    losses, norms = [], []
+    for step in range(1, steps + 1):
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = (lr_v if g["params"][0] is values else lr_o) * lr_at(step) / 1e-2
+        loss_sum = 0.0
+        for _ in range(micro):
+            x, target = torch.randn(3, 5, 10, generator=gen), torch.randn(3, 5, 10, generator=gen)
+            loss = _forward_loss(model, x, target) / micro
+            loss.backward()
+            loss_sum += loss.item()
+        if mode == "deferred":  # the fused path was taken: no value gradient tensor, one held back
+            assert values.grad is None and opts[1].has_deferred_grad(values)
+            kinds = {
+                len(part) for part in opts[1]._deferred[id(values)].parts
+            }  # 3: a lookup's inputs, 2: rows
+            assert kinds == {3} if keep_rows < 0 else 2 in kinds
+        if mode == "dense":
+            norms.append(float(torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm)))
+        else:
+            norms.append(_clip_like_trainer(others, layout, max_norm))
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+    if mode != "dense":
+        opts[1].flush()
+    return model, losses, norms, opts
+
+
+@pytest.mark.requires_native
+@pytest.mark.parametrize(
+    "n_layers,micro,max_norm",
+    [
+        (1, 1, 0.05),  # clip coefficient < 1 at every step
+        (1, 1, 1e6),  # coefficient 1: nothing scaled
+        (2, 1, 0.05),  # two memory layers on one pool: two reads per step
+        (1, 2, 0.05),  # gradient accumulation: two backwards per step
+    ],
+)
+def test_deferred_fused_update_with_clipping_equals_unfused_and_dense_adamw(n_layers, micro, max_norm):
+    """The deferred fused update (the backward keeps the lookup's inputs, the clip measures the value
+    gradient's norm from them, the step applies the clipped update) against the unfused row-sparse
+    step on the clipped `.grad` and against dense torch AdamW + clip_grad_norm_ over all parameters,
+    through the product-key layer's forward and backward."""
+    (m_u, loss_u, norm_u, _), (m_r, loss_r, norm_r, _) = (
+        _train(m, n_layers, micro, max_norm) for m in ("unfused", "dense")
+    )
+    for keep_rows in (-1.0, 0.0):  # the step sums the kept reads again / steps the rows kept by the backward
+        m_d, loss_d, norm_d, _ = _train("deferred", n_layers, micro, max_norm, keep_rows=keep_rows)
+        _check_deferred(
+            n_layers, micro, max_norm, m_d, loss_d, norm_d, m_u, loss_u, norm_u, m_r, loss_r, norm_r
+        )
+
+
+def _check_deferred(n_layers, micro, max_norm, m_d, loss_d, norm_d, m_u, loss_u, norm_u, m_r, loss_r, norm_r):
+    if max_norm < 1:
+        assert min(norm_d) > 2 * max_norm  # clipping acted at every step
+    else:
+        assert max(norm_d) < max_norm
+    # deferred vs unfused: the same sums; the row norms' float64 summation order is all that differs
+    one_read = n_layers == 1 and micro == 1
+    torch.testing.assert_close(loss_d, loss_u, rtol=0 if one_read and max_norm > 1 else 1e-6, atol=1e-7)
+    torch.testing.assert_close(norm_d, norm_u, rtol=1e-6 if not one_read else 1e-12, atol=0)
+    for (name, a), b in zip(m_d.named_parameters(), m_u.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    if one_read and max_norm > 1:
+        assert torch.equal(m_d.pool.values, m_u.pool.values)  # bit for bit
+    # against dense AdamW (float32 norms in clip_grad_norm_, dense vs row-ordered sums): float tolerance
+    torch.testing.assert_close(loss_d, loss_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm_d, norm_r, rtol=1e-5, atol=0)
+    for (name, a), b in zip(m_d.named_parameters(), m_r.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.requires_native
+@pytest.mark.parametrize("dtype,seed", [(torch.float32, -1), (torch.bfloat16, -1), (torch.bfloat16, 99)])
+def test_scaled_fused_kernel_equals_unfused_clip_then_step(dtype, seed):
+    """bag_backward_adam_ with grad_scale = the unfused gradient rows, `.mul_(scale)` in the table's dtype,
+    then the row step: bit for bit, with or without the sort handed over from bag_grad_sq_norm.
+    bag_grad_sq_norm = the unfused rows' float64 squared norm for any thread count, and its weight
+    gradient bag_backward's. Width 150 (two column blocks and a tail), repeated slots."""
+    from memlayers.native import native_ops
+    from memlayers.optim.adam_replay import step_table
+
+    ops = native_ops()
+    gen = torch.Generator().manual_seed(6)
+    n_rows, dim, target = 40, 150, 12
+    betas, eps, horizon = (0.9, 0.95), 1e-8, replay_horizon(0.9, 0.95)
+    hist = step_table(torch.rand(target + 1, dtype=torch.float64, generator=gen) * 1e-2, *betas, 0.01)
+    state = [torch.randn(n_rows, dim, generator=gen).to(dtype) for _ in range(3)]
+    state[2] = state[2].abs()
+    row_step = torch.full((n_rows,), target - 1, dtype=torch.int64)
+    idx = torch.randint(0, n_rows, (7, 9), generator=gen)
+    idx[0, :3] = idx[1, 0]
+    w = torch.rand(7, 9, generator=gen)
+    grad_out = torch.randn(7, dim, generator=gen)
+
+    rows, grad_rows, gw_ref = ops.bag_backward(state[0], idx, w, grad_out, True, True, False)
+    sq_ref = grad_rows.double().pow(2).sum()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            sq, gw, sorted_rows, perm, no_rows, _ = ops.bag_grad_sq_norm(state[0], idx, w, grad_out, True)
+            assert sq.dtype == torch.float64 and torch.equal(gw, gw_ref) and no_rows.numel() == 0
+            torch.testing.assert_close(sq, sq_ref, rtol=1e-13, atol=0)
+            if n == 1:
+                sq_one = sq
+            else:
+                assert torch.equal(sq, sq_one)
+    finally:
+        torch.set_num_threads(threads)
+    assert ops.bag_grad_sq_norm(state[0], idx, w, grad_out)[1].numel() == 0  # no weight gradient asked for
+    # rows read often enough (here 63 reads of 30-odd rows: ~2 each) are written: bag_backward's rows
+    reads_per_row = idx.numel() / rows.numel()
+    sq_w, _, _, _, rows_w, grad_rows_w = ops.bag_grad_sq_norm(
+        state[0], idx, w, grad_out, False, reads_per_row
+    )
+    assert torch.equal(rows_w, rows) and torch.equal(grad_rows_w, grad_rows) and torch.equal(sq_w, sq)
+    assert ops.bag_grad_sq_norm(state[0], idx, w, grad_out, False, reads_per_row * 1.01)[4].numel() == 0
+    order = (sorted_rows, perm)
+    for scale, handed in ((1.0, None), (0.3137, None), (0.3137, order), (0.0, order)):
+        fused = [t.clone() for t in state] + [row_step.clone()]
+        ops.bag_backward_adam_(
+            *fused,
+            idx,
+            w,
+            grad_out,
+            False,
+            hist,
+            target,
+            *betas,
+            eps,
+            horizon,
+            seed,
+            scale,
+            *(handed or (None, None)),
+        )
+        ref = [t.clone() for t in state] + [row_step.clone()]
+        ops.lazy_adam_rows_(
+            *ref, rows, grad_rows.clone().mul_(scale), hist, target, *betas, eps, horizon, seed
+        )
+        for a, b in zip(fused, ref):
+            assert torch.equal(a, b), scale
+    with pytest.raises(RuntimeError, match="grad_scale"):
+        ops.bag_backward_adam_(
+            *fused, idx, w, grad_out, False, hist, target + 1, *betas, eps, horizon, seed, -1.0
+        )
+    unstable = perm.clone()
+    first_repeat = int((sorted_rows[1:] == sorted_rows[:-1]).nonzero()[0])
+    unstable[[first_repeat, first_repeat + 1]] = unstable[[first_repeat + 1, first_repeat]]
+    for bad in ((sorted_rows, unstable), (sorted_rows.flip(0), perm), (sorted_rows[:-1], perm[:-1])):
+        with pytest.raises(RuntimeError, match="sorted_rows"):
+            ops.bag_backward_adam_(
+                *fused, idx, w, grad_out, False, hist, target, *betas, eps, horizon, seed, 1.0, *bad
+            )
+
+
+def test_deferred_update_on_torch_fallback(cpu_lookup_torch_path):
+    """Without the C++ kernels the backward hands over coalesced rows; deferred, they wait for the step:
+    two reads per step, clip scale < 1, equal to the unfused step on the clipped `.grad`."""
+    a, loss_a, norm_a, _ = _train("deferred", 2, 1, 0.05, steps=5, keep_rows=0.0)  # rows: all it gets
+    b, loss_b, norm_b, _ = _train("unfused", 2, 1, 0.05, steps=5)
+    assert loss_a == loss_b and norm_a == norm_b
+    assert torch.equal(a.pool.values, b.pool.values)
+
+
+@pytest.mark.requires_native
+def test_deferred_gradient_is_dropped_by_zero_grad_and_scaled_twice_like_grad():
+    v = torch.nn.Parameter(torch.randn(10, 4))
+    v_ref = torch.nn.Parameter(v.detach().clone())
+    opt = RowSparseAdam([v], fused=True, deferred=True)
+    ref = RowSparseAdam([v_ref])
+    idx, w = torch.tensor([[1, 2], [2, 7]]), torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    lookup(v, idx, w, sparse=True, impl="cpu").pow(2).sum().backward()
+    assert v.grad is None and opt.has_deferred_grad(v)
+    opt.zero_grad()
+    assert not opt.has_deferred_grad(v)
+    opt.step()  # nothing to do: no step counted
+    assert not opt.state.get(v)
+    for p in (v, v_ref):
+        lookup(p, idx, w, sparse=True, impl="cpu").pow(2).sum().backward()
+    torch.testing.assert_close(
+        opt.deferred_grad_sq_norm(v), v_ref.grad.coalesce().values().double().pow(2).sum()
+    )
+    for scale in (0.5, 0.3):  # two coefficients: rounded twice, as two .grad.mul_ would
+        opt.scale_deferred_grad(v, scale)
+        v_ref.grad.mul_(scale)
+    # the norm of the scaled gradient: float64 arithmetic on the measured one (no float32 rounding)
+    scaled_sq = v_ref.grad.coalesce().values().double().pow(2).sum()
+    torch.testing.assert_close(opt.deferred_grad_sq_norm(v), scaled_sq, rtol=1e-6, atol=0)
+    opt.step()
+    ref.step()
+    assert torch.equal(v.detach(), v_ref.detach())
+    with pytest.raises(ValueError, match="needs fused=True"):
+        RowSparseAdam([v], deferred=True)
