@@ -1,6 +1,6 @@
 """Dense training throughput: our Transformer vs transformers' LlamaForCausalLM, same shapes.
 
-    python -m benchmarks dense_vs_transformers [--config configs/quickstart.yaml] [--steps 5] [--warmup 3]
+    python -m benchmarks dense_vs_transformers [--config configs/quickstart_dense.yaml] [--steps 5] [--warmup 3]
 
 Both models are built from one config (the HF one through the exporter's `hf_config`, so every
 shape, the RoPE base, the norm epsilon and the tied embeddings agree; the parameter counts are
@@ -115,7 +115,7 @@ def run_arm(config: str, impl: str, mode: str, dtype: str, steps: int, warmup: i
 
 def main(argv: list[str] | None = None) -> None:
     ap = parser(__doc__)
-    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--config", default="configs/quickstart_dense.yaml")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--value-dtype", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args(argv)
-    base = "configs/quickstart.yaml"
+    base = "configs/quickstart_dense.yaml"
     if args.quick:  # the tiny model, a 16^2-value memory, one optimizer, one step
         base, args.n_keys, args.steps, args.warmup, args.optimizers = (
             "configs/tiny.yaml",

@@ -14,7 +14,7 @@ from benchmarks.harness import machine, md_table, measure_in_subprocess, parser,
 
 MODELS = {
     "tiny": ("configs/tiny.yaml", []),
-    "20M": ("configs/quickstart.yaml", []),
+    "20M": ("configs/quickstart_dense.yaml", []),
 }
 
 
