@@ -48,7 +48,7 @@ class QuickstartArgs:
     # auto: bf16 where a bf16 matrix unit (AMX-BF16, CUDA) exists and the model is wide enough to use it
     dtype: str = "auto"
     steps: int | None = None  # training steps per run (None: the configs', 600)
-    # train the two arms at once, each on half the cores (faster on 2 cores than one after the other)
+    # train the two arms at once, each on half the cores (false: one after the other, each on all cores)
     parallel: bool = True
     n_entities: int = 100  # invented people in the fact corpus (5 facts each)
     sample_tokens: int = 24  # tokens of each model's printed sample (0: none)

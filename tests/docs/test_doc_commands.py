@@ -225,6 +225,7 @@ SCHEMAS = {
     "launch.convert to-hf": "ToHFArgs",
     "launch.convert from-hf": "FromHFArgs",
     "launch.report": "ReportArgs",
+    "launch.quickstart": "QuickstartArgs",
 }
 EXTRA_KEYS = {  # arguments a command takes besides its schema's keys
     "launch.train": {"config", "print_config"},

@@ -29,6 +29,7 @@ ENTRY_POINTS = [
     "launch.plan",  # added on another branch: checked when present
     "launch.tokenize",
     "launch.report",
+    "launch.quickstart",
 ]
 
 
