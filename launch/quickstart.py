@@ -60,9 +60,7 @@ def choose_dtype(requested: str) -> tuple[str, str]:
         return requested, "dtype= given"
     if requested != "auto":
         raise ConfigError(f"dtype={requested} is not one of auto, fp32, bf16")
-    from launch.config import config_from_file
-
-    dtype, why = auto_dtype(config_from_file(CONFIGS / "dense.yaml").model.dim)
+    dtype, why = auto_dtype(load_config([f"config={CONFIGS / 'dense.yaml'}"]).model.dim)
     return dtype, f"auto: {why}"
 
 

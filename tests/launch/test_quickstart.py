@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.quickstart import ARMS, ROWS, TASK, verdict
+from launch.quickstart import ARMS, ROWS, TASK, choose_dtype, verdict
 from launch.report.runs import read_records
 from launch.runtime.hardware import BF16_MIN_DIM, auto_dtype
 from tests.conftest import run_module
@@ -119,3 +119,9 @@ def test_verdict_counts_seeds_and_never_claims_a_tie():
     )
     one = verdict(_rows([(0.5, 50.0)], [(0.1, 60.0)]))
     assert one.startswith("Memory+ is ahead on fact recall in 0 of 1 seed(s)") and "one seed" in one
+
+
+def test_choose_dtype_reads_the_quickstart_models_width():
+    dtype, why = choose_dtype("auto")
+    assert dtype == "fp32" and why.startswith("auto: ")  # width 64: fp32 with or without a matrix unit
+    assert choose_dtype("bf16") == ("bf16", "dtype= given")
