@@ -30,7 +30,7 @@ from launch.train.metrics import read_metrics
 
 from ..conftest import TINY, run_module  # noqa: TID252
 from ._reliability import cli_error
-from .test_checkpointer import WORKER, Tiny, _Exploit, resign, save, trained
+from .test_checkpointer import WORKER, Tiny, _Exploit, damage_checkpoint, resign, save, trained
 
 
 @pytest.fixture
@@ -114,20 +114,7 @@ def test_damaged_newest_falls_back_with_one_line(tmp_path, mem, damage, capsys):
     older = save(ck, 1, model, opts, tmp_path)
     newest = save(ck, 2, model, opts, tmp_path)
     before = snapshot(older)
-    target = {
-        "truncate_shard": newest / "state" / "__0_0.distcp",
-        "flip_byte": newest / "state" / "__0_0.distcp",
-        "delete_metadata": newest / "state" / ".metadata",
-        "truncate_state": newest / "trainer_state.json",
-    }[damage]
-    if damage == "flip_byte":
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0x40
-        target.write_bytes(bytes(data))
-    elif damage == "delete_metadata":
-        target.unlink()
-    else:
-        target.write_bytes(target.read_bytes()[:7])
+    target = damage_checkpoint(newest, damage)
     capsys.readouterr()
     assert ck.latest_intact() == older
     err = capsys.readouterr().err.strip().splitlines()

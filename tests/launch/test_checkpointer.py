@@ -140,20 +140,7 @@ def test_damaged_latest_falls_back_to_intact_with_one_line(tmp_path, damage, cap
     save(ck, 1, model, opts, tmp_path)
     newest = save(ck, 2, model, opts, tmp_path)
     older = snapshot(tmp_path / "checkpoints" / "step_1")
-    target = {
-        "truncate_shard": newest / "state" / "__0_0.distcp",
-        "flip_byte": newest / "state" / "__0_0.distcp",
-        "delete_metadata": newest / "state" / ".metadata",
-        "truncate_state": newest / "trainer_state.json",
-    }[damage]
-    if damage == "flip_byte":
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0x40
-        target.write_bytes(bytes(data))
-    elif damage == "delete_metadata":
-        target.unlink()
-    else:
-        target.write_bytes(target.read_bytes()[:7])
+    target = damage_checkpoint(newest, damage)
     assert ck.latest_intact() == tmp_path / "checkpoints" / "step_1"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "warning" in err[0] and target.name in err[0] and "step_1" in err[0]
@@ -399,3 +386,23 @@ def test_readers_check_the_manifest_before_trusting_the_config(tiny_checkpoint, 
     cfg.write_text(cfg.read_text() + "grow:\n  spec: {strategy: [not, a, spec]}\n")
     with pytest.raises(UserError, match=r"config\.yaml: \d+ bytes, expected"):
         load_checkpoint(ckpt)
+
+
+def damage_checkpoint(ckpt, damage: str):
+    """One kind of damage to checkpoint `ckpt` (a local Path or a storage path): a truncated or
+    bit-flipped shard, no DCP metadata, or a torn trainer_state.json. Returns the damaged file."""
+    target = {
+        "truncate_shard": ckpt / "state" / "__0_0.distcp",
+        "flip_byte": ckpt / "state" / "__0_0.distcp",
+        "delete_metadata": ckpt / "state" / ".metadata",
+        "truncate_state": ckpt / "trainer_state.json",
+    }[damage]
+    if damage == "flip_byte":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        target.write_bytes(bytes(data))
+    elif damage == "delete_metadata":
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[:7])
+    return target

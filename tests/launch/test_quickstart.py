@@ -18,16 +18,13 @@ from tests.conftest import run_module
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("qs") / "quickstart"
-    proc = run_module(
-        "launch.quickstart",
-        f"out={out}",
-        "steps=6",
-        "n_entities=8",
-        "sample_tokens=6",
-        "dtype=fp32",
-        timeout=900,
-    )
-    return out, proc.stdout
+    return out, run_quickstart(out).stdout
+
+
+def run_quickstart(out: Path):
+    """A 6-step quickstart into `out` (8 people; fp32, so the result does not depend on the CPU)."""
+    args = ("steps=6", "n_entities=8", "sample_tokens=6", "dtype=fp32")
+    return run_module("launch.quickstart", f"out={out}", *args, timeout=900)
 
 
 def _table(text: str) -> dict[str, list[str]]:
@@ -75,15 +72,7 @@ def test_quickstart_trains_both_arms_and_prints_their_own_numbers(quickstart):
 def test_quickstart_rerun_reuses_finished_runs(quickstart):
     out, first = quickstart
     before = {p: p.read_bytes() for p in (out / "runs").glob("*/metrics.jsonl")}
-    proc = run_module(
-        "launch.quickstart",
-        f"out={out}",
-        "steps=6",
-        "n_entities=8",
-        "sample_tokens=6",
-        "dtype=fp32",
-        timeout=600,
-    )
+    proc = run_quickstart(out)
     assert "already finished at step 6" in proc.stdout
     assert {p: p.read_bytes() for p in before} == before  # no step trained or logged twice
     assert (out / "table.md").read_text().strip() in proc.stdout
