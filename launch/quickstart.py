@@ -134,11 +134,14 @@ def train_command(
     return [sys.executable, "-m", "launch.train", f"config={CONFIGS / f'{arm}.yaml'}", *overrides]
 
 
+def first_person(facts: Path) -> dict[str, str]:
+    return json.loads((facts / "facts.jsonl").read_text().splitlines()[0])
+
+
 def sample_prompt(facts: Path) -> str:
     """The start of a biography of the corpus' first person: a continuation that names the right
-    city shows a fact recalled."""
-    first = json.loads((facts / "facts.jsonl").read_text().splitlines()[0])
-    return f"{first['name']} was born in the city of"
+    city (printed beside the samples) shows a fact recalled."""
+    return f"{first_person(facts)['name']} was born in the city of"
 
 
 def eval_command(run_dir: Path, facts: Path, sample_tokens: int) -> list[str]:
@@ -176,7 +179,7 @@ def _cell(values: list[float], fmt: str) -> str:
     if not values:
         return "-"
     mean, std = mean_std(values)
-    return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(values) > 1 else "")
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if len(values) > 1 and std else "")
 
 
 def by_arm(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -216,7 +219,7 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + caveat if parts else "no comparison: a run has no results"
 
 
-def samples(rows: list[dict[str, Any]], runs: Path) -> list[str]:
+def samples(rows: list[dict[str, Any]], runs: Path, facts: Path) -> list[str]:
     """The first seed's sample of each arm, with the prompt and decoding settings it was made with."""
     out = []
     for arm, label in ARMS.items():
@@ -228,7 +231,10 @@ def samples(rows: list[dict[str, Any]], runs: Path) -> list[str]:
         if text := results.get("sample"):
             settings = EvalConfig(**{k: v for k, v in results["eval"].items() if k in EVAL_KEYS})
             if not out:
-                out.append(f"samples ({sample_settings(settings)}), prompt {settings.sample_prompt!r}:")
+                truth = first_person(facts)["birth_city"]
+                out.append(
+                    f"samples ({sample_settings(settings)}), prompt {settings.sample_prompt!r} (true city: {truth}):"
+                )
             out.append(f"  {label:>10}: {' '.join(text.split())}")
     return out
 
@@ -265,7 +271,7 @@ def main(argv: list[str]) -> int:
         "",
         verdict(rows),
         f"dtype {dtype} ({why}); fact recall: exact match on {facts / 'qa_seen.jsonl'}",
-        *samples(rows, runs),
+        *samples(rows, runs, facts),
         f"report, loss curves and slot reads: {report}",
     ]
     (out / "table.md").write_text(text + "\n")

