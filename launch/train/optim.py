@@ -72,6 +72,8 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
                 rounding=mem.value_rounding,
                 rounding_seed=cfg.run.seed,
             )
+            # Its moments (twice the table) now, not inside the first timed step (a resume loads into them).
+            value_opt.init_state()
             # Rows nobody read are behind until flushed: every state_dict of a pool (checkpoint,
             # export) catches them up first, so saved values are dense AdamW's.
             for m in model.modules():

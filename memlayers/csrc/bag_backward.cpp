@@ -96,7 +96,8 @@ struct RowSegments {
 
 // `order`: (sorted rows, permutation) of an earlier stable sort of these indices (a deferred update's
 // norm pass hands its sort to the step), checked against the indices; otherwise sorted here.
-RowSegments segment_rows(const Tensor& indices, const std::optional<std::pair<Tensor, Tensor>>& order = std::nullopt) {
+RowSegments segment_rows(const Tensor& indices,
+                         const std::optional<std::pair<Tensor, Tensor>>& order = std::nullopt) {
   RowSegments s;
   Tensor flat = indices.reshape({-1});
   if (order) {
@@ -138,8 +139,8 @@ enum class RowsOut {
 // The value gradient (plus grad_weights when needed) in one pass over the UNIQUE rows: every value
 // row is read once, its dot products with the bag gradients give grad_weights, and its summed
 // gradient either goes to `grad_rows` (kGradRows), straight into the AdamW step of that row (kAdam:
-// no gradient row is written or read back), or into `row_sq[u]`, its squared norm (kSqNorm: no value
-// row is read either). Fused, a row not yet caught up to step target-1 is first caught up as a read
+// no gradient row is written or read back), or into `row_sq[u]`, its squared norm (kSqNorm; the value
+// row is read only for grad_weights). Fused, a row not yet caught up to step target-1 is first caught up as a read
 // would (and rounded to the storage dtype as that write would), the gradient is rounded to the table's
 // dtype as the unfused gradient tensor is, multiplied by `grad_scale` and rounded again when that is
 // not 1 (the unfused gradient's in-place clip, `grad.mul_(scale)`), and the row's state is stored once.
@@ -326,14 +327,15 @@ std::tuple<Tensor, Tensor, Tensor> bag_backward(const Tensor& values, const Tens
   // Dense: rows never touched must read zero; sparse: every row is written.
   Tensor grad_rows = dense ? zeros_large(values.sizes(), values.options()) : empty_large({U, D}, values.options());
   Tensor* none = nullptr;
+  constexpr RowsOut kRows = RowsOut::kGradRows;
   if (st == at::kFloat)
-    rows_backward_kernel<float, RowsOut::kGradRows>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows, gw,
+    rows_backward_kernel<float, kRows>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows, gw,
                                        none, none, none, nullptr, 0);
   else if (st == at::kBFloat16)
-    rows_backward_kernel<c10::BFloat16, RowsOut::kGradRows>(values, weights, grad_out, K, seg, need_weights_grad, dense,
+    rows_backward_kernel<c10::BFloat16, kRows>(values, weights, grad_out, K, seg, need_weights_grad, dense,
                                                grad_rows, gw, none, none, none, nullptr, 0);
   else
-    rows_backward_kernel<c10::Half, RowsOut::kGradRows>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows,
+    rows_backward_kernel<c10::Half, kRows>(values, weights, grad_out, K, seg, need_weights_grad, dense, grad_rows,
                                            gw, none, none, none, nullptr, 0);
   return {rows, grad_rows, gw};
 }
@@ -354,7 +356,8 @@ Tensor bag_backward_adam_(Tensor param, Tensor exp_avg, Tensor exp_avg_sq, Tenso
   TORCH_CHECK(target >= 1, "target step must be >= 1");
   const int64_t B = indices.size(0), K = indices.size(1);
   Tensor gw = need_weights_grad ? at::empty({B, K}, weights.options()) : at::empty({0}, weights.options());
-  RowSegments seg = sorted_rows ? segment_rows(indices, std::make_pair(*sorted_rows, *perm)) : segment_rows(indices);
+  RowSegments seg =
+      sorted_rows ? segment_rows(indices, std::make_pair(*sorted_rows, *perm)) : segment_rows(indices);
   const AdamArgs a = make_adam_args(hist, beta1, beta2, eps, horizon, rounding_seed);
   Tensor none;
   switch (param.scalar_type()) {
@@ -396,8 +399,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bag_grad_sq_norm(
   RowSegments seg = segment_rows(indices);
   const int64_t U = seg.unique();
   std::vector<double> row_sq(static_cast<size_t>(U));
-  const bool write_rows =
-      U > 0 && rows_at_reads_per_row >= 0 && static_cast<double>(B * K) >= rows_at_reads_per_row * static_cast<double>(U);
+  const bool write_rows = U > 0 && rows_at_reads_per_row >= 0 &&
+                          static_cast<double>(B * K) >= rows_at_reads_per_row * static_cast<double>(U);
   Tensor rows = at::empty({write_rows ? U : 0}, indices.options());
   if (write_rows) {
     int64_t* R = rows.mutable_data_ptr<int64_t>();
@@ -407,24 +410,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bag_grad_sq_norm(
   Tensor grad_rows = write_rows ? empty_large({U, D}, values.options()) : at::empty({0, D}, values.options());
   Tensor gw = need_gw ? at::empty({B, K}, weights.options()) : at::empty({0}, weights.options());
   Tensor* no_state = nullptr;
+  constexpr RowsOut kNorm = RowsOut::kSqNorm;
   switch (values.scalar_type()) {
     case at::kFloat:
-      rows_backward_kernel<float, RowsOut::kSqNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows, gw,
-                                                    no_state, no_state, no_state, nullptr, 0, 1.f, row_sq.data());
+      rows_backward_kernel<float, kNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows, gw, no_state,
+                                         no_state, no_state, nullptr, 0, 1.f, row_sq.data());
       break;
     case at::kBFloat16:
-      rows_backward_kernel<c10::BFloat16, RowsOut::kSqNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows,
-                                                            gw, no_state, no_state, no_state, nullptr, 0, 1.f,
-                                                            row_sq.data());
+      rows_backward_kernel<c10::BFloat16, kNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows, gw,
+                                                 no_state, no_state, no_state, nullptr, 0, 1.f, row_sq.data());
       break;
     default:
-      rows_backward_kernel<c10::Half, RowsOut::kSqNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows, gw,
-                                                        no_state, no_state, no_state, nullptr, 0, 1.f,
-                                                        row_sq.data());
+      rows_backward_kernel<c10::Half, kNorm>(values, weights, grad_out, K, seg, need_gw, false, grad_rows, gw,
+                                             no_state, no_state, no_state, nullptr, 0, 1.f, row_sq.data());
   }
   double total = 0.0;
   for (double x : row_sq) total += x;
-  return {at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)), gw, seg.sorted_rows, seg.perm, rows, grad_rows};
+  Tensor sq_norm = at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+  return {sq_norm, gw, seg.sorted_rows, seg.perm, rows, grad_rows};
 }
 
 }  // namespace

@@ -167,6 +167,8 @@ def test_defaults_take_the_deferred_fused_path():
     model = build_model(cfg)
     opts = build_optimizers(model, cfg)
     values = model.memory_pools[0].values
+    state = opts[-1].state[values]  # allocated with the optimizer, not in the first step
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == values.shape and int(state["step"]) == 0
     model(torch.randint(0, 64, (2, 16))).float().pow(2).mean().backward()
     assert values.grad is None and opts[-1].has_deferred_grad(values)
     layout = MemoryShardLayout(model)
