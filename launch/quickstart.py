@@ -258,7 +258,7 @@ def main(argv: list[str]) -> int:
             for arm in ARMS
         }
         run_together(jobs, out / "logs", args.parallel)
-    evals = {f"eval {n}": eval_command(runs / n, facts, args.sample_tokens) for n in names}
+    evals = {f"eval_{n}": eval_command(runs / n, facts, args.sample_tokens) for n in names}
     run_together(evals, out / "logs", args.parallel)
     report = write_report(
         [runs / n for n in names], out / "report", title="quickstart: dense twin vs Memory+"
