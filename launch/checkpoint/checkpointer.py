@@ -60,7 +60,7 @@ from launch.checkpoint.read import (
 )
 from launch.checkpoint.state import StateAdapter, alias_map, canonical_name, flat_state, nonfinite_entry
 from launch.checkpoint.storage import CheckpointPath
-from launch.runtime.errors import TrainingError, UserError, ignore_file_size_signal
+from launch.runtime.errors import TrainingError, UserError, ignore_file_size_signal, peer_gone
 from launch.runtime.faults import fault
 
 
@@ -222,8 +222,11 @@ class Checkpointer:
 
     def _fail_write(self, e: BaseException, final: CheckpointPath, tmp: CheckpointPath) -> None:
         """A DCP write that raised: a write error (a full disk, EFBIG, whichever rank) becomes one line
-        naming the path and errno; anything else keeps its traceback. The temp directory goes either way."""
-        if not is_write_error(e):
+        naming the path and errno; anything else keeps its traceback. The temp directory goes either way.
+        A lost peer is raised at once, with no collective to agree on the failure: the ranks still in
+        DCP's collectives would wait for this one there, and this one for them in the new collective
+        (measured: a rank SIGKILLed during a save hung its three peers until the collective timeout)."""
+        if not is_write_error(e) or peer_gone(e):
             if coll.rank() == 0:
                 _remove_quietly(tmp)
             raise e

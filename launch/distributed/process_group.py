@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launch.runtime.errors import UserError
+from launch.distributed import roll_call
+from launch.runtime.errors import UserError, peer_gone
 
 
 @dataclass
@@ -59,6 +60,7 @@ def init_distributed(
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or 1800))
+        roll_call.start(rank, world)  # so that a survivor of a lost rank can name it (beyond two ranks)
     if rank == 0 and (warning := shared_store_warning()):
         print(warning, file=sys.stderr, flush=True)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
@@ -93,42 +95,34 @@ def destroy(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
-# What gloo and NCCL say when the process at the other end of a collective is gone (killed, OOM,
-# its node lost). Matched on the message: torch raises a plain RuntimeError for most of them.
-_PEER_GONE = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "broken pipe",
-    "connection refused",
-    "remote process exited",
-    "ncclremoteerror",
-    "socket timeout",
-)
 PEER_LOST_EXIT = 3  # not 2 (bad input) and not 1 (a bug): the run is intact, re-run to resume it
 
 
-def lost_peer_message(exc: BaseException, rank: int, world: int) -> str | None:
-    """One line for a collective that failed because another rank died, else None. The dead rank
-    is named when it is knowable: with two ranks it is the other one; gloo names only an address."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = str(e).lower()
-        if isinstance(e, RuntimeError) and any(m in text for m in _PEER_GONE):
-            who = f"rank {1 - rank}" if world == 2 else "a peer rank"
-            then = (
-                "torchrun restarts the workers while it has restarts left (--max-restarts), resuming"
-                if _torchrun_restarts() > 0
-                else "Re-run the same command to resume"
-            )
-            return (
-                f"rank {rank}: {who} was lost (its process died or its node went away) during a collective; "
-                f"this rank stops too. {then} from the last checkpoint "
-                f"(look for the first failure in the lost rank's log)"
-            )
-        e = e.__cause__ or e.__context__
-    return None
+def lost_peer_message(rank: int, world: int, missing: list[int] | None) -> str:
+    """One line for a survivor of a lost rank. `missing`: the ranks that did not answer the roll call
+    (launch.distributed.roll_call; None when none was held). With two ranks the lost one is the other;
+    beyond that, the roll call names it."""
+    gone = "its process died or its node went away"
+    if world == 2:
+        who = f"rank {1 - rank} was lost ({gone})"
+    elif missing:
+        names = ", ".join(str(r) for r in missing)
+        plural = len(missing) > 1
+        who = f"rank{'s' if plural else ''} {names} {'were' if plural else 'was'} lost ({gone}: no answer to a roll call)"
+    elif missing is None:  # no roll call was started
+        who = f"a peer rank was lost ({gone})"
+    else:  # every peer answered: one closed its connection, yet every process still runs
+        who = "a peer rank dropped its connection (every rank still answers a roll call)"
+    then = (
+        "torchrun restarts the workers while it has restarts left (--max-restarts), resuming"
+        if _torchrun_restarts() > 0
+        else "Re-run the same command to resume"
+    )
+    return (
+        f"rank {rank}: {who} during a collective; "
+        f"this rank stops too. {then} from the last checkpoint "
+        f"(look for the first failure in the lost rank's log)"
+    )
 
 
 def _torchrun_restarts() -> int:
@@ -162,10 +156,14 @@ def run_torchrun_cli(main) -> None:
             threading.Event().wait()  # the watchdog thread prints its line and ends the process
         # A dead peer surfaces in whichever collective came next, as a gloo/NCCL traceback on
         # every survivor: say it in one line instead (LAUNCH_TRACEBACK=1 keeps the traceback).
-        message = lost_peer_message(e, int(os.environ.get("RANK", "0")), world) if world > 1 else None
-        if message is None or os.environ.get("LAUNCH_TRACEBACK"):
+        if world <= 1 or not peer_gone(e) or os.environ.get("LAUNCH_TRACEBACK"):
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        missing = roll_call.missing_ranks() if world > 2 else None
+        print(
+            f"error: {lost_peer_message(int(os.environ.get('RANK', '0')), world, missing)}",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         os._exit(PEER_LOST_EXIT)  # no teardown: torch's threads may still wait on the dead peer
 

@@ -27,7 +27,7 @@ from launch.eval.suite import (
     write_results,
 )
 from launch.eval.tasks import parse_task_specs
-from launch.runtime.errors import ConfigError, run_cli
+from launch.runtime.errors import ConfigError
 from launch.runtime.outputs import check_output_dir, output_dir
 
 COMMAND = (
@@ -98,11 +98,15 @@ def main(argv: list[str]) -> int:
                 with output_dir(args.out, command=COMMAND, overwrite=args.overwrite, sources=sources) as tmp:
                     name = write_results(tmp, results, header, text).name
                 print(f"wrote {Path(args.out) / name}", flush=True)
-    finally:
-        destroy()
+    except BaseException:
+        destroy(barrier=False)  # a failed rank's peers may be gone: no barrier to hang on or re-fail in
+        raise
+    destroy()
     return 0
 
 
 if __name__ == "__main__":
+    from launch.distributed.process_group import run_torchrun_cli
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_cli(main)
+    run_torchrun_cli(main)  # under torchrun: a lost peer is one line (exit 3), not a gloo traceback

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from launch.data.tokenizer import Tokenizer
+from launch.runtime.faults import fault_point
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -105,7 +106,8 @@ def loglikelihoods(
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for n, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+        fault_point(n)  # LAUNCH_FAULT's kill/sigterm/stall at a batch: the failure tests' hook
         width = len(inputs[batch[0]])
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         targets = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not scored

@@ -29,24 +29,53 @@ class TrainingError(UserError):
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
+def causes(e: BaseException):
+    """`e`, then what is behind it: torch.distributed.checkpoint's CheckpointException (a BaseException
+    collecting every rank's failure, each wrapped) and the cause/context chain, depth first."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        inner = []
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for f in failures.values():
+                # DCP wraps each rank's failure as (exception, traceback summary); older versions as an object.
+                x = f[0] if isinstance(f, tuple) and f else getattr(f, "exception", f)
+                if isinstance(x, BaseException):
+                    inner.append(x)
+        inner.append(e.__cause__ or e.__context__)
+        todo.extend(reversed(inner))
+
+
 def root_cause(e: BaseException) -> BaseException:
-    """The first OSError behind `e`: inside torch.distributed.checkpoint's CheckpointException (a
-    BaseException collecting every rank's failure, each wrapped) or along the cause/context chain."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict):
-        for f in failures.values():
-            # DCP wraps each rank's failure as (exception, traceback summary); older versions as an object.
-            inner = f[0] if isinstance(f, tuple) and f else getattr(f, "exception", f)
-            if isinstance(inner, BaseException):
-                cause = root_cause(inner)
-                if isinstance(cause, OSError):
-                    return cause
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return e
+    """The first OSError behind `e` (see `causes`), else `e`."""
+    return next((c for c in causes(e) if isinstance(c, OSError)), e)
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone (killed, OOM,
+# its node lost). Matched on the message: torch raises a plain RuntimeError for most of them.
+_PEER_GONE = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "connection refused",
+    "remote process exited",
+    "ncclremoteerror",
+    "socket timeout",
+)
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a collective failing because the rank at the other end
+    is gone (also inside DCP's CheckpointException, which collects every rank's failure)."""
+    return any(
+        isinstance(c, RuntimeError) and any(m in str(c).lower() for m in _PEER_GONE) for c in causes(exc)
+    )
 
 
 def describe_os_error(e: OSError) -> str:

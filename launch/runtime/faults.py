@@ -5,7 +5,8 @@ Set LAUNCH_FAULT=NAME:STEP (e.g. `kill:3`, `sigterm:4`, `sigusr1:4`, `stall:5`, 
 the others wait for it in the step's collectives). `slow:SECONDS` is no fault but a pace: every step
 starts SECONDS late (`slow:0.1`), so a test can act on a run mid-way. The trainer installs
 `FaultInjection` as a step hook only when it is set (`step_hooks`), so normal runs carry nothing of
-it; the checkpoint writer asks `fault("crash_in_save", step)` itself.
+it; the checkpoint writer asks `fault("crash_in_save", step)` itself, and launch.eval's scoring calls
+`fault_point(batch)`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ class FaultInjection:
     def after_loss(self, loss, step: int):
         """On the step's reduced loss: `nan` poisons it."""
         return loss * float("nan") if fault("nan", step) else loss
+
+
+def fault_point(step: int) -> None:
+    """A fault point outside the trainer's loop, counted in its own units (launch.eval: the scoring
+    batches): the LAUNCH_FAULT kill/sigterm/stall named for `step`. Nothing when LAUNCH_FAULT is unset."""
+    if os.environ.get("LAUNCH_FAULT"):
+        FaultInjection().before_step(step)
 
 
 def step_hooks() -> list[FaultInjection]:

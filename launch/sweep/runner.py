@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from launch.checkpoint.paths import list_checkpoints
 from launch.report.runs import EVAL  # RUN/eval: launch.eval's results.json
 from launch.runtime.errors import UserError
+from launch.runtime.processes import child_pids
 from launch.sweep.spec import Run, Sweep, override_args, run_config
 
 GROWN = "grown"  # RUN/grown: the grown checkpoint a grow run starts from
@@ -242,19 +243,6 @@ def _ignore_submitit_signal() -> None:
     torchrun and the workers mid-step. Only submitit's handler in the job process acts on it
     (SlurmJob.checkpoint); the trainer installs its own handlers for its checkpoint signals."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (/proc): torchrun's workers, each in a session of its own."""
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return kids
 
 
 def multinode_torchrun(nodes: int, nproc_per_node: int, env) -> list[str]:

@@ -193,11 +193,13 @@ def parse(text: str) -> Command:
         tokens = tokens[3:] if len(tokens) > 2 and tokens[1] == "-n" else tokens[1:]
     program = tokens[0]
     rest = tokens[1:]
+    if (program.endswith("python") or program.endswith("python3")) and rest[:2] == ["-m", "launch.torchrun"]:
+        program, rest = "launch.torchrun", rest[2:]  # torchrun's options, then -m MODULE (below)
     if program.endswith("python") or program.endswith("python3"):
         if rest and rest[0] == "-m":
             return Command(env, "python", rest[1], None, rest[2:])
         return Command(env, "python", None, rest[0] if rest else None, rest[1:])
-    if program == "torchrun":
+    if program in ("torchrun", "launch.torchrun"):
         nproc, multinode = 1, False
         while rest and rest[0] != "-m":
             opt = rest.pop(0)
@@ -205,7 +207,7 @@ def parse(text: str) -> Command:
                 nproc = int(opt.split("=", 1)[1])
             if opt.startswith(("--nnodes", "--node_rank", "--rdzv")):
                 multinode = True
-        return Command(env, "torchrun", rest[1], None, rest[2:], nproc, multinode)
+        return Command(env, program, rest[1], None, rest[2:], nproc, multinode)
     if program == "bash":
         return Command(env, "bash", None, rest[0] if rest else None, rest[1:])
     return Command(env, program, None, None, rest)
@@ -344,11 +346,11 @@ def runnable(block: Block, text: str) -> list[str] | None:
     if not (cmd.module and cmd.module.startswith("launch.")) or cmd.torchrun_multinode:
         return None
     args = [*cmd.args, *block.add.get(cmd.module, [])]
-    if cmd.program == "torchrun" and cmd.nproc > 1:
+    if cmd.program in ("torchrun", "launch.torchrun") and cmd.nproc > 1:
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            "torch.distributed.run" if cmd.program == "torchrun" else "launch.torchrun",
             "--standalone",
             f"--nproc_per_node={cmd.nproc}",
             "-m",
@@ -380,7 +382,7 @@ def test_page_commands_run(page, tmp_path):
             if cmd is None:
                 continue
             env = {**base_env, **parse(text).env, **block.env}
-            if "torch.distributed.run" in cmd:
+            if "torch.distributed.run" in cmd or "launch.torchrun" in cmd:
                 env["OMP_NUM_THREADS"] = "1"
             proc = run_command(cmd, cwd=tmp_path, env=env, timeout=300)
             assert proc.returncode == 0, (

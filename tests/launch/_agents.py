@@ -19,7 +19,7 @@ import torch
 from launch.checkpoint.load import load_checkpoint
 from launch.checkpoint.paths import list_checkpoints
 from launch.checkpoint.read import read_trainer_state
-from launch.sweep.runner import child_pids
+from launch.runtime.processes import child_pids
 from launch.train.metrics import read_metrics
 
 from ..conftest import REPO  # noqa: TID252

@@ -20,7 +20,7 @@ import pytest
 
 from launch.checkpoint.paths import list_checkpoints
 from launch.distributed.process_group import PEER_LOST_EXIT
-from launch.sweep.runner import child_pids
+from launch.runtime.processes import child_pids
 from launch.train.metrics import read_metrics
 
 from ..conftest import REPO, TINY  # noqa: TID252
@@ -46,8 +46,14 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _torchrun(run: Path, *extra: str, flags: tuple[str, ...] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *flags, "--standalone", "--nproc_per_node=2",
+def _torchrun(
+    run: Path,
+    *extra: str,
+    flags: tuple[str, ...] = (),
+    launcher: str = "torch.distributed.run",
+    nproc: int = 2,
+) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", launcher, *flags, "--standalone", f"--nproc_per_node={nproc}",
            "-m", "launch.train", *ARGS, f"run.dir={run}", *extra]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
@@ -63,8 +69,18 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
-def test_lost_rank_is_one_line_on_the_survivor(tmp_path):
-    """Two ranks without torchrun (what a survivor sees when a rank on another node dies)."""
+@pytest.mark.parametrize(
+    ("world", "killed", "named"),
+    [
+        (2, 1, "rank 1 was lost"),  # the other one
+        (4, 2, "rank 2 was lost"),  # named by the roll call (gloo gives only an address)
+        (4, 0, "rank 0 was lost"),  # rank 0 hosted the rendezvous store: the roll call does without it
+    ],
+    ids=["2-ranks", "4-ranks", "store-host"],
+)
+def test_lost_rank_is_one_line_on_each_survivor(tmp_path, world, killed, named):
+    """Ranks started by hand, without torchrun: what the survivors see when a rank on another node
+    dies (torchrun would also stop them on the same node). Each prints one line naming the lost rank."""
     run = tmp_path / "run"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,24 +88,28 @@ def test_lost_rank_is_one_line_on_the_survivor(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "launch.train", *ARGS, "train.steps=2000", f"run.dir={run}"], cwd=REPO,
-            env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                 "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
-        for r in range(2)
+        for r in range(world)
     ]  # fmt: skip
+    errs = {}
     try:
-        _wait_for_checkpoint(run, procs)
-        procs[1].kill()
-        _, err = procs[0].communicate(timeout=120)
+        _wait_for_checkpoint(run, procs, timeout=240)
+        procs[killed].kill()
+        for r, p in enumerate(procs):
+            if r != killed:
+                errs[r] = p.communicate(timeout=120)[1]
     finally:
         for p in procs:
             p.kill()
             p.communicate()
-    assert procs[0].returncode == PEER_LOST_EXIT, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    errors = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and "rank 1 was lost" in errors[0], err[-3000:]
+    for r, err in errs.items():
+        assert procs[r].returncode == PEER_LOST_EXIT, (r, err[-3000:])
+        assert "Traceback" not in err, (r, err[-3000:])
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and f"rank {r}: " in errors[0] and named in errors[0], (r, err[-3000:])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
@@ -120,15 +140,22 @@ def test_kill_9_of_torchrun_leaves_no_orphan_workers(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
 @pytest.mark.parametrize(
-    "flags", [(), ("--signals_to_handle=SIGINT,SIGHUP,SIGQUIT",)], ids=["forwarded", "direct"]
+    ("launcher", "flags"),
+    [
+        ("torch.distributed.run", ()),
+        ("torch.distributed.run", ("--signals_to_handle=SIGINT,SIGHUP,SIGQUIT",)),
+        ("launch.torchrun", ()),
+    ],
+    ids=["forwarded", "direct", "launch.torchrun"],
 )
-def test_sigterm_to_torchrun_checkpoints_and_resumes_bit_exactly(tmp_path, flags):
-    """torchrun forwards SIGTERM to its workers (and prints its own SignalException traceback, exit 1);
-    with --signals_to_handle without SIGTERM it dies of it at once and the workers, watching their
-    launcher, get SIGTERM from the kernel: no traceback at all. Either way: the workers' checkpoint,
-    one line, and a re-run that resumes bit for bit."""
+def test_sigterm_to_torchrun_checkpoints_and_resumes_bit_exactly(tmp_path, launcher, flags):
+    """Plain torchrun forwards SIGTERM to its workers (and prints its own SignalException traceback,
+    exit 1); with --signals_to_handle without SIGTERM it dies of it at once and the workers, watching
+    their launcher, get SIGTERM from the kernel; `launch.torchrun` passes it on, waits for them with no
+    deadline and ends with their status and one line. Every way: the workers' checkpoint, one line,
+    and a re-run that resumes bit for bit."""
     run, ref = tmp_path / "run", tmp_path / "ref"
-    agent = _torchrun(run, "train.steps=2000", flags=flags)
+    agent = _torchrun(run, "train.steps=2000", flags=flags, launcher=launcher)
     try:
         _wait_for_checkpoint(run, [agent])
         agent.send_signal(signal.SIGTERM)
@@ -139,6 +166,12 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_bit_exactly(tmp_path, flags
     assert not any("Traceback" in line for line in worker_err), err[-3000:]
     stops = [line for line in out.splitlines() if re.match(r"SIGTERM.*: checkpointed step \d+", line)]
     assert len(stops) == 1, out[-2000:]
+    if launcher == "launch.torchrun":
+        assert agent.returncode == 0 and "Traceback" not in err, err[-3000:]
+        said = [line for line in err.splitlines() if line.startswith("launch.torchrun:")]
+        assert len(said) == 1 and said[0].startswith("launch.torchrun: SIGTERM: passed to the workers"), err[
+            -3000:
+        ]
     if flags:
         assert agent.returncode == -signal.SIGTERM and "Traceback" not in err, err[-3000:]
         # their launcher died: "not finished" (75), which other agents of a multi-node job restart on
@@ -152,11 +185,11 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_bit_exactly(tmp_path, flags
     while (not list_checkpoints(run) or list_checkpoints(run)[-1][0] < step) and time.time() < end:
         time.sleep(0.2)
     assert list_checkpoints(run)[-1][0] == step
-    if not flags:
-        return  # the resume is the same either way: check it once
+    if launcher != "launch.torchrun":
+        return  # the resume is the same every way: check it once, the documented way
 
     total = step + 2
-    resumed = _torchrun(run, f"train.steps={total}")
+    resumed = _torchrun(run, f"train.steps={total}", launcher=launcher)
     reference = _torchrun(ref, f"train.steps={total}")
     for p in (resumed, reference):
         _, perr = p.communicate(timeout=300)
