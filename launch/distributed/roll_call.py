@@ -35,14 +35,20 @@ class RollCall:
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
         self.left: set[int] = set()  # peers that said they stop because of a lost rank (not lost themselves)
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((_reachable_address(), 0))
-        self.listener.listen(128)
-        host, port = self.listener.getsockname()
-        threading.Thread(target=self._serve, name="launch-roll-call", daemon=True).start()
+        address = None
+        try:
+            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.bind((_reachable_address(), 0))
+            self.listener.listen(128)
+            address = self.listener.getsockname()
+            threading.Thread(target=self._serve, name="launch-roll-call", daemon=True).start()
+        except OSError:  # no address to listen on: this rank cannot be asked, and is never named
+            pass
+        # Every rank joins the all-gather, with or without an address: one that skipped it would
+        # leave the others waiting in it.
         gathered: list[tuple[str, int] | None] = [None] * world
-        dist.all_gather_object(gathered, (host, port))
-        self.peers: list[tuple[str, int]] = [tuple(a) for a in gathered]  # type: ignore[misc]
+        dist.all_gather_object(gathered, address)
+        self.peers: list[tuple[str, int] | None] = [tuple(a) if a else None for a in gathered]
 
     def _serve(self) -> None:
         while True:
@@ -63,7 +69,7 @@ class RollCall:
         pending: dict[socket.socket, int] = {}
         gone: set[int] = set()
         for r, address in enumerate(self.peers):
-            if r == self.rank:
+            if r == self.rank or address is None:
                 continue
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setblocking(False)
