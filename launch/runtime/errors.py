@@ -102,6 +102,9 @@ def _fail(message: str) -> None:
     print(f"{prefix}: {message}", file=sys.stderr, flush=True)
 
 
+INTERRUPTED_EXIT = 130  # the shell's status for a process ended by SIGINT
+
+
 class CliExit(Exception):
     """Stop an entry point early with `text` on stdout (status 0: --help, print_config) or on
     stderr (status 2: a usage error that is best shown with the usage text)."""
@@ -125,6 +128,19 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
                 flush=True,
             )
         sys.exit(e.code)
+    except KeyboardInterrupt:
+        # Ctrl-C (or torchrun passing on its SIGINT): the user's own stop, not a bug. Atomic writes
+        # leave nothing half-written; a training run resumes from its last checkpoint.
+        if os.environ.get("LAUNCH_TRACEBACK"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "interrupted (SIGINT): stopped; a training run resumes from its last checkpoint when re-run "
+                "(to save one first, send SIGTERM or add SIGINT to train.checkpoint_signals)",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.exit(INTERRUPTED_EXIT)
     except UserError as e:
         _fail(str(e))
         if os.environ.get("LAUNCH_TRACEBACK"):

@@ -131,3 +131,32 @@ def test_a_lost_rank_during_a_distributed_eval_is_one_line(tiny_checkpoint, tmp_
     ]
     survivor = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert len(survivor) == 1 and "rank 0: rank 1 was lost" in survivor[0], done.stderr[-3000:]
+
+
+@linux_only
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [[], ["-m", "launch.torchrun", "--standalone", "--nproc_per_node=2"]],
+                         ids=["one-process", "launch.torchrun"])  # fmt: skip
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, launcher):
+    """SIGINT (a terminal's Ctrl-C reaches torchrun, which passes it on): no KeyboardInterrupt traceback
+    from any rank; rank 0 says it stopped; the last checkpoint stays and a re-run resumes from it."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, *launcher, "-m", "launch.train", f"config={TINY}", "train.steps=5000", "train.ckpt_every=5",
+           "train.val_every=0", "train.final_val_sequences=0", f"run.dir={run}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        end = time.time() + 240
+        while not list_checkpoints(run):
+            assert time.time() < end and proc.poll() is None, "no checkpoint appeared"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("interrupted (SIGINT)")]
+    assert len(said) == 1, err[-3000:]
+    assert list_checkpoints(run)
