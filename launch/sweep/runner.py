@@ -126,22 +126,16 @@ def check_trained_before_eval(sweep: Sweep, run: Run, step: Step) -> None:
         )
 
 
-# torchrun turns a SIGTERM it receives (SLURM's pre-emption, scancel) into a SignalException traceback;
-# left to the default action it exits 143 at once, and each worker, told by the kernel that its launcher
-# died (launch.distributed.process_group.watch_parent), checkpoints and exits. SIGINT and friends keep
-# torchrun's own forwarding.
-TORCHRUN_SIGNALS = "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT"
-
-
 def command(step: Step, nproc: int = 1, torchrun: list[str] | None = None) -> list[str]:
-    """The process to start for `step`: python -m, or torchrun for a distributed train step."""
+    """The process to start for `step`: python -m, or torchrun for a distributed train step, through
+    `launch.torchrun` (a SIGTERM, SLURM's pre-emption or scancel, reaches the workers, which checkpoint;
+    a failed worker is one line in the run's log and the step's status is that rank's)."""
     if step.distributed and (nproc > 1 or torchrun):
         launcher = torchrun or ["--standalone", f"--nproc_per_node={nproc}"]
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
-            TORCHRUN_SIGNALS,
+            "launch.torchrun",
             *launcher,
             "-m",
             step.module,
@@ -304,7 +298,7 @@ class SlurmJob:
             check_trained_before_eval(sweep, run, step)
             cmd = command(step, self.nproc_per_node, torchrun)
             print(f"$ {' '.join(cmd)}", flush=True)
-            self._training, self._torchrun = step.kind == "train", "torch.distributed.run" in cmd
+            self._training, self._torchrun = step.kind == "train", "launch.torchrun" in cmd
             self._child = subprocess.Popen(cmd, preexec_fn=_ignore_submitit_signal)
             code = self._child.wait()
             self._child = None

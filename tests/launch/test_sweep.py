@@ -174,13 +174,7 @@ def test_distributed_train_command_uses_torchrun(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, {"overrides": FAST}))
     step = plan(sweep, sweep.runs[0])[0]
     assert command(step, 1)[1:3] == ["-m", "launch.train"]
-    assert command(step, 4)[1:6] == [
-        "-m",
-        "torch.distributed.run",
-        "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT",  # SIGTERM: torchrun exits 143, workers checkpoint
-        "--standalone",
-        "--nproc_per_node=4",
-    ]
+    assert command(step, 4)[1:5] == ["-m", "launch.torchrun", "--standalone", "--nproc_per_node=4"]
 
 
 # ---------------------------------------------------------------------------------------------
