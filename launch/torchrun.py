@@ -22,8 +22,6 @@ import os
 import signal
 import sys
 
-from launch.distributed.process_group import PEER_LOST_EXIT
-
 # Not torch's: a failed rendezvous (no peers came, a wrong endpoint) is the machine's or the command
 # line's problem, said in one line; 1 is what torchrun exits with too.
 RENDEZVOUS_EXIT = 1
@@ -48,6 +46,8 @@ def failure_line(failures: dict) -> tuple[str, int]:
     to exit with: the cause's. torchrun stamps failures it sees in one pass with the same second, so
     the cause is told by its status: a rank that stopped because a peer was lost (exit 3) or that
     torchrun itself stopped (SIGTERM) is a consequence; the earliest other failure is the cause."""
+
+    from launch.distributed.process_group import PEER_LOST_EXIT
 
     def consequence(rank: int) -> bool:
         return failures[rank].exitcode in (PEER_LOST_EXIT, -signal.SIGTERM)
@@ -84,49 +84,70 @@ class _Terminate:
                 os.kill(pid, signum)
 
 
-def main(argv: list[str]) -> int:
-    import torch.distributed.run as torchrun
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
+AGENT_PID_ENV = "LAUNCH_AGENT_PID"  # read by the workers (launch.distributed.process_group.watch_parent)
 
-    args = torchrun.parse_args(argv)
-    if args.max_restarts > 0:
-        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    # torchrun keeps the other signals (it forwards them and raises); SIGTERM is ours.
-    handled = [s.strip() for s in args.signals_to_handle.split(",") if s.strip() and s.strip() != "SIGTERM"]
-    args.signals_to_handle = ",".join(handled)
+
+def main(argv: list[str]) -> int:
+    # First, before torch is imported (seconds): a signal in that time ends this process in one line.
     terminate = _Terminate()
     signal.signal(signal.SIGTERM, terminate)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # launch/__init__'s start-up setting: ours now
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The workers compare their parent with this: one started just as this process died (a SIGTERM
+    # during their start) finds itself re-parented and stops, rather than train as an orphan.
+    os.environ[AGENT_PID_ENV] = str(os.getpid())
     keep_traceback = bool(os.environ.get("LAUNCH_TRACEBACK"))
     try:
-        torchrun.run(args)
-    except ChildFailedError as e:
-        if keep_traceback:
-            raise
-        line, status = failure_line(e.failures)
-        print(line, file=sys.stderr, flush=True)
-        return status
-    except SignalException as e:
-        if keep_traceback:
-            raise
-        name = signal.Signals(e.sigval).name
-        print(
-            f"launch.torchrun: {name}: passed to the workers and stopped them; re-run the same command to "
-            "resume from the newest checkpoint",
-            file=sys.stderr,
-            flush=True,
-        )
-        return exit_status(-int(e.sigval))
+        import torch.distributed.run as torchrun
+        from torch.distributed.elastic.multiprocessing import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+        args = torchrun.parse_args(argv)
+        if args.max_restarts > 0:
+            os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        # torchrun keeps the other signals (it forwards them and raises); SIGTERM is ours.
+        handled = [
+            s.strip() for s in args.signals_to_handle.split(",") if s.strip() and s.strip() != "SIGTERM"
+        ]
+        args.signals_to_handle = ",".join(handled)
+        try:
+            torchrun.run(args)
+        except ChildFailedError as e:
+            if keep_traceback:
+                raise
+            line, status = failure_line(e.failures)
+            if terminate.received:  # the workers were still starting: nothing of theirs to save
+                line = line.replace(
+                    "launch.torchrun: ", "launch.torchrun: SIGTERM passed to the workers; ", 1
+                )
+            print(line, file=sys.stderr, flush=True)
+            return status
+        except SignalException as e:
+            if keep_traceback:
+                raise
+            name = signal.Signals(e.sigval).name
+            print(
+                f"launch.torchrun: {name}: passed to the workers and stopped them; re-run the same command to "
+                "resume from the newest checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            return exit_status(-int(e.sigval))
+        except RendezvousError as e:
+            if keep_traceback:
+                raise
+            print(f"launch.torchrun: rendezvous failed: {e}", file=sys.stderr, flush=True)
+            return RENDEZVOUS_EXIT
     except SystemExit:
         if terminate.received:
             print("launch.torchrun: SIGTERM before any worker started; nothing to save", file=sys.stderr)
         raise
-    except RendezvousError as e:
+    except KeyboardInterrupt:  # SIGINT before torchrun's own handler (installed with the workers) took over
         if keep_traceback:
             raise
-        print(f"launch.torchrun: rendezvous failed: {e}", file=sys.stderr, flush=True)
-        return RENDEZVOUS_EXIT
+        print("launch.torchrun: SIGINT before any worker started; nothing to save", file=sys.stderr)
+        return exit_status(-signal.SIGINT)
     if terminate.received:
         print(
             "launch.torchrun: SIGTERM: passed to the workers, which stopped cleanly (a trainer "

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from launch.checkpoint.storage import CheckpointPath, fsync_tree, renames, rmtree, sync_tree
-from launch.runtime.errors import UserError, describe_os_error, root_cause
+from launch.runtime.errors import UserError, causes, describe_os_error, root_cause
 
 MARKER = "COMMITTED"  # written last: its presence commits a checkpoint directory
 
@@ -86,9 +86,34 @@ def write_failure(final: Path, e: BaseException) -> UserError:
     if isinstance(cause, OSError):
         what = describe_os_error(cause) if cause.filename else f"{final}: {describe_os_error(cause)}"
     else:
+        # No errno: torch's file writer reports a short write as "unexpected pos N vs M". Say the first
+        # rank's own error (not DCP's "CheckpointException ranks:...") and what the short write meets.
+        cause = next((c for c in causes(e) if type(c).__name__ != "CheckpointException"), cause)
         lines = str(cause).strip().splitlines()
         what = f"{final}: {lines[0] if lines else type(cause).__name__}"
+        if hint := short_write_hint(final):
+            what += f"; {hint}"
     return UserError(f"cannot write checkpoint {final} ({what}); the previous checkpoints are kept")
+
+
+def short_write_hint(path) -> str | None:
+    """What a write that stopped short most likely met, where no errno says it: the file-size limit
+    (`ulimit -f`) or a nearly full filesystem. None when neither applies (or `path` is a URL)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"File too large (EFBIG)? files are limited to {soft:,} bytes here (ulimit -f)"
+    place = Path(str(path))
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:
+        return None
+    if free < 256 * 2**20:
+        return f"No space left on device (ENOSPC)? {free:,} bytes free on its filesystem"
+    return None
 
 
 def is_write_error(e: BaseException) -> bool:

@@ -60,7 +60,7 @@ from launch.checkpoint.read import (
 )
 from launch.checkpoint.state import StateAdapter, alias_map, canonical_name, flat_state, nonfinite_entry
 from launch.checkpoint.storage import CheckpointPath
-from launch.runtime.errors import TrainingError, UserError, ignore_file_size_signal, peer_gone
+from launch.runtime.errors import AgreedError, TrainingError, UserError, ignore_file_size_signal, peer_gone
 from launch.runtime.faults import fault
 
 
@@ -237,7 +237,7 @@ class Checkpointer:
         if errs:
             if coll.rank() == 0:
                 _remove_quietly(tmp)
-            raise UserError(errs[0])
+            raise AgreedError(errs[0])
 
     def _commit(self, tmp: CheckpointPath, final: CheckpointPath, step: int) -> None:
         """Checksums (each rank its own shard files), manifest, marker last, rename (local), prune. Collective."""

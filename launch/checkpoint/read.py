@@ -6,6 +6,7 @@ from a local directory or an fsspec URL (launch.checkpoint.storage)."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from typing import Any
 
@@ -54,6 +55,10 @@ def usability_problem(ckpt: CheckpointPath, expected: dict[str, tuple[int, ...]]
         state = read_trainer_state(ckpt)
         if not isinstance(state.get("step", 0), int):
             return f"{ckpt / TRAINER_STATE}: 'step' is not an integer"
+        named = re.fullmatch(r"step_(\d+)", ckpt.name)
+        if named and "step" in state and state["step"] != int(named.group(1)):
+            # the resume would redo or skip steps against the data order the directory name promises
+            return f"{ckpt / TRAINER_STATE}: says step {state['step']}, in a directory named {ckpt.name}"
         if not is_dcp_checkpoint(ckpt):
             return None  # the legacy format carries no manifest or index to cross-check
         index = ckpt / STATE_DIR / METADATA_FILE

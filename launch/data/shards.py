@@ -268,7 +268,7 @@ class ShardWriter:
         starts = self.tokens + np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
         if first is not None:
             starts = starts[first]
-        starts.astype(np.int64).tofile(self._docs)
+        _write(self._docs, starts.astype(np.int64))
         self.n_docs += len(starts)
         self.counts += np.bincount(tokens, minlength=self.vocab_size)[: self.vocab_size]
         tokens = tokens.astype(self.dtype, copy=False)
@@ -279,7 +279,7 @@ class ShardWriter:
             if take:  # the largest id in each shard: checked against the model's vocabulary on open
                 shard = self.shards[-1]
                 shard["max_id"] = max(shard.get("max_id", -1), int(tokens[:take].max()))
-            tokens[:take].tofile(self._file)
+            _write(self._file, tokens[:take])
             self._in_shard += take
             self.tokens += take
             tokens = tokens[take:]
@@ -287,7 +287,8 @@ class ShardWriter:
     def finish(self, metadata: dict) -> dict:
         self._close_shard()
         self._docs.close()
-        self.counts.tofile(self.directory / COUNTS)
+        with open(self.directory / COUNTS, "wb") as f:
+            _write(f, self.counts)
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -319,3 +320,15 @@ def commit_directory(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _write(f, array: np.ndarray) -> None:
+    """`array`'s bytes to the open file `f`. Not numpy's `tofile`: on a full disk or past `ulimit -f` it
+    raises a bare "N requested and M written" with no errno and no file name, which no caller can tell
+    from a bug; a file's own write raises ENOSPC or EFBIG, which the commands turn into one line."""
+    try:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+    except OSError as e:
+        if e.filename is None:  # a file object's error does not say which file
+            e.filename = getattr(f, "name", None)
+        raise

@@ -59,11 +59,48 @@ def init_distributed(
     if world > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or 1800))
+        join_process_group(backend, rank, world, timeout_s or 1800)
         roll_call.start(rank, world)  # so that a survivor of a lost rank can name it (beyond two ranks)
     if rank == 0 and (warning := shared_store_warning()):
         print(warning, file=sys.stderr, flush=True)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+JOIN_REPORT_S = 30.0  # a rank still waiting for its peers says so after this long, then every minute
+
+
+def join_process_group(backend: str, rank: int, world: int, timeout_s: float) -> None:
+    """`dist.init_process_group` from torchrun's (or a hand-set) environment, saying so while it waits:
+    a rank that was never started, or died starting, leaves the others waiting in silence until the
+    timeout, which is then one line instead of a DistStoreError traceback."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    joined = threading.Event()
+
+    def report() -> None:
+        waited = JOIN_REPORT_S
+        while not joined.wait(JOIN_REPORT_S if waited == JOIN_REPORT_S else 60.0):
+            print(
+                f"rank {rank}: still waiting for the other ranks to join the process group at {where} "
+                f"(WORLD_SIZE={world}, {waited:.0f} s so far; it gives up after {timeout_s:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            waited += 60.0
+
+    threading.Thread(target=report, name="launch-join", daemon=True).start()
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # torch's DistStoreError / DistNetworkError on a timeout
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"the process group of WORLD_SIZE={world} ranks at {where} did not form within "
+            f"{timeout_s:.0f} s ({first}): start every rank 0..{world - 1} with the same MASTER_ADDR and "
+            "MASTER_PORT, or let `python -m launch.torchrun` start them"
+        ) from e
+    finally:
+        joined.set()
 
 
 def shared_store_warning() -> str | None:
@@ -191,6 +228,9 @@ def watch_parent() -> None:
 
     global _LAUNCHER
     parent = os.getppid()
+    # launch.torchrun names itself: a launcher that died before this line ran is told from the parent
+    # this process has now (a sub-reaper, not always pid 1).
+    expected = os.environ.get("LAUNCH_AGENT_PID", "")
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
@@ -198,7 +238,8 @@ def watch_parent() -> None:
     except (OSError, AttributeError):
         return  # no prctl (an unusual libc): nothing to watch with, the old behaviour stays
     _LAUNCHER = parent
-    if os.getppid() != parent or parent == 1:  # the launcher died before prctl took effect
+    if os.getppid() != parent or parent == 1 or (expected.isdigit() and int(expected) != parent):
+        # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -21,11 +21,18 @@ class ConfigError(UserError):
     pass
 
 
+class AgreedError(UserError):
+    """The same error on every rank, agreed in a collective (a checkpoint write that failed on any
+    rank): rank 0 prints it, the others exit with the same status quietly."""
+
+
 class TrainingError(UserError):
     """The run cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
 # The machine, not the code: a full disk or quota, a read-only or forbidden path, `ulimit -f`.
+# tempfile.gettempdir()'s FileNotFoundError when it can write in none of TMPDIR, /tmp, /var/tmp, ...
+_NO_TEMP_DIR = "No usable temporary directory found"
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
@@ -78,6 +85,13 @@ def peer_gone(exc: BaseException) -> bool:
     )
 
 
+def no_temp_dir_message(e: OSError) -> str:
+    return (
+        f"{e.strerror or e}: a full disk, a read-only filesystem or `ulimit -f 0`; free space or point "
+        "TMPDIR at a writable directory, then re-run"
+    )
+
+
 def describe_os_error(e: OSError) -> str:
     """'PATH: No space left on device (ENOSPC)': the file and the errno, by name."""
     name = errno.errorcode.get(e.errno or 0, "")
@@ -96,10 +110,16 @@ def _is_checkpoint_exception(e: BaseException) -> bool:
     return type(e).__name__ == "CheckpointException"  # torch's, without importing torch here
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, every_rank_says_it: bool = False) -> None:
+    """The one line. `every_rank_says_it`: the same error on every rank (agreed in a collective, or a
+    bad command line, which every rank parses alike): only rank 0 prints it. One write, so the lines of
+    several ranks sharing a terminal do not run together."""
     rank = os.environ.get("RANK", "0")
+    if every_rank_says_it and rank != "0":
+        return
     prefix = "error" if rank == "0" else f"error (rank {rank})"
-    print(f"{prefix}: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{prefix}: {message}\n")
+    sys.stderr.flush()
 
 
 INTERRUPTED_EXIT = 130  # the shell's status for a process ended by SIGINT
@@ -117,6 +137,13 @@ class CliExit(Exception):
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ignore_file_size_signal()  # every command: a write past `ulimit -f` is an error, not a kill
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    ):
+        signal.signal(
+            signal.SIGINT, signal.default_int_handler
+        )  # the package's start-up setting (launch/__init__)
     try:
         code = main(argv)
     except CliExit as e:
@@ -142,7 +169,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
             )
         sys.exit(INTERRUPTED_EXIT)
     except UserError as e:
-        _fail(str(e))
+        _fail(str(e), every_rank_says_it=isinstance(e, ConfigError | AgreedError))
         if os.environ.get("LAUNCH_TRACEBACK"):
             raise
         sys.exit(getattr(e, "exit_code", 2))  # 2, or 143 for a SIGTERM turned into a clean stop
@@ -151,12 +178,13 @@ def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = No
             raise
         # torch's CheckpointException wraps the per-rank OSError (a full disk while DCP writes a shard).
         cause = root_cause(e) if isinstance(e, OSError) or _is_checkpoint_exception(e) else e
-        if (
-            not isinstance(cause, OSError)
-            or cause.errno not in RESOURCE_ERRNOS
-            or os.environ.get("LAUNCH_TRACEBACK")
-        ):
+        if os.environ.get("LAUNCH_TRACEBACK") or not isinstance(cause, OSError):
             raise
-        _fail(f"{describe_os_error(cause)} (free space or fix the permissions, then re-run)")
+        if cause.errno in RESOURCE_ERRNOS:
+            _fail(f"{describe_os_error(cause)} (free space or fix the permissions, then re-run)")
+        elif _NO_TEMP_DIR in str(cause):  # tempfile could write in none of its candidates
+            _fail(no_temp_dir_message(cause))
+        else:
+            raise
         sys.exit(2)
     sys.exit(code or 0)

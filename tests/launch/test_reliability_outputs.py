@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -164,6 +165,47 @@ def test_write_failure_inside_dcp_is_one_line_with_errno_and_no_temp_dir(tmp_pat
     assert digest(run / "checkpoints") == before
 
 
+def test_write_failure_while_tokenizing_is_one_line_and_leaves_no_temp_dir(tmp_path):
+    """launch.tokenize (and the trainer's token cache, the same writer) past `ulimit -f`: the shard
+    write's EFBIG, naming the file, exit 2; no `out.tmp-PID` left. numpy's `tofile` said only
+    "N requested and M written", with no errno, and the command printed a traceback."""
+    out = tmp_path / "shards"
+    tok = tmp_path / "tok.model"
+    assert _train(tmp_path / "run", "train.steps=1").returncode == 0
+    shutil.copy(tmp_path / "run" / "tokenizer.model", tok)
+    cmd = [sys.executable, "-m", "launch.tokenize", "data=shakespeare", f"out={out}", f"tokenizer={tok}",
+           "progress=false", "workers=1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=300, preexec_fn=lambda: resource.setrlimit(
+                              resource.RLIMIT_FSIZE, (100_000, 100_000)))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    _one_error_line(proc.stderr, "shard_00000.bin", "File too large (EFBIG)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tok.model"]
+
+
+def test_a_short_write_without_errno_says_what_it_likely_met():
+    """torch's file writer reports a short write as "unexpected pos N vs M" (no errno), seen with 2 ranks
+    under `ulimit -f`: the line gives the rank's own error, not DCP's wrapper, and the file-size limit."""
+    code = (
+        "import resource\n"
+        "from pathlib import Path\n"
+        "from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception\n"
+        "from launch.checkpoint.atomic import write_failure\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (614400, 614400))\n"
+        "try:\n"
+        "    raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')\n"
+        "except RuntimeError as e:\n"
+        "    wrapped = CheckpointException('save failed', {0: _wrap_exception(e), 1: _wrap_exception(e)})\n"
+        "print(write_failure(Path('/run/checkpoints/step_2'), wrapped))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert "unexpected pos 704 vs 598" in line and "CheckpointException" not in line, line
+    assert "File too large (EFBIG)? files are limited to 614,400 bytes here (ulimit -f)" in line, line
+
+
 def test_root_cause_unwraps_dcp_checkpoint_exception():
     from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
@@ -250,6 +292,20 @@ def test_unusable_newest_checkpoint_is_skipped_for_the_newest_usable(tmp_path, t
     _resign(ck)  # the manifest matches: only the content check can tell
     problem = usability_problem(ck)
     assert problem and culprit in problem
+
+
+def test_a_checkpoint_whose_step_disagrees_with_its_directory_is_unusable(tmp_path, tiny_checkpoint):
+    """step_N/trainer_state.json edited to another step (and the manifest re-signed): resuming from it
+    would redo or skip steps, so it is skipped like any other unusable checkpoint."""
+    newest = sorted((tiny_checkpoint / "checkpoints").iterdir())[-1]
+    ck = tmp_path / newest.name
+    shutil.copytree(newest, ck)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert usability_problem(ck) is None
+    state["step"] -= 1
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    _resign(ck)
+    assert f"says step {state['step']}, in a directory named {newest.name}" in usability_problem(ck)
 
 
 def test_resume_falls_back_and_a_restart_keeps_old_metrics(tmp_path):

@@ -195,3 +195,26 @@ def test_sigterm_to_torchrun_checkpoints_and_resumes_bit_exactly(tmp_path, launc
         _, perr = p.communicate(timeout=300)
         assert p.returncode == 0, perr[-3000:]
     assert _losses(run)[-total:] == _losses(ref) and len(_losses(ref)) == total
+
+
+def test_a_rank_that_never_comes_is_said_while_waiting_and_at_the_timeout(tmp_path):
+    """Ranks started by hand, one of them never: rank 0 says it is waiting (every minute; here after
+    1 s), and the timeout is one line naming the address and the world size, exit 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import launch.distributed.process_group as pg\n"
+        "from launch.runtime.errors import run_cli\n"
+        "pg.JOIN_REPORT_S = 1.0\n"
+        "run_cli(lambda argv: pg.init_distributed('cpu', timeout_s=4) and 0, [])\n"
+    )
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "rank 0: still waiting for the other ranks to join the process group at 127.0.0.1:" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "WORLD_SIZE=2" in errors[0] and f"127.0.0.1:{port}" in errors[0], done.stderr

@@ -78,7 +78,30 @@ def test_a_bad_config_under_the_launcher_is_the_workers_line_and_status_2(tmp_pa
                    f"run.dir={tmp_path / 'run'}")  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "error: unknown key 'train.stepz'" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: unknown key 'train.stepz'"), done.stderr[-3000:]
+
+
+@linux_only
+@pytest.mark.slow
+def test_a_checkpoint_write_failing_on_every_rank_is_one_line(tmp_path):
+    """Both ranks past `ulimit -f` in DCP's write: the agreed error once (rank 0), with the likely errno."""
+    import resource
+
+    cmd = [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2", "-m", "launch.train",
+           f"config={TINY}", "train.steps=4", "train.ckpt_every=2", "train.val_every=0",
+           "train.final_val_sequences=0", f"run.dir={tmp_path / 'run'}"]  # fmt: skip
+    first = subprocess.run([*cmd[:-4], "train.steps=1", *cmd[-3:]], cwd=REPO, env=ENV, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]  # the token cache and tokenizer, before the limit
+    limit = 600 * 1024  # the config, tokenizer and small files fit; a rank's state shard does not
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "step_2" in errors[0] and "EFBIG" in errors[0], done.stderr[-3000:]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp_*"))
 
 
 @linux_only
@@ -160,3 +183,20 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, launcher):
     said = [line for line in err.splitlines() if line.startswith("interrupted (SIGINT)")]
     assert len(said) == 1, err[-3000:]
     assert list_checkpoints(run)
+
+
+@linux_only
+def test_a_worker_whose_launcher_died_before_it_watched_stops():
+    """launch.torchrun names itself (LAUNCH_AGENT_PID): a worker that starts after its launcher died (a
+    SIGTERM during the workers' start) finds another parent, a sub-reaper or pid 1, and stops."""
+    code = (
+        "from launch.distributed.process_group import watch_parent\n"
+        "watch_parent()\n"
+        "print('still here', flush=True)\n"
+    )
+    env = {**ENV, "TORCHELASTIC_RUN_ID": "test"}
+    for agent, status, out in [(str(os.getpid()), 0, "still here"), ("1", -signal.SIGTERM, "")]:
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "LAUNCH_AGENT_PID": agent},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == status, (agent, done.stderr[-2000:])
+        assert done.stdout.strip() == out
