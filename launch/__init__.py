@@ -1,6 +1,6 @@
-"""The trainer and its tools. Commands at the top, run as `python -m launch.NAME` (or `torchrun ... -m
-launch.train`): train, eval, grow, convert, sweep, tokenize, tokenizer, facts, plan. Everything else is
-grouped by job:
+"""The trainer and its tools. Commands at the top, run as `python -m launch.NAME` (several processes:
+`python -m launch.torchrun ... -m launch.train`): train, eval, grow, convert, sweep, tokenize, tokenizer,
+facts, plan, report, quickstart, torchrun. Everything else is grouped by job:
 
     train/        the fit loop, parameter groups and optimizers, loss, validation, metrics, watchdog
     data/         sources (files, `datasets`, hf://), tokenizer, tokenizing into shards, the batch stream

@@ -50,7 +50,7 @@ from launch.data.tokenize_corpus import (
     tokenize_files,
 )
 from launch.data.tokenizer import Tokenizer
-from launch.runtime.errors import UserError
+from launch.runtime.errors import ConfigError, UserError
 
 ORDER = "feistel-v1"  # the epoch permutation; recorded with the data position
 
@@ -377,7 +377,7 @@ class BatchStream:
         seed: int,
     ):
         if global_batch % (world * grad_accum):
-            raise UserError(
+            raise ConfigError(
                 f"data.batch_size={global_batch} must be divisible by data-parallel ranks ({world}) × "
                 f"train.grad_accum ({grad_accum})"
             )
