@@ -60,7 +60,14 @@ from launch.checkpoint.read import (
 )
 from launch.checkpoint.state import StateAdapter, alias_map, canonical_name, flat_state, nonfinite_entry
 from launch.checkpoint.storage import CheckpointPath
-from launch.runtime.errors import AgreedError, TrainingError, UserError, ignore_file_size_signal, peer_gone
+from launch.runtime.errors import (
+    AgreedError,
+    TrainingError,
+    UserError,
+    causes,
+    ignore_file_size_signal,
+    peer_gone,
+)
 from launch.runtime.faults import fault
 
 
@@ -226,6 +233,10 @@ class Checkpointer:
         A lost peer is raised at once, with no collective to agree on the failure: the ranks still in
         DCP's collectives would wait for this one there, and this one for them in the new collective
         (measured: a rank SIGKILLed during a save hung its three peers until the collective timeout)."""
+        if any(isinstance(c, KeyboardInterrupt) for c in causes(e)):  # Ctrl-C inside DCP's writer
+            if coll.rank() == 0:
+                _remove_quietly(tmp)
+            raise KeyboardInterrupt from e
         if not is_write_error(e) or peer_gone(e):
             if coll.rank() == 0:
                 _remove_quietly(tmp)

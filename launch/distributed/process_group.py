@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -195,6 +196,9 @@ def run_torchrun_cli(main) -> None:
         # every survivor: say it in one line instead (LAUNCH_TRACEBACK=1 keeps the traceback).
         if world <= 1 or not peer_gone(e) or os.environ.get("LAUNCH_TRACEBACK"):
             raise
+        # torchrun stops the other workers once it sees one fail: this rank is leaving anyway, and
+        # its line (the roll call takes milliseconds) should not be cut off by that SIGTERM.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         missing = roll_call.missing_ranks() if world > 2 else None
         print(
             f"error: {lost_peer_message(int(os.environ.get('RANK', '0')), world, missing)}",
@@ -224,7 +228,6 @@ def watch_parent() -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     global _LAUNCHER
     parent = os.getppid()

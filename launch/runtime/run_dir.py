@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch.runtime.errors import UserError
+from launch.runtime.errors import AgreedError, UserError
 from launch.runtime.outputs import check_run_dir
 
 LOCK_FILE = "run.lock"
@@ -192,7 +192,8 @@ def lock_run_dir(run_dir: str | Path, info) -> RunDirLock:
 
         if any_rank(failure is not None, info.device) and failure is None:
             lock.release()
-            raise UserError(f"run.dir={run_dir}: rank 0 could not take the run directory (see its error)")
+            # rank 0 says why in its own line; this one only stops, with the same status
+            raise AgreedError(f"run.dir={run_dir}: rank 0 could not take the run directory (see its error)")
     if failure is not None:
         raise failure
     return lock

@@ -138,8 +138,9 @@ def test_a_killed_rank_of_four_is_named_by_the_launcher_and_every_survivor(tmp_p
 @linux_only
 @pytest.mark.slow
 def test_a_lost_rank_during_a_distributed_eval_is_one_line(tiny_checkpoint, tmp_path):
-    """launch.eval under torchrun: rank 1 dies at its second scoring batch; rank 0, waiting for it in
-    the gather, says so in one line (exit 3), and the launcher names rank 1 and exits with its status."""
+    """launch.eval under torchrun: rank 1 dies at its second scoring batch. Rank 0 either meets the loss
+    in a collective and says so in one line (exit 3), or is stopped by torchrun first (SIGTERM, no
+    line): a race. Either way the launcher names rank 1 and exits with its status, and no traceback."""
     fixture = REPO / "tests" / "fixtures" / "eval" / "piqa.jsonl"
     env = {**ENV, "LAUNCH_FAULT": "kill:1@1"}
     cmd = [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2", "-m", "launch.eval",
@@ -153,7 +154,10 @@ def test_a_lost_rank_during_a_distributed_eval_is_one_line(tiny_checkpoint, tmp_
         -3000:
     ]
     survivor = [line for line in done.stderr.splitlines() if line.startswith("error")]
-    assert len(survivor) == 1 and "rank 0: rank 1 was lost" in survivor[0], done.stderr[-3000:]
+    assert len(survivor) <= 1 and all("rank 0: rank 1 was lost" in line for line in survivor), done.stderr[
+        -3000:
+    ]
+    assert survivor or "rank 0 killed by SIGTERM" in said[0], done.stderr[-3000:]
 
 
 @linux_only
