@@ -54,7 +54,8 @@ def main(argv: list[str]) -> int:
 
         raise CliExit(help_text(ToHFArgs, f"{USAGE}\n\nto-hf:") + "\n" + help_text(FromHFArgs, "from-hf:"))
     if not argv or argv[0] not in ("to-hf", "from-hf"):
-        raise UserError(f"expected a command, to-hf or from-hf; {USAGE}")
+        given = f"unknown command {argv[0]!r}: " if argv and "=" not in argv[0] else ""
+        raise UserError(f"{given}expected a command, to-hf or from-hf; {USAGE}")
     command, rest = argv[0], argv[1:]
     if command == "to-hf":
         from launch.convert.export import export_checkpoint
