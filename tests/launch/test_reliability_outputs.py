@@ -331,12 +331,20 @@ def test_a_foreign_model_in_checkpoints_is_skipped(tmp_path, tiny_checkpoint):
     assert "does not match the configured model" in usability_problem(newest, {"no_such.weight": (1,)})
 
 
+def _copy_as_step(src: Path, dest: Path, step: int) -> None:
+    """A copy of checkpoint `src` as step_`step` (its trainer_state.json says so, the manifest matches)."""
+    shutil.copytree(src, dest)
+    state = json.loads((dest / "trainer_state.json").read_text())
+    (dest / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
+    _resign(dest)
+
+
 def test_reader_racing_the_pruner(monkeypatch, tmp_path, tiny_checkpoint):
     run = tmp_path / "run"
     newest = sorted((tiny_checkpoint / "checkpoints").iterdir())[-1]
     steps = [run / "checkpoints" / "step_1", run / "checkpoints" / "step_2"]
-    for s in steps:
-        shutil.copytree(newest, s)
+    for n, s in enumerate(steps, start=1):
+        _copy_as_step(newest, s, n)
     real = ckpt_load._load
 
     def pruned_once(path, *a):
@@ -347,6 +355,6 @@ def test_reader_racing_the_pruner(monkeypatch, tmp_path, tiny_checkpoint):
 
     monkeypatch.setattr(ckpt_load, "_load", pruned_once)
     assert ckpt_load.load_checkpoint(run).path == steps[0]  # a run dir: its newest, taken again
-    shutil.copytree(steps[0], steps[1])
+    _copy_as_step(steps[0], steps[1], 2)
     with pytest.raises(UserError, match=r"step_2 was pruned \(deleted\) while it was being read"):
         ckpt_load.load_checkpoint(steps[1])  # a checkpoint named directly: said as it is
