@@ -44,6 +44,20 @@ def test_the_cause_is_the_failure_that_is_not_a_consequence():
     )
 
 
+def _start_until_checkpoint(cmd: list[str], run: Path) -> subprocess.Popen:
+    """Start a training command in a session of its own; return once its first checkpoint exists."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    end = time.time() + 240
+    while not list_checkpoints(run):
+        if time.time() > end or proc.poll() is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no checkpoint appeared: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
 def _launch(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launch.torchrun", "--standalone", *args]
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
@@ -111,13 +125,8 @@ def test_a_killed_rank_of_four_is_named_by_the_launcher_and_every_survivor(tmp_p
     cmd = [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=4", "-m", "launch.train",
            f"config={TINY}", "train.steps=2000", "train.ckpt_every=2", "train.val_every=0",
            "train.final_val_sequences=0", f"run.dir={run}"]  # fmt: skip
-    agent = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # fmt: skip
+    agent = _start_until_checkpoint(cmd, run)
     try:
-        end = time.time() + 240
-        while not list_checkpoints(run):
-            assert time.time() < end and agent.poll() is None, "no checkpoint appeared"
-            time.sleep(0.2)
         workers = child_pids(agent.pid)
         environ = {w: dict(v.split(b"=", 1) for v in Path(f"/proc/{w}/environ").read_bytes().split(b"\0") if v)
                    for w in workers}  # fmt: skip
@@ -170,13 +179,8 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, launcher):
     run = tmp_path / "run"
     cmd = [sys.executable, *launcher, "-m", "launch.train", f"config={TINY}", "train.steps=5000", "train.ckpt_every=5",
            "train.val_every=0", "train.final_val_sequences=0", f"run.dir={run}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = _start_until_checkpoint(cmd, run)
     try:
-        end = time.time() + 240
-        while not list_checkpoints(run):
-            assert time.time() < end and proc.poll() is None, "no checkpoint appeared"
-            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
