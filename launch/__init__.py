@@ -15,22 +15,21 @@ facts, plan, report, quickstart, torchrun. Everything else is grouped by job:
 import sys as _sys
 
 if _sys.argv[:1] == ["-m"]:  # `python -m launch.NAME` while Python locates the command: not an import
-    import signal as _signal
     import tempfile as _tempfile
 
-    # Before anything is imported: under `ulimit -f` a write past the limit is then an EFBIG error that
-    # the command reports in one line (launch.runtime.errors.run_cli), not a kill by SIGXFSZ; and
+    from launch.runtime.errors import (
+        ignore_file_size_signal,
+        no_temp_dir_message,
+        quiet_interrupt_during_start_up,
+    )
+
+    # Before anything is imported: under `ulimit -f` a write past the limit is an EFBIG error that the
+    # command reports in one line, not a kill by SIGXFSZ; Ctrl-C during the imports ends quietly; and
     # importing torch needs a writable temporary directory, which is said in one line when there is none.
-    if hasattr(_signal, "SIGXFSZ"):
-        _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
-    # Ctrl-C (or torchrun passing it on) while the command imports torch ends it quietly with the
-    # shell's status; `run_cli` gives SIGINT back to Python once the command runs (one line then).
-    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-        _signal.signal(_signal.SIGINT, _signal.Handlers.SIG_DFL)
+    ignore_file_size_signal()
+    quiet_interrupt_during_start_up()
     try:
         _tempfile.gettempdir()
     except FileNotFoundError as _e:
-        from launch.runtime.errors import no_temp_dir_message
-
         print(f"error: {no_temp_dir_message(_e)}", file=_sys.stderr)
         raise SystemExit(2) from None

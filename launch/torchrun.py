@@ -22,6 +22,8 @@ import os
 import signal
 import sys
 
+from launch.runtime.errors import interrupt_after_start_up
+
 # Not torch's: a failed rendezvous (no peers came, a wrong endpoint) is the machine's or the command
 # line's problem, said in one line; 1 is what torchrun exits with too.
 RENDEZVOUS_EXIT = 1
@@ -91,8 +93,7 @@ def main(argv: list[str]) -> int:
     # First, before torch is imported (seconds): a signal in that time ends this process in one line.
     terminate = _Terminate()
     signal.signal(signal.SIGTERM, terminate)
-    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # launch/__init__'s start-up setting: ours now
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt_after_start_up()  # a SIGINT from here on is this function's one line
     # The workers compare their parent with this: one started just as this process died (a SIGTERM
     # during their start) finds itself re-parented and stops, rather than train as an orphan.
     os.environ[AGENT_PID_ENV] = str(os.getpid())

@@ -78,15 +78,16 @@ def join_process_group(backend: str, rank: int, world: int, timeout_s: float) ->
     joined = threading.Event()
 
     def report() -> None:
-        waited = JOIN_REPORT_S
-        while not joined.wait(JOIN_REPORT_S if waited == JOIN_REPORT_S else 60.0):
+        pause, waited = JOIN_REPORT_S, JOIN_REPORT_S
+        while not joined.wait(pause):
             print(
                 f"rank {rank}: still waiting for the other ranks to join the process group at {where} "
                 f"(WORLD_SIZE={world}, {waited:.0f} s so far; it gives up after {timeout_s:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )
-            waited += 60.0
+            pause = 60.0
+            waited += pause
 
     threading.Thread(target=report, name="launch-join", daemon=True).start()
     try:
@@ -199,7 +200,7 @@ def run_torchrun_cli(main) -> None:
         # torchrun stops the other workers once it sees one fail: this rank is leaving anyway, and
         # its line (the roll call takes milliseconds) should not be cut off by that SIGTERM.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        missing = roll_call.missing_ranks() if world > 2 else None
+        missing = roll_call.missing_ranks()  # None below three ranks: none was held
         print(
             f"error: {lost_peer_message(int(os.environ.get('RANK', '0')), world, missing)}",
             file=sys.stderr,

@@ -106,6 +106,26 @@ def ignore_file_size_signal() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def quiet_interrupt_during_start_up() -> None:
+    """Ctrl-C (or torchrun passing it on) while a command imports torch ends it quietly with the
+    shell's status (SIG_DFL), not a KeyboardInterrupt traceback from inside an import. Left alone
+    where SIGINT is ignored (a background job). Main thread only."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is (
+        signal.default_int_handler
+    ):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupt_after_start_up() -> None:
+    """Undo `quiet_interrupt_during_start_up` once the command runs: Ctrl-C is a KeyboardInterrupt
+    again, which the command turns into one line."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _is_checkpoint_exception(e: BaseException) -> bool:
     return type(e).__name__ == "CheckpointException"  # torch's, without importing torch here
 
@@ -137,13 +157,7 @@ class CliExit(Exception):
 def run_cli(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ignore_file_size_signal()  # every command: a write past `ulimit -f` is an error, not a kill
-    if (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
-    ):
-        signal.signal(
-            signal.SIGINT, signal.default_int_handler
-        )  # the package's start-up setting (launch/__init__)
+    interrupt_after_start_up()
     try:
         code = main(argv)
     except CliExit as e:
